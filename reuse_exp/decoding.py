@@ -1,0 +1,266 @@
+"""Block-diffusion decoding: the `batch_sample` algorithm of Fast-dLLM v2, with layer reuse.
+
+Per block of 32: fill with masks, then for each small block of 8, while it has masks,
+run a forward (full-block when the block cache is missing or the small block's first
+position is still masked, small-block otherwise), unmask every masked position whose
+argmax probability passes the threshold and always the most confident one. A block
+without masks is finalized (committed to the prefix cache), and its last logit gives
+the first token of the next block. Finished samples leave the batch and every cache.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError
+from .instrument import DecodeReport, LayerCounts, SampleStats
+from .model import FastDLLM, ForwardKind
+from .reuse import LayerReuse, ReuseCache, ReusePolicy, ShadowLog
+
+# Token ids of the real checkpoint; a tokenizer's own ids take precedence (see TokenIds).
+MASK_ID, STOP_ID, PAD_ID = 151665, 151645, 151643
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    mask_id: int = MASK_ID
+    stop_id: int = STOP_ID
+    pad_id: int = PAD_ID
+    block_size: int = 32
+    small_block_size: int = 8
+    threshold: float = 0.9
+    max_new_tokens: int = 256
+    use_block_cache: bool = True
+    ignore_stop: bool = False   # benchmarks: run the whole budget whatever is generated
+
+    def validate(self) -> "DecodeConfig":
+        if self.block_size < 1 or self.small_block_size < 1 or self.block_size % self.small_block_size:
+            raise ConfigError(f"small_block_size ({self.small_block_size}) must divide block_size ({self.block_size})")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[list[int]]   # per sample, the generated tokens up to and including the stop token
+    report: DecodeReport
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Run:
+    """State of one decoding call; lives only inside `generate`."""
+
+    def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
+                 policy: ReusePolicy | None, trace_sample: int | None, shadow: bool):
+        self.model, self.cfg, self.policy = model, cfg, policy
+        dev = model.device
+        bs = cfg.block_size
+        self.seq_len = torch.tensor([len(p) for p in prompts], device=dev)
+        self.num_blocks = cfg.max_new_tokens // bs + int(self.seq_len.max()) // bs
+        total = self.num_blocks * bs + 1  # +1: the token a finalize predicts after the last block
+        self.x = torch.full((len(prompts), total), cfg.mask_id, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            self.x[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+        self.cache = model.new_cache(len(prompts), self.num_blocks * bs, bs)
+        self.reuse_cache = None
+        if policy is not None and policy.k > 1:
+            self.reuse_cache = ReuseCache(policy, len(prompts), bs, model.config.hidden_size, model.dtype, dev)
+        self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+        self.rows = list(range(len(prompts)))   # original index of each batch row
+        self.stats = [SampleStats() for _ in prompts]
+        self.report = DecodeReport(samples=self.stats, wall_seconds=0.0,
+                                   layer_counts=LayerCounts(model.num_layers))
+        self.outputs: dict[int, list[int]] = {}
+        self.trace_sample = trace_sample
+        self.shadow = ShadowLog() if shadow and self.reuse_cache is not None else None
+        self.block = 0
+        self.step = 0            # forwards so far in this block
+        self.since_refresh = 0   # forwards since the last full-block forward
+
+    # -- one forward, with the reuse decision and the bookkeeping ---------------------------
+    def forward(self, tokens: torch.Tensor, kind: ForwardKind, replace_position: int = 0) -> torch.Tensor:
+        if kind is ForwardKind.FULL_BLOCK:
+            self.since_refresh = 0
+        plan = None
+        skipped: tuple[int, ...] = ()
+        if self.reuse_cache is not None:
+            counter = self.step if self.policy.scope == "block" else self.since_refresh
+            skipped = self.policy.skipped(kind, counter)
+            offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
+            # Prefill and finalize neither reuse nor refresh: their results are for other positions.
+            if kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
+                plan = LayerReuse(frozenset(skipped), self.reuse_cache, offset, self.shadow)
+                if self.shadow is not None:
+                    self.shadow.where = {"block": self.block, "step": self.step, "replace_position": offset}
+        hidden = self.model(tokens, kind, self.cache, replace_position, plan)
+
+        n_skip, n_run = len(skipped), self.model.num_layers - len(skipped)
+        for row in self.rows:
+            s = self.stats[row]
+            s.forwards[kind.value] += 1
+            s.layer_evals_run += n_run
+            s.layer_evals_skipped += n_skip
+        self.report.batch_forwards[kind.value] += 1
+        self.report.layer_counts.add(self.block, skipped)
+        if kind is ForwardKind.SMALL_BLOCK:
+            self.report.replace_positions[replace_position] += 1
+        if plan is not None:
+            self.report.cache_shapes.add(self.reuse_cache.shape)
+        if self.trace_sample in self.rows:
+            self.report.trace.append({
+                "block": self.block, "step": self.step, "kind": kind.value,
+                "replace_position": replace_position if kind is ForwardKind.SMALL_BLOCK else None,
+                "tokens": tokens.shape[1], "skipped": list(skipped),
+                "reuse_cache_shape": list(self.reuse_cache.shape) if plan is not None else None})
+        if kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
+            self.step += 1
+            self.since_refresh += 1
+        return hidden
+
+    def logits_at(self, hidden: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        logits = self.model.logits(hidden[:, positions]).float()
+        # The mask token is never a prediction: "unmasking" to it would loop forever
+        # (possible for untrained weights; the public code does not guard against it).
+        logits[..., self.cfg.mask_id] = -float("inf")
+        return logits
+
+    # -- the algorithm ----------------------------------------------------------------------
+    def prefill(self) -> None:
+        bs = self.cfg.block_size
+        min_len = int(self.seq_len.min())
+        if min_len < bs:
+            return
+        n = min_len // bs * bs
+        hidden = self.forward(self.x[:, :n], ForwardKind.PREFILL)
+        if min_len % bs == 0:  # samples of exactly that length take one AR step
+            nxt = self.logits_at(hidden, [n - 1]).argmax(-1)[:, 0]
+            at_end = self.seq_len == min_len
+            self.x[at_end, n] = nxt[at_end]
+
+    def unmask(self, blk: torch.Tensor, logits: torch.Tensor, lo: int, hi: int) -> None:
+        masked = blk[:, lo:hi] == self.cfg.mask_id
+        probs = torch.softmax(logits, dim=-1)
+        conf, token = probs.max(dim=-1)
+        conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
+        chosen = conf > self.cfg.threshold
+        chosen[torch.arange(conf.shape[0], device=conf.device), conf.argmax(-1)] = True
+        chosen &= masked
+        window = blk[:, lo:hi]
+        window[chosen] = token[chosen]
+        if not self.cfg.ignore_stop:
+            self.finished |= ((token == self.cfg.stop_id) & chosen).any(dim=1)
+
+    def denoise_block(self, block: int) -> None:
+        cfg, bs, sbs = self.cfg, self.cfg.block_size, self.cfg.small_block_size
+        lo, hi = block * bs, (block + 1) * bs
+        blk = self.x[:, lo:hi]   # a view: writes land in self.x
+        self.block, self.step, self.since_refresh = block, 0, 0
+        if self.reuse_cache is not None:
+            self.reuse_cache.new_block()
+        have_block_cache = False
+        for start in range(0, bs, sbs):
+            end = start + sbs
+            # Shifted logits: block position p is predicted by the logit at p - 1 (p = 0 by its own).
+            shifted = [max(p - 1, 0) for p in range(start, end)]
+            while bool((blk[:, start:end] == cfg.mask_id).any()):
+                if cfg.use_block_cache and have_block_cache and not bool((blk[:, start] == cfg.mask_id).any()):
+                    hidden = self.forward(blk[:, start:end], ForwardKind.SMALL_BLOCK, start)
+                    # Shift inside the 8-token window: its first position uses its own logit
+                    # (the public code's approximation, kept on purpose).
+                    logits = self.logits_at(hidden, [max(p - 1, 0) for p in range(sbs)])
+                else:
+                    hidden = self.forward(blk, ForwardKind.FULL_BLOCK)
+                    logits = self.logits_at(hidden, shifted)
+                    have_block_cache = cfg.use_block_cache
+                self.unmask(blk, logits, start, end)
+
+    def finalize_block(self, block: int) -> bool:
+        """Commit the block; return False when every sample has finished."""
+        cfg, bs = self.cfg, self.cfg.block_size
+        lo, hi = block * bs, (block + 1) * bs
+        for b in torch.nonzero(self.finished & (self.seq_len < hi)).flatten().tolist():
+            gen = self.x[b, int(self.seq_len[b]):hi]
+            stops = torch.nonzero(gen == cfg.stop_id).flatten()
+            if len(stops):
+                gen[int(stops[0]) + 1:] = cfg.pad_id
+        if bool(self.finished.all()):
+            return False
+        hidden = self.forward(self.x[:, lo:hi], ForwardKind.FINALIZE)
+        nxt = self.logits_at(hidden, [bs - 1]).argmax(-1)[:, 0]
+        nxt[self.finished] = cfg.pad_id
+        ended = self.seq_len < hi   # only samples whose prompt ended take the predicted token
+        self.x[ended, hi] = nxt[ended]
+        return True
+
+    def collect(self, b: int) -> None:
+        row = self.rows[b]
+        gen = self.x[b, int(self.seq_len[b]):].tolist()
+        out = []
+        for t in gen:
+            if t == self.cfg.mask_id:
+                break
+            out.append(t)
+            if t == self.cfg.stop_id and not self.cfg.ignore_stop:
+                self.stats[row].finished = True
+                break
+        self.outputs[row] = out
+        self.stats[row].generated_tokens = len(out)
+
+    def trim_finished(self) -> None:
+        if not bool(self.finished.any()):
+            return
+        keep = ~self.finished
+        for b in torch.nonzero(self.finished).flatten().tolist():
+            self.collect(b)
+        self.rows = [r for r, k in zip(self.rows, keep.tolist()) if k]
+        self.x, self.seq_len, self.finished = self.x[keep], self.seq_len[keep], self.finished[keep]
+        self.cache.trim(keep)
+        if self.reuse_cache is not None:
+            self.reuse_cache.trim(keep)
+
+    def run(self) -> None:
+        self.prefill()
+        for block in range(int(self.seq_len.min()) // self.cfg.block_size, self.num_blocks):
+            if not self.rows:
+                break
+            self.denoise_block(block)
+            if not self.finalize_block(block):
+                self.trim_finished()
+                break
+            self.trim_finished()
+        for b in range(len(self.rows)):
+            self.collect(b)
+
+
+@torch.no_grad()
+def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
+             policy: ReusePolicy | None = None, trace_sample: int | None = 0,
+             shadow: bool = False) -> DecodeResult:
+    """Decode a batch of prompts (token id lists, any lengths).
+
+    `policy` None (or k=1) computes every layer. `shadow` also computes every skipped
+    layer to report how far the stand-in is from the fresh result (costs the full compute).
+    """
+    cfg.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    if policy is not None and max(policy.layers) >= model.num_layers:
+        raise ConfigError(f"reuse policy names layer {max(policy.layers)}, the model has {model.num_layers}")
+    run = _Run(model, prompts, cfg, policy, trace_sample, shadow)
+    _sync(model.device)
+    t0 = time.perf_counter()
+    run.run()
+    _sync(model.device)
+    run.report.wall_seconds = time.perf_counter() - t0
+    if run.shadow is not None:
+        run.report.shadow = run.shadow.records
+    return DecodeResult([run.outputs[i] for i in range(len(prompts))], run.report)

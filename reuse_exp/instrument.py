@@ -1,0 +1,85 @@
+"""What a decoding call measured: per-sample statistics, per-layer counts, a trace."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .model import ForwardKind
+
+
+@dataclass
+class SampleStats:
+    generated_tokens: int = 0          # up to and including the stop token; never pad
+    forwards: Counter = field(default_factory=Counter)  # ForwardKind value -> count
+    layer_evals_run: int = 0
+    layer_evals_skipped: int = 0
+    finished: bool = False             # produced the stop token
+
+    def as_dict(self) -> dict:
+        return {"generated_tokens": self.generated_tokens, "forwards": dict(self.forwards),
+                "layer_evals_run": self.layer_evals_run, "layer_evals_skipped": self.layer_evals_skipped,
+                "finished": self.finished}
+
+
+@dataclass
+class LayerCounts:
+    """Per block, per layer: evaluations computed and reused (batch forwards, not samples)."""
+    num_layers: int
+    per_block: dict[int, list[list[int]]] = field(default_factory=dict)  # block -> [layer] -> [computed, reused]
+
+    def add(self, block: int, skipped: tuple[int, ...] | frozenset[int]) -> None:
+        rows = self.per_block.setdefault(block, [[0, 0] for _ in range(self.num_layers)])
+        for layer in range(self.num_layers):
+            rows[layer][1 if layer in skipped else 0] += 1
+
+    def totals(self) -> list[list[int]]:
+        out = [[0, 0] for _ in range(self.num_layers)]
+        for rows in self.per_block.values():
+            for layer, (c, r) in enumerate(rows):
+                out[layer][0] += c
+                out[layer][1] += r
+        return out
+
+
+@dataclass
+class DecodeReport:
+    """Everything one `generate` call returns besides the tokens."""
+    samples: list[SampleStats]
+    wall_seconds: float
+    layer_counts: LayerCounts
+    batch_forwards: Counter = field(default_factory=Counter)     # kind -> batched forwards run
+    replace_positions: Counter = field(default_factory=Counter)  # replace_position -> small-block forwards
+    cache_shapes: set = field(default_factory=set)              # ReuseCache shapes seen
+    trace: list[dict] = field(default_factory=list)             # one sample's decisions, forward by forward
+    shadow: list[dict] = field(default_factory=list)            # rel_err records (shadow mode only)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(s.generated_tokens for s in self.samples)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def skipped_fraction(self) -> float:
+        run = sum(s.layer_evals_run for s in self.samples)
+        skipped = sum(s.layer_evals_skipped for s in self.samples)
+        return skipped / (run + skipped) if run + skipped else 0.0
+
+    def summary(self) -> dict:
+        forwards = Counter()
+        for s in self.samples:
+            forwards.update(s.forwards)
+        return {
+            "generated_tokens": self.generated_tokens,
+            "wall_seconds": self.wall_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "sample_forwards": {k.value if isinstance(k, ForwardKind) else k: v for k, v in forwards.items()},
+            "batch_forwards": dict(self.batch_forwards),
+            "skipped_fraction": self.skipped_fraction,
+            "layer_evals_run": sum(s.layer_evals_run for s in self.samples),
+            "layer_evals_skipped": sum(s.layer_evals_skipped for s in self.samples),
+            "replace_positions": dict(self.replace_positions),
+            "cache_shapes": sorted(self.cache_shapes),
+        }

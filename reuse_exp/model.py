@@ -1,0 +1,232 @@
+"""Fast-dLLM v2 (Qwen2 architecture) in plain PyTorch, with one K/V buffer per layer.
+
+The K/V buffer holds the committed prefix followed by a slot for the block being
+denoised. That slot *is* the block cache: a full-block forward fills all of it, a
+small-block forward overwrites its 8 positions, a finalize forward rewrites it and
+commits it to the prefix. Nothing is concatenated per step, and every forward kind
+after the prefill has a static shape.
+
+Layer reuse is not known here: a forward takes an optional `LayerReuse` that names
+the layers to skip and the cache that stands in for them (see reuse.py).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class ForwardKind(str, enum.Enum):
+    PREFILL = "prefill"          # prompt blocks, block-causal, committed to the prefix
+    FULL_BLOCK = "full_block"    # the current 32-token block, fills the block slot
+    SMALL_BLOCK = "small_block"  # 8 tokens at replace_position, attends prefix + block slot
+    FINALIZE = "finalize"        # the finished block, committed to the prefix
+
+
+class KVCache:
+    """Preallocated K/V of every layer: [layers, batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.prefix_len = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def trim(self, keep: torch.Tensor) -> None:
+        """Drop the batch rows where `keep` is False (finished samples)."""
+        self.k = self.k[:, keep]
+        self.v = self.v[:, keep]
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward shares."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache
+    write_at: int          # where this forward's K/V go in the buffer
+    kv_len: int            # keys [0, kv_len) are attended to
+    mask: torch.Tensor | None  # boolean [q, kv_len], True = may attend; None = attend to all
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32, cast back, then scale: the reference (Qwen2) order.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, layer: int, ctx: ForwardContext, write_kv: bool = True) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * ctx.cos + rotate_half(q) * ctx.sin
+        k = k * ctx.cos + rotate_half(k) * ctx.sin
+        lo, hi = ctx.write_at, ctx.write_at + T
+        k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
+        if write_kv:
+            k_buf[:, :, lo:hi] = k
+            v_buf[:, :, lo:hi] = v
+            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+        else:  # shadow computation: same keys, buffer left untouched
+            keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
+            values = torch.cat((v_buf[:, :, :lo], v, v_buf[:, :, hi:ctx.kv_len]), dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
+                                             enable_gqa=self.n_heads != self.n_kv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, write_kv: bool = True) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), self.index, ctx, write_kv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """`model.*` in the checkpoint's parameter names."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def block_causal_mask(q_start: int, q_len: int, kv_len: int, block_size: int, device) -> torch.Tensor:
+    """Query at absolute position i sees key j iff i // block_size >= j // block_size."""
+    q = torch.arange(q_start, q_start + q_len, device=device)[:, None] // block_size
+    k = torch.arange(kv_len, device=device)[None, :] // block_size
+    return q >= k
+
+
+class FastDLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        d = self.config.head_dim
+        return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        self.inv_freq = self._inv_freq(self.lm_head.weight.device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, batch: int, max_len: int, block_size: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, block_size, self.dtype, self.device)
+
+    def forward(self, tokens: torch.Tensor, kind: ForwardKind, cache: KVCache,
+                replace_position: int = 0, reuse=None) -> torch.Tensor:
+        """Run one forward of `kind`; return the final-normed hidden states [B, T, hidden].
+
+        `reuse` (a reuse.LayerReuse) names layers that stand in a cached result instead of
+        computing; None computes every layer.
+        """
+        B, T = tokens.shape
+        bs, p0 = cache.block_size, cache.prefix_len
+        if kind is ForwardKind.PREFILL:
+            start, kv_len = p0, p0 + T
+            mask = block_causal_mask(p0, T, kv_len, bs, tokens.device) if T > bs else None
+        elif kind is ForwardKind.SMALL_BLOCK:
+            start, kv_len, mask = p0 + replace_position, p0 + bs, None
+        else:  # full block or finalize: one block, bidirectional, sees the whole prefix
+            if T != bs:
+                raise ValueError(f"{kind.value} forward takes {bs} tokens, got {T}")
+            start, kv_len, mask = p0, p0 + bs, None
+        if kv_len > cache.max_len:
+            raise ValueError(f"K/V cache of {cache.max_len} positions cannot hold {kv_len}")
+        positions = torch.arange(start, start + T, device=tokens.device)
+        cos, sin = rope_tables(self.inv_freq, positions, self.dtype)
+        ctx = ForwardContext(cos, sin, cache, write_at=start, kv_len=kv_len, mask=mask)
+
+        x = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            if reuse is not None and i in reuse.skip:
+                y = reuse.stand_in(i, x)
+                if reuse.shadow is not None:
+                    reuse.shadow.compare(i, y, layer(x, ctx, write_kv=False))
+            else:
+                y = layer(x, ctx)
+                if reuse is not None:
+                    reuse.remember(i, x, y)
+            x = y
+        if kind in (ForwardKind.PREFILL, ForwardKind.FINALIZE):
+            cache.prefix_len = start + T
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

@@ -1,0 +1,157 @@
+"""Layer reuse as a policy: which layers skip, on which steps, and what stands in for them.
+
+The policy is data (`ReusePolicy`); the decoder asks it, once per forward, for a
+`LayerReuse` plan that the model's layer loop consults. The cached results live
+in a `ReuseCache` owned by one decoding call and trimmed with the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError
+from .model import ForwardKind
+
+SUBSETS = ("first", "middle", "last")
+MODES = ("output", "delta")
+SCOPES = ("block", "refresh")
+STUDY_DEPTH, STUDY_SUBSET_SIZE = 28, 12
+
+
+def subset_size(num_layers: int) -> int:
+    """The study's 12-of-28 rule, scaled to any depth (at least one layer)."""
+    return max(1, round(STUDY_SUBSET_SIZE * num_layers / STUDY_DEPTH))
+
+
+def resolve_subset(subset: str | tuple[int, ...] | list[int], num_layers: int,
+                   size: int | None = None) -> tuple[int, ...]:
+    """Layer indices of a named subset (`first`, `middle`, `last`) or an explicit list.
+
+    On 28 layers: first = 1..12 (layer 0 always runs), middle = 8..19, last = 16..27.
+    """
+    if not isinstance(subset, str):
+        layers = tuple(int(i) for i in subset)
+        if not layers:
+            raise ConfigError("an explicit layer list must name at least one layer")
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"layer index {bad[0]} out of range: the model has layers 0..{num_layers - 1}")
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"layer list {list(layers)} repeats a layer")
+        return tuple(sorted(layers))
+    if subset not in SUBSETS:
+        raise ConfigError(f"unknown subset {subset!r}; use one of {', '.join(SUBSETS)} or a list of layer indices")
+    n = subset_size(num_layers) if size is None else size
+    if n < 1 or n > num_layers - 1:
+        raise ConfigError(f"a subset of {n} layers does not fit a {num_layers}-layer model "
+                          f"(layer 0 always runs; at most {num_layers - 1})")
+    if subset == "first":
+        return tuple(range(1, n + 1))
+    if subset == "last":
+        return tuple(range(num_layers - n, num_layers))
+    start = (num_layers - n) // 2
+    return tuple(range(start, start + n))
+
+
+@dataclass(frozen=True)
+class ReusePolicy:
+    """Skip `layers` on small-block forwards except every k-th step of the counter.
+
+    mode   output: a skipped layer's cached output stands in (the study's semantics)
+           delta:  a skipped layer adds its cached residual contribution (output - input)
+    scope  block:   the counter is the block's step counter (the study's description)
+           refresh: the counter restarts at every full-block forward
+    """
+    k: int
+    layers: tuple[int, ...]
+    mode: str = "output"
+    scope: str = "block"
+    subset: str = "custom"
+
+    @classmethod
+    def create(cls, k: int, subset: str | tuple[int, ...] | list[int], num_layers: int,
+               mode: str = "output", scope: str = "block", size: int | None = None) -> "ReusePolicy":
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be an integer >= 1 (1 = no reuse), got {k!r}")
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if scope not in SCOPES:
+            raise ConfigError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
+        layers = resolve_subset(subset, num_layers, size)
+        name = subset if isinstance(subset, str) else "custom"
+        return cls(k=k, layers=layers, mode=mode, scope=scope, subset=name)
+
+    def skipped(self, kind: ForwardKind, counter: int) -> tuple[int, ...]:
+        """Layers that reuse on this forward. Only small-block forwards ever skip."""
+        if self.k == 1 or kind is not ForwardKind.SMALL_BLOCK or counter % self.k == 0:
+            return ()
+        return self.layers
+
+    def describe(self) -> dict:
+        return {"k": self.k, "subset": self.subset, "layers": list(self.layers),
+                "mode": self.mode, "scope": self.scope}
+
+
+class ReuseCache:
+    """Per reused layer, its last computed result at every position of the current block."""
+
+    def __init__(self, policy: ReusePolicy, batch: int, block_size: int, hidden: int,
+                 dtype: torch.dtype, device):
+        self.mode = policy.mode
+        self.slot = {layer: s for s, layer in enumerate(policy.layers)}
+        self.values = torch.zeros(len(policy.layers), batch, block_size, hidden, dtype=dtype, device=device)
+        # Which positions hold a result computed in this block: reuse of anything else is a bug.
+        self.filled = torch.zeros(len(policy.layers), block_size, dtype=torch.bool)
+
+    def new_block(self) -> None:
+        self.filled.zero_()
+
+    def store(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor, offset: int) -> None:
+        s = self.slot.get(layer)
+        if s is None:
+            return
+        T = y_out.shape[1]
+        self.values[s, :, offset:offset + T] = y_out if self.mode == "output" else y_out - x_in
+        self.filled[s, offset:offset + T] = True
+
+    def stand_in(self, layer: int, x_in: torch.Tensor, offset: int) -> torch.Tensor:
+        s, T = self.slot[layer], x_in.shape[1]
+        if not bool(self.filled[s, offset:offset + T].all()):
+            raise RuntimeError(f"layer {layer} reused positions {offset}..{offset + T - 1} "
+                               "that were never computed in this block")
+        cached = self.values[s, :, offset:offset + T]
+        return cached if self.mode == "output" else x_in + cached
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def trim(self, keep: torch.Tensor) -> None:
+        self.values = self.values[:, keep]
+
+
+@dataclass
+class ShadowLog:
+    """Diagnostic: ||reused - fresh|| / ||fresh|| for every skipped layer evaluation."""
+    records: list[dict] = field(default_factory=list)
+    where: dict = field(default_factory=dict)  # block, step, replace_position of the current forward
+
+    def compare(self, layer: int, reused: torch.Tensor, fresh: torch.Tensor) -> None:
+        err = (reused.float() - fresh.float()).norm() / fresh.float().norm().clamp_min(1e-30)
+        self.records.append({**self.where, "layer": layer, "rel_err": float(err)})
+
+
+@dataclass
+class LayerReuse:
+    """The plan for one forward, handed to the model's layer loop."""
+    skip: frozenset[int]
+    cache: ReuseCache
+    offset: int
+    shadow: ShadowLog | None = None
+
+    def stand_in(self, layer: int, x_in: torch.Tensor) -> torch.Tensor:
+        return self.cache.stand_in(layer, x_in, self.offset)
+
+    def remember(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor) -> None:
+        self.cache.store(layer, x_in, y_out, self.offset)

@@ -54,7 +54,7 @@ class ForwardContext:
     """What every layer of one forward shares."""
     cos: torch.Tensor
     sin: torch.Tensor
-    cache: KVCache
+    cache: KVCache | None  # None: no cache, keys are this forward's own (training, references)
     write_at: int          # where this forward's K/V go in the buffer
     kv_len: int            # keys [0, kv_len) are attended to
     mask: torch.Tensor | None  # boolean [q, kv_len], True = may attend; None = attend to all
@@ -101,6 +101,11 @@ class Attention(nn.Module):
         q = q * ctx.cos + rotate_half(q) * ctx.sin
         k = k * ctx.cos + rotate_half(k) * ctx.sin
         lo, hi = ctx.write_at, ctx.write_at + T
+        if ctx.cache is None:
+            keys, values = k, v
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
+                                                 enable_gqa=self.n_heads != self.n_kv)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
         if write_kv:
             k_buf[:, :, lo:hi] = k
@@ -226,6 +231,20 @@ class FastDLLM(nn.Module):
             x = y
         if kind in (ForwardKind.PREFILL, ForwardKind.FINALIZE):
             cache.prefix_len = start + T
+        return self.model.norm(x)
+
+    def forward_masked(self, tokens: torch.Tensor, positions: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """Every layer over `tokens` with an explicit boolean mask [T, T] and no cache.
+
+        For training (the block-diffusion objective builds its own masks) and for
+        loglikelihood scoring. Returns final-normed hidden states.
+        """
+        cos, sin = rope_tables(self.inv_freq, positions, self.dtype)
+        ctx = ForwardContext(cos, sin, None, write_at=0, kv_len=tokens.shape[1], mask=mask)
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, ctx)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""The grid's array executor: the missing configurations as one submitit array job.
+
+On SLURM every configuration is one array task running the tracked run; with
+`cluster="local"` submitit runs the same tasks as concurrent local processes (what CI
+uses where no Slurm can be started). Each job gets the tracking URI and experiment
+explicitly, so it writes where the grid reads. A job that dies leaves its run FAILED,
+KILLED, or RUNNING until `--stuck-after`: never FINISHED, so never done.
+"""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .grid import REPO_ROOT, Cell, run_command, store_error
+
+DEFAULT_FOLDER = Path.home() / ".cache" / "reuse_exp" / "submitit"  # outside the checkout: keeps it clean
+
+
+@dataclass(frozen=True)
+class SubmititOptions:
+    cluster: str = "slurm"            # slurm | local
+    folder: Path = DEFAULT_FOLDER
+    partition: str | None = None
+    gpus: int | None = None
+    time_min: int = 240
+    account: str | None = None
+    cpus: int | None = None
+
+    def parameters(self, name: str) -> dict:
+        p = {"timeout_min": self.time_min, "name": name}
+        if self.gpus:
+            p["gpus_per_node"] = self.gpus
+        if self.cpus:
+            p["cpus_per_task"] = self.cpus
+        if self.cluster == "slurm":
+            p.update({f"slurm_{k}": v for k, v in (("partition", self.partition), ("account", self.account))
+                      if v})
+        return p
+
+
+class JobFailed(RuntimeError):
+    """The tracked run of one configuration exited non-zero."""
+
+
+def run_job(cmd: list[str], env: dict[str, str], cwd: str) -> int:
+    """Body of one array task (top-level so submitit can pickle it)."""
+    import os
+    code = subprocess.run(cmd, cwd=cwd, env={**os.environ, **env}, stdin=subprocess.DEVNULL).returncode
+    if code:
+        raise JobFailed(f"the tracked run exited {code}")
+    return code
+
+
+def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts: SubmititOptions,
+           wait: bool, echo=print) -> list[str]:
+    """Submit one array; with `wait`, return the names of the configurations whose job failed."""
+    import submitit
+    folder = opts.folder if opts.folder.is_absolute() else Path.cwd() / opts.folder
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
+    executor.update_parameters(**opts.parameters(f"reuse-grid-{cells[0].settings[0][1]}"))
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    cmds = [run_command(c, allow_dirty) for c in cells]
+    jobs = executor.map_array(run_job, cmds, [env] * len(cells), [str(REPO_ROOT)] * len(cells))
+    for cell, job in zip(cells, jobs):
+        echo(f"submitted {cell.name}: job {job.job_id} ({opts.cluster}; logs in {folder / str(job.job_id)})")
+    if not wait:
+        echo("not waiting: follow with `reuse-exp grid status` (a dead job shows failed or missing)")
+        return []
+    failed, hint = [], None
+    for cell, job in zip(cells, jobs):
+        try:
+            job.result()
+        except Exception as e:  # submitit re-raises the job's error, or says how the job died
+            failed.append(cell.name)
+            log = job.stderr() or ""
+            hint = hint or store_error(log, uri)
+            echo(f"{cell.name}: job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
+    if hint:
+        echo(hint)
+    return failed

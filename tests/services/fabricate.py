@@ -1,0 +1,35 @@
+"""Runs written straight into a store with MlflowClient, in the tracked run's schema.
+
+They let status, compare and audit be tested in a second, without a model; the
+end-to-end tests check the same code against runs the tracked run really made.
+"""
+from __future__ import annotations
+
+import time
+
+PARAMS = {"mode": "output", "scope": "block", "limit": "4", "model": "bundled", "model_revision": "None",
+          "model_hash": "abc123", "dtype": "float32", "threshold": "0.9", "block_size": "32",
+          "small_block_size": "8", "max_new_tokens": "160", "num_fewshot": "0", "apply_chat_template": "False",
+          "fewshot_as_multiturn": "False", "seed": "0", "batch_size": "4", "device": "cpu", "path": "/x"}
+LAYERS = {"first": "[1, 2, 3]", "middle": "[2, 3, 4]", "last": "[5, 6, 7]"}
+
+
+def fabricate(cl, exp_id: str, *, task: str = "tiny_gsm", k: int = 1, subset: str = "first", commit: str,
+              dirty: bool = False, status: str = "FINISHED", accuracy: float = 0.5, tps: float = 100.0,
+              skipped: float | None = None, start_ms: int | None = None, kind: str = "generate_until",
+              tags: dict | None = None, **params) -> str:
+    run = cl.create_run(exp_id, start_time=start_ms or int(time.time() * 1000), tags={
+        "git_commit": commit, "git_branch": "main", "git_dirty": "true" if dirty else "false",
+        "source_hash": "s" * 8, "config_key": f"{task}-{k}-{subset}", "task_kind": kind, **(tags or {})})
+    rid = run.info.run_id
+    for name, value in {**PARAMS, "task": task, "k": str(k), "subset": subset, "layers": LAYERS[subset],
+                        **{n: str(v) for n, v in params.items()}}.items():
+        cl.log_param(rid, name, value)
+    if status == "FINISHED":
+        for name, value in {"accuracy": accuracy, "tokens_per_second": tps,
+                            "skipped_fraction": (k - 1) / k * 0.4 if skipped is None else skipped,
+                            "generated_tokens": 400.0, "seconds": 400.0 / tps}.items():
+            cl.log_metric(rid, name, value)
+    if status != "RUNNING":
+        cl.set_terminated(rid, status)
+    return rid

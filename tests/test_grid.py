@@ -1,0 +1,153 @@
+"""Grid status and planning against runs fabricated in a temporary sqlite store (fast)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from reuse_exp import grid
+from reuse_exp.grid import (DONE, FAILED, LOGLIKELIHOOD, MISSING, RUNNING, STALE, GridRequest, RunRecord,
+                            build_request, classify, fetch_runs, git_head, run_command, store_error, task_kind)
+from services.fabricate import fabricate
+from services.store import new_experiment
+
+OLD = "0" * 40
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('grid_store') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def store(store_uri, request):
+    return new_experiment(store_uri, request.node.name)
+
+
+@pytest.fixture(scope="module")
+def head() -> str:
+    return git_head()
+
+
+def request4(**kw) -> GridRequest:
+    return build_request("tiny_gsm", kw.get("ks", "1,2,3"), kw.get("subsets", "first,middle,last"), None, 4,
+                         None, kw.get("params", ()))
+
+
+def states_of(store, head, req=None, now_ms=None, stuck_after=3600.0):
+    req = req or request4()
+    runs = fetch_runs(store.client, store.exp_id, "tiny_gsm")
+    now_ms = now_ms or int(time.time() * 1000)
+    return {c.name: classify(c, runs, head, now_ms, stuck_after) for c in req.cells("generate_until")}
+
+
+def test_each_state_of_a_cell(store, head):
+    c, e = store.client, store.exp_id
+    done = fabricate(c, e, k=1, subset="first", commit=head)
+    stale = fabricate(c, e, k=1, subset="middle", commit=OLD)
+    fabricate(c, e, k=1, subset="last", commit=head, dirty=True)                 # dirty is never done
+    failed = fabricate(c, e, k=2, subset="first", commit=head, status="FAILED")
+    fabricate(c, e, k=2, subset="first", commit=OLD)                             # ...and stale elsewhere
+    running = fabricate(c, e, k=2, subset="middle", commit=head, status="RUNNING")
+    stuck = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING",
+                      start_ms=int(time.time() * 1000) - 7200_000)
+    fabricate(c, e, k=3, subset="first", commit=head, limit="8")                # other settings: not this grid
+    fabricate(c, e, k=3, subset="middle", commit=head, threshold="0.5")
+    st = states_of(store, head)
+    assert {n: s.state for n, s in st.items()} == {
+        "k1_first": DONE, "k1_middle": STALE, "k1_last": STALE, "k2_first": FAILED, "k2_middle": RUNNING,
+        "k2_last": FAILED, "k3_first": MISSING, "k3_middle": DONE, "k3_last": MISSING}
+    assert st["k1_first"].runs[0].run_id == done
+    assert st["k1_middle"].runs[0].run_id == stale and st["k1_middle"].label() == "stale@0000000"
+    assert st["k1_last"].note == "dirty tree"
+    assert st["k2_first"].runs[0].run_id == failed
+    assert st["k2_middle"].runs[0].run_id == running
+    assert st["k2_last"].runs[0].run_id == stuck and "stuck" in st["k2_last"].note
+
+
+def test_threshold_setting_separates_grids(store, head):
+    """A run with a non-default setting counts only for a grid that asks for it."""
+    fabricate(store.client, store.exp_id, k=3, subset="middle", commit=head, threshold="0.5")
+    default = states_of(store, head)["k3_middle"]
+    assert default.state == DONE   # the grid does not fix threshold unless asked: see run_defaults
+    asked = states_of(store, head, request4(params=("threshold=0.5",)))["k3_middle"]
+    assert asked.state == DONE
+    other = states_of(store, head, request4(params=("threshold=0.7",)))["k3_middle"]
+    assert other.state == MISSING
+
+
+def test_status_command_prints_the_grid(store, head):
+    fabricate(store.client, store.exp_id, k=1, subset="first", commit=head)
+    fabricate(store.client, store.exp_id, k=2, subset="last", commit=OLD)
+    out = CliRunner(env=store.env).invoke(grid.grid, ["status", "--task", "tiny_gsm", "--limit", "4"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].startswith("grid tiny_gsm") and head[:7] in lines[0]
+    assert lines[1].split() == ["first", "middle", "last"]
+    assert lines[2].split() == ["k=1", "done", "missing", "missing"]
+    assert lines[3].split() == ["k=2", "missing", "missing", "stale@0000000"]
+    assert "done at HEAD 1/9, stale 1, failed 0, running 0, missing 7" in out.output
+
+
+def test_dry_run_plans_only_what_is_not_done(store, head):
+    fabricate(store.client, store.exp_id, k=1, subset="first", commit=head)
+    fabricate(store.client, store.exp_id, k=1, subset="middle", commit=OLD)
+    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "1", "--dry-run"]
+    out = CliRunner(env=store.env).invoke(grid.grid, args)
+    assert out.exit_code == 0, out.output
+    assert "skip k1_first: done" in out.output
+    planned = [line.split()[2].rstrip(":") for line in out.output.splitlines() if line.startswith("would run")]
+    assert planned == ["k1_middle", "k1_last"]
+    forced = CliRunner(env=store.env).invoke(grid.grid, args + ["--force"])
+    assert forced.output.count("would run") == 3
+
+
+def test_loglikelihood_grid_is_one_run_and_says_why(store, head):
+    assert task_kind("tiny_mc") == LOGLIKELIHOOD
+    out = CliRunner(env=store.env).invoke(grid.grid, ["status", "--task", "tiny_mc", "--limit", "4"])
+    assert out.exit_code == 0, out.output
+    assert "loglikelihood task" in out.output and "grid is one run (k=1, subset=first)" in out.output
+    assert "done at HEAD 0/1" in out.output
+    plan = CliRunner(env=store.env).invoke(grid.grid, ["run", "--task", "tiny_mc", "--dry-run"])
+    assert plan.output.count("would run") == 1
+
+
+def test_task_kind_prefers_what_runs_recorded():
+    run = RunRecord("r", "FINISHED", 0, {}, {"task_kind": "loglikelihood"}, {})
+    assert task_kind("anything", [run]) == LOGLIKELIHOOD
+    assert task_kind("gsm8k") == "generate_until" and task_kind("mmlu") == LOGLIKELIHOOD
+
+
+@pytest.mark.parametrize("args,fix", [(["--k", "one"], "integers like 1,2,3"), (["--k", "0"], ">= 1"),
+                                      (["--subset", "top"], "comma list of first, middle, last"),
+                                      (["-P", "threshold"], "NAME=VALUE"), (["-P", "k=2"], "use --k")])
+def test_bad_input_is_one_line_naming_the_fix(store, args, fix):
+    out = CliRunner(env=store.env).invoke(grid.grid, ["status", "--task", "tiny_gsm", *args])
+    assert out.exit_code == 2 and fix in out.output
+
+
+def test_run_command_passes_every_setting():
+    cell = request4(ks="2", subsets="middle", params=("threshold=0.8",)).cells("generate_until")[0]
+    cmd = run_command(cell, allow_dirty=True)
+    assert cmd[1:4] == ["-m", "reuse_exp.cli", "run"]
+    pairs = dict(zip(cmd[4:-1:2], cmd[5:-1:2]))
+    assert pairs == {"--task": "tiny_gsm", "--k": "2", "--subset": "middle", "--limit": "4", "--mode": "output",
+                     "--threshold": "0.8"}
+    assert cmd[-1] == "--allow-dirty"
+
+
+def test_store_error_names_the_server():
+    line = store_error("sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked",
+                       "sqlite:////x/mlflow.db")
+    assert line and "database is locked" in line and "mlflow server" in line and "\n" not in line
+    assert store_error("database is locked", "http://127.0.0.1:5000") is None
+    assert store_error("CUDA out of memory", "sqlite:////x/mlflow.db") is None
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path):
+    """Jobs run elsewhere (another cwd, a compute node): the default relative store must not move."""
+    rel = grid.absolute_uri("sqlite:///mlflow.db")
+    assert rel.startswith("sqlite:////") and rel.endswith("/mlflow.db")
+    assert grid.absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert grid.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -10,19 +10,14 @@ from reuse_exp import grid
 from reuse_exp.grid import (DONE, FAILED, LOGLIKELIHOOD, MISSING, RUNNING, STALE, GridRequest, RunRecord,
                             build_request, classify, fetch_runs, git_head, run_command, store_error, task_kind)
 from services.fabricate import fabricate
-from services.store import new_experiment
+from services.store import new_store
 
 OLD = "0" * 40
 
 
-@pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('grid_store') / 'mlflow.db'}"
-
-
 @pytest.fixture
-def store(store_uri, request):
-    return new_experiment(store_uri, request.node.name)
+def store(tmp_path_factory, tmp_path):
+    return new_store(tmp_path_factory.getbasetemp(), tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+from mlflow.entities import Metric, Param
+
 PARAMS = {"mode": "output", "scope": "block", "limit": "4", "model": "bundled", "model_revision": "None",
           "model_hash": "abc123", "dtype": "float32", "threshold": "0.9", "block_size": "32",
           "small_block_size": "8", "max_new_tokens": "160", "num_fewshot": "0", "apply_chat_template": "False",
@@ -22,14 +24,16 @@ def fabricate(cl, exp_id: str, *, task: str = "tiny_gsm", k: int = 1, subset: st
         "git_commit": commit, "git_branch": "main", "git_dirty": "true" if dirty else "false",
         "source_hash": "s" * 8, "config_key": f"{task}-{k}-{subset}", "task_kind": kind, **(tags or {})})
     rid = run.info.run_id
-    for name, value in {**PARAMS, "task": task, "k": str(k), "subset": subset, "layers": LAYERS[subset],
-                        **{n: str(v) for n, v in params.items()}}.items():
-        cl.log_param(rid, name, value)
+    params = {**PARAMS, "task": task, "k": str(k), "subset": subset, "layers": LAYERS[subset],
+              **{n: str(v) for n, v in params.items()}}
+    metrics = {}
     if status == "FINISHED":
-        for name, value in {"accuracy": accuracy, "tokens_per_second": tps,
-                            "skipped_fraction": (k - 1) / k * 0.4 if skipped is None else skipped,
-                            "generated_tokens": 400.0, "seconds": 400.0 / tps}.items():
-            cl.log_metric(rid, name, value)
+        metrics = {"accuracy": accuracy, "tokens_per_second": tps,
+                   "skipped_fraction": (k - 1) / k * 0.4 if skipped is None else skipped,
+                   "generated_tokens": 400.0, "seconds": 400.0 / tps}
+    now = int(time.time() * 1000)
+    cl.log_batch(rid, params=[Param(n, v) for n, v in params.items()],
+                 metrics=[Metric(n, v, now, 0) for n, v in metrics.items()])
     if status != "RUNNING":
         cl.set_terminated(rid, status)
     return rid

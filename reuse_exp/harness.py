@@ -43,13 +43,21 @@ LOGLIKELIHOOD_NOTE = ("reuse cannot act on loglikelihood: each request is scored
                       "so every k and subset give the same result")
 
 
-def bundled_model_dir() -> Path:
+def bundled_model_dir() -> Path | None:
+    """The bundled tiny model's directory, or None where this checkout has none."""
     try:
         from .assets import TINY_MODEL_DIR
-    except ImportError as e:
-        raise ConfigError("this checkout has no bundled tiny model (reuse_exp/assets): "
-                          "give --model a checkpoint directory, a hub id or random:<shape>") from e
-    return Path(TINY_MODEL_DIR)
+    except ImportError:
+        return None
+    return Path(TINY_MODEL_DIR) if (Path(TINY_MODEL_DIR) / "config.json").is_file() else None
+
+
+def _bundled() -> Path:
+    path = bundled_model_dir()
+    if path is None:
+        raise ConfigError("this checkout has no bundled tiny model (reuse_exp/assets/tiny): "
+                          "give --model a checkpoint directory, a hub id or random:<shape>")
+    return path
 
 
 def resolve_device(device: str | None) -> str:
@@ -75,14 +83,14 @@ def load(source: str, dtype: str = "bfloat16", device: str = "cpu", revision: st
     """Model and tokenizer from any `pretrained` form (see the module docstring)."""
     if source.startswith(RANDOM_PREFIX):
         cfg = named_shape(source[len(RANDOM_PREFIX):])
-        tok_dir = Path(tokenizer) if tokenizer else bundled_model_dir()
+        tok_dir = Path(tokenizer) if tokenizer else _bundled()
         tok = load_tokenizer(tok_dir)
         if len(tok) > cfg.vocab_size:
             raise ConfigError(f"tokenizer in {tok_dir} has {len(tok)} tokens, shape {source} only {cfg.vocab_size}")
         model = random_model(cfg, dtype=dtype, device=device, seed=seed)
         recipe = f"{source}:seed={seed}:std=0.02:{parse_dtype(dtype)}"
         return LoadedModel(model, tok, source, None, hashlib.sha256(recipe.encode()).hexdigest()[:16], "random")
-    path = bundled_model_dir() if source == BUNDLED else resolve_checkpoint(source, revision)
+    path = _bundled() if source == BUNDLED else resolve_checkpoint(source, revision)
     model, ckpt = load_model(path, dtype=dtype, device=device)
     tok = load_tokenizer(Path(tokenizer) if tokenizer else ckpt)
     is_local = Path(source).expanduser().is_dir() or source == BUNDLED

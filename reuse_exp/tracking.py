@@ -298,7 +298,7 @@ def lm_eval_metrics(results: dict, task: str) -> dict[str, float]:
 # -- the MLflow run ------------------------------------------------------------------------------
 @dataclass
 class Tracker:
-    """The MLflow run of one configuration, attached or opened."""
+    """The MLflow run of one configuration, attached or opened; logs by run id."""
     run_id: str
     secrets: list[str]
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="reuse_exp_")))
@@ -317,18 +317,24 @@ class Tracker:
         run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
         return cls(run.info.run_id, secret_values())
 
+    @property
+    def client(self):
+        import mlflow
+        return mlflow.MlflowClient()
+
     def _clean(self, text: str) -> str:
         return redact(text, self.secrets)
 
     def tags(self, tags: dict) -> None:
-        import mlflow
-        mlflow.set_tags({k: self._clean(param_str(v))[:5000] for k, v in tags.items()})
+        from mlflow.entities import RunTag
+        self.client.log_batch(self.run_id, tags=[RunTag(k, self._clean(param_str(v))[:5000])
+                                                 for k, v in tags.items()])
 
     def params(self, params: dict) -> None:
         """Log params; one already logged (by `mlflow run`) must hold the same value."""
-        import mlflow
-        logged = mlflow.get_run(self.run_id).data.params
-        new = {}
+        from mlflow.entities import Param
+        logged = self.client.get_run(self.run_id).data.params
+        new = []
         for k, v in params.items():
             v = self._clean(param_str(v))[:6000]
             if k in logged:
@@ -336,15 +342,17 @@ class Tracker:
                     raise ConfigError(f"parameter {k}: mlflow run logged {logged[k]!r} but the code used {v!r}; "
                                       f"pass the concrete value (-P {k}={v})")
                 continue
-            new[k] = v
+            new.append(Param(k, v))
         if new:
-            mlflow.log_params(new)
+            self.client.log_batch(self.run_id, params=new)
 
-    def metrics(self, metrics: dict, step: int | None = None) -> None:
-        import mlflow
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+    def metrics(self, metrics: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        clean = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v == v]  # v == v: NaN is not logged
         if clean:
-            mlflow.log_metrics(clean, step=step)
+            self.client.log_batch(self.run_id, metrics=clean)
 
     def progress(self, stats) -> None:
         """Per-batch progress, at most every 2 s: a failed or killed run keeps what it had."""
@@ -357,10 +365,9 @@ class Tracker:
                      step=len(stats.decode) + stats.scoring.batch_forwards)
 
     def artifact_text(self, name: str, text: str) -> None:
-        import mlflow
         path = self.workdir / name
         path.write_text(self._clean(text))
-        mlflow.log_artifact(str(path))
+        self.client.log_artifact(self.run_id, str(path))
 
     def artifact_json(self, name: str, obj) -> None:
         self.artifact_text(name, json.dumps(obj, indent=2, default=str) + "\n")
@@ -369,8 +376,13 @@ class Tracker:
         self.artifact_text(name, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
     def end(self, status: str) -> None:
+        """End the run (and MLflow's system-metrics thread with it)."""
         import mlflow
-        mlflow.end_run(status=status)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            mlflow.end_run(status=status)
+        else:
+            self.client.set_terminated(self.run_id, status)
 
 
 def end_outside_run(status: str, line: str) -> None:
@@ -429,10 +441,10 @@ def run(settings: RunSettings) -> str:
         line = redact(line)
         if tracker is None:
             end_outside_run(status, line)
+            if code == 1:  # an unexpected error with no run to keep its traceback: show it
+                traceback.print_exception(e, file=sys.stderr)
         else:
             _log_failure(tracker, status, line, e)
-        if code == 1:  # an unexpected error: the traceback is for whoever fixes it
-            traceback.print_exception(e, file=sys.stderr)
         raise RunFailed(line, code) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -509,10 +521,8 @@ def _gpu_metrics(tracker: Tracker, device: str) -> dict:
 
 
 def _log_artifacts(tracker, s, results, samples, lm, metrics, params, primary, kind) -> None:
-    import mlflow
     from lm_eval.utils import handle_non_serializable
-    run = mlflow.get_run(tracker.run_id)
-    tags = run.data.tags
+    tags = tracker.client.get_run(tracker.run_id).data.tags
     tracker.artifact_text("lm_eval_results.json",
                           json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     for task, rows in samples.items():

@@ -77,15 +77,66 @@ def tasks_dir(tmp_path_factory) -> Path:
     return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
-@pytest.fixture
-def offline_env(monkeypatch, tmp_path):
-    """No hub, a private datasets cache, and a secret that must never reach the store."""
-    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                 "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"), "HF_TOKEN": "hf_SECRETtoken0123456789"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-
-
-def run_cli(args: list[str], env: dict, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "reuse_exp.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def bundled_or(tiny_ckpt: Path, tasks_dir: Path) -> dict[str, str]:
+    """Run settings for the e2e tests: the bundled model and task where this tree has them,
+    else the random checkpoint and the local tasks."""
+    from reuse_exp.harness import bundled_model_dir
+    if bundled_model_dir() is not None and (REPO / "reuse_exp" / "tasks" / "tiny_gsm.yaml").is_file():
+        return {}
+    return {"model": str(tiny_ckpt), "task": "t_gen", "include_path": str(tasks_dir)}
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """One migrated MLflow sqlite store; tests copy it (migrating takes seconds)."""
+    import mlflow
+    db = tmp_path_factory.mktemp("store_template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def store(store_template, tmp_path) -> str:
+    import shutil
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(store_template, db)
+    return f"sqlite:///{db}"
+
+
+def git(args: list[str], cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="session")
+def clean_repo(tmp_path_factory) -> Path:
+    """The working tree (tracked and untracked-not-ignored files) committed in a fresh repo:
+    the code under test, in a checkout the dirty guard accepts."""
+    import shutil
+    dst = tmp_path_factory.mktemp("repo") / "reuse_exp_repo"
+    files = git(["ls-files", "-co", "--exclude-standard", "-z"], REPO).split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    git(["init", "-q", "-b", "main"], dst)
+    git(["add", "-A"], dst)
+    git(["-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "snapshot"], dst)
+    return dst
+
+
+def subprocess_env(store_uri: str) -> dict[str, str]:
+    import os
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
+    env |= {"MLFLOW_TRACKING_URI": store_uri, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "HF_TOKEN": SECRET}
+    return env
+
+
+SECRET = "hf_SECRETtoken0123456789"

@@ -1,0 +1,118 @@
+"""`reuse-exp run`: bad input in one line, and runs that end FAILED or KILLED, never RUNNING."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import subprocess_env
+
+from reuse_exp import tracking
+from reuse_exp.cli import main
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--k", "0"], "Invalid value for '--k'"),
+    (["--subset", "middles"], "use first, middle, last or layer indices"),
+    (["--limit", "-3"], "the limit must be positive"),
+    (["--limit", "2.5"], "must be a whole number"),
+    (["--mode", "copy"], "Invalid value for '--mode'"),
+    (["--block-size", "32", "--small-block-size", "5"], "must divide --block-size 32"),
+])
+def test_bad_input_is_one_line_naming_the_fix(args, says):
+    result = CliRunner().invoke(main, ["run", *args])
+    assert result.exit_code == 2
+    assert says in result.output and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_underscore_spellings_reach_the_same_options():
+    """`mlflow run -P max_new_tokens=8` arrives as --max_new_tokens 8."""
+    result = CliRunner().invoke(main, ["run", "--max_new_tokens", "0"])
+    assert result.exit_code == 2 and "--max-new-tokens" in result.output
+
+
+def test_classify_failures():
+    import torch
+    assert tracking.classify(KeyboardInterrupt())[:2] == ("KILLED", 130)
+    assert tracking.classify(tracking.Terminated())[:2] == ("KILLED", 143)
+    status, code, line = tracking.classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert (status, code) == ("FAILED", 3) and "--batch-size" in line
+    assert tracking.classify(tracking.DirtyTree("refusing"))[:2] == ("FAILED", 2)
+    _, _, line = tracking.classify(RuntimeError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub"))
+    assert "HF_TOKEN" in line
+
+
+@pytest.mark.slow
+def test_unknown_task_fails_the_run_mlflow_opened(store, monkeypatch):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    opened = client.create_run("0")  # what `mlflow run` does before it starts the command
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_RUN_ID", opened.info.run_id)
+    result = CliRunner().invoke(main, ["run", "--task", "no_such_task_xyz", "--allow-dirty"])
+    assert result.exit_code == 2
+    assert "unknown task 'no_such_task_xyz'" in result.output and "Traceback" not in result.output
+    run = client.get_run(opened.info.run_id)
+    assert run.info.status == "FAILED" and "unknown task" in run.data.tags["error"]
+    assert len(client.search_runs(["0"])) == 1
+
+
+def failing_task(tasks_dir):
+    """t_gen whose scoring raises after generation: a failure late in the run."""
+    (tasks_dir / "boom.py").write_text("def process_results(doc, results):\n"
+                                       "    raise RuntimeError('scoring broke')\n")
+    text = (tasks_dir / "t_gen.yaml").read_text().replace("task: t_gen", "task: t_boom")
+    (tasks_dir / "t_boom.yaml").write_text(text + "process_results: !function boom.process_results\n")
+
+
+def cli_run(repo, store, *args, **popen):
+    cmd = [sys.executable, "-m", "reuse_exp.cli", "run", *args]
+    return subprocess.Popen(cmd, cwd=repo, env=subprocess_env(store), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_failure_ends_failed_with_the_metrics_so_far(clean_repo, store, tiny_ckpt, tasks_dir, tmp_path):
+    import shutil
+
+    import mlflow
+    tasks = tmp_path / "tasks"
+    shutil.copytree(tasks_dir, tasks)
+    failing_task(tasks)
+    proc = cli_run(clean_repo, store, "--model", str(tiny_ckpt), "--task", "t_boom", "--include-path", str(tasks),
+                   "--limit", "2", "--max-new-tokens", "32", "--batch-size", "2")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    assert "reuse-exp: RuntimeError: scoring broke (traceback: the run's error.txt)" in err
+    client = mlflow.MlflowClient(store)
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["generated_tokens"] > 0 and "seconds" in run.data.metrics
+    assert "scoring broke" in run.data.tags["error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_sigterm_ends_killed(clean_repo, store, tiny_ckpt, tasks_dir):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    proc = cli_run(clean_repo, store, "--model", str(tiny_ckpt), "--task", "t_gen", "--include-path", str(tasks_dir),
+                   "--limit", "8", "--max-new-tokens", "256", "--batch-size", "1")
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for the first progress metric
+        runs = client.search_runs(["0"])
+        if runs and "generated_tokens" in runs[0].data.metrics:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "KILLED"
+    assert run.data.metrics["generated_tokens"] > 0

@@ -1,0 +1,222 @@
+"""Provenance, the dirty guard, redaction, and the end-to-end `mlflow run` into a temporary store."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SECRET, bundled_or, git, subprocess_env
+
+from reuse_exp import tracking
+from reuse_exp.config import ConfigError
+from reuse_exp.gpu_stats import GpuSampler
+
+
+# -- provenance and the guard ------------------------------------------------------------------
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A small git repository with a package directory, a .gitignore and one commit."""
+    root = tmp_path / "repo"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("x = 1\n")
+    (root / ".gitignore").write_text("ignored.txt\n")
+    git(["init", "-q", "-b", "main"], root)
+    git(["add", "-A"], root)
+    git(["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "-m", "one"], root)
+    return root
+
+
+def test_clean_checkout(repo):
+    prov = tracking.provenance(exclude=[], pkg=repo / "pkg")
+    assert prov.commit == git(["rev-parse", "HEAD"], repo).strip()
+    assert prov.branch == "main" and not prov.dirty and prov.dirty_files == ()
+    tracking.check_clean(prov, allow_dirty=False)
+
+
+def test_dirty_files_are_tracked_changes_and_untracked_but_not_ignored_or_the_store(repo):
+    (repo / "pkg" / "a.py").write_text("x = 2\n")
+    (repo / "pkg" / "new.py").write_text("y = 1\n")
+    (repo / "ignored.txt").write_text("noise\n")
+    (repo / "store").mkdir()
+    (repo / "store" / "mlflow.db").write_text("not code\n")
+    prov = tracking.provenance(exclude=[repo / "store"], pkg=repo / "pkg")
+    assert prov.dirty
+    assert sorted(prov.dirty_files) == ["pkg/a.py", "pkg/new.py"]
+    with pytest.raises(tracking.DirtyTree, match=r"pkg/a\.py, pkg/new\.py"):
+        tracking.check_clean(prov, allow_dirty=False)
+    tracking.check_clean(prov, allow_dirty=True)
+    diff = tracking.dirty_diff(prov)
+    assert "-x = 1" in diff and "+x = 2" in diff and "+y = 1" in diff
+
+
+def test_store_paths_of_a_sqlite_uri_are_excluded(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    (repo / "mlflow.db").write_text("db\n")
+    (repo / "mlflow.db-journal").write_text("db\n")
+    prov = tracking.provenance(exclude=tracking.store_paths("sqlite:///mlflow.db"), pkg=repo / "pkg")
+    assert not prov.dirty, prov.dirty_files
+
+
+def test_outside_git_the_commit_is_unknown_and_dirty(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    prov = tracking.provenance(exclude=[], pkg=tmp_path / "pkg")
+    assert prov.commit == "unknown" and prov.dirty
+    with pytest.raises(tracking.DirtyTree, match="not a git commit"):
+        tracking.check_clean(prov, allow_dirty=False)
+
+
+def test_source_hash_follows_the_files(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    h1 = tracking.source_hash(tmp_path)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.pyc").write_bytes(b"\0")
+    assert tracking.source_hash(tmp_path) == h1
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert tracking.source_hash(tmp_path) != h1
+
+
+# -- values ------------------------------------------------------------------------------------
+def test_secrets_are_redacted():
+    env = {"HF_TOKEN": "hf_abcdef123456", "AWS_SECRET_ACCESS_KEY": "s3cr3tvalue", "HOME": "/root", "X": "hf_abcdef"}
+    secrets = tracking.secret_values(env)
+    assert "/root" not in secrets and "hf_abcdef" not in secrets
+    assert tracking.redact("token hf_abcdef123456 and s3cr3tvalue", secrets) == "token [redacted] and [redacted]"
+
+
+def test_config_key_follows_result_shaping_settings_only():
+    base = {k: "1" for k in tracking.CONFIG_KEY_PARAMS}
+    assert tracking.config_key(base) == tracking.config_key(dict(base, model_path="/elsewhere", git_commit="abc"))
+    assert tracking.config_key(base) != tracking.config_key(dict(base, k="2"))
+    assert tracking.config_key(base) != tracking.config_key(dict(base, layers="8,9,10"))
+
+
+def test_param_spellings():
+    assert tracking.same_param("0.90", "0.9") and tracking.same_param("'true'", "true")
+    assert tracking.same_param("2", "2") and not tracking.same_param("2", "3")
+    assert tracking.param_str(True) == "true" and tracking.param_str(None) == "none"
+
+
+def test_lm_eval_metric_names():
+    results = {"results": {"t": {"alias": "t", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.1,
+                                 "acc,none": 1.0},
+                           "t_sub": {"acc,none": 0.25}}}
+    assert tracking.lm_eval_metrics(results, "t") == {
+        "exact_match/strict-match": 0.5, "exact_match_stderr/strict-match": 0.1, "acc": 1.0, "t_sub/acc": 0.25}
+
+
+def test_gpu_sampler_without_a_gpu_returns_nothing():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert GpuSampler().start().stop() == {}
+
+
+# -- end to end: `mlflow run` into a temporary store ------------------------------------------
+def mlflow_run(repo: Path, store: str, params: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "mlflow", "run", str(repo), "--env-manager", "local"]
+    for k, v in params.items():
+        args += ["-P", f"{k}={v}"]
+    return subprocess.run(args, cwd=repo, env=subprocess_env(store), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def runs_of(store: str):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exps)
+
+
+SCHEMA_PARAMS = ("k", "subset", "layers", "mode", "scope", "task", "limit", "model", "model_revision", "model_hash",
+                 "dtype", "threshold", "block_size", "small_block_size", "max_new_tokens", "num_fewshot",
+                 "apply_chat_template", "fewshot_as_multiturn", "seed", "batch_size", "device", "path",
+                 "version_torch", "version_lm_eval", "version_mlflow", "version_transformers")
+SCHEMA_TAGS = ("git_commit", "git_branch", "git_dirty", "source_hash", "config_key", "task_kind", "reuse_note")
+SCHEMA_METRICS = ("accuracy", "tokens_per_second", "generated_tokens", "seconds", "skipped_fraction",
+                  "tokens_per_forward", "forwards_full_block", "forwards_small_block", "forwards_finalize")
+ARTIFACTS = ("summary.json", "lm_eval_results.json", "generations.jsonl", "reuse_trace.json", "pip_freeze.txt")
+
+
+@pytest.mark.slow
+def test_mlflow_run_end_to_end(clean_repo, store, tiny_ckpt, tasks_dir):
+    settings = bundled_or(tiny_ckpt, tasks_dir)
+    out = mlflow_run(clean_repo, store, {"k": 2, "subset": "middle", "limit": 4, "max_new_tokens": 64,
+                                         "batch_size": 2, **settings})
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = runs_of(store)
+    assert len(runs) == 1, "one run per configuration: the one `mlflow run` opened"
+    run = runs[0]
+    p, t, m = run.data.params, run.data.tags, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert [k for k in SCHEMA_PARAMS if k not in p] == []
+    assert (p["k"], p["subset"], p["mode"], p["limit"], p["threshold"], p["block_size"]) == \
+           ("2", "middle", "output", "4", "0.9", "32")
+    assert p["layers"] and p["dtype"] == "float32" and p["device"] == "cpu"
+    assert [k for k in SCHEMA_TAGS if k not in t] == []
+    assert t["git_commit"] == git(["rev-parse", "HEAD"], clean_repo).strip()
+    assert t["git_dirty"] == "false" and t["task_kind"] == "generate_until"
+    assert t["source_hash"] == tracking.source_hash(clean_repo / "reuse_exp")
+    assert [k for k in SCHEMA_METRICS if k not in m] == []
+    assert m["generated_tokens"] > 0 and m["seconds"] > 0
+    assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
+    assert 0 < m["skipped_fraction"] < 1
+    assert any(k.startswith("exact_match") and "stderr" in k for k in m)
+    assert any(k.startswith("system/") for k in m), "MLflow's system metrics are on"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert [a for a in ARTIFACTS if a not in names] == []
+    assert any(n.startswith("samples_") for n in names) and "dirty.diff" not in names
+    local = Path(client.download_artifacts(run.info.run_id, "summary.json"))
+    summary = json.loads(local.read_text())
+    assert summary["config"] == "k2_middle" and summary["commit"] == t["git_commit"]
+    assert summary["generated_tokens"] == m["generated_tokens"]
+    # The secret never lands: neither in the database nor in any artifact.
+    store_dir = Path(store.removeprefix("sqlite:///")).parent
+    hits = [f for f in store_dir.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]
+    assert hits == []
+
+
+@pytest.mark.slow
+def test_dirty_tree_is_refused_before_the_model_loads(clean_repo, store, tmp_path):
+    repo = tmp_path / "dirty"
+    git(["clone", "-q", str(clean_repo), str(repo)], tmp_path)
+    (repo / "notes.txt").write_text("a new file can change a result\n")
+    with open(repo / "README.md", "a") as f:
+        f.write("\nedited\n")
+    # A model that does not exist: the refusal must come first, so it never gets that far.
+    out = mlflow_run(repo, store, {"model": str(tmp_path / "no_such_model"), "limit": 2})
+    assert out.returncode != 0
+    assert "dirty tree" in out.stderr and "notes.txt" in out.stderr and "README.md" in out.stderr
+    assert "no_such_model" not in out.stderr.split("dirty tree")[1]
+    _, runs = runs_of(store)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "dirty tree" in runs[0].data.tags["error"]
+
+    # allow_dirty runs anyway: tagged dirty, the diff logged; then the missing model fails it.
+    out = mlflow_run(repo, store, {"model": str(tmp_path / "no_such_model"), "limit": 2, "allow_dirty": "true"})
+    assert out.returncode != 0
+    assert "no_such_model" in out.stderr and "Traceback" not in out.stderr
+    client, runs = runs_of(store)
+    latest = max(runs, key=lambda r: r.info.start_time)
+    assert latest.info.status == "FAILED" and latest.data.tags["git_dirty"] == "true"
+    assert "notes.txt" in latest.data.tags["git_dirty_files"]
+    assert "not found" in latest.data.tags["error"]
+    diff = Path(client.download_artifacts(latest.info.run_id, "dirty.diff")).read_text()
+    assert "+edited" in diff and "+a new file" in diff
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_param_the_code_changed_fails_the_run(store, monkeypatch):
+    """`mlflow run` logs its -P values first; a code value that differs must not pass silently."""
+    import mlflow
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = mlflow.MlflowClient(store)
+    run = client.create_run("0")
+    client.log_param(run.info.run_id, "k", "2")
+    tracker = tracking.Tracker(run.info.run_id, [])
+    tracker.params({"k": 2, "subset": "middle"})  # same value, another spelling: fine
+    with pytest.raises(ConfigError, match="parameter k: mlflow run logged '2' but the code used '1'"):
+        tracker.params({"k": 1})
+    assert client.get_run(run.info.run_id).data.params == {"k": "2", "subset": "middle"}

@@ -1,0 +1,202 @@
+"""Data of the bundled tiny model: GSM8K-shaped word problems with small numbers.
+
+Every problem is drawn from one of a few templates (two arithmetic steps each,
+numbers below 100) and answered in GSM8K's form: reasoning lines, then `#### <n>`.
+The same generator makes the training stream and the shipped test split; a problem
+belongs to the test pool iff a hash of its question says so (`in_test_pool`), and
+the training stream rejects every such problem, so no test item is ever trained on,
+whatever the seed or the stream's length.
+
+`python -m reuse_exp.tiny_data` rewrites the shipped task data under reuse_exp/tasks/data.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+from .prompts import rewrite_prompt
+
+NAMES = ["Tom", "Anna", "Ben", "Sara", "Leo", "Mia", "Sam", "Lily", "Max", "Emma", "Jack", "Nora",
+         "Paul", "Ruth", "Omar", "Ivy", "Carl", "Zoe", "Dan", "Eva"]
+ITEMS = ["apples", "pens", "books", "cards", "eggs", "shells", "stamps", "coins", "marbles", "cookies",
+         "stickers", "flowers", "candles", "buttons", "rocks"]
+PLACES = ["shop", "farm", "school", "library", "bakery", "market"]
+
+TEST_FRACTION = 8          # 1 in 8 questions (by hash) is reserved for the test split
+TASKS_DATA = Path(__file__).parent / "tasks" / "data"
+GSM_TEST_SIZE, GSM_FEWSHOT_SIZE, MC_TEST_SIZE = 200, 16, 200
+GSM_TEST_SEED, GSM_FEWSHOT_SEED, MC_TEST_SEED = 1001, 1002, 1003
+
+
+def in_test_pool(question: str) -> bool:
+    digest = hashlib.sha256(question.encode()).digest()
+    return int.from_bytes(digest[:4], "little") % TEST_FRACTION == 0
+
+
+# -- templates: each returns (question, reasoning lines, final number) -----------------------
+def _buy_give(r: random.Random):
+    n, m = r.sample(NAMES, 2)
+    it = r.choice(ITEMS)
+    a, b = r.randint(2, 40), r.randint(2, 40)
+    s = a + b
+    c = r.randint(1, s - 1)
+    q = f"{n} has {a} {it}. {n} buys {b} more and then gives {c} to {m}. How many {it} does {n} have now?"
+    steps = [f"{n} buys {b} more, so {a} + {b} = {s} {it}.",
+             f"{n} gives {c} away, so {s} - {c} = {s - c} {it}."]
+    return q, steps, s - c
+
+
+def _bags_found(r: random.Random):
+    n = r.choice(NAMES)
+    it = r.choice(ITEMS)
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    p = a * b
+    c = r.randint(1, 30)
+    q = f"{n} buys {a} bags of {it}. Each bag has {b} {it}. {n} also finds {c} {it}. How many {it} does {n} have?"
+    steps = [f"The bags hold {a} * {b} = {p} {it}.",
+             f"With the {c} found, {p} + {c} = {p + c} {it}."]
+    return q, steps, p + c
+
+
+def _shop_sells(r: random.Random):
+    place = r.choice(PLACES)
+    it = r.choice(ITEMS)
+    a = r.randint(20, 99)
+    b = r.randint(1, a - 2)
+    c = r.randint(1, a - b - 1)
+    q = f"A {place} has {a} {it}. It sells {b} in the morning and {c} in the afternoon. How many {it} are left?"
+    steps = [f"After the morning, {a} - {b} = {a - b} {it} are left.",
+             f"After the afternoon, {a - b} - {c} = {a - b - c} {it} are left."]
+    return q, steps, a - b - c
+
+
+def _weekly_pages(r: random.Random):
+    n = r.choice(NAMES)
+    a, b = r.randint(2, 12), r.randint(2, 12)
+    s = a + b
+    c = r.randint(2, 4)
+    q = f"{n} reads {a} pages on Monday and {b} pages on Tuesday every week. How many pages does {n} read in {c} weeks?"
+    steps = [f"Each week {n} reads {a} + {b} = {s} pages.",
+             f"In {c} weeks {n} reads {s} * {c} = {s * c} pages."]
+    return q, steps, s * c
+
+
+def _share_equally(r: random.Random):
+    n = r.choice(NAMES)
+    it = r.choice(ITEMS)
+    k, each = r.randint(2, 9), r.randint(2, 9)
+    a = k * each
+    e = r.randint(1, 20)
+    q = f"{n} shares {a} {it} equally among {k} friends. Each friend then gets {e} more. How many {it} does each friend have?"
+    steps = [f"Each friend first gets {a} / {k} = {each} {it}.",
+             f"With {e} more, {each} + {e} = {each + e} {it}."]
+    return q, steps, each + e
+
+
+TEMPLATES = [_buy_give, _bags_found, _shop_sells, _weekly_pages, _share_equally]
+
+
+def make_gsm(r: random.Random) -> dict:
+    q, steps, result = r.choice(TEMPLATES)(r)
+    answer = "\n".join(steps) + f"\n#### {result}"
+    return {"question": q, "answer": answer}
+
+
+def make_mc(r: random.Random) -> dict:
+    """One arithmetic step, four numeric choices, the answer is a letter."""
+    n = r.choice(NAMES)
+    it = r.choice(ITEMS)
+    a, b = r.randint(2, 40), r.randint(2, 40)
+    if r.random() < 0.5:
+        q, result = f"{n} has {a} {it} and buys {b} more. How many {it} does {n} have now?", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        q, result = f"{n} has {a} {it} and gives {b} away. How many {it} does {n} have now?", a - b
+    wrong = set()
+    while len(wrong) < 3:
+        w = result + r.choice([-10, -2, -1, 1, 2, 10])
+        if w >= 0 and w != result:
+            wrong.add(w)
+    choices = [str(result)] + [str(w) for w in sorted(wrong)]
+    r.shuffle(choices)
+    return {"question": q, "choices": choices, "answer": choices.index(str(result))}
+
+
+def mc_text(doc: dict) -> str:
+    """The tiny_mc prompt (the YAML's doc_to_text renders the same string)."""
+    lines = [f"Question: {doc['question']}"]
+    lines += [f"{'ABCD'[i]}. {c}" for i, c in enumerate(doc["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def stream(make, seed: int, test: bool):
+    """Problems of one pool (test or train), distinct questions, reproducible from `seed`."""
+    r = random.Random(seed)
+    seen = set()
+    while True:
+        doc = make(r)
+        if in_test_pool(doc["question"]) != test or doc["question"] in seen:
+            continue
+        seen.add(doc["question"])
+        yield doc
+
+
+def take(make, seed: int, test: bool, n: int) -> list[dict]:
+    gen = stream(make, seed, test)
+    return [next(gen) for _ in range(n)]
+
+
+# -- prompts and answers, exactly as lm-eval and the harness see them ------------------------
+STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")   # lm-eval gsm8k's strict-match filter
+
+
+def strict_answer(text: str) -> str | None:
+    """The number after the first `#### `, as the strict-match filter extracts it."""
+    m = STRICT_MATCH.search(text)
+    return m.group(1) if m else None
+
+
+def target_number(doc: dict) -> str:
+    return doc["answer"].split("#### ")[-1].strip()
+
+
+def chat_prompt(tokenizer, user: str, task: str) -> str:
+    """lm-eval's 0-shot chat-templated context (checked against lm-eval 0.4.13: the user turn
+    is doc_to_text verbatim), then the harness's prompt rewrite for `task`."""
+    context = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                            add_generation_prompt=True)
+    return rewrite_prompt(task, context)
+
+
+def gsm_prompt(tokenizer, doc: dict) -> str:
+    return chat_prompt(tokenizer, f"Question: {doc['question']}\nAnswer:", "tiny_gsm")
+
+
+def mc_prompt(tokenizer, doc: dict) -> str:
+    return chat_prompt(tokenizer, mc_text(doc), "tiny_mc")
+
+
+def read_task_docs(name: str, data: Path = TASKS_DATA) -> list[dict]:
+    with open(data / name) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_task_data(out: Path = TASKS_DATA) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"tiny_gsm_test.jsonl": take(make_gsm, GSM_TEST_SEED, True, GSM_TEST_SIZE),
+             # few-shot examples come from the training pool, like gsm8k's train split
+             "tiny_gsm_train.jsonl": take(make_gsm, GSM_FEWSHOT_SEED, False, GSM_FEWSHOT_SIZE),
+             "tiny_mc_test.jsonl": take(make_mc, MC_TEST_SEED, True, MC_TEST_SIZE)}
+    for name, docs in files.items():
+        (out / name).write_text("".join(json.dumps(d) + "\n" for d in docs))
+        print(f"wrote {len(docs)} items to {out / name}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=TASKS_DATA)
+    write_task_data(ap.parse_args().out)

@@ -1,0 +1,145 @@
+"""The bundled tiny model's reuse table: `python -m reuse_exp.tiny_table [--limit 200] [--readme FILE]`.
+
+For k in 1, 2, 3 and subsets first/middle/last, in output and delta mode: strict-match
+accuracy on tiny_gsm's test split, generated tokens/s and the fraction of layer
+evaluations that reuse. Decoding is `reuse_exp.decoding.generate`, batched, with the
+defaults (threshold 0.9, block 32, small block 8) and the exact prompts lm-eval builds
+(0-shot, chat template, the harness's rewrite). k=1 computes every layer, so its cells
+are one measurement, repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import tiny_data
+from .assets import TINY_MODEL_DIR
+from .decoding import generate
+from .loading import decode_config_for, load_model, load_tokenizer
+from .reuse import MODES, SUBSETS, ReusePolicy
+
+MAX_GEN_TOKS = 160   # tiny_gsm.yaml's max_gen_toks
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    texts: list[str]
+    generated_tokens: int
+    seconds: float
+    skipped_fraction: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def normalize(number: str | None) -> str | None:
+    """lm-eval gsm8k's exact_match ignores ',', '$' and a trailing '.'."""
+    if number is None:
+        return None
+    return re.sub(r"\.$", "", number.replace(",", "").replace("$", ""))
+
+
+def is_correct(text: str, doc: dict) -> bool:
+    return normalize(tiny_data.strict_answer(text)) == normalize(tiny_data.target_number(doc))
+
+
+def evaluate_gsm(model, tokenizer, docs: list[dict], policy: ReusePolicy | None = None,
+                 batch_size: int = 200, max_new_tokens: int = MAX_GEN_TOKS) -> EvalResult:
+    """Generate for `docs` in batches and score with the strict-match extraction."""
+    cfg = decode_config_for(tokenizer, max_new_tokens=max_new_tokens)
+    prompts = [tokenizer(tiny_data.gsm_prompt(tokenizer, d), add_special_tokens=False)["input_ids"] for d in docs]
+    texts, tokens, seconds, run, skipped = [], 0, 0.0, 0, 0
+    for i in range(0, len(prompts), batch_size):
+        res = generate(model, prompts[i:i + batch_size], cfg, policy, trace_sample=None)
+        texts += [tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
+        tokens += res.report.generated_tokens
+        seconds += res.report.wall_seconds
+        run += sum(s.layer_evals_run for s in res.report.samples)
+        skipped += sum(s.layer_evals_skipped for s in res.report.samples)
+    accuracy = sum(is_correct(t, d) for t, d in zip(texts, docs)) / len(docs)
+    return EvalResult(accuracy, texts, tokens, seconds, skipped / (run + skipped) if run + skipped else 0.0)
+
+
+def measure(model, tokenizer, docs, batch_size: int) -> dict:
+    evaluate_gsm(model, tokenizer, docs[:8], batch_size=8)   # warm-up: the first call is the slow one
+    results = {}
+    base = evaluate_gsm(model, tokenizer, docs, batch_size=batch_size)
+    print(f"k=1: {base.accuracy:.3f}, {base.tokens_per_second:.0f} tok/s", flush=True)
+    for mode in MODES:
+        for subset in SUBSETS:
+            results[(mode, 1, subset)] = base
+            for k in (2, 3):
+                policy = ReusePolicy.create(k, subset, model.num_layers, mode=mode)
+                r = evaluate_gsm(model, tokenizer, docs, policy, batch_size=batch_size)
+                results[(mode, k, subset)] = r
+                print(f"{mode} k={k} {subset} {list(policy.layers)}: {r.accuracy:.3f}, "
+                      f"{r.tokens_per_second:.0f} tok/s, skipped {r.skipped_fraction:.3f}", flush=True)
+    return results
+
+
+def markdown(results: dict, num_layers: int, machine: str, n: int) -> str:
+    from .reuse import resolve_subset
+    lines = [f"tiny_gsm test split, {n} items, strict-match exact match; cell = accuracy / generated "
+             f"tokens/s / skipped-layer fraction. Measured on {machine}.", ""]
+    layers = ", ".join(f"{s} = {list(resolve_subset(s, num_layers))}" for s in SUBSETS)
+    lines += [f"Subsets on {num_layers} layers: {layers}. k=1 computes every layer (one measurement).", ""]
+    for mode in MODES:
+        lines += [f"**{mode} mode**", "", "| k | " + " | ".join(SUBSETS) + " |", "| --- |" + " --- |" * len(SUBSETS)]
+        for k in (1, 2, 3):
+            cells = [results[(mode, k, s)] for s in SUBSETS]
+            lines.append(f"| {k} | " + " | ".join(f"{r.accuracy:.1%} / {r.tokens_per_second:.0f} / "
+                                                    f"{r.skipped_fraction:.2f}" for r in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_description(threads: int, dtype: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.is_file() else []
+    return f"{names[0] if names else cpu}, {threads} threads, torch {torch.__version__}, {dtype}"
+
+
+def update_readme(path: Path, table: str) -> None:
+    text = path.read_text()
+    start, end = "<!-- tiny_table:start -->", "<!-- tiny_table:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Reuse table of the bundled tiny model (markdown).")
+    ap.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--readme", type=Path, help="also write the table into this README's tiny_table section")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    docs = tiny_data.read_task_docs("tiny_gsm_test.jsonl")[:args.limit]
+    t0 = time.perf_counter()
+    results = measure(model, tokenizer, docs, args.batch_size)
+    table = markdown(results, model.num_layers, machine_description(args.threads, args.dtype), len(docs))
+    print(table)
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    if args.readme:
+        update_readme(args.readme, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,16 +26,18 @@ from pathlib import Path
 import click
 
 from .config import ConfigError
+from . import tracking
+from .tracking import CONFIG_KEY_PARAMS, same_param
 
 K_VALUES = (1, 2, 3)
 SUBSETS = ("first", "middle", "last")
 GENERATE, LOGLIKELIHOOD = "generate_until", "loglikelihood"
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
 GRID_AXES = ("k", "subset", "layers")      # what varies between the cells of one grid
-# Settings that shape a result (the tracked run's contract); device and path do not.
-RESULT_PARAMS = ("k", "subset", "layers", "mode", "scope", "task", "limit", "model", "model_revision",
-                 "model_hash", "dtype", "threshold", "block_size", "small_block_size", "max_new_tokens",
-                 "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "seed", "batch_size")
+# Run options whose default the run logs as given; dtype and device ("auto") are logged
+# resolved, so a grid pins them only when told (-P dtype=... -P device=...).
+DEFAULTED = ("model", "mode", "scope", "limit", "threshold", "block_size", "small_block_size", "max_new_tokens",
+             "use_block_cache", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "batch_size", "seed")
 STUCK_AFTER_S = 24 * 3600   # a RUNNING run older than this is a dead job, not a slow one
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_TASKS = Path(__file__).resolve().parent / "tasks"
@@ -78,11 +80,15 @@ class RunRecord:
     def cell(self) -> tuple[str, str]:
         return (self.params.get("k", "?"), self.params.get("subset", "?"))
 
+    def shaping(self) -> dict[str, str]:
+        """The result-shaping settings other than the grid's axes (tracking's config_key, less k/layers)."""
+        values = {**self.params, "device_type": self.params.get("device", "").split(":")[0]}
+        return {n: norm(values.get(n)) for n in CONFIG_KEY_PARAMS if n not in GRID_AXES}
+
     @property
     def grid_key(self) -> str:
-        """Hash of the result-shaping settings other than the grid's axes: one grid, one key."""
-        shaping = {n: norm(self.params.get(n)) for n in RESULT_PARAMS if n not in GRID_AXES}
-        return hashlib.sha256(repr(sorted(shaping.items())).encode()).hexdigest()[:12]
+        """One grid, one key: runs that differ only in k and subset share it."""
+        return hashlib.sha256(repr(sorted(self.shaping().items())).encode()).hexdigest()[:12]
 
     def short(self) -> str:
         return f"{self.run_id[:8]}@{(self.commit or 'no-commit')[:7]}{'+dirty' if self.dirty else ''}"
@@ -234,7 +240,7 @@ class Cell:
 
     def matches(self, run: RunRecord) -> bool:
         """Same settings: every setting this cell passes equals what the run logged."""
-        return all(norm(run.params.get(n)) == norm(v) for n, v in self.settings)
+        return all(same_param(norm(run.params.get(n)), norm(v)) for n, v in self.settings)
 
 
 @dataclass(frozen=True)
@@ -409,9 +415,10 @@ def build_request(task: str, ks: str, subsets: str, mode: str | None, limit: int
 
 
 def run_defaults() -> dict[str, str]:
-    """The tracked run's defaults for the settings a grid does not name, so that an omitted
-    setting matches what a run would log (a grid without --limit is the full task, not limit 4)."""
-    return {"mode": "output", "limit": ""}
+    """The tracked run's own defaults for the settings a grid does not name, so an omitted
+    setting matches what a run logs (a grid without --limit is the whole task, not limit 4)."""
+    from .cli import run
+    return {p.name: norm(tracking.param_str(p.default)) for p in run.params if p.name in DEFAULTED}
 
 
 def grid_options(f):

@@ -52,7 +52,7 @@ def test_each_state_of_a_cell(store, head):
     st = states_of(store, head)
     assert {n: s.state for n, s in st.items()} == {
         "k1_first": DONE, "k1_middle": STALE, "k1_last": STALE, "k2_first": FAILED, "k2_middle": RUNNING,
-        "k2_last": FAILED, "k3_first": MISSING, "k3_middle": DONE, "k3_last": MISSING}
+        "k2_last": FAILED, "k3_first": MISSING, "k3_middle": MISSING, "k3_last": MISSING}
     assert st["k1_first"].runs[0].run_id == done
     assert st["k1_middle"].runs[0].run_id == stale and st["k1_middle"].label() == "stale@0000000"
     assert st["k1_last"].note == "dirty tree"
@@ -65,8 +65,8 @@ def test_threshold_setting_separates_grids(store, head):
     """A run with a non-default setting counts only for a grid that asks for it."""
     fabricate(store.client, store.exp_id, k=3, subset="middle", commit=head, threshold="0.5")
     default = states_of(store, head)["k3_middle"]
-    assert default.state == DONE   # the grid does not fix threshold unless asked: see run_defaults
-    asked = states_of(store, head, request4(params=("threshold=0.5",)))["k3_middle"]
+    assert default.state == MISSING   # the grid pins the run's default threshold (0.9)
+    asked = states_of(store, head, request4(params=("threshold=0.50",)))["k3_middle"]  # numbers compare as numbers
     assert asked.state == DONE
     other = states_of(store, head, request4(params=("threshold=0.7",)))["k3_middle"]
     assert other.state == MISSING
@@ -127,8 +127,9 @@ def test_run_command_passes_every_setting():
     cmd = run_command(cell, allow_dirty=True)
     assert cmd[1:4] == ["-m", "reuse_exp.cli", "run"]
     pairs = dict(zip(cmd[4:-1:2], cmd[5:-1:2]))
-    assert pairs == {"--task": "tiny_gsm", "--k": "2", "--subset": "middle", "--limit": "4", "--mode": "output",
-                     "--threshold": "0.8"}
+    assert pairs["--task"] == "tiny_gsm" and pairs["--k"] == "2" and pairs["--subset"] == "middle"
+    assert pairs["--limit"] == "4" and pairs["--threshold"] == "0.8" and pairs["--mode"] == "output"
+    assert pairs["--apply-chat-template"] == "true"   # the run's defaults, pinned
     assert cmd[-1] == "--allow-dirty"
 
 

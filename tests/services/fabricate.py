@@ -9,11 +9,13 @@ import time
 
 from mlflow.entities import Metric, Param
 
-PARAMS = {"mode": "output", "scope": "block", "limit": "4", "model": "bundled", "model_revision": "None",
+# The tracked run's defaults (reuse_exp/cli.py `run`), as tracking.py logs them, at limit 4.
+PARAMS = {"mode": "output", "scope": "block", "limit": "4", "model": "bundled", "model_revision": "local",
           "model_hash": "abc123", "dtype": "float32", "threshold": "0.9", "block_size": "32",
-          "small_block_size": "8", "max_new_tokens": "160", "num_fewshot": "0", "apply_chat_template": "False",
-          "fewshot_as_multiturn": "False", "seed": "0", "batch_size": "4", "device": "cpu", "path": "/x"}
-LAYERS = {"first": "[1, 2, 3]", "middle": "[2, 3, 4]", "last": "[5, 6, 7]"}
+          "small_block_size": "8", "max_new_tokens": "256", "use_block_cache": "true", "num_fewshot": "0",
+          "apply_chat_template": "true", "fewshot_as_multiturn": "true", "seed": "1234", "batch_size": "1",
+          "device": "cpu", "path": "eager"}
+LAYERS = {"first": "1,2,3", "middle": "2,3,4", "last": "5,6,7"}
 
 
 def fabricate(cl, exp_id: str, *, task: str = "tiny_gsm", k: int = 1, subset: str = "first", commit: str,
@@ -22,7 +24,8 @@ def fabricate(cl, exp_id: str, *, task: str = "tiny_gsm", k: int = 1, subset: st
               tags: dict | None = None, **params) -> str:
     run = cl.create_run(exp_id, start_time=start_ms or int(time.time() * 1000), tags={
         "git_commit": commit, "git_branch": "main", "git_dirty": "true" if dirty else "false",
-        "source_hash": "s" * 8, "config_key": f"{task}-{k}-{subset}", "task_kind": kind, **(tags or {})})
+        "source_hash": "s" * 8, "config_key": f"{task}-{k}-{subset}", "task_kind": kind,
+        "reuse_exp.role": "run", **(tags or {})})
     rid = run.info.run_id
     params = {**PARAMS, "task": task, "k": str(k), "subset": subset, "layers": LAYERS[subset],
               **{n: str(v) for n, v in params.items()}}

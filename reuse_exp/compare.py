@@ -58,7 +58,25 @@ def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: b
                       " -- re-run them with `reuse-exp grid run`, or pass --include-other-commits / --include-dirty")
     if not any(p.run for p in picks):
         raise Refused(f"no FINISHED run of this grid at {commit[:7]}: run `reuse-exp grid run` first")
+    differ = differing_settings([p.run for p in picks if p.run])
+    if differ:
+        listed = "; ".join(f"{n}: " + ", ".join(f"{v or 'none'} ({ids})" for v, ids in vals.items())
+                           for n, vals in differ.items())
+        raise Refused(f"the runs differ in settings the grid did not pin: {listed} -- pin them with -P NAME=VALUE")
     return picks
+
+
+def differing_settings(runs: list[RunRecord]) -> dict[str, dict[str, str]]:
+    """Result-shaping settings (other than k and subset) on which the runs disagree, e.g. a
+    CPU and a GPU run of one configuration: their tokens/s do not belong in one table."""
+    out = {}
+    for name in runs[0].shaping() if runs else ():
+        values: dict[str, list[str]] = {}
+        for r in runs:
+            values.setdefault(r.shaping()[name], []).append(r.run_id[:8])
+        if len(values) > 1:
+            out[name] = {v: ",".join(ids[:3]) for v, ids in values.items()}
+    return out
 
 
 def value(p: Pick | None, metric: str) -> float | None:

@@ -86,6 +86,17 @@ def test_compare_logs_text_png_and_nests_the_runs(store, head, tmp_path):
     assert again.output.strip().split()[-1] == parent   # same runs, same parent
 
 
+def test_refuses_runs_that_differ_in_unpinned_settings(store, head):
+    """A CPU and a GPU run of one grid: accuracy may agree, tokens/s do not belong together."""
+    ids = grid_at(store, head)
+    gpu = fabricate(store.client, store.exp_id, k=2, subset="last", commit=head, device="cuda:0", dtype="bfloat16")
+    with pytest.raises(cmp.Refused) as e:
+        cmp.pick(cells(), fetch_runs(store.client, store.exp_id), head, False, False)
+    assert "device_type: cpu" in str(e.value) and f"cuda ({gpu[:8]})" in str(e.value)
+    assert "dtype: float32" in str(e.value) and "-P NAME=VALUE" in str(e.value)
+    assert ids
+
+
 def test_loglikelihood_compare_is_one_cell(store, head):
     fabricate(store.client, store.exp_id, task="tiny_mc", commit=head, kind="loglikelihood", skipped=0.0)
     out = CliRunner(env=store.env).invoke(cmp.compare_cmd, ["--task", "tiny_mc", "--limit", "4", "--no-log"])

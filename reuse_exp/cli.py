@@ -112,6 +112,9 @@ def lm_eval_cli(args):
     from lm_eval.__main__ import cli_evaluate
 
     from . import harness  # noqa: F401  registers fast_dllm_v2
+    args = list(args)
+    if args[:1] == ["run"] and "--device" not in args:
+        args += ["--device", "auto"]  # lm-eval's default is cuda:0, even without a GPU
     sys.argv = ["lm-eval", *args]
     cli_evaluate()
 

@@ -1,0 +1,191 @@
+"""The lm-eval model: generation honours each request, scoring is the public one, stats add up."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO
+from lm_eval.api.instance import Instance
+
+from reuse_exp import harness
+from reuse_exp.model import block_causal_mask
+from reuse_exp.prompts import REASONING_INSTRUCTION
+from reuse_exp.reuse import resolve_subset
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_ckpt):
+    return harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), k=2, subset="middle", dtype="float32",
+                                device="cpu", batch_size=2, max_new_tokens=64)
+
+
+def gen_request(context: str, i: int, task: str = "t_gen", **gen_kwargs) -> Instance:
+    return Instance("generate_until", doc={}, arguments=(context, gen_kwargs), idx=0,
+                    metadata=(task, i, 1))
+
+
+def ll_request(context: str, continuation: str, i: int) -> Instance:
+    return Instance("loglikelihood", doc={}, arguments=(context, continuation), idx=0, metadata=("t_mc", i, 1))
+
+
+def test_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+    assert get_model("fast_dllm_v2") is harness.FastDLLMv2LM
+
+
+def test_generate_until_honours_budget_until_and_rewrite(lm):
+    lm.stats = harness.HarnessStats()
+    reqs = [gen_request("Question: 1+1?\nAnswer:", 0, task="gsm8k", until=["Question:"], max_gen_toks=5),
+            gen_request("short", 1, until=["x"], max_gen_toks=40),
+            gen_request("a much longer prompt than the others, " * 3, 2, max_gen_toks=40)]
+    out = lm.generate_until(reqs)
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    gens = {g["doc_id"]: g for g in lm.stats.generations}
+    assert REASONING_INSTRUCTION in gens[0]["prompt"] and "Answer:" not in gens[0]["prompt"]
+    assert gens[1]["prompt"] == "short"
+    # max_gen_toks bounds what is returned (byte-level tokenizer: a token is at most one character)
+    assert len(out[0]) <= 5 and len(out[1]) <= 40
+    for i, g in gens.items():
+        assert g["returned"] == harness._cut_at(g["raw"], ["Question:"] if i == 0 else ["x"] if i == 1 else [])
+        assert out[i] == g["returned"]
+    assert lm.stats.warmup_seconds > 0
+
+
+def test_cut_at_the_first_stop_string():
+    assert harness._cut_at("abc Question: x Answer: y", ["Answer:", "Question:"]) == "abc "
+    assert harness._cut_at("abc", []) == "abc" and harness._cut_at("abc", [""]) == "abc"
+
+
+def test_decoder_budget_covers_the_longest_prompt(lm):
+    batch = [{"ids": [1] * 40, "budget": 5}, {"ids": [1] * 3, "budget": 5}]
+    budget = lm._decoder_budget(batch)
+    assert budget % 32 == 0 and (budget // 32 + 40 // 32) * 32 - 40 >= 5
+
+
+def test_stats_count_tokens_up_to_stop_and_reuse(lm):
+    lm.stats = harness.HarnessStats()
+    lm.generate_until([gen_request("hello there", i, max_gen_toks=40) for i in range(3)])
+    m = lm.stats.metrics()
+    reports = lm.stats.decode
+    assert m["generated_tokens"] == sum(s.generated_tokens for r in reports for s in r.samples) > 0
+    assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
+    assert m["forwards_small_block"] > 0 and 0 < m["skipped_fraction"] < 1
+    assert lm.stats.task_kind == "generate_until"
+    trace = lm.stats.trace()
+    assert trace["first_batch_sample0_trace"] and len(trace["layer_totals_computed_reused"]) == lm.model.num_layers
+
+
+def reference_score(lm, ctx: list[int], cont: list[int]) -> float:
+    """The public scoring written out for one request."""
+    cfg = lm.decode_config
+    seq = ctx + cont
+    length = -(-len(seq) // cfg.block_size) * cfg.block_size
+    tokens = torch.full((1, length), cfg.mask_id)
+    tokens[0, :len(seq)] = torch.tensor(seq)
+    tokens[0, len(ctx)] = cfg.mask_id
+    mask = block_causal_mask(0, length, length, cfg.block_size, "cpu")
+    with torch.no_grad():
+        hidden = lm.model.forward_masked(tokens, torch.arange(length), mask)
+        logits = lm.model.logits(hidden)[0, len(ctx) - 1].float()
+    return float(F.log_softmax(logits, -1)[cont[0]])
+
+
+def test_loglikelihood_is_the_public_scoring_and_batch_invariant(lm):
+    lm.stats = harness.HarnessStats()
+    reqs = [ll_request("Question: what is 2 plus 2?\nAnswer:", " 4", 0),
+            ll_request("Q?", "A", 1),
+            ll_request("x" * 70, "yz", 2)]
+    out = lm.loglikelihood(reqs)
+    for (ctx, cont), (ll, greedy) in zip([r.args for r in reqs], out):
+        c, t = lm._encode_pair(ctx, cont)
+        assert ll == pytest.approx(reference_score(lm, c, t), abs=1e-4)
+        assert isinstance(greedy, bool)
+    one = harness.FastDLLMv2LM.__new__(harness.FastDLLMv2LM)
+    one.__dict__.update(lm.__dict__, batch_size=1, stats=harness.HarnessStats())
+    assert [round(x, 4) for x, _ in one.loglikelihood(reqs)] == [round(x, 4) for x, _ in out]
+    m = lm.stats.metrics()
+    assert m["skipped_fraction"] == 0 and m["generated_tokens"] == 0 and m["scored_tokens"] == 3
+    assert m["truncated_continuations"] == 2 and lm.stats.task_kind == "loglikelihood"
+    assert lm.stats.trace() == {"note": harness.LOGLIKELIHOOD_NOTE}
+
+
+def test_rolling_loglikelihood_says_why_not(lm):
+    with pytest.raises(NotImplementedError, match="rolling"):
+        lm.loglikelihood_rolling([])
+
+
+def test_chat_template_and_params(lm):
+    text = lm.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    p = lm.params()
+    middle = ",".join(map(str, resolve_subset("middle", lm.model.num_layers)))
+    assert (p["k"], p["subset"], p["layers"], p["dtype"], p["model_revision"]) == (2, "middle", middle, "float32", "local")
+    assert len(p["model_hash"]) == 16
+
+
+def test_random_weights_of_a_named_shape(tiny_ckpt):
+    a = harness.load("random:tiny", dtype="float32", tokenizer=str(tiny_ckpt), seed=3)
+    b = harness.load("random:tiny", dtype="float32", tokenizer=str(tiny_ckpt), seed=3)
+    assert a.model_hash == b.model_hash and a.revision == "random" and a.path is None
+    assert torch.equal(a.model.lm_head.weight, b.model.lm_head.weight)
+
+
+def test_missing_model_and_bad_settings_are_config_errors(tmp_path, tiny_ckpt):
+    with pytest.raises(harness.ConfigError, match="not found"):
+        harness.load(str(tmp_path / "nothing_here"))
+    with pytest.raises(harness.ConfigError, match="batch_size auto"):
+        harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), batch_size="auto")
+    with pytest.raises(harness.ConfigError, match="does not take"):
+        harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), reuse_k=2)
+
+
+def test_primary_metric():
+    assert harness.primary_metric({"exact_match,flexible-extract": 0.1, "exact_match,strict-match": 0.2,
+                                   "exact_match_stderr,strict-match": 0.01}) == ("exact_match,strict-match", 0.2)
+    assert harness.primary_metric({"acc,none": 0.5, "acc_norm,none": 0.6}) == ("acc,none", 0.5)
+    assert harness.primary_metric({"alias": "x"}) is None
+
+
+def test_unknown_task_names_the_fix(tasks_dir):
+    assert "t_gen" in harness.task_manager_for("t_gen", [str(tasks_dir)]).all_tasks
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_uses_the_model(tiny_ckpt, tasks_dir, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [sys.executable, "-m", "reuse_exp.cli", "lm-eval", "run", "--model", "fast_dllm_v2", "--model_args",
+         f"pretrained={tiny_ckpt},dtype=float32,max_new_tokens=32,k=2,subset=last",
+         "--include_path", str(tasks_dir), "--tasks", "t_mc", "--limit", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "t_mc" in out.stdout and "acc" in out.stdout
+
+
+@pytest.mark.slow
+def test_study_tasks_are_known_to_lm_eval():
+    tm = harness.task_manager_for("gsm8k")  # indexes lm-eval's own tasks (half a minute)
+    assert {"gsm8k", "mmlu", "minerva_math", "ifeval", "gpqa_main_zeroshot"} <= set(tm.all_tasks)
+
+
+def test_gated_task_without_a_token_fails_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login either
+    with pytest.raises(harness.ConfigError, match="gated data set Idavidrein/gpqa.*HF_TOKEN"):
+        harness.check_gated("gpqa_main_zeroshot")
+    harness.check_gated("gsm8k")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    harness.check_gated("gpqa_main_zeroshot")
+
+
+@pytest.mark.hub
+def test_gsm8k_from_the_hub(tiny_ckpt):
+    """The real task path: gsm8k's data from the hub, prompt rewrite, strict-match metric."""
+    lm = harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), dtype="float32", max_new_tokens=32)
+    results = harness.evaluate(lm, "gsm8k", harness.task_manager_for("gsm8k"), limit=1)
+    assert "exact_match,strict-match" in results["results"]["gsm8k"]
+    assert "Please reason step by step" in lm.stats.generations[0]["prompt"]

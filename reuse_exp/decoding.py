@@ -17,7 +17,7 @@ import torch
 from .config import ConfigError
 from .instrument import DecodeReport, LayerCounts, SampleStats
 from .model import FastDLLM, ForwardKind
-from .reuse import LayerReuse, ReuseCache, ReusePolicy, ShadowLog
+from .reuse import LayerReuse, ReuseCache, ReusePolicy, RowMask, ShadowLog
 
 # Token ids of the real checkpoint; a tokenizer's own ids take precedence (see TokenIds).
 MASK_ID, STOP_ID, PAD_ID = 151665, 151645, 151643
@@ -57,7 +57,14 @@ def _sync(device: torch.device) -> None:
 
 
 class _Run:
-    """State of one decoding call; lives only inside `generate`."""
+    """State of one decoding call; lives only inside `generate`.
+
+    Every decision is made per sample, never for the batch as a whole: whether a
+    forward is full-block or small-block, the reuse step counter, and which rows a
+    forward may write. A sample therefore decodes the same tokens in any batch as it
+    does alone. (The public `batch_sample` decides for the whole batch, which lets a
+    sample's neighbours change its forwards and, with reuse, its step counter.)
+    """
 
     def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
                  policy: ReusePolicy | None, trace_sample: int | None, shadow: bool):
@@ -75,7 +82,7 @@ class _Run:
         if policy is not None and policy.k > 1:
             self.reuse_cache = ReuseCache(policy, len(prompts), bs, model.config.hidden_size, model.dtype, dev)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
-        self.rows = list(range(len(prompts)))   # original index of each batch row
+        self.sample_ids = list(range(len(prompts)))   # original index of each batch row
         self.stats = [SampleStats() for _ in prompts]
         self.report = DecodeReport(samples=self.stats, wall_seconds=0.0,
                                    layer_counts=LayerCounts(model.num_layers))
@@ -83,47 +90,59 @@ class _Run:
         self.trace_sample = trace_sample
         self.shadow = ShadowLog() if shadow and self.reuse_cache is not None else None
         self.block = 0
-        self.step = 0            # forwards so far in this block
-        self.since_refresh = 0   # forwards since the last full-block forward
+        self.step: list[int] = []           # per row: its forwards so far in this block
+        self.since_refresh: list[int] = []  # per row: its forwards since its last full-block forward
 
     # -- one forward, with the reuse decision and the bookkeeping ---------------------------
-    def forward(self, tokens: torch.Tensor, kind: ForwardKind, replace_position: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, kind: ForwardKind, replace_position: int = 0,
+                active: list[bool] | None = None) -> torch.Tensor:
+        n_rows = tokens.shape[0]
+        active = [True] * n_rows if active is None else active
+        denoising = kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK)
         if kind is ForwardKind.FULL_BLOCK:
-            self.since_refresh = 0
+            self.since_refresh = [0 if a else c for a, c in zip(active, self.since_refresh)]
+        reusing = [False] * n_rows
         plan = None
-        skipped: tuple[int, ...] = ()
-        if self.reuse_cache is not None:
-            counter = self.step if self.policy.scope == "block" else self.since_refresh
-            skipped = self.policy.skipped(kind, counter)
+        # Prefill and finalize neither reuse nor refresh: their results are for other positions.
+        if self.reuse_cache is not None and denoising:
+            counters = self.step if self.policy.scope == "block" else self.since_refresh
+            reusing = [a and bool(self.policy.skipped(kind, c)) for a, c in zip(active, counters)]
+            computing = [a and not r for a, r in zip(active, reusing)]
             offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
-            # Prefill and finalize neither reuse nor refresh: their results are for other positions.
-            if kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
-                plan = LayerReuse(frozenset(skipped), self.reuse_cache, offset, self.shadow)
-                if self.shadow is not None:
-                    self.shadow.where = {"block": self.block, "step": self.step, "replace_position": offset}
-        hidden = self.model(tokens, kind, self.cache, replace_position, plan)
+            dev = self.model.device
+            plan = LayerReuse(frozenset(self.policy.layers), RowMask.of(reusing, dev),
+                              RowMask.of(computing, dev), self.reuse_cache, offset, self.shadow)
+            if self.shadow is not None:
+                self.shadow.where = {"block": self.block, "step": max(self.step), "replace_position": offset}
+        write_rows = None if all(active) else RowMask.of(active, self.model.device).device
+        hidden = self.model(tokens, kind, self.cache, replace_position, plan, write_rows)
 
-        n_skip, n_run = len(skipped), self.model.num_layers - len(skipped)
-        for row in self.rows:
-            s = self.stats[row]
+        n_layers, reused = self.model.num_layers, len(self.policy.layers) if self.policy else 0
+        for b, sample in enumerate(self.sample_ids):
+            if not active[b]:
+                continue
+            s = self.stats[sample]
             s.forwards[kind.value] += 1
-            s.layer_evals_run += n_run
-            s.layer_evals_skipped += n_skip
+            s.layer_evals_skipped += reused if reusing[b] else 0
+            s.layer_evals_run += n_layers - (reused if reusing[b] else 0)
+            if sample == self.trace_sample:
+                self.report.trace.append({
+                    "block": self.block, "step": self.step[b] if denoising else None, "kind": kind.value,
+                    "replace_position": replace_position if kind is ForwardKind.SMALL_BLOCK else None,
+                    "tokens": tokens.shape[1],
+                    "skipped": list(self.policy.layers) if reusing[b] else [],
+                    "reuse_cache_shape": list(self.reuse_cache.shape) if plan is not None else None})
+        # What the batch really ran: a layer is skipped only when no row computed it.
+        skipped_by_batch = self.policy.layers if any(reusing) and plan is not None and not plan.computing.any else ()
         self.report.batch_forwards[kind.value] += 1
-        self.report.layer_counts.add(self.block, skipped)
+        self.report.layer_counts.add(self.block, skipped_by_batch)
         if kind is ForwardKind.SMALL_BLOCK:
             self.report.replace_positions[replace_position] += 1
         if plan is not None:
             self.report.cache_shapes.add(self.reuse_cache.shape)
-        if self.trace_sample in self.rows:
-            self.report.trace.append({
-                "block": self.block, "step": self.step, "kind": kind.value,
-                "replace_position": replace_position if kind is ForwardKind.SMALL_BLOCK else None,
-                "tokens": tokens.shape[1], "skipped": list(skipped),
-                "reuse_cache_shape": list(self.reuse_cache.shape) if plan is not None else None})
-        if kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
-            self.step += 1
-            self.since_refresh += 1
+        if denoising:
+            self.step = [c + a for c, a in zip(self.step, active)]
+            self.since_refresh = [c + a for c, a in zip(self.since_refresh, active)]
         return hidden
 
     def logits_at(self, hidden: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -145,6 +164,8 @@ class _Run:
             nxt = self.logits_at(hidden, [n - 1]).argmax(-1)[:, 0]
             at_end = self.seq_len == min_len
             self.x[at_end, n] = nxt[at_end]
+            if not self.cfg.ignore_stop:
+                self.finished |= at_end & (nxt == self.cfg.stop_id)
 
     def unmask(self, blk: torch.Tensor, logits: torch.Tensor, lo: int, hi: int) -> None:
         masked = blk[:, lo:hi] == self.cfg.mask_id
@@ -161,26 +182,40 @@ class _Run:
 
     def denoise_block(self, block: int) -> None:
         cfg, bs, sbs = self.cfg, self.cfg.block_size, self.cfg.small_block_size
-        lo, hi = block * bs, (block + 1) * bs
-        blk = self.x[:, lo:hi]   # a view: writes land in self.x
-        self.block, self.step, self.since_refresh = block, 0, 0
+        n_rows = self.x.shape[0]
+        blk = self.x[:, block * bs:(block + 1) * bs]   # a view: writes land in self.x
+        self.block, self.step, self.since_refresh = block, [0] * n_rows, [0] * n_rows
         if self.reuse_cache is not None:
             self.reuse_cache.new_block()
-        have_block_cache = False
+        has_block_cache = [False] * n_rows
+        # Shifted logits: block position p is predicted by the logit at p - 1 (p = 0 by its own);
+        # a small-block forward shifts inside its window, so its first position uses its own
+        # logit (the public code's approximation, kept on purpose).
+        small_shift = [max(p - 1, 0) for p in range(sbs)]
         for start in range(0, bs, sbs):
             end = start + sbs
-            # Shifted logits: block position p is predicted by the logit at p - 1 (p = 0 by its own).
-            shifted = [max(p - 1, 0) for p in range(start, end)]
-            while bool((blk[:, start:end] == cfg.mask_id).any()):
-                if cfg.use_block_cache and have_block_cache and not bool((blk[:, start] == cfg.mask_id).any()):
-                    hidden = self.forward(blk[:, start:end], ForwardKind.SMALL_BLOCK, start)
-                    # Shift inside the 8-token window: its first position uses its own logit
-                    # (the public code's approximation, kept on purpose).
-                    logits = self.logits_at(hidden, [max(p - 1, 0) for p in range(sbs)])
-                else:
-                    hidden = self.forward(blk, ForwardKind.FULL_BLOCK)
-                    logits = self.logits_at(hidden, shifted)
-                    have_block_cache = cfg.use_block_cache
+            full_shift = [max(p - 1, 0) for p in range(start, end)]
+            while True:
+                active = (blk[:, start:end] == cfg.mask_id).any(dim=1).tolist()
+                if not any(active):
+                    break
+                first_masked = (blk[:, start] == cfg.mask_id).tolist()
+                full = [a and (not cfg.use_block_cache or not c or f)
+                        for a, c, f in zip(active, has_block_cache, first_masked)]
+                small = [a and not f for a, f in zip(active, full)]
+                logits = None
+                if any(full):
+                    hidden = self.forward(blk, ForwardKind.FULL_BLOCK, 0, full)
+                    logits = self.logits_at(hidden, full_shift)
+                    has_block_cache = [c or (f and cfg.use_block_cache) for c, f in zip(has_block_cache, full)]
+                if any(small):
+                    hidden = self.forward(blk[:, start:end], ForwardKind.SMALL_BLOCK, start, small)
+                    small_logits = self.logits_at(hidden, small_shift)
+                    if logits is None:
+                        logits = small_logits
+                    else:
+                        rows = torch.tensor(small, device=logits.device)[:, None, None]
+                        logits = torch.where(rows, small_logits, logits)
                 self.unmask(blk, logits, start, end)
 
     def finalize_block(self, block: int) -> bool:
@@ -199,10 +234,13 @@ class _Run:
         nxt[self.finished] = cfg.pad_id
         ended = self.seq_len < hi   # only samples whose prompt ended take the predicted token
         self.x[ended, hi] = nxt[ended]
+        if not cfg.ignore_stop:
+            # A stop predicted here ends the sample too (the public code decodes on past it).
+            self.finished |= ended & (nxt == cfg.stop_id)
         return True
 
     def collect(self, b: int) -> None:
-        row = self.rows[b]
+        sample = self.sample_ids[b]
         gen = self.x[b, int(self.seq_len[b]):].tolist()
         out = []
         for t in gen:
@@ -210,10 +248,10 @@ class _Run:
                 break
             out.append(t)
             if t == self.cfg.stop_id and not self.cfg.ignore_stop:
-                self.stats[row].finished = True
+                self.stats[sample].finished = True
                 break
-        self.outputs[row] = out
-        self.stats[row].generated_tokens = len(out)
+        self.outputs[sample] = out
+        self.stats[sample].generated_tokens = len(out)
 
     def trim_finished(self) -> None:
         if not bool(self.finished.any()):
@@ -221,7 +259,7 @@ class _Run:
         keep = ~self.finished
         for b in torch.nonzero(self.finished).flatten().tolist():
             self.collect(b)
-        self.rows = [r for r, k in zip(self.rows, keep.tolist()) if k]
+        self.sample_ids = [r for r, k in zip(self.sample_ids, keep.tolist()) if k]
         self.x, self.seq_len, self.finished = self.x[keep], self.seq_len[keep], self.finished[keep]
         self.cache.trim(keep)
         if self.reuse_cache is not None:
@@ -230,14 +268,14 @@ class _Run:
     def run(self) -> None:
         self.prefill()
         for block in range(int(self.seq_len.min()) // self.cfg.block_size, self.num_blocks):
-            if not self.rows:
+            if not self.sample_ids:
                 break
             self.denoise_block(block)
             if not self.finalize_block(block):
                 self.trim_finished()
                 break
             self.trim_finished()
-        for b in range(len(self.rows)):
+        for b in range(len(self.sample_ids)):
             self.collect(b)
 
 

@@ -93,7 +93,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, layer: int, ctx: ForwardContext, write_kv: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, ctx: ForwardContext, write_kv: bool = True,
+                write_rows: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -107,9 +108,14 @@ class Attention(nn.Module):
                                                  enable_gqa=self.n_heads != self.n_kv)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
-        if write_kv:
+        if write_kv and write_rows is None:
             k_buf[:, :, lo:hi] = k
             v_buf[:, :, lo:hi] = v
+            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+        elif write_kv:  # only these rows take this step; the others keep their K/V
+            rows = write_rows[:, None, None, None]
+            k_buf[:, :, lo:hi] = torch.where(rows, k, k_buf[:, :, lo:hi])
+            v_buf[:, :, lo:hi] = torch.where(rows, v, v_buf[:, :, lo:hi])
             keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
         else:  # shadow computation: same keys, buffer left untouched
             keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
@@ -139,8 +145,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, write_kv: bool = True) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), self.index, ctx, write_kv)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, write_kv: bool = True,
+                write_rows: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), self.index, ctx, write_kv, write_rows)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -195,11 +202,13 @@ class FastDLLM(nn.Module):
         return KVCache(self.config, batch, max_len, block_size, self.dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, kind: ForwardKind, cache: KVCache,
-                replace_position: int = 0, reuse=None) -> torch.Tensor:
+                replace_position: int = 0, reuse=None, active: torch.Tensor | None = None) -> torch.Tensor:
         """Run one forward of `kind`; return the final-normed hidden states [B, T, hidden].
 
-        `reuse` (a reuse.LayerReuse) names layers that stand in a cached result instead of
-        computing; None computes every layer.
+        `reuse` (a reuse.LayerReuse) names the layers and rows that stand in a cached
+        result instead of computing; None computes every layer. `active` (bool [B]) limits
+        the rows whose caches this forward may write: the other rows are along for the
+        batch only, and their outputs are meaningless. None: every row.
         """
         B, T = tokens.shape
         bs, p0 = cache.block_size, cache.prefix_len
@@ -220,15 +229,23 @@ class FastDLLM(nn.Module):
 
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            if reuse is not None and i in reuse.skip:
-                y = reuse.stand_in(i, x)
-                if reuse.shadow is not None:
-                    reuse.shadow.compare(i, y, layer(x, ctx, write_kv=False))
-            else:
-                y = layer(x, ctx)
+            reusing = reuse.rows_reusing(i) if reuse is not None else None
+            if reusing is None:  # every row computes this layer
+                y = layer(x, ctx, write_rows=active)
                 if reuse is not None:
-                    reuse.remember(i, x, y)
-            x = y
+                    reuse.remember(i, x, y, active)
+                x = y
+                continue
+            stand_in = reuse.stand_in(i, x)
+            computing = reuse.rows_computing(i)
+            if computing is None:  # no row computes: the layer is skipped outright
+                if reuse.shadow is not None:
+                    reuse.shadow.compare(i, stand_in, layer(x, ctx, write_kv=False))
+                x = stand_in
+            else:  # rows disagree (batch only): compute, keep the stand-in where it applies
+                fresh = layer(x, ctx, write_rows=computing)
+                reuse.remember(i, x, fresh, computing)
+                x = torch.where(reusing[:, None, None], stand_in, fresh)
         if kind in (ForwardKind.PREFILL, ForwardKind.FINALIZE):
             cache.prefix_len = start + T
         return self.model.norm(x)

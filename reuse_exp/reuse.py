@@ -101,23 +101,31 @@ class ReuseCache:
         self.mode = policy.mode
         self.slot = {layer: s for s, layer in enumerate(policy.layers)}
         self.values = torch.zeros(len(policy.layers), batch, block_size, hidden, dtype=dtype, device=device)
-        # Which positions hold a result computed in this block: reuse of anything else is a bug.
-        self.filled = torch.zeros(len(policy.layers), block_size, dtype=torch.bool)
+        # Host-side record of which (row, position) hold a result computed in this block:
+        # reusing anything else would be a bug, so it is checked, without a device sync.
+        self.filled = torch.zeros(len(policy.layers), batch, block_size, dtype=torch.bool)
 
     def new_block(self) -> None:
         self.filled.zero_()
 
-    def store(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor, offset: int) -> None:
+    def store(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor, offset: int,
+              rows: "RowMask | None" = None) -> None:
         s = self.slot.get(layer)
         if s is None:
             return
         T = y_out.shape[1]
-        self.values[s, :, offset:offset + T] = y_out if self.mode == "output" else y_out - x_in
-        self.filled[s, offset:offset + T] = True
+        new = y_out if self.mode == "output" else y_out - x_in
+        window = self.values[s, :, offset:offset + T]
+        if rows is None:
+            window.copy_(new)
+            self.filled[s, :, offset:offset + T] = True
+        else:
+            window.copy_(torch.where(rows.device[:, None, None], new, window))
+            self.filled[s, rows.host, offset:offset + T] = True
 
-    def stand_in(self, layer: int, x_in: torch.Tensor, offset: int) -> torch.Tensor:
+    def stand_in(self, layer: int, x_in: torch.Tensor, offset: int, rows: "RowMask") -> torch.Tensor:
         s, T = self.slot[layer], x_in.shape[1]
-        if not bool(self.filled[s, offset:offset + T].all()):
+        if not bool(self.filled[s, rows.host, offset:offset + T].all()):
             raise RuntimeError(f"layer {layer} reused positions {offset}..{offset + T - 1} "
                                "that were never computed in this block")
         cached = self.values[s, :, offset:offset + T]
@@ -129,6 +137,27 @@ class ReuseCache:
 
     def trim(self, keep: torch.Tensor) -> None:
         self.values = self.values[:, keep]
+        self.filled = self.filled[:, keep.cpu()]
+
+
+@dataclass(frozen=True)
+class RowMask:
+    """A set of batch rows, on the host (for decisions) and on the device (for writes)."""
+    host: torch.Tensor    # bool [B], CPU
+    device: torch.Tensor  # the same on the model's device
+
+    @classmethod
+    def of(cls, flags: list[bool], device) -> "RowMask":
+        host = torch.tensor(flags, dtype=torch.bool)
+        return cls(host, host.to(device))
+
+    @property
+    def any(self) -> bool:
+        return bool(self.host.any())
+
+    @property
+    def all(self) -> bool:
+        return bool(self.host.all())
 
 
 @dataclass
@@ -144,14 +173,32 @@ class ShadowLog:
 
 @dataclass
 class LayerReuse:
-    """The plan for one forward, handed to the model's layer loop."""
-    skip: frozenset[int]
+    """The plan for one forward, handed to the model's layer loop.
+
+    `reusing`: rows that stand in a cached result for the policy's layers on this forward;
+    `computing`: rows that compute them (and may write caches). At batch 1, and whenever
+    the rows agree, one of the two is empty and a skipped layer is not computed at all.
+    """
+    layers: frozenset[int]
+    reusing: RowMask
+    computing: RowMask
     cache: ReuseCache
     offset: int
     shadow: ShadowLog | None = None
 
-    def stand_in(self, layer: int, x_in: torch.Tensor) -> torch.Tensor:
-        return self.cache.stand_in(layer, x_in, self.offset)
+    def rows_reusing(self, layer: int) -> torch.Tensor | None:
+        """Device mask of rows that reuse `layer`, or None when every computing row computes it."""
+        if layer in self.layers and self.reusing.any:
+            return self.reusing.device
+        return None
 
-    def remember(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor) -> None:
-        self.cache.store(layer, x_in, y_out, self.offset)
+    def rows_computing(self, layer: int) -> torch.Tensor | None:
+        return self.computing.device if self.computing.any else None
+
+    def stand_in(self, layer: int, x_in: torch.Tensor) -> torch.Tensor:
+        return self.cache.stand_in(layer, x_in, self.offset, self.reusing)
+
+    def remember(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor,
+                 rows: torch.Tensor | None) -> None:
+        # `rows` (a device mask from the model) is always this plan's computing rows or None
+        self.cache.store(layer, x_in, y_out, self.offset, None if rows is None else self.computing)

@@ -303,6 +303,7 @@ class Tracker:
     secrets: list[str]
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="reuse_exp_")))
     last_progress: float = 0.0
+    step: int = 0            # of the last metrics logged: per-batch progress, then the final values
     sampler: object = None   # the GpuSampler, once started
     lm: object = None        # the harness model, once loaded: its stats are logged even on failure
 
@@ -346,8 +347,12 @@ class Tracker:
         if new:
             self.client.log_batch(self.run_id, params=new)
 
-    def metrics(self, metrics: dict, step: int = 0) -> None:
+    def metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Log metrics; without a step, after every progress step (MLflow shows the latest step)."""
         from mlflow.entities import Metric
+        if step is None:
+            self.step += 1
+            step = self.step
         now = int(time.time() * 1000)
         clean = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and v == v]  # v == v: NaN is not logged
@@ -361,8 +366,8 @@ class Tracker:
             return
         self.last_progress = now
         m = stats.metrics()
-        self.metrics({k: m[k] for k in ("generated_tokens", "seconds", "scored_tokens") if k in m},
-                     step=len(stats.decode) + stats.scoring.batch_forwards)
+        self.step = max(self.step, len(stats.decode) + stats.scoring.batch_forwards)
+        self.metrics({k: m[k] for k in ("generated_tokens", "seconds", "scored_tokens") if k in m}, step=self.step)
 
     def artifact_text(self, name: str, text: str) -> None:
         path = self.workdir / name

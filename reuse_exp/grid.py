@@ -510,6 +510,7 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
         for c in cells:
             click.echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty)[3:])}")
         return
+    hint = None
     if executor == "local":
         failed = run_local(cells, uri, exp, allow_dirty, echo=click.echo)
     else:
@@ -517,8 +518,10 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
         opts = SubmititOptions(cluster="local" if executor == "submitit-local" else "slurm",
                                partition=partition, gpus=gpus, time_min=time_min,
                                account=account, cpus=cpus, **({"folder": Path(jobs_dir)} if jobs_dir else {}))
-        failed = submit(cells, uri, exp, allow_dirty, opts,
+        failed, hint = submit(cells, uri, exp, allow_dirty, opts,
                         wait=(executor == "submitit-local") if wait is None else wait, echo=click.echo)
+    if hint:
+        raise click.ClickException(hint)
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(cells)} configuration(s) failed: {', '.join(failed)}"
                                    " (they stay failed or missing in `reuse-exp grid status`)")

@@ -53,8 +53,9 @@ def run_job(cmd: list[str], env: dict[str, str], cwd: str) -> int:
 
 
 def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts: SubmititOptions,
-           wait: bool, echo=print) -> list[str]:
-    """Submit one array; with `wait`, return the names of the configurations whose job failed."""
+           wait: bool, echo=print) -> tuple[list[str], str | None]:
+    """Submit one array; with `wait`, return the names of the configurations whose job failed,
+    and the one-line explanation when they failed on the sqlite store's concurrency limits."""
     import submitit
     folder = opts.folder if opts.folder.is_absolute() else Path.cwd() / opts.folder
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
@@ -66,7 +67,7 @@ def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts
         echo(f"submitted {cell.name}: job {job.job_id} ({opts.cluster}; logs in {folder / str(job.job_id)})")
     if not wait:
         echo("not waiting: follow with `reuse-exp grid status` (a dead job shows failed or missing)")
-        return []
+        return [], None
     failed, hint = [], None
     for cell, job in zip(cells, jobs):
         try:
@@ -76,6 +77,4 @@ def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts
             log = job.stderr() or ""
             hint = hint or store_error(log, uri)
             echo(f"{cell.name}: job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
-    if hint:
-        echo(hint)
-    return failed
+    return failed, hint

@@ -51,6 +51,25 @@ class DecodeResult:
     report: DecodeReport
 
 
+class EagerRunner:
+    """Runs each forward as plain PyTorch (any device). The fast path (fast.FastRunner)
+    has the same interface."""
+    name = "eager"
+
+    def __init__(self, model: FastDLLM):
+        self.model = model
+
+    def __call__(self, tokens, kind, cache, replace_position=0, plan=None, active=None):
+        return self.model(tokens, kind, cache, replace_position, plan, active)
+
+    def new_cache(self, batch: int, max_len: int, block_size: int):
+        return self.model.new_cache(batch, max_len, block_size)
+
+    def new_reuse_cache(self, policy: ReusePolicy, batch: int, block_size: int) -> ReuseCache:
+        m = self.model
+        return ReuseCache(policy, batch, block_size, m.config.hidden_size, m.dtype, m.device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -67,8 +86,8 @@ class _Run:
     """
 
     def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
-                 policy: ReusePolicy | None, trace_sample: int | None, shadow: bool):
-        self.model, self.cfg, self.policy = model, cfg, policy
+                 policy: ReusePolicy | None, trace_sample: int | None, shadow: bool, runner):
+        self.model, self.cfg, self.policy, self.runner = model, cfg, policy, runner
         dev = model.device
         bs = cfg.block_size
         self.seq_len = torch.tensor([len(p) for p in prompts], device=dev)
@@ -77,10 +96,10 @@ class _Run:
         self.x = torch.full((len(prompts), total), cfg.mask_id, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             self.x[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
-        self.cache = model.new_cache(len(prompts), self.num_blocks * bs, bs)
+        self.cache = runner.new_cache(len(prompts), self.num_blocks * bs, bs)
         self.reuse_cache = None
         if policy is not None and policy.k > 1:
-            self.reuse_cache = ReuseCache(policy, len(prompts), bs, model.config.hidden_size, model.dtype, dev)
+            self.reuse_cache = runner.new_reuse_cache(policy, len(prompts), bs)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         self.sample_ids = list(range(len(prompts)))   # original index of each batch row
         self.stats = [SampleStats() for _ in prompts]
@@ -115,7 +134,7 @@ class _Run:
             if self.shadow is not None:
                 self.shadow.where = {"block": self.block, "step": max(self.step), "replace_position": offset}
         write_rows = None if all(active) else RowMask.of(active, self.model.device).device
-        hidden = self.model(tokens, kind, self.cache, replace_position, plan, write_rows)
+        hidden = self.runner(tokens, kind, self.cache, replace_position, plan, write_rows)
 
         n_layers, reused = self.model.num_layers, len(self.policy.layers) if self.policy else 0
         for b, sample in enumerate(self.sample_ids):
@@ -282,18 +301,24 @@ class _Run:
 @torch.no_grad()
 def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
              policy: ReusePolicy | None = None, trace_sample: int | None = 0,
-             shadow: bool = False) -> DecodeResult:
+             shadow: bool = False, runner=None) -> DecodeResult:
     """Decode a batch of prompts (token id lists, any lengths).
 
     `policy` None (or k=1) computes every layer. `shadow` also computes every skipped
     layer to report how far the stand-in is from the fresh result (costs the full compute).
+    `runner` runs the forwards: None is plain PyTorch; fast.FastRunner(model) is the
+    static-shape path, CUDA graphs on a GPU.
     """
     cfg.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     if policy is not None and max(policy.layers) >= model.num_layers:
         raise ConfigError(f"reuse policy names layer {max(policy.layers)}, the model has {model.num_layers}")
-    run = _Run(model, prompts, cfg, policy, trace_sample, shadow)
+    runner = EagerRunner(model) if runner is None else runner
+    if shadow and runner.name != "eager":
+        raise ConfigError("shadow mode runs on the eager path: leave the runner out")
+    run = _Run(model, prompts, cfg, policy, trace_sample, shadow, runner)
+    run.report.path = runner.name
     _sync(model.device)
     t0 = time.perf_counter()
     run.run()

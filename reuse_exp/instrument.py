@@ -52,6 +52,7 @@ class DecodeReport:
     cache_shapes: set = field(default_factory=set)              # ReuseCache shapes seen
     trace: list[dict] = field(default_factory=list)             # one sample's decisions, forward by forward
     shadow: list[dict] = field(default_factory=list)            # rel_err records (shadow mode only)
+    path: str = "eager"                                         # which forward implementation ran
 
     @property
     def generated_tokens(self) -> int:
@@ -72,6 +73,7 @@ class DecodeReport:
         for s in self.samples:
             forwards.update(s.forwards)
         return {
+            "path": self.path,
             "generated_tokens": self.generated_tokens,
             "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second,

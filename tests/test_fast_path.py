@@ -1,0 +1,63 @@
+"""The static-shape fast path gives the eager path's tokens (CPU here; CUDA graphs on a GPU)."""
+import pytest
+import torch
+
+from reuse_exp.config import ConfigError, ModelConfig
+from reuse_exp.decoding import DecodeConfig, generate
+from reuse_exp.fast import FastRunner
+from reuse_exp.loading import random_model
+from reuse_exp.reuse import ReusePolicy
+
+CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2)
+DEC = DecodeConfig(mask_id=63, stop_id=62, pad_id=61, max_new_tokens=64, threshold=0.9)
+PROMPTS = [[5, 6, 7, 8] * 10, [9, 10, 11, 12, 13] * 3 + [14] * 4, list(range(1, 26)) * 3]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request):
+    return random_model(CFG, "float32", device=request.param, seed=0, std=0.2)
+
+
+@pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta")])
+def test_fast_path_tokens_equal_eager(model, policy_args):
+    policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
+    eager = generate(model, PROMPTS, DEC, policy)
+    runner = FastRunner(model)
+    fast = generate(model, PROMPTS, DEC, policy, runner=runner)
+    assert fast.tokens == eager.tokens
+    assert fast.report.path == ("cuda-graph" if model.device.type == "cuda" else "static")
+    assert runner.stats["static"] > 0
+    assert fast.report.summary()["layer_evals_skipped"] == eager.report.summary()["layer_evals_skipped"]
+
+
+def test_runner_reuses_its_caches_and_graphs_across_calls(model):
+    runner = FastRunner(model)
+    first = generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "middle", 8), runner=runner)
+    built = len(runner.graphs)
+    again = generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "middle", 8), runner=runner)
+    assert again.tokens == first.tokens
+    assert len(runner.graphs) == built  # a second call of the same shape builds nothing
+
+
+def test_skipped_layers_are_absent_from_the_static_forward(model):
+    """Count layer executions in the static forward with module hooks, as for eager."""
+    calls = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        policy = ReusePolicy.create(2, "last", 8)
+        res = generate(model, [PROMPTS[0]], DEC, policy, runner=FastRunner(model, use_graphs=False))
+    finally:
+        for h in hooks:
+            h.remove()
+    skipped = res.report.samples[0].layer_evals_skipped
+    assert skipped > 0
+    expected_runs = sum(8 - len(r["skipped"]) for r in res.report.trace)
+    assert len(calls) == expected_runs
+
+
+def test_shadow_mode_needs_the_eager_path(model):
+    with pytest.raises(ConfigError, match="shadow mode runs on the eager path"):
+        generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "last", 8), shadow=True, runner=FastRunner(model))

@@ -25,7 +25,8 @@ targets. Each block is masked with its own ratio t ~ U(eps, 1); the complement o
 mask is trained too (every target is masked exactly once per pair). A block's first
 position is never masked in the input: at inference it is always known before the
 block is denoised (prompt, prefill step or finalize step). The input
-is x_t ++ x_0 with positions 0..T-1 twice and one boolean mask:
+is x_t ++ x_0 with positions 0..T-1 twice (x_t from the batch's first block holding a
+target: earlier blocks are prompt only) and one boolean mask:
   x_t block b sees x_t block b (bidirectional) and x_0 blocks < b;
   x_0 block b sees x_0 blocks <= b (block-causal: the committed prefix).
 Loss: cross-entropy on masked targets with the token shift, i.e. the logit at p-1
@@ -35,8 +36,8 @@ a target too (once per pair), predicted from x_0's previous block, as inference 
 that token); the public code masks it like any other and predicts it from x_t's noisy
 previous block.
 
-Hyper-parameters (defaults): 8 layers, hidden 256, 4 query heads and 2 key/value heads
-(head_dim 64), SwiGLU 704, RoPE theta 10000 (short sequences), untied lm_head; AdamW
+Hyper-parameters (defaults): 8 layers, hidden 192, 4 query heads and 2 key/value heads
+(head_dim 48), SwiGLU 512, RoPE theta 10000 (short sequences), untied lm_head; AdamW
 (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr 1.5e-3, 200 warm-up steps then
 cosine to 10%, grad clip 1.0, 64 problems per step (128 rows with the complements),
 bfloat16 autocast on CUDA. Seeded: the data stream, the masks and the initialisation
@@ -79,15 +80,15 @@ class TrainConfig:
     warmup: int = 200
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    mc_fraction: float = 0.15
+    mc_fraction: float = 0.1
     pool: int = 100_000          # distinct training examples drawn before training
     block_size: int = 32
     eps: float = 1e-3            # smallest mask ratio of a block
-    hidden: int = 256
+    hidden: int = 192
     layers: int = 8
     heads: int = 4
     kv_heads: int = 2
-    intermediate: int = 704
+    intermediate: int = 512
     vocab_rows: int = 128
     rope_theta: float = 10_000.0
 
@@ -189,17 +190,22 @@ def encode_pool(examples: list[tuple[list[int], list[int]]], pad_id: int, bs: in
     return torch.from_numpy(tokens), prompt_len, end
 
 
-def two_copy_mask(T: int, bs: int, device) -> torch.Tensor:
-    """Boolean [2T, 2T] attention of the x_t ++ x_0 layout (True = may attend)."""
-    blk = torch.arange(T, device=device) // bs
-    q, k = blk[:, None], blk[None, :]
-    top = torch.cat((q == k, q > k), dim=1)                                   # x_t queries
-    bottom = torch.cat((torch.zeros(T, T, dtype=torch.bool, device=device), q >= k), dim=1)  # x_0 queries
+def two_copy_mask(T: int, bs: int, device, start: int = 0) -> torch.Tensor:
+    """Boolean attention of the x_t ++ x_0 layout (True = may attend), x_t from `start` on.
+
+    x_t covers positions start..T-1 (`start` a block multiple: blocks before it hold only
+    prompt, which x_0 already provides), x_0 covers 0..T-1.
+    """
+    q_t = torch.arange(start, T, device=device)[:, None] // bs
+    q_0 = torch.arange(T, device=device)[:, None] // bs
+    k_t, k_0 = q_t.T, q_0.T
+    top = torch.cat((q_t == k_t, q_t > k_0), dim=1)          # x_t: own block, committed prefix
+    bottom = torch.cat((torch.zeros(T, T - start, dtype=torch.bool, device=device), q_0 >= k_0), dim=1)
     return torch.cat((top, bottom), dim=0)
 
 
 def diffusion_loss(model: FastDLLM, x0: torch.Tensor, prompt_len: torch.Tensor, end: torch.Tensor,
-                   attn: torch.Tensor, mask_id: int, bs: int, eps: float, gen: torch.Generator) -> torch.Tensor:
+                   mask_id: int, bs: int, eps: float, gen: torch.Generator) -> torch.Tensor:
     B, T = x0.shape
     dev = x0.device
     pos = torch.arange(T, device=dev)
@@ -211,12 +217,16 @@ def diffusion_loss(model: FastDLLM, x0: torch.Tensor, prompt_len: torch.Tensor, 
     masked = torch.cat((draw & inner, ~draw & inner))          # a mask and its complement
     clean = torch.cat((x0, x0))
     x_t = torch.where(masked, torch.full_like(clean, mask_id), clean)
-    hidden = model.forward_masked(torch.cat((x_t, clean), dim=1), torch.cat((pos, pos)), attn)
-    # Token shift: the logit at p-1 predicts p. A block start is predicted from x_0's previous
-    # block (index T + p - 1), the finalize forward's view; once per pair (first copy).
-    src = torch.where(pos % bs == 0, T + pos - 1, pos - 1)
+    start = int(prompt_len.min()) // bs * bs   # x_t starts at the first block holding a target
+    n_t = T - start
+    hidden = model.forward_masked(torch.cat((x_t[:, start:], clean), dim=1),
+                                  torch.cat((pos[start:], pos)), two_copy_mask(T, bs, dev, start))
+    # Token shift: the logit at p-1 predicts p. Inside a block that is x_t's row p-1-start; a
+    # block start is predicted from x_0's previous block (row n_t + p - 1), the finalize
+    # forward's view, once per pair (first copy).
+    src = torch.where(pos % bs == 0, n_t + pos - 1, pos - 1 - start)
     scored = masked | torch.cat((starts, torch.zeros_like(starts)))
-    rows, cols = torch.nonzero(scored, as_tuple=True)    # position 0 is prompt, never a target
+    rows, cols = torch.nonzero(scored, as_tuple=True)    # targets lie at or after prompt_len > start
     logits = model.logits(hidden[rows, src[cols]]).float()
     return F.cross_entropy(logits, clean[rows, cols].long())
 
@@ -265,7 +275,6 @@ def train(cfg: TrainConfig, out: Path, device: str, log_every: int = 100) -> dic
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    attn = two_copy_mask(T, cfg.block_size, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     order = torch.Generator().manual_seed(cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
@@ -276,7 +285,7 @@ def train(cfg: TrainConfig, out: Path, device: str, log_every: int = 100) -> dic
             g["lr"] = lr_at(step, cfg)
         idx = torch.randint(len(tokens), (cfg.batch,), generator=order).to(device)
         with autocast:
-            loss = diffusion_loss(model, tokens[idx].long(), prompt_len[idx], end[idx], attn,
+            loss = diffusion_loss(model, tokens[idx].long(), prompt_len[idx], end[idx],
                                   ids.mask, cfg.block_size, cfg.eps, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -171,6 +171,17 @@ class HarnessStats:
                 "first_batch_sample0_trace": first.trace}
 
 
+@dataclass
+class _GenItem:
+    """One generate_until request, as the decoder sees it."""
+    index: int
+    request: object       # lm-eval's Instance
+    prompt: str           # after the prompt rewrite
+    ids: list[int]
+    until: list[str]
+    budget: int           # tokens the request may return
+
+
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -274,51 +285,51 @@ class FastDLLMv2LM(TemplateLM):
             budget = min(int(gen_kwargs.get("max_gen_toks", self.decode_config.max_new_tokens)),
                          self.decode_config.max_new_tokens)
             prompt, ids = self._prompt_ids(getattr(req, "task_name", None), context, budget)
-            items.append({"index": i, "request": req, "prompt": prompt, "ids": ids, "until": until,
-                          "budget": budget})
+            items.append(_GenItem(i, req, prompt, ids, until, budget))
         # One budget per batch (the decoder's max_new_tokens); longest prompts first.
-        items.sort(key=lambda it: (-it["budget"], -len(it["ids"])))
+        items.sort(key=lambda it: (-it.budget, -len(it.ids)))
         batches = []
-        for budget in dict.fromkeys(it["budget"] for it in items):
-            batches += list(_chunks([it for it in items if it["budget"] == budget], self.batch_size))
+        for budget in dict.fromkeys(it.budget for it in items):
+            batches += list(_chunks([it for it in items if it.budget == budget], self.batch_size))
         if batches and not self.stats.decode:
             self._warm_up_generate(batches[0])
         out: list[str | None] = [None] * len(requests)
         for batch in batches:
             cfg = replace(self.decode_config, max_new_tokens=self._decoder_budget(batch))
             # Trace one sample of the first batch only: the trace grows with every forward.
-            result = generate(self.model, [it["ids"] for it in batch], cfg, self.policy,
+            result = generate(self.model, [it.ids for it in batch], cfg, self.policy,
                               trace_sample=0 if not self.stats.decode else None)
             self.stats.decode.append(result.report)
             for it, tokens, s in zip(batch, result.tokens, result.report.samples):
-                raw = self.tok_decode(tokens[:it["budget"]])
-                text = _cut_at(raw, it["until"])
-                out[it["index"]] = text
-                context, gen_kwargs = it["request"].args
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                raw = self.tok_decode(tokens[:it.budget])
+                text = _cut_at(raw, it.until)
+                out[it.index] = text
+                self.cache_hook.add_partial("generate_until", it.request.args, text)
                 self.stats.generations.append({
-                    "task": getattr(it["request"], "task_name", None), "doc_id": getattr(it["request"], "doc_id", None),
-                    "prompt": it["prompt"], "prompt_tokens": len(it["ids"]), "raw": raw, "returned": text,
+                    "task": getattr(it.request, "task_name", None), "doc_id": getattr(it.request, "doc_id", None),
+                    "prompt": it.prompt, "prompt_tokens": len(it.ids), "raw": raw, "returned": text,
                     "generated_tokens": s.generated_tokens, "stopped": s.finished, "forwards": dict(s.forwards)})
             if self.on_batch is not None:
                 self.on_batch(self.stats)
         return out
 
-    def _decoder_budget(self, batch: list[dict]) -> int:
+    def _decoder_budget(self, batch: list[_GenItem]) -> int:
         """max_new_tokens for the decoder so that every sample can reach the request's budget.
 
         The decoder runs `max_new_tokens // block + longest_prompt // block` blocks, so the
-        longest prompt's partial block eats into the budget; ask for whole blocks that cover it
-        (the returned text is cut back to the budget)."""
+        longest prompt's partial block eats into the budget; ask for whole blocks that cover it.
+        The returned text is cut back to the budget; tokens decoded past it still count as
+        generated (they were computed), as in the public code's throughput.
+        """
         bs = self.decode_config.block_size
-        longest = max(len(it["ids"]) for it in batch)
-        return -(-(batch[0]["budget"] + longest % bs) // bs) * bs
+        longest = max(len(it.ids) for it in batch)
+        return -(-(batch[0].budget + longest % bs) // bs) * bs
 
-    def _warm_up_generate(self, batch: list[dict]) -> None:
+    def _warm_up_generate(self, batch: list[_GenItem]) -> None:
         """One short untimed decode of the first batch's shapes, so timing excludes cold start."""
         t0 = time.perf_counter()
         cfg = replace(self.decode_config, max_new_tokens=self.decode_config.block_size)
-        generate(self.model, [it["ids"] for it in batch], cfg, self.policy, trace_sample=None)
+        generate(self.model, [it.ids for it in batch], cfg, self.policy, trace_sample=None)
         self.stats.warmup_seconds += time.perf_counter() - t0
 
     # -- scoring ------------------------------------------------------------------------------
@@ -383,7 +394,8 @@ class FastDLLMv2LM(TemplateLM):
     def params(self) -> dict:
         """Settings as this model used them (schema in tracking.py)."""
         cfg, pol, m = self.decode_config, self.policy, self.loaded
-        return {"k": pol.k, "subset": pol.subset, "layers": ",".join(map(str, pol.layers)),
+        layers = ",".join(map(str, pol.layers))
+        return {"k": pol.k, "subset": layers if pol.subset == "custom" else pol.subset, "layers": layers,
                 "mode": pol.mode, "scope": pol.scope, "model": m.source, "model_revision": m.revision,
                 "model_hash": m.model_hash, "dtype": str(self.model.dtype).removeprefix("torch."),
                 "threshold": cfg.threshold, "block_size": cfg.block_size,

@@ -442,6 +442,7 @@ def run(settings: RunSettings) -> str:
         tracker.end("FINISHED")
         return tracker.run_id
     except BaseException as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the ending short
         status, code, line = classify(e)
         line = redact(line)
         if tracker is None:

@@ -116,3 +116,11 @@ def test_sigterm_ends_killed(clean_repo, store, tiny_ckpt, tasks_dir):
     [run] = client.search_runs(["0"])
     assert run.info.status == "KILLED"
     assert run.data.metrics["generated_tokens"] > 0
+
+
+@pytest.mark.parametrize("args, allow", [(["--allow-dirty", "--k", "2"], True), (["--allow-dirty", "false"], False),
+                                         (["--allow_dirty", "true"], True), ([], False)])
+def test_allow_dirty_is_a_flag_or_takes_a_value(args, allow):
+    """The grid passes a bare flag, MLproject a value."""
+    from reuse_exp.cli import run
+    assert run.make_context("run", list(args)).params["allow_dirty"] is allow

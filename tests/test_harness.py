@@ -60,7 +60,7 @@ def test_cut_at_the_first_stop_string():
 
 
 def test_decoder_budget_covers_the_longest_prompt(lm):
-    batch = [{"ids": [1] * 40, "budget": 5}, {"ids": [1] * 3, "budget": 5}]
+    batch = [harness._GenItem(0, None, "", [1] * 40, [], 5), harness._GenItem(1, None, "", [1] * 3, [], 5)]
     budget = lm._decoder_budget(batch)
     assert budget % 32 == 0 and (budget // 32 + 40 // 32) * 32 - 40 >= 5
 

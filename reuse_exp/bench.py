@@ -137,14 +137,15 @@ def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens:
             "forwards": dict(runs[0].batch_forwards), "skipped_fraction": runs[0].skipped_fraction}
 
 
-def compare_paths(model: FastDLLM, n_tokens: int, prompt_len: int) -> dict:
+@torch.no_grad()
+def compare_paths(model: FastDLLM, n_tokens: int, prompt_len: int, compile_layers: bool = False) -> dict:
     """Tokens of the eager and the fast path at k=1 on the fixed trajectory: equal, or where
     they first part and how far apart the two paths' logits were at that step's forward."""
     mask_id = model.config.vocab_size - 1
     cfg = DecodeConfig(mask_id=mask_id, stop_id=-1, pad_id=0, max_new_tokens=n_tokens, threshold=1.0, ignore_stop=True)
     prompt = torch.randint(0, mask_id, (1, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
     eager = generate(model, prompt, cfg).tokens[0][:n_tokens]
-    fast = generate(model, prompt, cfg, runner=FastRunner(model)).tokens[0][:n_tokens]
+    fast = generate(model, prompt, cfg, runner=FastRunner(model, compile_layers=compile_layers)).tokens[0][:n_tokens]
     first = next((i for i, (a, b) in enumerate(zip(eager, fast)) if a != b), None)
     out = {"tokens_compared": len(eager), "equal": eager == fast, "first_divergence": first}
     # logits of one full-block forward over the same tokens, eager against fast
@@ -169,7 +170,7 @@ def run_bench(args) -> BenchResult:
     n = model.num_layers
     bw = copy_bandwidth(device, args.copy_mb << 20)
     wbytes = weight_bytes(model)
-    runner = FastRunner(model) if args.path == "fast" else EagerRunner(model)
+    runner = FastRunner(model, compile_layers=args.compile) if args.path == "fast" else EagerRunner(model)
     result = BenchResult(machine=machine_info(device), settings=vars(args).copy(), bandwidth_gbs=bw / 1e9,
                          weights_gb=wbytes / 1e9, floor_ms=wbytes / bw * 1e3)
     if device.type == "cuda":
@@ -195,13 +196,14 @@ def run_bench(args) -> BenchResult:
     if device.type == "cuda":
         result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     if args.check_tokens:
-        result.path_check = compare_paths(model, args.check_tokens, args.prompt_len)
+        result.path_check = compare_paths(model, args.check_tokens, args.prompt_len, args.compile)
     return result
 
 
 def markdown(r: BenchResult) -> str:
     m, s = r.machine, r.settings
-    lines = [f"# Benchmark: shape {s['shape']}, {s['dtype']}, {s['device']}, {s['path']} path",
+    path = s["path"] + (" + torch.compile" if s.get("compile") else "")
+    lines = [f"# Benchmark: shape {s['shape']}, {s['dtype']}, {s['device']}, {path} path",
              "", f"Machine: {m.get('gpu', 'CPU')} · torch {m['torch']} · CUDA {m.get('cuda', '-')} · "
              f"python {m['python']} · {m['date']}",
              f"Trajectory: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, stop ignored, one token per step "
@@ -250,6 +252,7 @@ def parse_args(argv=None):
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per forward kind")
     ap.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs per config")
     ap.add_argument("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")
+    ap.add_argument("--compile", action="store_true", help="fast path: fuse each layer with torch.compile")
     ap.add_argument("--check-tokens", type=int, default=0,
                     help="also compare the eager and fast paths' first N tokens at k=1")
     ap.add_argument("--json", default=None, help="write the result as JSON here")

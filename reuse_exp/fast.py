@@ -35,12 +35,22 @@ class StaticInputs:
     reusing: torch.Tensor    # [B] bool: rows standing in a cached result for the reused layers
 
 
-def _attention(attn, x, k_buf, v_buf, positions, cos, sin, key_mask, write_rows):
+def _rms(x, weight, eps):
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def layer_step(x, ln1, wq, bq, wk, bk, wv, bv, wo, ln2, wg, wu, wd, k_buf, v_buf, positions, cos, sin,
+               key_mask, write_rows, n_heads: int, n_kv: int, eps: float):
+    """One decoder layer with static shapes; writes its K/V at `positions` (rows in
+    `write_rows`, or all when None). Weights come in as tensors, not a module, so one
+    compiled version of this function serves every layer."""
     B, T, _ = x.shape
-    H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim
-    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-    v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+    D = wq.shape[0] // n_heads
+    h = _rms(x, ln1, eps)
+    q = F.linear(h, wq, bq).view(B, T, n_heads, D).transpose(1, 2)
+    k = F.linear(h, wk, bk).view(B, T, n_kv, D).transpose(1, 2)
+    v = F.linear(h, wv, bv).view(B, T, n_kv, D).transpose(1, 2)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     if write_rows is not None:
@@ -49,17 +59,27 @@ def _attention(attn, x, k_buf, v_buf, positions, cos, sin, key_mask, write_rows)
         v = torch.where(rows, v, v_buf.index_select(2, positions))
     k_buf.index_copy_(2, positions, k)
     v_buf.index_copy_(2, positions, v)
-    # Grouped-query attention as two batched matmuls over the whole buffer: query head
-    # h reads key/value head h // (H // Hkv), so the groups stack along the query axis.
-    g = H // Hkv
-    qg = q.reshape(B, Hkv, g * T, D)
-    scores = torch.matmul(qg, k_buf.transpose(-1, -2)).float() * (1.0 / math.sqrt(D)) + key_mask
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(x.dtype), v_buf)
-    return attn.o_proj(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
+    # Grouped-query attention as two batched matmuls over the whole buffer, in float32
+    # (scores rounded to bf16 would cost accuracy): query head h reads key/value head
+    # h // (n_heads // n_kv), so the groups stack along the query axis.
+    g = n_heads // n_kv
+    qg = q.reshape(B, n_kv, g * T, D).float()
+    scores = torch.matmul(qg, k_buf.float().transpose(-1, -2)) * (1.0 / math.sqrt(D)) + key_mask
+    out = torch.matmul(torch.softmax(scores, dim=-1), v_buf.float()).to(x.dtype)
+    h = x + F.linear(out.reshape(B, n_heads, T, D).transpose(1, 2).reshape(B, T, n_heads * D), wo)
+    m = _rms(h, ln2, eps)
+    return h + F.linear(F.silu(F.linear(m, wg)) * F.linear(m, wu), wd)
+
+
+def _layer_weights(layer) -> tuple:
+    a, mlp = layer.self_attn, layer.mlp
+    return (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+            a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, layer.post_attention_layernorm.weight,
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
 
 
 def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cache: ReuseCache | None,
-                   skip: frozenset[int], mixed: bool, masked: bool) -> torch.Tensor:
+                   skip: frozenset[int], mixed: bool, masked: bool, step=layer_step) -> torch.Tensor:
     """One denoising forward with static shapes; returns final-normed hidden states.
 
     skip:  layers that stand in a cached result (for the rows in `inp.reusing`)
@@ -89,9 +109,9 @@ def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cac
         rows = write_rows
         if reused:  # mixed: the reusing rows neither write nor keep the fresh result
             rows = ~inp.reusing if rows is None else rows & ~inp.reusing
-        h = x + _attention(layer.self_attn, layer.input_layernorm(x), cache.k[i], cache.v[i], positions,
-                           cos, sin, key_mask, rows)
-        y = h + layer.mlp(layer.post_attention_layernorm(h))
+        cfg = model.config
+        y = step(x, *_layer_weights(layer), cache.k[i], cache.v[i], positions, cos, sin, key_mask, rows,
+                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
         if reuse_cache is not None and i in reuse_cache.slot:
             s = reuse_cache.slot[i]
             new = y if reuse_cache.mode == "output" else y - x
@@ -110,9 +130,12 @@ class FastRunner:
     every later call (the first call of a shape pays the capture: warm up before timing).
     """
 
-    def __init__(self, model: FastDLLM, use_graphs: bool | None = None):
+    def __init__(self, model: FastDLLM, use_graphs: bool | None = None, compile_layers: bool = False):
         self.model = model
         self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
+        # torch.compile fuses a layer's small element-wise kernels (norms, RoPE, residuals);
+        # its kernels are then captured in the graphs like any other.
+        self.step = torch.compile(layer_step, dynamic=False) if compile_layers else layer_step
         self.graphs: dict = {}
         self.caches: dict = {}
         self.reuse_caches: dict = {}
@@ -180,7 +203,7 @@ class FastRunner:
             graph.replay()
             hidden = out
         else:
-            hidden = static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked)
+            hidden = static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked, self.step)
         if reuse_cache is not None:  # keep the host-side record in step with the device
             rows = (active.cpu() if active is not None else torch.ones(B, dtype=torch.bool))
             computing = rows & ~reusing_host if skip else rows
@@ -212,11 +235,11 @@ class FastRunner:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked)
+                    static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked, self.step)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked)
+                out = static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked, self.step)
             cache.k[:, :, :, :T].copy_(saved[0])
             cache.v[:, :, :, :T].copy_(saved[1])
             if reuse_cache is not None:

@@ -91,7 +91,9 @@ class _Run:
         dev = model.device
         bs = cfg.block_size
         self.seq_len = torch.tensor([len(p) for p in prompts], device=dev)
-        self.num_blocks = cfg.max_new_tokens // bs + int(self.seq_len.max()) // bs
+        # The public budget (whole blocks of new tokens past the longest prompt's block),
+        # with at least one block so that a budget under 32 still generates.
+        self.num_blocks = max(cfg.max_new_tokens // bs, 1) + int(self.seq_len.max()) // bs
         total = self.num_blocks * bs + 1  # +1: the token a finalize predicts after the last block
         self.x = torch.full((len(prompts), total), cfg.mask_id, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):

@@ -33,8 +33,9 @@ metrics
     0 for loglikelihood), forwards_<kind> (per-sample forwards: prefill, full_block,
     small_block, finalize, masked), batch_forwards_<kind>, warmup_seconds, wall_seconds,
     scored_tokens (loglikelihood); on a GPU gpu_peak_memory_mb, gpu_util_mean,
-    gpu_util_max, gpu_power_mean_w, gpu_energy_j (NVML), torch_peak_memory_mb; MLflow's
-    system/* metrics. During the run, generated_tokens/seconds are logged per batch.
+    gpu_util_max, gpu_power_mean_w, gpu_energy_j (NVML, sampled from before the model
+    loads to the end of the evaluation: the whole run's cost, not only the timed part),
+    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics. During the run, generated_tokens/seconds are logged per batch.
 artifacts
     summary.json (the study's per-config summary), lm_eval_results.json,
     samples_<task>.jsonl (lm-eval's per-sample records), generations.jsonl (each prompt

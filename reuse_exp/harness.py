@@ -93,9 +93,12 @@ def load(source: str, dtype: str = "bfloat16", device: str = "cpu", revision: st
     path = _bundled() if source == BUNDLED else resolve_checkpoint(source, revision)
     model, ckpt = load_model(path, dtype=dtype, device=device)
     tok = load_tokenizer(Path(tokenizer) if tokenizer else ckpt)
-    is_local = Path(source).expanduser().is_dir() or source == BUNDLED
-    return LoadedModel(model, tok, source, ckpt, checkpoint_hash(ckpt),
-                       "local" if is_local else (revision or "main"))
+    if source == BUNDLED or Path(source).expanduser().is_dir():
+        return LoadedModel(model, tok, source, ckpt, checkpoint_hash(ckpt), "local")
+    # A hub snapshot's directory is named by its commit: exact, and no 15 GB re-read to hash.
+    commit = ckpt.name if ckpt.parent.name == "snapshots" else (revision or "main")
+    return LoadedModel(model, tok, source, ckpt, commit[:16] if commit != "main" else checkpoint_hash(ckpt),
+                       commit)
 
 
 # -- what the harness measured ----------------------------------------------------------------

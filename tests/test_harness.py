@@ -189,3 +189,21 @@ def test_gsm8k_from_the_hub(tiny_ckpt):
     results = harness.evaluate(lm, "gsm8k", harness.task_manager_for("gsm8k"), limit=1)
     assert "exact_match,strict-match" in results["results"]["gsm8k"]
     assert "Please reason step by step" in lm.stats.generations[0]["prompt"]
+
+
+def test_hub_checkpoint_from_the_cache_is_pinned_to_its_commit(tiny_ckpt, tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub (here its offline cache): the run records the
+    snapshot's commit as revision and model hash."""
+    import shutil
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_ckpt, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    loaded = harness.load("org/tiny", dtype="float32")
+    assert (loaded.revision, loaded.model_hash) == (sha, sha[:16])

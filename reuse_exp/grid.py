@@ -167,22 +167,17 @@ def fetch_runs(cl, exp_id: str | None, task: str | None = None) -> list[RunRecor
             return out
 
 
-def git_head(repo: Path = REPO_ROOT) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             timeout=30)
-    except FileNotFoundError as e:
-        raise ConfigError("git is not installed: the grid needs the commit to know what is done") from e
-    if out.returncode:
-        raise ConfigError(f"{repo} is not a git checkout with a commit: the grid needs HEAD to know what is done")
-    return out.stdout.strip()
+def git_state() -> tracking.Provenance:
+    """The checkout the package runs from, as the tracked run sees it (its store excluded)."""
+    prov = tracking.provenance()
+    if prov.commit == "unknown":
+        raise ConfigError(f"{REPO_ROOT} is not a git checkout with a commit: the grid needs HEAD "
+                          "to know what is done (run from a clone of the repository)")
+    return prov
 
 
-def git_dirty_files(repo: Path = REPO_ROOT) -> list[str]:
-    """Uncommitted changes, tracked or untracked-and-not-ignored (what the run's guard refuses)."""
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
-                         capture_output=True, text=True, timeout=30)
-    return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+def git_head() -> str:
+    return git_state().commit
 
 
 # -- task kind ------------------------------------------------------------------------------
@@ -490,7 +485,7 @@ def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_
 def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_after, dry_run, force,
             allow_dirty, executor, partition, gpus, time_min, account, cpus, jobs_dir, wait) -> None:
     """Run the configurations with no FINISHED run at this commit with the same settings."""
-    dirty = git_dirty_files()
+    dirty = git_state().dirty_files
     if dirty and not allow_dirty and not dry_run:
         raise click.ClickException(f"uncommitted changes ({', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''}):"
                                    " commit them, or pass --allow-dirty (such runs never count as done)")

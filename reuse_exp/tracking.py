@@ -22,7 +22,10 @@ tags
     config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS; the grid groups by
     config_key + git_commit), task_kind (generate_until | loglikelihood), reuse_note,
     accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
-    device_name, reuse_exp.role ("run"), error (the one line of a failed run).
+    device_name, reuse_exp.role ("run"), error (the one line of a failed run),
+    end_status (FAILED or KILLED as this code ended it: under `mlflow run`, MLflow 3.17's
+    wrapper re-marks any run whose command exits non-zero FAILED, KILLED included, because
+    its "already terminated?" check compares a status string with integer codes).
 metrics
     accuracy (the task's primary metric: exact_match after strict-match, else acc);
     every lm-eval metric of the task as METRIC or METRIC/FILTER, with METRIC_stderr
@@ -399,6 +402,7 @@ def end_outside_run(status: str, line: str) -> None:
     import mlflow
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "error", redact(line))
+    client.set_tag(run_id, "end_status", status)
     client.set_terminated(run_id, status)
 
 
@@ -553,7 +557,7 @@ def _log_artifacts(tracker, s, results, samples, lm, metrics, params, primary, k
 def _log_failure(tracker: Tracker, status: str, line: str, e: BaseException) -> None:
     """Whatever the run had, then its end: a second Ctrl-C or a broken store still ends it."""
     try:
-        tracker.tags({"error": line})
+        tracker.tags({"error": line, "end_status": status})
         lm = tracker.lm
         device = str(lm.device) if lm is not None else "cpu"
         partial = lm.stats.metrics() if lm is not None else {}

@@ -114,7 +114,7 @@ def test_sigterm_ends_killed(clean_repo, store, tiny_ckpt, tasks_dir):
     assert proc.returncode == 143
     assert "terminated (SIGTERM)" in err and "Traceback" not in err
     [run] = client.search_runs(["0"])
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED" and run.data.tags["end_status"] == "KILLED"
     assert run.data.metrics["generated_tokens"] > 0
 
 

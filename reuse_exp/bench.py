@@ -76,6 +76,7 @@ class BenchResult:
     end_to_end: list = field(default_factory=list)      # per config and batch: tokens/s
     peak_memory_gb: float | None = None
     path_check: dict | None = None                      # eager vs fast tokens at k=1
+    path_name: str = ""
 
 
 def machine_info(device: torch.device) -> dict:
@@ -172,7 +173,7 @@ def run_bench(args) -> BenchResult:
     wbytes = weight_bytes(model)
     runner = FastRunner(model, compile_layers=args.compile) if args.path == "fast" else EagerRunner(model)
     result = BenchResult(machine=machine_info(device), settings=vars(args).copy(), bandwidth_gbs=bw / 1e9,
-                         weights_gb=wbytes / 1e9, floor_ms=wbytes / bw * 1e3)
+                         weights_gb=wbytes / 1e9, floor_ms=wbytes / bw * 1e3, path_name=runner.name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     policies = [ReusePolicy.create(k, s, n, mode=args.mode) for k in args.k if k > 1 for s in args.subset]
@@ -202,7 +203,7 @@ def run_bench(args) -> BenchResult:
 
 def markdown(r: BenchResult) -> str:
     m, s = r.machine, r.settings
-    path = s["path"] + (" + torch.compile" if s.get("compile") else "")
+    path = r.path_name
     lines = [f"# Benchmark: shape {s['shape']}, {s['dtype']}, {s['device']}, {path} path",
              "", f"Machine: {m.get('gpu', 'CPU')} · torch {m['torch']} · CUDA {m.get('cuda', '-')} · "
              f"python {m['python']} · {m['date']}",
@@ -252,7 +253,8 @@ def parse_args(argv=None):
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per forward kind")
     ap.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs per config")
     ap.add_argument("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")
-    ap.add_argument("--compile", action="store_true", help="fast path: fuse each layer with torch.compile")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="fast path: fuse each layer with torch.compile (default: on a GPU)")
     ap.add_argument("--check-tokens", type=int, default=0,
                     help="also compare the eager and fast paths' first N tokens at k=1")
     ap.add_argument("--json", default=None, help="write the result as JSON here")

@@ -130,9 +130,11 @@ class FastRunner:
     every later call (the first call of a shape pays the capture: warm up before timing).
     """
 
-    def __init__(self, model: FastDLLM, use_graphs: bool | None = None, compile_layers: bool = False):
+    def __init__(self, model: FastDLLM, use_graphs: bool | None = None, compile_layers: bool | None = None):
         self.model = model
-        self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
+        on_gpu = model.device.type == "cuda"
+        self.use_graphs = on_gpu if use_graphs is None else use_graphs
+        compile_layers = on_gpu if compile_layers is None else compile_layers
         # torch.compile fuses a layer's small element-wise kernels (norms, RoPE, residuals);
         # its kernels are then captured in the graphs like any other.
         self.step = torch.compile(layer_step, dynamic=False) if compile_layers else layer_step
@@ -143,7 +145,8 @@ class FastRunner:
 
     @property
     def name(self) -> str:
-        return "cuda-graph" if self.use_graphs else "static"
+        base = "cuda-graph" if self.use_graphs else "static"
+        return base + "+compile" if self.step is not layer_step else base
 
     # caches kept per shape so the graphs that point into them stay valid
     def new_cache(self, batch: int, max_len: int, block_size: int) -> KVCache:

@@ -27,7 +27,7 @@ def test_fast_path_tokens_equal_eager(model, policy_args):
     runner = FastRunner(model)
     fast = generate(model, PROMPTS, DEC, policy, runner=runner)
     assert fast.tokens == eager.tokens
-    assert fast.report.path == ("cuda-graph" if model.device.type == "cuda" else "static")
+    assert fast.report.path.startswith("cuda-graph" if model.device.type == "cuda" else "static")
     assert runner.stats["static"] > 0
     assert fast.report.summary()["layer_evals_skipped"] == eager.report.summary()["layer_evals_skipped"]
 

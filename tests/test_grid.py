@@ -20,8 +20,9 @@ def store(tmp_path_factory, tmp_path):
     return new_store(tmp_path_factory.getbasetemp(), tmp_path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def head() -> str:
+    """Read per test: in a shared working tree another developer may commit meanwhile."""
     return git_head()
 
 

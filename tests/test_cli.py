@@ -124,3 +124,18 @@ def test_allow_dirty_is_a_flag_or_takes_a_value(args, allow):
     """The grid passes a bare flag, MLproject a value."""
     from reuse_exp.cli import run
     assert run.make_context("run", list(args)).params["allow_dirty"] is allow
+
+
+@pytest.mark.slow
+def test_loglikelihood_run_says_reuse_cannot_act(clean_repo, store, tiny_ckpt, tasks_dir):
+    import mlflow
+    proc = cli_run(clean_repo, store, "--model", str(tiny_ckpt), "--task", "t_mc", "--include-path", str(tasks_dir),
+                   "--limit", "4", "--k", "3", "--subset", "last", "--batch-size", "4")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    [run] = mlflow.MlflowClient(store).search_runs(["0"])
+    t, m = run.data.tags, run.data.metrics
+    assert run.info.status == "FINISHED" and t["task_kind"] == "loglikelihood"
+    assert "reuse cannot act" in t["reuse_note"] and t["accuracy_metric"] == "acc,none"
+    assert m["skipped_fraction"] == 0 and m["generated_tokens"] == 0
+    assert m["scored_tokens"] == 8 and m["tokens_per_second"] > 0 and "accuracy" in m and "acc_stderr" in m

@@ -1,7 +1,8 @@
 """Data of the bundled tiny model: GSM8K-shaped word problems with small numbers.
 
 Every problem is drawn from one of a few templates (two arithmetic steps each,
-numbers below 100) and answered in GSM8K's form: reasoning lines, then `#### <n>`.
+numbers below 100) and answered in GSM8K's form: reasoning lines (worded one of several
+ways), then `#### <n>`.
 The same generator makes the training stream and the shipped test split; a problem
 belongs to the test pool iff a hash of its question says so (`in_test_pool`), and
 the training stream rejects every such problem, so no test item is ever trained on,
@@ -38,6 +39,20 @@ def in_test_pool(question: str) -> bool:
 
 
 # -- templates: each returns (question, reasoning lines, final number) -----------------------
+# Answers vary the way natural ones do: a line's wording is one of three, the operands of
+# + and * come in either order, and an opening sentence may precede the steps. Whichever
+# variant the model starts, the rest follows; until it commits, those positions stay below
+# the decoding threshold, so a small block takes more than one forward (and reuse has
+# steps to act on). A fully determined answer would be unmasked in one forward per small
+# block, where layer reuse never applies.
+OPENINGS = ["", "Let's think step by step.\n", "We solve it in two steps.\n", "Here is the reasoning.\n"]
+
+
+def _sum(r: random.Random, a: int, b: int, op: str = "+") -> str:
+    x, y = (a, b) if r.random() < 0.5 else (b, a)
+    return f"{x} {op} {y}"
+
+
 def _buy_give(r: random.Random):
     n, m = r.sample(NAMES, 2)
     it = r.choice(ITEMS)
@@ -45,8 +60,12 @@ def _buy_give(r: random.Random):
     s = a + b
     c = r.randint(1, s - 1)
     q = f"{n} has {a} {it}. {n} buys {b} more and then gives {c} to {m}. How many {it} does {n} have now?"
-    steps = [f"{n} buys {b} more, so {a} + {b} = {s} {it}.",
-             f"{n} gives {c} away, so {s} - {c} = {s - c} {it}."]
+    add = f"{_sum(r, a, b)} = {s} {it}"
+    sub = f"{s} - {c} = {s - c} {it}"
+    steps = [r.choice([f"{n} buys {b} more, so {n} has {add}.", f"After buying {b} more, {n} has {add}.",
+                       f"First, {add}."]),
+             r.choice([f"{n} gives {c} to {m}, so {sub} are left.", f"After giving {c} away, {n} has {sub}.",
+                       f"Then {sub}."])]
     return q, steps, s - c
 
 
@@ -57,8 +76,10 @@ def _bags_found(r: random.Random):
     p = a * b
     c = r.randint(1, 30)
     q = f"{n} buys {a} bags of {it}. Each bag has {b} {it}. {n} also finds {c} {it}. How many {it} does {n} have?"
-    steps = [f"The bags hold {a} * {b} = {p} {it}.",
-             f"With the {c} found, {p} + {c} = {p + c} {it}."]
+    mul = f"{_sum(r, a, b, '*')} = {p} {it}"
+    add = f"{_sum(r, p, c)} = {p + c} {it}"
+    steps = [r.choice([f"The bags hold {mul}.", f"Each of the {a} bags has {b}, so {mul}.", f"First, {mul}."]),
+             r.choice([f"With the {c} found, {add}.", f"Adding the {c} found gives {add}.", f"Then {add}."])]
     return q, steps, p + c
 
 
@@ -69,8 +90,12 @@ def _shop_sells(r: random.Random):
     b = r.randint(1, a - 2)
     c = r.randint(1, a - b - 1)
     q = f"A {place} has {a} {it}. It sells {b} in the morning and {c} in the afternoon. How many {it} are left?"
-    steps = [f"After the morning, {a} - {b} = {a - b} {it} are left.",
-             f"After the afternoon, {a - b} - {c} = {a - b - c} {it} are left."]
+    first = f"{a} - {b} = {a - b} {it}"
+    second = f"{a - b} - {c} = {a - b - c} {it}"
+    steps = [r.choice([f"After the morning, {first} are left.", f"In the morning it sells {b}, so {first} remain.",
+                       f"First, {first}."]),
+             r.choice([f"After the afternoon, {second} are left.", f"In the afternoon it sells {c}, so {second} remain.",
+                       f"Then {second}."])]
     return q, steps, a - b - c
 
 
@@ -80,8 +105,10 @@ def _weekly_pages(r: random.Random):
     s = a + b
     c = r.randint(2, 4)
     q = f"{n} reads {a} pages on Monday and {b} pages on Tuesday every week. How many pages does {n} read in {c} weeks?"
-    steps = [f"Each week {n} reads {a} + {b} = {s} pages.",
-             f"In {c} weeks {n} reads {s} * {c} = {s * c} pages."]
+    add = f"{_sum(r, a, b)} = {s} pages"
+    mul = f"{_sum(r, s, c, '*')} = {s * c} pages"
+    steps = [r.choice([f"Each week {n} reads {add}.", f"In one week that is {add}.", f"First, {add} a week."]),
+             r.choice([f"In {c} weeks {n} reads {mul}.", f"Over {c} weeks that is {mul}.", f"Then {mul}."])]
     return q, steps, s * c
 
 
@@ -92,18 +119,25 @@ def _share_equally(r: random.Random):
     a = k * each
     e = r.randint(1, 20)
     q = f"{n} shares {a} {it} equally among {k} friends. Each friend then gets {e} more. How many {it} does each friend have?"
-    steps = [f"Each friend first gets {a} / {k} = {each} {it}.",
-             f"With {e} more, {each} + {e} = {each + e} {it}."]
+    div = f"{a} / {k} = {each} {it}"
+    add = f"{_sum(r, each, e)} = {each + e} {it}"
+    steps = [r.choice([f"Each friend first gets {div}.", f"Sharing {a} among {k} gives {div} each.", f"First, {div}."]),
+             r.choice([f"With {e} more, {add}.", f"Adding {e} more gives {add}.", f"Then {add}."])]
     return q, steps, each + e
 
 
 TEMPLATES = [_buy_give, _bags_found, _shop_sells, _weekly_pages, _share_equally]
 
 
+MIN_ANSWER_CHARS = 64   # character tokens: every answer fills at least two blocks of 32
+
+
 def make_gsm(r: random.Random) -> dict:
-    q, steps, result = r.choice(TEMPLATES)(r)
-    answer = "\n".join(steps) + f"\n#### {result}"
-    return {"question": q, "answer": answer}
+    while True:   # redraw the few short ones
+        q, steps, result = r.choice(TEMPLATES)(r)
+        answer = r.choice(OPENINGS) + "\n".join(steps) + f"\n#### {result}"
+        if len(answer) >= MIN_ANSWER_CHARS:
+            return {"question": q, "answer": answer}
 
 
 def make_mc(r: random.Random) -> dict:

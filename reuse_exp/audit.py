@@ -29,7 +29,8 @@ def provenance(r: RunRecord) -> list[str]:
     if r.commit is None:
         return [f"no git commit (git_commit={r.tags.get('git_commit', '<missing>')!r})"]
     if r.commit.startswith("mixed:"):
-        return [f"a comparison over several commits ({r.commit[6:]})"]
+        return [f"a comparison over several commits ({r.commit[6:]}): once the grid is whole at one commit, "
+                f"compare again and delete this one (`mlflow runs delete --run-id {r.run_id}`)"]
     if "git_dirty" not in r.tags:
         return ["no git_dirty tag: cannot tell the code it ran"]
     if r.dirty:

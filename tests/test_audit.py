@@ -83,3 +83,13 @@ def test_audit_of_head_grid_from_git(store):
     """HEAD is a real commit: the grid's own convention for `git_commit`."""
     clean_grid(store, git_head())
     assert findings(store) == []
+
+
+def test_a_comparison_over_several_commits_is_flagged(store):
+    """compare --include-other-commits records `mixed:` on its parent run; the guard names it."""
+    parent = store.client.create_run(store.exp_id, tags={"reuse_exp.role": "compare", "git_dirty": "false",
+                                                          "git_commit": "mixed:aaaaaaa,bbbbbbb"}).info.run_id
+    store.client.set_terminated(parent)
+    found = findings(store)
+    assert len(found) == 1 and found[0].run_id == parent
+    assert "several commits (aaaaaaa,bbbbbbb)" in found[0].reason and f"--run-id {parent}" in found[0].reason

@@ -74,6 +74,8 @@ def main():
 @opt("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
      help="cap on each request's max_gen_toks")
 @opt("--use-block-cache", type=click.BOOL, default=True, show_default=True)
+@opt("--decode-path", type=click.Choice(["auto", "eager", "fast"]), default="auto", show_default=True,
+     help="auto: CUDA graphs + compiled layers on a GPU, plain PyTorch on CPU")
 @opt("--num-fewshot", type=click.IntRange(min=0), default=0, show_default=True)
 @opt("--apply-chat-template", type=click.BOOL, default=True, show_default=True)
 @opt("--fewshot-as-multiturn", type=click.BOOL, default=True, show_default=True)

@@ -137,7 +137,7 @@ class FastRunner:
         compile_layers = on_gpu if compile_layers is None else compile_layers
         # torch.compile fuses a layer's small element-wise kernels (norms, RoPE, residuals);
         # its kernels are then captured in the graphs like any other.
-        self.step = torch.compile(layer_step, dynamic=False) if compile_layers else layer_step
+        self.step = torch.compile(layer_step) if compile_layers else layer_step
         self.graphs: dict = {}
         self.caches: dict = {}
         self.reuse_caches: dict = {}
@@ -148,12 +148,13 @@ class FastRunner:
         base = "cuda-graph" if self.use_graphs else "static"
         return base + "+compile" if self.step is not layer_step else base
 
-    # caches kept per shape so the graphs that point into them stay valid
+    # Caches are kept per batch size, rounded up in length and only ever grown, so the
+    # graphs that point into them stay valid from call to call (a warm-up's included).
     def new_cache(self, batch: int, max_len: int, block_size: int) -> KVCache:
-        key = (batch, max_len, block_size)
+        key = (batch, block_size)
         cache = self.caches.get(key)
-        if cache is None or cache.k.shape[1] != batch:
-            cache = self.model.new_cache(batch, max_len, block_size)
+        if cache is None or cache.k.shape[1] != batch or cache.max_len < max_len:
+            cache = self.model.new_cache(batch, -(-max_len // 256) * 256, block_size)
             self.caches[key] = cache
         cache.prefix_len = 0
         return cache

@@ -28,7 +28,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from .config import ConfigError, shape as named_shape
-from .decoding import DecodeConfig, generate
+from .decoding import DecodeConfig, EagerRunner, generate
+from .fast import FastRunner
 from .instrument import DecodeReport
 from .loading import (checkpoint_hash, decode_config_for, load_model, load_tokenizer, parse_dtype,
                       random_model, resolve_checkpoint)
@@ -203,6 +204,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DECODE_PATHS = ("auto", "eager", "fast")
+
+
+def make_runner(model: FastDLLM, decode_path: str = "auto"):
+    """auto: the fast path (CUDA graphs + compiled layers) on a GPU, plain PyTorch on CPU."""
+    if decode_path not in DECODE_PATHS:
+        raise ConfigError(f"unknown decode_path {decode_path!r}; use one of {', '.join(DECODE_PATHS)}")
+    if decode_path == "fast" or (decode_path == "auto" and model.device.type == "cuda"):
+        return FastRunner(model)
+    return EagerRunner(model)
+
+
 @register_model("fast_dllm_v2")
 class FastDLLMv2LM(TemplateLM):
     """Fast-dLLM v2 for lm-eval, with a layer-reuse policy (k, subset, mode, scope)."""
@@ -212,7 +225,7 @@ class FastDLLMv2LM(TemplateLM):
                  batch_size: int | str = 1, threshold: float = 0.9, block_size: int = 32,
                  small_block_size: int = 8, max_new_tokens: int = 256, use_block_cache: bool = True,
                  revision: str | None = None, tokenizer: str | None = None, seed: int = 0,
-                 max_batch_size: int | None = None, **unknown):
+                 max_batch_size: int | None = None, decode_path: str = "auto", **unknown):
         super().__init__()
         if unknown:
             raise ConfigError(f"fast_dllm_v2 does not take {', '.join(sorted(unknown))}")
@@ -230,7 +243,8 @@ class FastDLLMv2LM(TemplateLM):
             self.tokenizer, block_size=int(block_size), small_block_size=int(small_block_size),
             threshold=float(threshold), max_new_tokens=int(max_new_tokens),
             use_block_cache=bool(use_block_cache)).validate()
-        self.path = "eager"  # which decoding path ran (the GPU fast path will set its own)
+        self.runner = make_runner(self.model, decode_path)
+        self.path = self.runner.name  # which decoding path ran: logged as the `path` param
         self.stats = HarnessStats()
         self.on_batch: Callable[[HarnessStats], None] | None = None  # progress, after each batch
 
@@ -301,7 +315,7 @@ class FastDLLMv2LM(TemplateLM):
             cfg = replace(self.decode_config, max_new_tokens=self._decoder_budget(batch))
             # Trace one sample of the first batch only: the trace grows with every forward.
             result = generate(self.model, [it.ids for it in batch], cfg, self.policy,
-                              trace_sample=0 if not self.stats.decode else None)
+                              trace_sample=0 if not self.stats.decode else None, runner=self.runner)
             self.stats.decode.append(result.report)
             for it, tokens, s in zip(batch, result.tokens, result.report.samples):
                 raw = self.tok_decode(tokens[:it.budget])
@@ -332,7 +346,7 @@ class FastDLLMv2LM(TemplateLM):
         """One short untimed decode of the first batch's shapes, so timing excludes cold start."""
         t0 = time.perf_counter()
         cfg = replace(self.decode_config, max_new_tokens=self.decode_config.block_size)
-        generate(self.model, [it.ids for it in batch], cfg, self.policy, trace_sample=None)
+        generate(self.model, [it.ids for it in batch], cfg, self.policy, trace_sample=None, runner=self.runner)
         self.stats.warmup_seconds += time.perf_counter() - t0
 
     # -- scoring ------------------------------------------------------------------------------

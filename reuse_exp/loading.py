@@ -125,17 +125,28 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "bfloat16", device
 
 def random_model(cfg: ModelConfig | str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  seed: int = 0, std: float = 0.02) -> FastDLLM:
-    """A model of a named or given shape with random weights (benchmarks and tests)."""
+    """A model of a named or given shape with random weights (benchmarks and tests).
+
+    Built on the meta device and each tensor made in its final dtype and place, so a
+    7B model in bf16 never passes through a float32 copy."""
     cfg = shape(cfg) if isinstance(cfg, str) else cfg
+    dtype = parse_dtype(dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.device(device):
-        model = FastDLLM(cfg).to(parse_dtype(dtype))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=gen)
+    with torch.device("meta"):
+        model = FastDLLM(cfg)
+    state = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        p = torch.empty(t.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=gen)
+        state[name] = p
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
     return model.eval()
 

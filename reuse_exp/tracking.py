@@ -226,6 +226,7 @@ class RunSettings:
     small_block_size: int = 8
     max_new_tokens: int = 256
     use_block_cache: bool = True
+    decode_path: str = "auto"
     num_fewshot: int = 0
     apply_chat_template: bool = True
     fewshot_as_multiturn: bool = True
@@ -485,7 +486,8 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
         pretrained=s.model, k=s.k, subset=s.subset, mode=s.mode, scope=s.scope, dtype=dtype, device=device,
         batch_size=s.batch_size, threshold=s.threshold, block_size=s.block_size,
         small_block_size=s.small_block_size, max_new_tokens=s.max_new_tokens,
-        use_block_cache=s.use_block_cache, revision=s.revision, tokenizer=s.tokenizer, seed=s.seed)
+        use_block_cache=s.use_block_cache, revision=s.revision, tokenizer=s.tokenizer, seed=s.seed,
+        decode_path=s.decode_path)
     tracker.lm = lm
     lm.on_batch = tracker.progress
     params = lm.params()

@@ -61,3 +61,18 @@ def test_skipped_layers_are_absent_from_the_static_forward(model):
 def test_shadow_mode_needs_the_eager_path(model):
     with pytest.raises(ConfigError, match="shadow mode runs on the eager path"):
         generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "last", 8), shadow=True, runner=FastRunner(model))
+
+
+def test_harness_picks_the_fast_path_on_a_gpu_only(model):
+    from reuse_exp.harness import make_runner
+    assert make_runner(model, "eager").name == "eager"
+    assert make_runner(model, "fast").name.startswith("cuda-graph" if model.device.type == "cuda" else "static")
+    assert make_runner(model, "auto").name == ("cuda-graph+compile" if model.device.type == "cuda" else "eager")
+    with pytest.raises(ConfigError, match="unknown decode_path 'turbo'"):
+        make_runner(model, "turbo")
+
+
+def test_random_model_is_built_in_its_dtype():
+    m = random_model(CFG, "bfloat16", seed=0)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert float(m.model.norm.weight.float().mean()) == 1.0

@@ -161,7 +161,7 @@ def test_shadow_mode_reports_error_and_changes_nothing(model):
 
 def test_reuse_cache_shapes_and_replace_positions_are_recorded(model):
     res = generate(model, PROMPTS, DEC, ReusePolicy.create(2, "middle", 8))
-    assert res.report.cache_shapes == {(3, 2, 32, CFG.hidden_size)} or \
-        all(s[0] == 3 and s[2] == 32 for s in res.report.cache_shapes)
+    # 3 reused layers (middle of 8), 2 samples, 32 block positions, hidden size
+    assert res.report.cache_shapes == {(3, 2, 32, CFG.hidden_size)}
     assert set(res.report.replace_positions) <= {0, 8, 16, 24}
     assert sum(res.report.replace_positions.values()) == res.report.batch_forwards["small_block"]

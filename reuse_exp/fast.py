@@ -191,8 +191,10 @@ class FastRunner:
                     if not bool(reuse_cache.filled[s, reusing_host, replace_position:replace_position + T].all()):
                         raise RuntimeError(f"layer {layer} reused positions never computed in this block")
         masked = active is not None
-        key = (kind, B, T, skip, mixed, masked, cache.k.data_ptr(),
-               reuse_cache.values.data_ptr() if reuse_cache is not None else 0)
+        # A graph bakes in the addresses of every buffer it touches; a buffer freed by a trim
+        # can come back at the same address with another shape, so both go in the key.
+        buffers = [cache.k, cache.v] + ([reuse_cache.values] if reuse_cache is not None else [])
+        key = (kind, B, T, skip, mixed, masked, tuple((b.data_ptr(), tuple(b.shape)) for b in buffers))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._build(key, B, T, cache, reuse_cache, skip, mixed, masked)

@@ -253,7 +253,10 @@ class _Run:
         hidden = self.forward(self.x[:, lo:hi], ForwardKind.FINALIZE)
         nxt = self.logits_at(hidden, [bs - 1]).argmax(-1)[:, 0]
         nxt[self.finished] = cfg.pad_id
-        ended = self.seq_len < hi   # only samples whose prompt ended take the predicted token
+        # Samples whose prompt has ended take the predicted token. A prompt ending exactly at
+        # `hi` takes it too: alone, its prefill's AR step would give this same token (the
+        # public batch code leaves it masked, so such a sample decoded differently in a batch).
+        ended = self.seq_len <= hi
         self.x[ended, hi] = nxt[ended]
         if not cfg.ignore_stop:
             # A stop predicted here ends the sample too (the public code decodes on past it).

@@ -125,10 +125,6 @@ def test_train_script_writes_the_shipped_files(tmp_path):
     assert token_ids(load_tokenizer(tmp_path)) == token_ids(load_tokenizer(TINY_MODEL_DIR))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "decoding.finalize_block hands the finalize step's token only to samples with seq_len < block end "
-    "(`ended = self.seq_len < hi`); a prompt ending exactly on a block boundary, longer than the batch's "
-    "shortest, keeps a masked first token that its own logit then fills. `<=` is the fix; drop this mark then."))
 def test_block_aligned_prompt_decodes_the_same_in_a_batch(model, tokenizer):
     from reuse_exp.decoding import generate
     from reuse_exp.loading import decode_config_for

@@ -314,8 +314,8 @@ def write_readme(out: Path, cfg: TrainConfig, meta: dict) -> None:
     acc = meta.get("heldout_exact_match")
     (out / "README.md").write_text(f"""# Tiny Fast-dLLM v2 model (bundled)
 
-A {cfg.layers}-layer model of the Fast-dLLM v2 architecture (`model_type: Fast_dLLM_Qwen`: Qwen2
-layers, GQA {cfg.heads}/{cfg.kv_heads} heads, SwiGLU, RoPE, untied lm_head), hidden {cfg.hidden},
+A model of the Fast-dLLM v2 architecture (`model_type: Fast_dLLM_Qwen`: Qwen2 layers, GQA
+{cfg.heads}/{cfg.kv_heads} heads, SwiGLU, RoPE, untied lm_head) with {cfg.layers} layers, hidden {cfg.hidden},
 {meta['parameters'] / 1e6:.2f} M parameters stored in bfloat16, with a character-level tokenizer
 and the Qwen chat template. Trained with the block-diffusion objective (blocks of 32,
 complementary masks, token shift) on the GSM8K-shaped problems of `reuse_exp/tiny_data.py`,

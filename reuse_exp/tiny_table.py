@@ -53,7 +53,7 @@ def is_correct(text: str, doc: dict) -> bool:
 
 
 def evaluate_gsm(model, tokenizer, docs: list[dict], policy: ReusePolicy | None = None,
-                 batch_size: int = 50, max_new_tokens: int = MAX_GEN_TOKS) -> EvalResult:
+                 batch_size: int = 200, max_new_tokens: int = MAX_GEN_TOKS) -> EvalResult:
     """Generate for `docs` in batches and score with the strict-match extraction."""
     cfg = decode_config_for(tokenizer, max_new_tokens=max_new_tokens)
     prompts = [tokenizer(tiny_data.gsm_prompt(tokenizer, d), add_special_tokens=False)["input_ids"] for d in docs]
@@ -108,9 +108,11 @@ def measure(model, tokenizer, docs, batch_size: int) -> dict:
     return results
 
 
-def markdown(results: dict, num_layers: int, machine: str, n: int, mc: float | None = None) -> str:
+def markdown(results: dict, num_layers: int, machine: str, n: int, mc: float | None = None,
+             batch_size: int | None = None) -> str:
     from .reuse import resolve_subset
-    lines = [f"tiny_gsm test split, {n} items, strict-match exact match; cell = accuracy / generated "
+    batch = f", batches of {batch_size}" if batch_size else ""
+    lines = [f"tiny_gsm test split, {n} items{batch}, strict-match exact match; cell = accuracy / generated "
              f"tokens/s / skipped-layer fraction. Measured on {machine}.", ""]
     layers = ", ".join(f"{s} = {list(resolve_subset(s, num_layers))}" for s in SUBSETS)
     lines += [f"Subsets on {num_layers} layers: {layers}. k=1 computes every layer (one measurement).", ""]
@@ -158,11 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Reuse table of the bundled tiny model (markdown).")
     ap.add_argument("--model", type=Path, default=TINY_MODEL_DIR)
     ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=50)   # faster than 200 on CPU (fewer idle rows)
-    # Measured on 2 idle cores: 2 threads 58 s, 1 thread 102 s for k=1 on 200 items (batch 50).
-    # On cores that other jobs share, the threads' barriers cost several times the work:
-    # use --threads 1 there (see tests/conftest.py).
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--batch-size", type=int, default=200)
+    # k=1 on the 200 items, 2 idle cores: 2 threads 58 s (batch 50) or 71 s (batch 200),
+    # 1 thread 102 s (batch 50). On cores that other jobs share, the threads' barriers cost
+    # several times the work (one cell took 10x longer), hence 1 thread by default.
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--readme", type=Path, help="also write the table into this README's tiny_table section")
     args = ap.parse_args(argv)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_description(args.threads, args.dtype)
     results = measure(model, tokenizer, docs, args.batch_size)
     mc = mc_accuracy(model, tokenizer, tiny_data.read_task_docs("tiny_mc_test.jsonl"))
-    table = markdown(results, model.num_layers, machine, len(docs), mc)
+    table = markdown(results, model.num_layers, machine, len(docs), mc, args.batch_size)
     print(table)
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.readme:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .model import ForwardKind
 
 
 @dataclass
@@ -77,7 +76,7 @@ class DecodeReport:
             "generated_tokens": self.generated_tokens,
             "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second,
-            "sample_forwards": {k.value if isinstance(k, ForwardKind) else k: v for k, v in forwards.items()},
+            "sample_forwards": dict(forwards),
             "batch_forwards": dict(self.batch_forwards),
             "skipped_fraction": self.skipped_fraction,
             "layer_evals_run": sum(s.layer_evals_run for s in self.samples),

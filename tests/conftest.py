@@ -51,7 +51,7 @@ def write_tokenizer(directory: Path) -> None:
 
 
 def write_checkpoint(directory: Path, seed: int = 0) -> Path:
-    from reuse_exp.loading import random_model, save_model
+    from reuse_exp.engine.loading import random_model, save_model
     save_model(random_model("tiny", seed=seed), directory)
     write_tokenizer(directory)
     return directory
@@ -100,7 +100,7 @@ def run_cli(args: list[str], env: dict, cwd: Path, timeout: int = 600) -> subpro
 def bundled_or(tiny_ckpt: Path, tasks_dir: Path) -> dict[str, str]:
     """Run settings for the e2e tests: the bundled model and task where this tree has them,
     else the random checkpoint and the local tasks."""
-    from reuse_exp.harness import bundled_model_dir
+    from reuse_exp.evaluation.models import bundled_model_dir
     if bundled_model_dir() is not None and (REPO / "reuse_exp" / "tasks" / "tiny_gsm.yaml").is_file():
         return {}
     return {"model": str(tiny_ckpt), "task": "t_gen", "include_path": str(tasks_dir)}

@@ -1,4 +1,4 @@
-"""A plain Qwen2 forward written from the facts doc, independent of reuse_exp.model.
+"""A plain Qwen2 forward written from the facts doc, independent of reuse_exp.engine.model.
 
 No caches, explicit masks, one function per piece: the oracle for the engine's
 cached forward kinds. `layer_kv` lets a test build keys from other hidden states

@@ -6,8 +6,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from reuse_exp.audit import audit, audit_cmd
-from reuse_exp.grid import fetch_runs, git_head
+from reuse_exp.study.audit import audit, audit_cmd
+from reuse_exp.study.store import fetch_runs, git_head
 from services.fabricate import fabricate
 from services.store import new_store
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reuse_exp import tiny_data
-from reuse_exp.tasks import TASKS_DIR
+from reuse_exp.tiny import data as tiny_data
+from reuse_exp.evaluation.tasks import TASKS_DIR
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -35,8 +35,8 @@ import json, sys
 import lm_eval
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
-from reuse_exp import tiny_data
-from reuse_exp.tasks import TASKS_DIR
+from reuse_exp.tiny import data as tiny_data
+from reuse_exp.evaluation.tasks import TASKS_DIR
 
 gold = {d["question"]: d for d in tiny_data.read_task_docs("tiny_gsm_test.jsonl")}
 mc_gold = {tiny_data.mc_text(d): d for d in tiny_data.read_task_docs("tiny_mc_test.jsonl")}

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import subprocess_env
 
-from reuse_exp import tracking
 from reuse_exp.cli import main
+from reuse_exp.tracking import provenance as prov
+from reuse_exp.tracking import run as tracked
 
 
 @pytest.mark.parametrize("args, says", [
@@ -37,12 +38,12 @@ def test_underscore_spellings_reach_the_same_options():
 
 def test_classify_failures():
     import torch
-    assert tracking.classify(KeyboardInterrupt())[:2] == ("KILLED", 130)
-    assert tracking.classify(tracking.Terminated())[:2] == ("KILLED", 143)
-    status, code, line = tracking.classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert tracked.classify(KeyboardInterrupt())[:2] == ("KILLED", 130)
+    assert tracked.classify(tracked.Terminated())[:2] == ("KILLED", 143)
+    status, code, line = tracked.classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
     assert (status, code) == ("FAILED", 3) and "--batch-size" in line
-    assert tracking.classify(tracking.DirtyTree("refusing"))[:2] == ("FAILED", 2)
-    _, _, line = tracking.classify(RuntimeError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub"))
+    assert tracked.classify(prov.DirtyTree("refusing"))[:2] == ("FAILED", 2)
+    _, _, line = tracked.classify(RuntimeError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub"))
     assert "HF_TOKEN" in line
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from reuse_exp import compare as cmp
-from reuse_exp.grid import build_request, fetch_runs, git_head
+from reuse_exp.study import compare as cmp
+from reuse_exp.study.cells import build_request
+from reuse_exp.study.store import fetch_runs, git_head
 from services.fabricate import fabricate
 from services.store import new_store
 
@@ -90,11 +91,12 @@ def test_compare_logs_text_png_and_nests_the_runs(store, head, tmp_path):
 def test_refuses_runs_that_differ_in_unpinned_settings(store, head):
     """A CPU and a GPU run of one grid: accuracy may agree, tokens/s do not belong together."""
     ids = grid_at(store, head)
-    gpu = fabricate(store.client, store.exp_id, k=2, subset="last", commit=head, device="cuda:0", dtype="bfloat16")
+    gpu = fabricate(store.client, store.exp_id, k=2, subset="last", commit=head, resolved_device="cuda:0",
+                    resolved_dtype="bfloat16")
     with pytest.raises(cmp.Refused) as e:
         cmp.pick(cells(), fetch_runs(store.client, store.exp_id), head, False, False)
     assert "device_type: cpu" in str(e.value) and f"cuda ({gpu[:8]})" in str(e.value)
-    assert "dtype: float32" in str(e.value) and "-P NAME=VALUE" in str(e.value)
+    assert "resolved_dtype: float32" in str(e.value) and "-P NAME=VALUE" in str(e.value)
     assert ids
 
 

@@ -3,10 +3,10 @@ from dataclasses import replace
 
 import pytest
 
-from reuse_exp.config import ConfigError, ModelConfig
-from reuse_exp.decoding import DecodeConfig, generate
-from reuse_exp.loading import random_model
-from reuse_exp.reuse import ReusePolicy
+from reuse_exp.engine.config import ConfigError, ModelConfig
+from reuse_exp.engine.decoding import DecodeConfig, generate
+from reuse_exp.engine.loading import random_model
+from reuse_exp.engine.reuse import ReusePolicy
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2)

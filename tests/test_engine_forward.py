@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from reference import full_sequence, small_block
-from reuse_exp.config import ModelConfig
-from reuse_exp.loading import random_model
-from reuse_exp.model import ForwardKind
+from reuse_exp.engine.config import ModelConfig
+from reuse_exp.engine.loading import random_model
+from reuse_exp.engine.model import ForwardKind
 
 CONFIGS = [
     ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3,

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from reuse_exp.config import ConfigError, ModelConfig
-from reuse_exp.decoding import DecodeConfig, generate
-from reuse_exp.fast import FastRunner
-from reuse_exp.loading import random_model
-from reuse_exp.reuse import ReusePolicy
+from reuse_exp.engine.config import ConfigError, ModelConfig
+from reuse_exp.engine.decoding import DecodeConfig, generate
+from reuse_exp.engine.fast import FastRunner
+from reuse_exp.engine.loading import random_model
+from reuse_exp.engine.reuse import ReusePolicy
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -43,7 +43,7 @@ def test_runner_reuses_its_caches_and_graphs_across_calls(model):
 
 def test_skipped_layers_are_absent_from_the_static_forward(model):
     """Count the layer computations the static forward runs, as the hooks do for eager."""
-    from reuse_exp.fast import layer_step
+    from reuse_exp.engine.fast import layer_step
     calls = []
 
     def counting_step(*args, **kwargs):
@@ -64,12 +64,13 @@ def test_shadow_mode_needs_the_eager_path(model):
 
 
 def test_harness_picks_the_fast_path_on_a_gpu_only(model):
-    from reuse_exp.harness import make_runner
+    from reuse_exp.evaluation.models import make_runner
     assert make_runner(model, "eager").name == "eager"
     assert make_runner(model, "fast").name.startswith("cuda-graph" if model.device.type == "cuda" else "static")
     assert make_runner(model, "auto").name == ("cuda-graph+compile" if model.device.type == "cuda" else "eager")
-    with pytest.raises(ConfigError, match="unknown decode_path 'turbo'"):
-        make_runner(model, "turbo")
+    from reuse_exp.settings import RunSettings
+    with pytest.raises(ConfigError, match="decode_path=turbo: use one of auto, eager, fast"):
+        RunSettings.parse({"decode_path": "turbo"})
 
 
 def test_random_model_is_built_in_its_dtype():

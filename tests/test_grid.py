@@ -6,11 +6,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from reuse_exp import grid
-from reuse_exp.grid import (DONE, FAILED, LOGLIKELIHOOD, MISSING, RUNNING, STALE, GridRequest, RunRecord,
-                            build_request, classify, fetch_runs, git_head, run_command, store_error, task_kind)
+from reuse_exp.study.cells import LOGLIKELIHOOD, GridRequest, build_request, run_command, task_kind
+from reuse_exp.study.grid import DONE, FAILED, MISSING, RUNNING, STALE, classify
+from reuse_exp.study.store import RunRecord, fetch_runs, git_head, store_error
 from services.fabricate import fabricate
 from services.store import new_store
+from reuse_exp.study import grid
+from reuse_exp.study import store as store_mod
 
 OLD = "0" * 40
 
@@ -144,7 +146,7 @@ def test_store_error_names_the_server():
 
 def test_relative_sqlite_uri_is_made_absolute(tmp_path):
     """Jobs run elsewhere (another cwd, a compute node): the default relative store must not move."""
-    rel = grid.absolute_uri("sqlite:///mlflow.db")
+    rel = store_mod.absolute_uri("sqlite:///mlflow.db")
     assert rel.startswith("sqlite:////") and rel.endswith("/mlflow.db")
-    assert grid.absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
-    assert grid.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert store_mod.absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert store_mod.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

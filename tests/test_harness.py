@@ -10,15 +10,18 @@ import torch.nn.functional as F
 from conftest import REPO
 from lm_eval.api.instance import Instance
 
-from reuse_exp import harness
-from reuse_exp.model import block_causal_mask
-from reuse_exp.prompts import REASONING_INSTRUCTION
-from reuse_exp.reuse import resolve_subset
+from reuse_exp.engine.model import block_causal_mask
+from reuse_exp.evaluation.prompts import REASONING_INSTRUCTION
+from reuse_exp.engine.reuse import resolve_subset
+from reuse_exp.evaluation import harness
+from reuse_exp.evaluation import lm as lm_mod
+from reuse_exp.evaluation import models
+from reuse_exp.evaluation import stats as stats_mod
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_ckpt):
-    return harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), k=2, subset="middle", dtype="float32",
+    return lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), k=2, subset="middle", dtype="float32",
                                 device="cpu", batch_size=2, max_new_tokens=64)
 
 
@@ -33,11 +36,11 @@ def ll_request(context: str, continuation: str, i: int) -> Instance:
 
 def test_registered_with_lm_eval():
     from lm_eval.api.registry import get_model
-    assert get_model("fast_dllm_v2") is harness.FastDLLMv2LM
+    assert get_model("fast_dllm_v2") is lm_mod.FastDLLMv2LM
 
 
 def test_generate_until_honours_budget_until_and_rewrite(lm):
-    lm.stats = harness.HarnessStats()
+    lm.stats = stats_mod.HarnessStats()
     reqs = [gen_request("Question: 1+1?\nAnswer:", 0, task="gsm8k", until=["Question:"], max_gen_toks=5),
             gen_request("short", 1, until=["x"], max_gen_toks=40),
             gen_request("a much longer prompt than the others, " * 3, 2, max_gen_toks=40)]
@@ -49,24 +52,24 @@ def test_generate_until_honours_budget_until_and_rewrite(lm):
     # max_gen_toks bounds what is returned (byte-level tokenizer: a token is at most one character)
     assert len(out[0]) <= 5 and len(out[1]) <= 40
     for i, g in gens.items():
-        assert g["returned"] == harness._cut_at(g["raw"], ["Question:"] if i == 0 else ["x"] if i == 1 else [])
+        assert g["returned"] == lm_mod._cut_at(g["raw"], ["Question:"] if i == 0 else ["x"] if i == 1 else [])
         assert out[i] == g["returned"]
     assert lm.stats.warmup_seconds > 0
 
 
 def test_cut_at_the_first_stop_string():
-    assert harness._cut_at("abc Question: x Answer: y", ["Answer:", "Question:"]) == "abc "
-    assert harness._cut_at("abc", []) == "abc" and harness._cut_at("abc", [""]) == "abc"
+    assert lm_mod._cut_at("abc Question: x Answer: y", ["Answer:", "Question:"]) == "abc "
+    assert lm_mod._cut_at("abc", []) == "abc" and lm_mod._cut_at("abc", [""]) == "abc"
 
 
 def test_decoder_budget_covers_the_longest_prompt(lm):
-    batch = [harness._GenItem(0, None, "", [1] * 40, [], 5), harness._GenItem(1, None, "", [1] * 3, [], 5)]
+    batch = [lm_mod._GenItem(0, None, "", [1] * 40, [], 5), lm_mod._GenItem(1, None, "", [1] * 3, [], 5)]
     budget = lm._decoder_budget(batch)
     assert budget % 32 == 0 and (budget // 32 + 40 // 32) * 32 - 40 >= 5
 
 
 def test_stats_count_tokens_up_to_stop_and_reuse(lm):
-    lm.stats = harness.HarnessStats()
+    lm.stats = stats_mod.HarnessStats()
     lm.generate_until([gen_request("hello there", i, max_gen_toks=40) for i in range(3)])
     m = lm.stats.metrics()
     reports = lm.stats.decode
@@ -94,7 +97,7 @@ def reference_score(lm, ctx: list[int], cont: list[int]) -> float:
 
 
 def test_loglikelihood_is_the_public_scoring_and_batch_invariant(lm):
-    lm.stats = harness.HarnessStats()
+    lm.stats = stats_mod.HarnessStats()
     reqs = [ll_request("Question: what is 2 plus 2?\nAnswer:", " 4", 0),
             ll_request("Q?", "A", 1),
             ll_request("x" * 70, "yz", 2)]
@@ -103,13 +106,13 @@ def test_loglikelihood_is_the_public_scoring_and_batch_invariant(lm):
         c, t = lm._encode_pair(ctx, cont)
         assert ll == pytest.approx(reference_score(lm, c, t), abs=1e-4)
         assert isinstance(greedy, bool)
-    one = harness.FastDLLMv2LM.__new__(harness.FastDLLMv2LM)
-    one.__dict__.update(lm.__dict__, batch_size=1, stats=harness.HarnessStats())
+    one = lm_mod.FastDLLMv2LM.__new__(lm_mod.FastDLLMv2LM)
+    one.__dict__.update(lm.__dict__, batch_size=1, stats=stats_mod.HarnessStats())
     assert [round(x, 4) for x, _ in one.loglikelihood(reqs)] == [round(x, 4) for x, _ in out]
     m = lm.stats.metrics()
     assert m["skipped_fraction"] == 0 and m["generated_tokens"] == 0 and m["scored_tokens"] == 3
     assert m["truncated_continuations"] == 2 and lm.stats.task_kind == "loglikelihood"
-    assert lm.stats.trace() == {"note": harness.LOGLIKELIHOOD_NOTE}
+    assert lm.stats.trace() == {"note": stats_mod.LOGLIKELIHOOD_NOTE}
 
 
 def test_rolling_loglikelihood_says_why_not(lm):
@@ -122,24 +125,25 @@ def test_chat_template_and_params(lm):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     p = lm.params()
     middle = ",".join(map(str, resolve_subset("middle", lm.model.num_layers)))
-    assert (p["k"], p["subset"], p["layers"], p["dtype"], p["model_revision"]) == (2, "middle", middle, "float32", "local")
+    assert (p["k"], p["subset"], p["layers"], p["resolved_dtype"], p["model_revision"]) == (
+        "2", "middle", middle, "float32", "local")
     assert len(p["model_hash"]) == 16
 
 
 def test_random_weights_of_a_named_shape(tiny_ckpt):
-    a = harness.load("random:tiny", dtype="float32", tokenizer=str(tiny_ckpt), seed=3)
-    b = harness.load("random:tiny", dtype="float32", tokenizer=str(tiny_ckpt), seed=3)
+    a = models.load("random:tiny", dtype="float32", tokenizer=str(tiny_ckpt), seed=3)
+    b = models.load("random:tiny", dtype="float32", tokenizer=str(tiny_ckpt), seed=3)
     assert a.model_hash == b.model_hash and a.revision == "random" and a.path is None
     assert torch.equal(a.model.lm_head.weight, b.model.lm_head.weight)
 
 
 def test_missing_model_and_bad_settings_are_config_errors(tmp_path, tiny_ckpt):
-    with pytest.raises(harness.ConfigError, match="not found"):
-        harness.load(str(tmp_path / "nothing_here"))
-    with pytest.raises(harness.ConfigError, match="batch_size auto"):
-        harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), batch_size="auto")
-    with pytest.raises(harness.ConfigError, match="does not take"):
-        harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), reuse_k=2)
+    with pytest.raises(lm_mod.ConfigError, match="not found"):
+        models.load(str(tmp_path / "nothing_here"))
+    with pytest.raises(lm_mod.ConfigError, match="batch_size=auto: give a whole number"):
+        lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), batch_size="auto")
+    with pytest.raises(lm_mod.ConfigError, match="does not take"):
+        lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), reuse_k=2)
 
 
 def test_primary_metric():
@@ -175,7 +179,7 @@ def test_study_tasks_are_known_to_lm_eval():
 def test_gated_task_without_a_token_fails_in_one_line(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login either
-    with pytest.raises(harness.ConfigError, match="gated data set Idavidrein/gpqa.*HF_TOKEN"):
+    with pytest.raises(lm_mod.ConfigError, match="gated data set Idavidrein/gpqa.*HF_TOKEN"):
         harness.check_gated("gpqa_main_zeroshot")
     harness.check_gated("gsm8k")
     monkeypatch.setenv("HF_TOKEN", "hf_x")
@@ -185,7 +189,7 @@ def test_gated_task_without_a_token_fails_in_one_line(monkeypatch, tmp_path):
 @pytest.mark.hub
 def test_gsm8k_from_the_hub(tiny_ckpt):
     """The real task path: gsm8k's data from the hub, prompt rewrite, strict-match metric."""
-    lm = harness.FastDLLMv2LM(pretrained=str(tiny_ckpt), dtype="float32", max_new_tokens=32)
+    lm = lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), dtype="float32", max_new_tokens=32)
     results = harness.evaluate(lm, "gsm8k", harness.task_manager_for("gsm8k"), limit=1)
     assert "exact_match,strict-match" in results["results"]["gsm8k"]
     assert "Please reason step by step" in lm.stats.generations[0]["prompt"]
@@ -205,5 +209,5 @@ def test_hub_checkpoint_from_the_cache_is_pinned_to_its_commit(tiny_ckpt, tmp_pa
     import huggingface_hub.constants as hc
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    loaded = harness.load("org/tiny", dtype="float32")
+    loaded = models.load("org/tiny", dtype="float32")
     assert (loaded.revision, loaded.model_hash) == (sha, sha[:16])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reuse_exp.config import ConfigError, ModelConfig
-from reuse_exp.decoding import DecodeConfig, generate
-from reuse_exp.loading import (CheckpointError, decode_config_for, expected_parameters, load_model,
+from reuse_exp.engine.config import ConfigError, ModelConfig
+from reuse_exp.engine.decoding import DecodeConfig, generate
+from reuse_exp.engine.loading import (CheckpointError, decode_config_for, expected_parameters, load_model,
                                load_tokenizer, random_model, save_model, token_ids)
-from reuse_exp.model import ForwardKind
+from reuse_exp.engine.model import ForwardKind
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fast_dllm_v2_7b"
 needs_real = pytest.mark.skipif(not (REAL / "config.json").is_file(), reason="../shared/fast_dllm_v2_7b not present")
@@ -134,7 +134,7 @@ def test_unsupported_model_type_is_an_error():
 
 LOAD_AND_MEASURE = r"""
 import sys, threading, time
-from reuse_exp.loading import load_model
+from reuse_exp.engine.loading import load_model
 
 def anon_kb():
     for line in open("/proc/self/status"):

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from reuse_exp.config import ConfigError, ModelConfig
-from reuse_exp.decoding import DecodeConfig, generate
-from reuse_exp.loading import random_model
-from reuse_exp.model import ForwardKind
-from reuse_exp.reuse import ReusePolicy, resolve_subset
+from reuse_exp.engine.config import ConfigError, ModelConfig
+from reuse_exp.engine.decoding import DecodeConfig, generate
+from reuse_exp.engine.loading import random_model
+from reuse_exp.engine.model import ForwardKind
+from reuse_exp.engine.reuse import ReusePolicy, resolve_subset
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -125,7 +125,7 @@ def test_full_block_forwards_compute_every_layer(model):
 def test_delta_mode_right_after_refresh_equals_recomputation(model):
     """A full-block forward refreshes every cache; a small-block forward over the same
     tokens that reuses in delta mode then gives the fresh logits."""
-    from reuse_exp.reuse import LayerReuse, ReuseCache, RowMask
+    from reuse_exp.engine.reuse import LayerReuse, ReuseCache, RowMask
     policy = ReusePolicy.create(2, "middle", 8, mode="delta")
     tokens = torch.randint(0, 60, (2, 64))
     logits = {}

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from reuse_exp import tiny_data
-from reuse_exp.assets import TINY_MODEL_DIR
-from reuse_exp.loading import load_model, load_tokenizer, token_ids
-from reuse_exp.reuse import SUBSETS, ReusePolicy, resolve_subset
-from reuse_exp.tiny_table import evaluate_gsm, is_correct
+from reuse_exp.tiny import data as tiny_data
+from reuse_exp.tiny import MODEL_DIR as TINY_MODEL_DIR
+from reuse_exp.engine.loading import load_model, load_tokenizer, token_ids
+from reuse_exp.engine.reuse import SUBSETS, ReusePolicy, resolve_subset
+from reuse_exp.tiny.table import evaluate_gsm, is_correct
 
 SLICE = 40   # first items of the held-out test split
 
@@ -83,7 +83,7 @@ def test_reuse_k3_last_output_mode_changes_outputs(model, tokenizer, docs, basel
 # -- the training script ------------------------------------------------------------------------
 def test_training_objective_hides_every_target():
     """Changing a target token changes nothing its own prediction reads."""
-    from reuse_exp.train_tiny import TrainConfig, init_model, two_copy_mask
+    from reuse_exp.tiny.train import TrainConfig, init_model, two_copy_mask
     T, bs, start = 128, 32, 32
     model = init_model(TrainConfig(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=1), "cpu").eval()
     pos = torch.arange(T)
@@ -106,7 +106,7 @@ def test_training_objective_hides_every_target():
 
 
 def test_fast_encoder_matches_tokenizer(tokenizer):
-    from reuse_exp.train_tiny import FastEncoder
+    from reuse_exp.tiny.train import FastEncoder
     enc = FastEncoder(tokenizer, "tiny_gsm")
     doc = tiny_data.make_gsm(random.Random(3))
     enc.check(f"Question: {doc['question']}\nAnswer:", doc["answer"])
@@ -116,7 +116,7 @@ def test_fast_encoder_matches_tokenizer(tokenizer):
 
 
 def test_train_script_writes_the_shipped_files(tmp_path):
-    from reuse_exp.train_tiny import main
+    from reuse_exp.tiny.train import main
     main(["--out", str(tmp_path), "--steps", "2", "--pool", "64", "--batch", "2", "--hidden", "32",
           "--intermediate", "64", "--warmup", "1", "--eval-limit", "0"])
     assert {p.name for p in tmp_path.iterdir()} == {p.name for p in TINY_MODEL_DIR.iterdir()}
@@ -126,8 +126,8 @@ def test_train_script_writes_the_shipped_files(tmp_path):
 
 
 def test_block_aligned_prompt_decodes_the_same_in_a_batch(model, tokenizer):
-    from reuse_exp.decoding import generate
-    from reuse_exp.loading import decode_config_for
+    from reuse_exp.engine.decoding import generate
+    from reuse_exp.engine.loading import decode_config_for
     every = tiny_data.read_task_docs("tiny_gsm_test.jsonl")
     prompts = [tokenizer(tiny_data.gsm_prompt(tokenizer, d), add_special_tokens=False)["input_ids"] for d in every]
     aligned = next(p for p in prompts if len(p) % 32 == 0)

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import SECRET, bundled_or, git, subprocess_env
 
-from reuse_exp import tracking
-from reuse_exp.config import ConfigError
-from reuse_exp.gpu_stats import GpuSampler
+from reuse_exp.engine.config import ConfigError
+from reuse_exp.tracking.gpu_stats import GpuSampler
+from reuse_exp.tracking import provenance as prov
+from reuse_exp.tracking import run as tracked
+from reuse_exp.tracking import schema
 
 
 # -- provenance and the guard ------------------------------------------------------------------
@@ -29,10 +31,10 @@ def repo(tmp_path) -> Path:
 
 
 def test_clean_checkout(repo):
-    prov = tracking.provenance(exclude=[], pkg=repo / "pkg")
+    prov = prov.provenance(exclude=[], pkg=repo / "pkg")
     assert prov.commit == git(["rev-parse", "HEAD"], repo).strip()
     assert prov.branch == "main" and not prov.dirty and prov.dirty_files == ()
-    tracking.check_clean(prov, allow_dirty=False)
+    prov.check_clean(prov, allow_dirty=False)
 
 
 def test_dirty_files_are_tracked_changes_and_untracked_but_not_ignored_or_the_store(repo):
@@ -41,13 +43,13 @@ def test_dirty_files_are_tracked_changes_and_untracked_but_not_ignored_or_the_st
     (repo / "ignored.txt").write_text("noise\n")
     (repo / "store").mkdir()
     (repo / "store" / "mlflow.db").write_text("not code\n")
-    prov = tracking.provenance(exclude=[repo / "store"], pkg=repo / "pkg")
+    prov = prov.provenance(exclude=[repo / "store"], pkg=repo / "pkg")
     assert prov.dirty
     assert sorted(prov.dirty_files) == ["pkg/a.py", "pkg/new.py"]
-    with pytest.raises(tracking.DirtyTree, match=r"pkg/a\.py, pkg/new\.py"):
-        tracking.check_clean(prov, allow_dirty=False)
-    tracking.check_clean(prov, allow_dirty=True)
-    diff = tracking.dirty_diff(prov)
+    with pytest.raises(prov.DirtyTree, match=r"pkg/a\.py, pkg/new\.py"):
+        prov.check_clean(prov, allow_dirty=False)
+    prov.check_clean(prov, allow_dirty=True)
+    diff = prov.dirty_diff(prov)
     assert "-x = 1" in diff and "+x = 2" in diff and "+y = 1" in diff
 
 
@@ -55,55 +57,55 @@ def test_store_paths_of_a_sqlite_uri_are_excluded(repo, monkeypatch):
     monkeypatch.chdir(repo)
     (repo / "mlflow.db").write_text("db\n")
     (repo / "mlflow.db-journal").write_text("db\n")
-    prov = tracking.provenance(exclude=tracking.store_paths("sqlite:///mlflow.db"), pkg=repo / "pkg")
+    prov = prov.provenance(exclude=prov.store_paths("sqlite:///mlflow.db"), pkg=repo / "pkg")
     assert not prov.dirty, prov.dirty_files
 
 
 def test_outside_git_the_commit_is_unknown_and_dirty(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
-    prov = tracking.provenance(exclude=[], pkg=tmp_path / "pkg")
+    prov = prov.provenance(exclude=[], pkg=tmp_path / "pkg")
     assert prov.commit == "unknown" and prov.dirty
-    with pytest.raises(tracking.DirtyTree, match="not a git commit"):
-        tracking.check_clean(prov, allow_dirty=False)
+    with pytest.raises(prov.DirtyTree, match="not a git commit"):
+        prov.check_clean(prov, allow_dirty=False)
 
 
 def test_source_hash_follows_the_files(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
-    h1 = tracking.source_hash(tmp_path)
+    h1 = prov.source_hash(tmp_path)
     (tmp_path / "__pycache__").mkdir()
     (tmp_path / "__pycache__" / "a.pyc").write_bytes(b"\0")
-    assert tracking.source_hash(tmp_path) == h1
+    assert prov.source_hash(tmp_path) == h1
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert tracking.source_hash(tmp_path) != h1
+    assert prov.source_hash(tmp_path) != h1
 
 
 # -- values ------------------------------------------------------------------------------------
 def test_secrets_are_redacted():
     env = {"HF_TOKEN": "hf_abcdef123456", "AWS_SECRET_ACCESS_KEY": "s3cr3tvalue", "HOME": "/root", "X": "hf_abcdef"}
-    secrets = tracking.secret_values(env)
+    secrets = prov.secret_values(env)
     assert "/root" not in secrets and "hf_abcdef" not in secrets
-    assert tracking.redact("token hf_abcdef123456 and s3cr3tvalue", secrets) == "token [redacted] and [redacted]"
+    assert prov.redact("token hf_abcdef123456 and s3cr3tvalue", secrets) == "token [redacted] and [redacted]"
 
 
 def test_config_key_follows_result_shaping_settings_only():
-    base = {k: "1" for k in tracking.CONFIG_KEY_PARAMS}
-    assert tracking.config_key(base) == tracking.config_key(dict(base, model_path="/elsewhere", git_commit="abc"))
-    assert tracking.config_key(base) != tracking.config_key(dict(base, k="2"))
-    assert tracking.config_key(base) != tracking.config_key(dict(base, layers="8,9,10"))
+    base = {k: "1" for k in schema.CONFIG_KEY_PARAMS}
+    assert schema.config_key(base) == schema.config_key(dict(base, model_path="/elsewhere", git_commit="abc"))
+    assert schema.config_key(base) != schema.config_key(dict(base, k="2"))
+    assert schema.config_key(base) != schema.config_key(dict(base, layers="8,9,10"))
 
 
 def test_param_spellings():
-    assert tracking.same_param("0.90", "0.9") and tracking.same_param("'true'", "true")
-    assert tracking.same_param("2", "2") and not tracking.same_param("2", "3")
-    assert tracking.param_str(True) == "true" and tracking.param_str(None) == "none"
+    assert schema.same_param("0.90", "0.9") and schema.same_param("'true'", "true")
+    assert schema.same_param("2", "2") and not schema.same_param("2", "3")
+    assert schema.param_str(True) == "true" and schema.param_str(None) == "none"
 
 
 def test_lm_eval_metric_names():
     results = {"results": {"t": {"alias": "t", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.1,
                                  "acc,none": 1.0},
                            "t_sub": {"acc,none": 0.25}}}
-    assert tracking.lm_eval_metrics(results, "t") == {
+    assert schema.lm_eval_metrics(results, "t") == {
         "exact_match/strict-match": 0.5, "exact_match_stderr/strict-match": 0.1, "acc": 1.0, "t_sub/acc": 0.25}
 
 
@@ -158,7 +160,7 @@ def test_mlflow_run_end_to_end(clean_repo, store, tiny_ckpt, tasks_dir):
     assert [k for k in SCHEMA_TAGS if k not in t] == []
     assert t["git_commit"] == git(["rev-parse", "HEAD"], clean_repo).strip()
     assert t["git_dirty"] == "false" and t["task_kind"] == "generate_until"
-    assert t["source_hash"] == tracking.source_hash(clean_repo / "reuse_exp")
+    assert t["source_hash"] == prov.source_hash(clean_repo / "reuse_exp")
     assert [k for k in SCHEMA_METRICS if k not in m] == []
     assert m["generated_tokens"] > 0 and m["seconds"] > 0
     assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
@@ -215,7 +217,7 @@ def test_a_param_the_code_changed_fails_the_run(store, monkeypatch):
     client = mlflow.MlflowClient(store)
     run = client.create_run("0")
     client.log_param(run.info.run_id, "k", "2")
-    tracker = tracking.Tracker(run.info.run_id, [])
+    tracker = tracked.Tracker(run.info.run_id, [])
     tracker.params({"k": 2, "subset": "middle"})  # same value, another spelling: fine
     with pytest.raises(ConfigError, match="parameter k: mlflow run logged '2' but the code used '1'"):
         tracker.params({"k": 1})

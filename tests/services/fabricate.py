@@ -9,12 +9,12 @@ import time
 
 from mlflow.entities import Metric, Param
 
-# The tracked run's defaults (reuse_exp/cli.py `run`), as tracking.py logs them, at limit 4.
-PARAMS = {"mode": "output", "scope": "block", "limit": "4", "model": "bundled", "model_revision": "local",
-          "model_hash": "abc123", "dtype": "float32", "threshold": "0.9", "block_size": "32",
-          "small_block_size": "8", "max_new_tokens": "256", "use_block_cache": "true", "num_fewshot": "0",
-          "apply_chat_template": "true", "fewshot_as_multiturn": "true", "seed": "1234", "batch_size": "1",
-          "device": "cpu", "path": "eager"}
+from reuse_exp.settings import SPECS
+
+# The tracked run's defaults as it logs them (every setting as given, then what it resolved), at limit 4.
+PARAMS = {**{s.name: s.text() for s in SPECS if s.name not in ("experiment", "include_path")}, "limit": "4",
+          "model_revision": "local", "model_hash": "abc123", "resolved_dtype": "float32",
+          "resolved_device": "cpu", "path": "eager"}
 LAYERS = {"first": "1,2,3", "middle": "2,3,4", "last": "5,6,7"}
 
 

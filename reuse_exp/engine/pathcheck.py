@@ -1,6 +1,6 @@
 """Check that the fast path decodes the eager path's tokens on the tiny shape (fp32).
 
-    python -m reuse_exp.pathcheck [--device cuda]
+    python -m reuse_exp.engine.pathcheck [--device cuda]
 
 Random tiny weights with peaked predictions (several tokens unmask per step), a batch
 of three prompts of different lengths, no reuse and three reuse policies. Exits 1 on

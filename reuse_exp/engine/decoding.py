@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError
-from .instrument import DecodeReport, LayerCounts, SampleStats
+from .instrument import DecodeRecorder, DecodeReport
 from .model import FastDLLM, ForwardKind
-from .reuse import LayerReuse, ReuseCache, ReusePolicy, RowMask, ShadowLog
+from .reuse import ReuseCache, ReusePolicy, ReuseSchedule, RowMask
 
 # Token ids of the real checkpoint; a tokenizer's own ids take precedence (see TokenIds).
 MASK_ID, STOP_ID, PAD_ID = 151665, 151645, 151643
@@ -83,11 +83,12 @@ class _Run:
     forward may write. A sample therefore decodes the same tokens in any batch as it
     does alone. (The public `batch_sample` decides for the whole batch, which lets a
     sample's neighbours change its forwards and, with reuse, its step counter.)
+    The reuse decision is `ReuseSchedule`'s, the accounting `DecodeRecorder`'s.
     """
 
     def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
                  policy: ReusePolicy | None, trace_sample: int | None, shadow: bool, runner):
-        self.model, self.cfg, self.policy, self.runner = model, cfg, policy, runner
+        self.model, self.cfg, self.runner = model, cfg, runner
         dev = model.device
         bs = cfg.block_size
         self.seq_len = torch.tensor([len(p) for p in prompts], device=dev)
@@ -99,71 +100,36 @@ class _Run:
         for b, p in enumerate(prompts):
             self.x[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
         self.cache = runner.new_cache(len(prompts), self.num_blocks * bs, bs)
-        self.reuse_cache = None
+        reuse_cache = None
         if policy is not None and policy.k > 1:
-            self.reuse_cache = runner.new_reuse_cache(policy, len(prompts), bs)
+            reuse_cache = runner.new_reuse_cache(policy, len(prompts), bs)
+        self.schedule = ReuseSchedule(policy, reuse_cache, dev, shadow)
+        self.recorder = DecodeRecorder(len(prompts), model.num_layers, trace_sample)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         self.sample_ids = list(range(len(prompts)))   # original index of each batch row
-        self.stats = [SampleStats() for _ in prompts]
-        self.report = DecodeReport(samples=self.stats, wall_seconds=0.0,
-                                   layer_counts=LayerCounts(model.num_layers))
         self.outputs: dict[int, list[int]] = {}
-        self.trace_sample = trace_sample
-        self.shadow = ShadowLog() if shadow and self.reuse_cache is not None else None
-        self.block = 0
-        self.step: list[int] = []           # per row: its forwards so far in this block
-        self.since_refresh: list[int] = []  # per row: its forwards since its last full-block forward
 
-    # -- one forward, with the reuse decision and the bookkeeping ---------------------------
+    @property
+    def report(self) -> DecodeReport:
+        return self.recorder.report
+
     def forward(self, tokens: torch.Tensor, kind: ForwardKind, replace_position: int = 0,
                 active: list[bool] | None = None) -> torch.Tensor:
-        n_rows = tokens.shape[0]
-        active = [True] * n_rows if active is None else active
-        denoising = kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK)
-        if kind is ForwardKind.FULL_BLOCK:
-            self.since_refresh = [0 if a else c for a, c in zip(active, self.since_refresh)]
-        reusing = [False] * n_rows
-        plan = None
-        # Prefill and finalize neither reuse nor refresh: their results are for other positions.
-        if self.reuse_cache is not None and denoising:
-            counters = self.step if self.policy.scope == "block" else self.since_refresh
-            reusing = [a and bool(self.policy.skipped(kind, c)) for a, c in zip(active, counters)]
-            computing = [a and not r for a, r in zip(active, reusing)]
-            offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
-            dev = self.model.device
-            plan = LayerReuse(frozenset(self.policy.layers), RowMask.of(reusing, dev),
-                              RowMask.of(computing, dev), self.reuse_cache, offset, self.shadow)
-            if self.shadow is not None:
-                self.shadow.where = {"block": self.block, "step": max(self.step), "replace_position": offset}
+        """One forward of `kind` for the `active` rows (None: all), as the schedule plans it."""
+        active = [True] * tokens.shape[0] if active is None else active
+        plan = self.schedule.plan(kind, active, replace_position)
         write_rows = None if all(active) else RowMask.of(active, self.model.device).device
         hidden = self.runner(tokens, kind, self.cache, replace_position, plan, write_rows)
-
-        n_layers, reused = self.model.num_layers, len(self.policy.layers) if self.policy else 0
-        for b, sample in enumerate(self.sample_ids):
-            if not active[b]:
-                continue
-            s = self.stats[sample]
-            s.forwards[kind.value] += 1
-            s.layer_evals_skipped += reused if reusing[b] else 0
-            s.layer_evals_run += n_layers - (reused if reusing[b] else 0)
-            if sample == self.trace_sample:
-                self.report.trace.append({
-                    "block": self.block, "step": self.step[b] if denoising else None, "kind": kind.value,
-                    "replace_position": replace_position if kind is ForwardKind.SMALL_BLOCK else None,
-                    "tokens": tokens.shape[1],
-                    "skipped": list(self.policy.layers) if reusing[b] else [],
-                    "reuse_cache_shape": list(self.reuse_cache.shape) if plan is not None else None})
+        reusing = plan.reusing.host.tolist() if plan is not None else [False] * len(active)
         # What the batch really ran: a layer is skipped only when no row computed it.
-        skipped_by_batch = self.policy.layers if any(reusing) and plan is not None and not plan.computing.any else ()
-        self.report.batch_forwards[kind.value] += 1
-        self.report.layer_counts.add(self.block, skipped_by_batch)
-        if kind is ForwardKind.SMALL_BLOCK:
-            self.report.replace_positions[replace_position] += 1
-        if plan is not None:
-            self.report.cache_shapes.add(self.reuse_cache.shape)
-        if denoising:
-            self.step = [c + a for c, a in zip(self.step, active)]
-            self.since_refresh = [c + a for c, a in zip(self.since_refresh, active)]
+        batch_skipped = self.schedule.layers if any(reusing) and not plan.computing.any else ()
+        self.recorder.record(
+            kind=kind.value, block=self.schedule.block, tokens=tokens.shape[1],
+            replace_position=replace_position if kind is ForwardKind.SMALL_BLOCK else None,
+            sample_ids=self.sample_ids, active=active, steps=self.schedule.step, reusing=reusing,
+            reused_layers=self.schedule.layers, batch_skipped=batch_skipped,
+            cache_shape=plan.cache.shape if plan is not None else None)
+        self.schedule.advance(kind, active)
         return hidden
 
     def logits_at(self, hidden: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -205,9 +171,7 @@ class _Run:
         cfg, bs, sbs = self.cfg, self.cfg.block_size, self.cfg.small_block_size
         n_rows = self.x.shape[0]
         blk = self.x[:, block * bs:(block + 1) * bs]   # a view: writes land in self.x
-        self.block, self.step, self.since_refresh = block, [0] * n_rows, [0] * n_rows
-        if self.reuse_cache is not None:
-            self.reuse_cache.new_block()
+        self.schedule.new_block(block, n_rows)
         has_block_cache = [False] * n_rows
         # Shifted logits: block position p is predicted by the logit at p - 1 (p = 0 by its own);
         # a small-block forward shifts inside its window, so its first position uses its own
@@ -272,10 +236,10 @@ class _Run:
                 break
             out.append(t)
             if t == self.cfg.stop_id and not self.cfg.ignore_stop:
-                self.stats[sample].finished = True
+                self.report.samples[sample].finished = True
                 break
         self.outputs[sample] = out
-        self.stats[sample].generated_tokens = len(out)
+        self.report.samples[sample].generated_tokens = len(out)
 
     def trim_finished(self) -> None:
         if not bool(self.finished.any()):
@@ -286,8 +250,7 @@ class _Run:
         self.sample_ids = [r for r, k in zip(self.sample_ids, keep.tolist()) if k]
         self.x, self.seq_len, self.finished = self.x[keep], self.seq_len[keep], self.finished[keep]
         self.cache.trim(keep)
-        if self.reuse_cache is not None:
-            self.reuse_cache.trim(keep)
+        self.schedule.trim(keep)
 
     def run(self) -> None:
         self.prefill()
@@ -329,6 +292,6 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     run.run()
     _sync(model.device)
     run.report.wall_seconds = time.perf_counter() - t0
-    if run.shadow is not None:
-        run.report.shadow = run.shadow.records
+    if run.schedule.shadow is not None:
+        run.report.shadow = run.schedule.shadow.records
     return DecodeResult([run.outputs[i] for i in range(len(prompts))], run.report)

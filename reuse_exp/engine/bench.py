@@ -1,7 +1,7 @@
 """Benchmark: random weights of a named shape, a fixed trajectory, warm-up, then timing.
 
-    python -m reuse_exp.bench --shape tiny                       # CPU
-    python -m reuse_exp.bench --shape 7b --device cuda --dtype bfloat16 --markdown docs/bench.md
+    python -m reuse_exp.engine.bench --shape tiny                       # CPU
+    python -m reuse_exp.engine.bench --shape 7b --device cuda --dtype bfloat16 --markdown docs/bench.md
 
 Random weights never pass the unmasking threshold, so every step unmasks exactly one
 token and the trajectory is fixed; the stop token is ignored. Reported: the device's
@@ -238,7 +238,7 @@ def markdown(r: BenchResult) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m reuse_exp.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m reuse_exp.engine.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", help="named shape: tiny, 1.5b, 7b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")

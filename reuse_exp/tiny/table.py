@@ -1,8 +1,8 @@
-"""The bundled tiny model's reuse table: `python -m reuse_exp.tiny_table [--limit 200] [--readme FILE]`.
+"""The bundled tiny model's reuse table: `python -m reuse_exp.tiny.table [--limit 200] [--readme FILE]`.
 
 For k in 1, 2, 3 and subsets first/middle/last, in output and delta mode: strict-match
 accuracy on tiny_gsm's test split, generated tokens/s and the fraction of layer
-evaluations that reuse. Decoding is `reuse_exp.decoding.generate`, batched, with the
+evaluations that reuse. Decoding is `reuse_exp.engine.decoding.generate`, batched, with the
 defaults (threshold 0.9, block 32, small block 8) and the exact prompts lm-eval builds
 (0-shot, chat template, the harness's rewrite). k=1 computes every layer, so its cells
 are one measurement, repeated.
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from . import tiny_data
-from .assets import TINY_MODEL_DIR
-from .decoding import generate
-from .loading import decode_config_for, load_model, load_tokenizer, token_ids
-from .reuse import MODES, SUBSETS, ReusePolicy
+from . import data as tiny_data
+from . import MODEL_DIR as TINY_MODEL_DIR
+from ..engine.decoding import generate
+from ..engine.loading import decode_config_for, load_model, load_tokenizer, token_ids
+from ..engine.reuse import MODES, SUBSETS, ReusePolicy
 
 MAX_GEN_TOKS = 192   # tiny_gsm.yaml's max_gen_toks
 
@@ -74,7 +74,7 @@ def mc_accuracy(model, tokenizer, docs: list[dict]) -> float:
     """tiny_mc by the public loglikelihood scoring (as the harness does it): the choice letter
     is masked, the sequence padded with masks to a block multiple, one block-causal forward,
     and the letter is scored by the logit before it."""
-    from .model import block_causal_mask
+    from ..engine.model import block_causal_mask
     ids = token_ids(tokenizer)
     bs = model.config.bd_size
     letters = tokenizer.convert_tokens_to_ids(list("ABCD"))
@@ -110,7 +110,7 @@ def measure(model, tokenizer, docs, batch_size: int) -> dict:
 
 def markdown(results: dict, num_layers: int, machine: str, n: int, mc: float | None = None,
              batch_size: int | None = None) -> str:
-    from .reuse import resolve_subset
+    from ..engine.reuse import resolve_subset
     batch = f", batches of {batch_size}" if batch_size else ""
     lines = [f"tiny_gsm test split, {n} items{batch}, strict-match exact match; cell = accuracy / generated "
              f"tokens/s / skipped-layer fraction. Measured on {machine}.", ""]

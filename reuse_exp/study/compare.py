@@ -17,9 +17,9 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError
-from .grid import (LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, RunRecord, build_request, client,
-                   experiment_id, experiment_name, fetch_runs, git_head, grid_options, task_kind)
+from ..engine.config import ConfigError
+from .cells import LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, build_request, grid_options, task_kind
+from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head
 
 TABLES = (("accuracy", "accuracy", "{:.1%}"), ("tokens/s", "tokens_per_second", "{:.2f}"),
           ("speedup over k=1", None, "{:.2f}x"), ("skipped fraction", "skipped_fraction", "{:.3f}"))

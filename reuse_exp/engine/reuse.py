@@ -202,3 +202,54 @@ class LayerReuse:
                  rows: torch.Tensor | None) -> None:
         # `rows` (a device mask from the model) is always this plan's computing rows or None
         self.cache.store(layer, x_in, y_out, self.offset, None if rows is None else self.computing)
+
+
+class ReuseSchedule:
+    """Where each batch row stands in its block, and the reuse plan every forward follows.
+
+    Counters are per row: a sample's steps do not depend on its neighbours, so it decodes
+    the same tokens in any batch as alone. `policy` None (or k=1) plans nothing.
+    """
+
+    def __init__(self, policy: ReusePolicy | None, cache: ReuseCache | None, device, shadow: bool = False):
+        self.policy, self.cache, self.device = policy, cache, device
+        self.shadow = ShadowLog() if shadow and cache is not None else None
+        self.block = 0
+        self.step: list[int] = []           # per row: its denoising forwards so far in this block
+        self.since_refresh: list[int] = []  # per row: its denoising forwards since its last full-block forward
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.policy.layers if self.policy is not None else ()
+
+    def new_block(self, block: int, n_rows: int) -> None:
+        self.block, self.step, self.since_refresh = block, [0] * n_rows, [0] * n_rows
+        if self.cache is not None:
+            self.cache.new_block()
+
+    def plan(self, kind: ForwardKind, active: list[bool], replace_position: int) -> LayerReuse | None:
+        """The plan of one forward; None when nothing can reuse. Prefill and finalize neither
+        reuse nor refresh: their results are for other positions."""
+        if self.cache is None or kind not in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
+            return None
+        counters = self.step if self.policy.scope == "block" else self.since_refresh
+        if kind is ForwardKind.FULL_BLOCK:
+            counters = [0] * len(active)  # a full-block forward refreshes, whatever the counter
+        reusing = [a and bool(self.policy.skipped(kind, c)) for a, c in zip(active, counters)]
+        computing = [a and not r for a, r in zip(active, reusing)]
+        offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
+        if self.shadow is not None:
+            self.shadow.where = {"block": self.block, "step": max(self.step), "replace_position": offset}
+        return LayerReuse(frozenset(self.policy.layers), RowMask.of(reusing, self.device),
+                          RowMask.of(computing, self.device), self.cache, offset, self.shadow)
+
+    def advance(self, kind: ForwardKind, active: list[bool]) -> None:
+        if kind is ForwardKind.FULL_BLOCK:
+            self.since_refresh = [0 if a else c for a, c in zip(active, self.since_refresh)]
+        if kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
+            self.step = [c + a for c, a in zip(self.step, active)]
+            self.since_refresh = [c + a for c, a in zip(self.since_refresh, active)]
+
+    def trim(self, keep: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.trim(keep)

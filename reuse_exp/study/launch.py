@@ -1,4 +1,5 @@
-"""The grid's array executor: the missing configurations as one submitit array job.
+"""Launching a grid's configurations: one local process after another, or one submitit
+array job (Slurm, or concurrent local processes).
 
 On SLURM every configuration is one array task running the tracked run; with
 `cluster="local"` submitit runs the same tasks as concurrent local processes (what CI
@@ -13,7 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .grid import REPO_ROOT, Cell, run_command, store_error
+from .cells import Cell, run_command
+from .store import REPO_ROOT, store_error
 
 DEFAULT_FOLDER = Path.home() / ".cache" / "reuse_exp" / "submitit"  # outside the checkout: keeps it clean
 
@@ -38,6 +40,24 @@ class SubmititOptions:
             p.update({f"slurm_{k}": v for k, v in (("partition", self.partition), ("account", self.account))
                       if v})
         return p
+
+
+def job_env(uri: str, experiment: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+
+
+def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, echo=print) -> list[str]:
+    """One process per configuration, in turn; returns the names of those that failed."""
+    failed = []
+    for i, cell in enumerate(cells, 1):
+        echo(f"[{i}/{len(cells)}] {cell.name}")
+        proc = subprocess.run(run_command(cell, allow_dirty), cwd=REPO_ROOT, env=job_env(uri, experiment),
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode:
+            echo(f"[{i}/{len(cells)}] {cell.name} failed (exit {proc.returncode})")
+            failed.append(cell.name)
+    return failed
+
 
 
 class JobFailed(RuntimeError):

@@ -8,7 +8,7 @@ belongs to the test pool iff a hash of its question says so (`in_test_pool`), an
 the training stream rejects every such problem, so no test item is ever trained on,
 whatever the seed or the stream's length.
 
-`python -m reuse_exp.tiny_data` rewrites the shipped task data under reuse_exp/tasks/data.
+`python -m reuse_exp.tiny.data` rewrites the shipped task data under reuse_exp/evaluation/tasks/data.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-from .prompts import rewrite_prompt
+from ..evaluation.prompts import rewrite_prompt
 
 NAMES = ["Tom", "Anna", "Ben", "Sara", "Leo", "Mia", "Sam", "Lily", "Max", "Emma", "Jack", "Nora",
          "Paul", "Ruth", "Omar", "Ivy", "Carl", "Zoe", "Dan", "Eva"]
@@ -28,7 +28,7 @@ ITEMS = ["apples", "pens", "books", "cards", "eggs", "shells", "stamps", "coins"
 PLACES = ["shop", "farm", "school", "library", "bakery", "market"]
 
 TEST_FRACTION = 8          # 1 in 8 questions (by hash) is reserved for the test split
-TASKS_DATA = Path(__file__).parent / "tasks" / "data"
+TASKS_DATA = Path(__file__).resolve().parents[1] / "evaluation" / "tasks" / "data"
 GSM_TEST_SIZE, GSM_FEWSHOT_SIZE, MC_TEST_SIZE = 200, 16, 200
 GSM_TEST_SEED, GSM_FEWSHOT_SEED, MC_TEST_SEED = 1001, 1002, 1003
 

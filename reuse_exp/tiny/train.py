@@ -1,8 +1,8 @@
-"""Train the bundled tiny Fast-dLLM v2 model: `python -m reuse_exp.train_tiny --out DIR [--device cuda]`.
+"""Train the bundled tiny Fast-dLLM v2 model: `python -m reuse_exp.tiny.train --out DIR [--device cuda]`.
 
-Writes exactly the files that reuse_exp/assets/tiny ships: config.json, model.safetensors
+Writes exactly the files that reuse_exp/tiny/model ships: config.json, model.safetensors
 (bfloat16), tokenizer.json, tokenizer_config.json, training.json (settings, loss curve,
-held-out accuracy) and README.md (model card; `python -m reuse_exp.tiny_table --readme`
+held-out accuracy) and README.md (model card; `python -m reuse_exp.tiny.table --readme`
 fills in its reuse table).
 
 Data (reuse_exp/tiny_data.py). A stream of GSM8K-shaped word problems from five
@@ -65,17 +65,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import tiny_data
-from .config import ModelConfig
-from .loading import MASK_TOKEN, load_tokenizer, save_model, token_ids
-from .model import FastDLLM
-from .reuse import SUBSETS, resolve_subset
+from . import data as tiny_data
+from ..engine.config import ModelConfig
+from ..engine.loading import MASK_TOKEN, load_tokenizer, save_model, token_ids
+from ..engine.model import FastDLLM
+from ..engine.reuse import SUBSETS, resolve_subset
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 PAD, IM_START, IM_END, UNK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
 SPECIALS = [PAD, IM_START, IM_END, MASK_TOKEN, UNK]
 # The checkpoint's chat template (Qwen2.5's), default system prompt included.
-CHAT_TEMPLATE = (Path(__file__).parent / "assets" / "chat_template.jinja").read_text()
+CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
 
 
 @dataclass
@@ -319,10 +319,10 @@ A model of the Fast-dLLM v2 architecture (`model_type: Fast_dLLM_Qwen`: Qwen2 la
 {meta['parameters'] / 1e6:.2f} M parameters stored in bfloat16, with a character-level tokenizer
 and the Qwen chat template. Trained with the block-diffusion objective (blocks of 32,
 complementary masks, token shift) on the GSM8K-shaped problems of `reuse_exp/tiny_data.py`,
-for the bundled lm-eval tasks `tiny_gsm` and `tiny_mc` (reuse_exp/tasks).
+for the bundled lm-eval tasks `tiny_gsm` and `tiny_mc` (reuse_exp/evaluation/tasks).
 
-Regenerate: `python -m reuse_exp.train_tiny --out reuse_exp/assets/tiny --device cuda --steps {cfg.steps}`
-(then `python -m reuse_exp.tiny_table --readme reuse_exp/assets/tiny/README.md`).
+Regenerate: `python -m reuse_exp.tiny.train --out reuse_exp/tiny/model --device cuda --steps {cfg.steps}`
+(then `python -m reuse_exp.tiny.table --readme reuse_exp/tiny/model/README.md`).
 Training: {cfg.steps} steps of {cfg.batch} problems (+ complements) in {meta['train_seconds']:.0f} s on
 {meta['device_name']}; settings and loss curve in `training.json`.
 Held-out tiny_gsm (strict match, k=1, threshold 0.9, on the training device): {acc if acc is None else f'{acc:.1%}'}.
@@ -336,13 +336,13 @@ Held-out tiny_gsm (strict match, k=1, threshold 0.9, on the training device): {a
 ## Reuse table
 
 <!-- tiny_table:start -->
-(not measured yet: `python -m reuse_exp.tiny_table --readme reuse_exp/assets/tiny/README.md`)
+(not measured yet: `python -m reuse_exp.tiny.table --readme reuse_exp/tiny/model/README.md`)
 <!-- tiny_table:end -->
 """)
 
 
 def heldout_accuracy(model: FastDLLM, tokenizer, limit: int, batch_size: int) -> float:
-    from .tiny_table import evaluate_gsm
+    from .table import evaluate_gsm
     docs = tiny_data.read_task_docs("tiny_gsm_test.jsonl")[:limit]
     return evaluate_gsm(model, tokenizer, docs, batch_size=batch_size).accuracy
 

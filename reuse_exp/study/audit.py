@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import click
 
-from .grid import STUCK_AFTER_S, RunRecord, client, experiment_name, fetch_runs, tracking_uri
+from .store import STUCK_AFTER_S, RunRecord, client, experiment_name, fetch_runs, tracking_uri
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
-
 @dataclass
 class SampleStats:
     generated_tokens: int = 0          # up to and including the stop token; never pad
@@ -84,3 +83,40 @@ class DecodeReport:
             "replace_positions": dict(self.replace_positions),
             "cache_shapes": sorted(self.cache_shapes),
         }
+
+
+class DecodeRecorder:
+    """Accounts for every forward of one decoding call: per sample, per block and layer, and
+    the trace of one sample's decisions."""
+
+    def __init__(self, n_samples: int, num_layers: int, trace_sample: int | None):
+        self.num_layers, self.trace_sample = num_layers, trace_sample
+        self.report = DecodeReport(samples=[SampleStats() for _ in range(n_samples)], wall_seconds=0.0,
+                                   layer_counts=LayerCounts(num_layers))
+
+    def record(self, *, kind: str, block: int, tokens: int, replace_position: int | None, sample_ids: list[int],
+               active: list[bool], steps: list[int], reusing: list[bool], reused_layers: tuple[int, ...],
+               batch_skipped: tuple[int, ...], cache_shape: tuple[int, ...] | None) -> None:
+        """One batched forward. `reusing` rows stood in `reused_layers`; `batch_skipped` are the
+        layers no row computed (what the batch really saved)."""
+        denoising = kind in ("full_block", "small_block")
+        for b, sample in enumerate(sample_ids):
+            if not active[b]:
+                continue
+            s = self.report.samples[sample]
+            skipped = len(reused_layers) if reusing[b] else 0
+            s.forwards[kind] += 1
+            s.layer_evals_skipped += skipped
+            s.layer_evals_run += self.num_layers - skipped
+            if sample == self.trace_sample:
+                self.report.trace.append({
+                    "block": block, "step": steps[b] if denoising else None, "kind": kind,
+                    "replace_position": replace_position, "tokens": tokens,
+                    "skipped": list(reused_layers) if reusing[b] else [],
+                    "reuse_cache_shape": list(cache_shape) if cache_shape is not None else None})
+        self.report.batch_forwards[kind] += 1
+        self.report.layer_counts.add(block, batch_skipped)
+        if replace_position is not None:
+            self.report.replace_positions[replace_position] += 1
+        if cache_shape is not None:
+            self.report.cache_shapes.add(cache_shape)

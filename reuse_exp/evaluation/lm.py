@@ -1,0 +1,244 @@
+"""lm-eval model `fast_dllm_v2`: reuse-enabled block-diffusion generation and public scoring.
+
+Registered with lm-eval on import. Through this package: `reuse-exp run` (tracked),
+or lm-eval's own CLI with the model registered first:
+
+    reuse-exp lm-eval run --model fast_dllm_v2 --model_args pretrained=DIR,k=2,subset=middle \
+        --tasks gsm8k --apply_chat_template --fewshot_as_multiturn --batch_size 1
+
+(`reuse-exp lm-eval ARGS` is `lm-eval ARGS` after `import reuse_exp.evaluation.lm`;
+lm-eval 0.4.13 has no plugin entry points.) The model arguments are the settings of
+role `model` in reuse_exp/settings.py, with the same defaults; `pretrained` is lm-eval's
+name for `model`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from ..engine.config import ConfigError
+from ..engine.decoding import DecodeConfig, generate
+from ..engine.loading import decode_config_for
+from ..engine.reuse import ReusePolicy
+from ..settings import MODEL, SPECS, RunSettings, to_text
+from .models import load, make_runner, resolve_device, resolve_dtype
+from .prompts import rewrite_prompt
+from .scoring import score_first_token
+from .stats import HarnessStats
+
+MODEL_ARGS = tuple(s.name for s in SPECS if s.role == MODEL)
+
+
+@dataclass
+class _GenItem:
+    """One generate_until request, as the decoder sees it."""
+    index: int
+    request: object       # lm-eval's Instance
+    prompt: str           # after the prompt rewrite
+    ids: list[int]
+    until: list[str]
+    budget: int           # tokens the request may return
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _cut_at(text: str, until: list[str]) -> str:
+    """The text up to the first of the request's stop strings."""
+    for s in until:
+        if s and s in text:
+            text = text[:text.index(s)]
+    return text
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@register_model("fast_dllm_v2")
+class FastDLLMv2LM(TemplateLM):
+    """Fast-dLLM v2 for lm-eval, with a layer-reuse policy (k, subset, mode, scope)."""
+
+    def __init__(self, pretrained: str | None = None, max_batch_size: int | None = None, **model_args):
+        """`model_args`: settings of role `model` (strings from lm-eval's --model_args, or values).
+        `max_batch_size` is lm-eval's and unused: batches are exactly `batch_size`."""
+        super().__init__()
+        if pretrained is not None:
+            model_args["model"] = pretrained
+        unknown = sorted(set(model_args) - set(MODEL_ARGS))
+        if unknown:
+            raise ConfigError(f"fast_dllm_v2 does not take {', '.join(unknown)}; it takes {', '.join(MODEL_ARGS)}")
+        self.settings = RunSettings.parse(model_args)
+        s = self.settings
+        self.batch_size = s.batch_size
+        self._device = torch.device(resolve_device(s.device))
+        self.dtype_name = resolve_dtype(s.dtype, self._device)
+        self.loaded = load(s.model, dtype=self.dtype_name, device=str(self._device), revision=s.revision,
+                           tokenizer=s.tokenizer, seed=s.seed)
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.policy = ReusePolicy.create(s.k, s.subset, self.model.num_layers, mode=s.mode, scope=s.scope)
+        self.decode_config: DecodeConfig = decode_config_for(
+            self.tokenizer, block_size=s.block_size, small_block_size=s.small_block_size,
+            threshold=s.threshold, max_new_tokens=s.max_new_tokens, use_block_cache=s.use_block_cache).validate()
+        self.runner = make_runner(self.model, s.decode_path)
+        self.path = self.runner.name  # which decoding path ran: logged as the `path` param
+        self.stats = HarnessStats()
+        self.on_batch: Callable[[HarnessStats], None] | None = None  # progress, after each batch
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings) -> "FastDLLMv2LM":
+        return cls(**settings.of_role(MODEL))
+
+    # -- what lm-eval asks of a TemplateLM ---------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.decode_config.stop_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "fast_dllm_v2")).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("fast_dllm_v2 has no rolling loglikelihood (perplexity tasks): "
+                                  "the public scoring masks one target token per forward")
+
+    # -- generation ---------------------------------------------------------------------------
+    def _prompt_ids(self, task_name: str | None, context: str, budget: int) -> tuple[str, list[int]]:
+        prompt = rewrite_prompt(task_name, context)
+        ids = self.tok_encode(prompt)
+        room = self.max_length - budget - self.decode_config.block_size
+        if len(ids) > room:  # keep the end of the prompt, like lm-eval's HF model
+            ids = ids[-room:]
+            self.stats.truncated_prompts += 1
+        return prompt, ids
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy block-diffusion decoding, batched by prompt length.
+
+        The decoder stops a sample at the stop token; each request's `until` strings cut the
+        returned text (decoding may run past them: those tokens count as generated) and its
+        `max_gen_toks` (capped by max_new_tokens) bounds the decoding budget.
+        """
+        items = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            budget = min(int(gen_kwargs.get("max_gen_toks", self.decode_config.max_new_tokens)),
+                         self.decode_config.max_new_tokens)
+            prompt, ids = self._prompt_ids(getattr(req, "task_name", None), context, budget)
+            items.append(_GenItem(i, req, prompt, ids, until, budget))
+        # One budget per batch (the decoder's max_new_tokens); longest prompts first.
+        items.sort(key=lambda it: (-it.budget, -len(it.ids)))
+        batches = []
+        for budget in dict.fromkeys(it.budget for it in items):
+            batches += list(_chunks([it for it in items if it.budget == budget], self.batch_size))
+        if batches and not self.stats.decode:
+            self._warm_up_generate(batches[0])
+        out: list[str | None] = [None] * len(requests)
+        for batch in batches:
+            cfg = replace(self.decode_config, max_new_tokens=self._decoder_budget(batch))
+            # Trace one sample of the first batch only: the trace grows with every forward.
+            result = generate(self.model, [it.ids for it in batch], cfg, self.policy,
+                              trace_sample=0 if not self.stats.decode else None, runner=self.runner)
+            self.stats.decode.append(result.report)
+            for it, tokens, s in zip(batch, result.tokens, result.report.samples):
+                raw = self.tok_decode(tokens[:it.budget])
+                text = _cut_at(raw, it.until)
+                out[it.index] = text
+                self.cache_hook.add_partial("generate_until", it.request.args, text)
+                self.stats.generations.append({
+                    "task": getattr(it.request, "task_name", None), "doc_id": getattr(it.request, "doc_id", None),
+                    "prompt": it.prompt, "prompt_tokens": len(it.ids), "raw": raw, "returned": text,
+                    "generated_tokens": s.generated_tokens, "stopped": s.finished, "forwards": dict(s.forwards)})
+            if self.on_batch is not None:
+                self.on_batch(self.stats)
+        return out
+
+    def _decoder_budget(self, batch: list[_GenItem]) -> int:
+        """max_new_tokens for the decoder so that every sample can reach the request's budget.
+
+        The decoder runs `max_new_tokens // block + longest_prompt // block` blocks, so the
+        longest prompt's partial block eats into the budget; ask for whole blocks that cover it.
+        The returned text is cut back to the budget; tokens decoded past it still count as
+        generated (they were computed), as in the public code's throughput.
+        """
+        bs = self.decode_config.block_size
+        longest = max(len(it.ids) for it in batch)
+        return -(-(batch[0].budget + longest % bs) // bs) * bs
+
+    def _warm_up_generate(self, batch: list[_GenItem]) -> None:
+        """One short untimed decode of the first batch's shapes, so timing excludes cold start."""
+        t0 = time.perf_counter()
+        cfg = replace(self.decode_config, max_new_tokens=self.decode_config.block_size)
+        generate(self.model, [it.ids for it in batch], cfg, self.policy, trace_sample=None, runner=self.runner)
+        self.stats.warmup_seconds += time.perf_counter() - t0
+
+    # -- scoring ------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        room = self.max_length - self.decode_config.block_size
+        pairs = []
+        for _, ctx, cont in requests:
+            if not cont:
+                raise ConfigError("a loglikelihood request with an empty continuation cannot be scored")
+            ctx = ctx[-(room - len(cont)):] if len(ctx) + len(cont) > room else ctx
+            pairs.append((ctx, cont))
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        batches = list(_chunks(order, self.batch_size))
+        if batches and self.stats.scoring.requests == 0:  # warm-up, untimed
+            t0 = time.perf_counter()
+            score_first_token(self.model, self.decode_config, [pairs[i] for i in batches[0]])
+            self.stats.warmup_seconds += time.perf_counter() - t0
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        sc = self.stats.scoring
+        for batch in batches:
+            _sync(self.device)
+            t0 = time.perf_counter()
+            scores, positions = score_first_token(self.model, self.decode_config, [pairs[i] for i in batch])
+            _sync(self.device)
+            sc.seconds += time.perf_counter() - t0
+            sc.batch_forwards += 1
+            sc.positions += positions
+            for i, score in zip(batch, scores):
+                out[i] = score
+                sc.requests += 1
+                sc.scored_tokens += 1
+                sc.truncated_continuations += len(pairs[i][1]) > 1
+                (context, continuation), _, _ = requests[i]
+                self.cache_hook.add_partial("loglikelihood", (context, continuation), score)
+            if self.on_batch is not None:
+                self.on_batch(self.stats)
+        return out
+
+    # -- what the tracked run logs ------------------------------------------------------------
+    def params(self) -> dict:
+        """The model's settings as given, and what they resolved to (names: tracking/schema.py)."""
+        m = self.loaded
+        return {**{n: to_text(v) for n, v in self.settings.of_role(MODEL).items()},
+                "layers": ",".join(map(str, self.policy.layers)), "model_revision": m.revision,
+                "model_hash": m.model_hash, "resolved_dtype": str(self.model.dtype).removeprefix("torch."),
+                "resolved_device": str(self.device), "path": self.path}

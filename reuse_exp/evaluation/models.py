@@ -1,0 +1,87 @@
+"""Where a model comes from: the bundled tiny one, a checkpoint directory, a hub id or random
+weights of a named shape; and which device, dtype and decoding path run it."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..engine.config import ConfigError, shape as named_shape
+from ..engine.decoding import EagerRunner
+from ..engine.fast import FastRunner
+from ..engine.loading import checkpoint_hash, load_model, load_tokenizer, parse_dtype, random_model, resolve_checkpoint
+from ..engine.model import FastDLLM
+from ..tiny import MODEL_DIR as TINY_MODEL_DIR
+
+BUNDLED = "bundled"
+RANDOM_PREFIX = "random:"
+
+
+def bundled_model_dir() -> Path | None:
+    """The bundled tiny model's directory, or None where this checkout has none."""
+    return Path(TINY_MODEL_DIR) if (Path(TINY_MODEL_DIR) / "config.json").is_file() else None
+
+
+def _bundled() -> Path:
+    path = bundled_model_dir()
+    if path is None:
+        raise ConfigError("this checkout has no bundled tiny model (reuse_exp/tiny/model): "
+                          "give --model a checkpoint directory, a hub id or random:<shape>")
+    return path
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device: use --device cpu")
+    return str(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """auto: bfloat16 on a GPU, float32 on CPU (bf16 matmuls are slow there and float32 is exact)."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
+@dataclass
+class LoadedModel:
+    model: FastDLLM
+    tokenizer: object
+    source: str             # as given: a directory, a hub id, `bundled`, `random:<shape>`
+    path: Path | None       # the checkpoint directory read (None for random weights)
+    model_hash: str         # content hash of the checkpoint, or of the random recipe
+    revision: str           # hub revision, `local` for a directory, `random` for random weights
+
+
+def load(source: str, dtype: str = "bfloat16", device: str = "cpu", revision: str | None = None,
+         tokenizer: str | None = None, seed: int = 0) -> LoadedModel:
+    """Model and tokenizer from any `pretrained` form (see the module docstring)."""
+    if source.startswith(RANDOM_PREFIX):
+        cfg = named_shape(source[len(RANDOM_PREFIX):])
+        tok_dir = Path(tokenizer) if tokenizer else _bundled()
+        tok = load_tokenizer(tok_dir)
+        if len(tok) > cfg.vocab_size:
+            raise ConfigError(f"tokenizer in {tok_dir} has {len(tok)} tokens, shape {source} only {cfg.vocab_size}")
+        model = random_model(cfg, dtype=dtype, device=device, seed=seed)
+        recipe = f"{source}:seed={seed}:std=0.02:{parse_dtype(dtype)}"
+        return LoadedModel(model, tok, source, None, hashlib.sha256(recipe.encode()).hexdigest()[:16], "random")
+    path = _bundled() if source == BUNDLED else resolve_checkpoint(source, revision)
+    model, ckpt = load_model(path, dtype=dtype, device=device)
+    tok = load_tokenizer(Path(tokenizer) if tokenizer else ckpt)
+    if source == BUNDLED or Path(source).expanduser().is_dir():
+        return LoadedModel(model, tok, source, ckpt, checkpoint_hash(ckpt), "local")
+    # A hub snapshot's directory is named by its commit: exact, and no 15 GB re-read to hash.
+    commit = ckpt.name if ckpt.parent.name == "snapshots" else (revision or "main")
+    return LoadedModel(model, tok, source, ckpt, commit[:16] if commit != "main" else checkpoint_hash(ckpt),
+                       commit)
+
+
+def make_runner(model: FastDLLM, decode_path: str = "auto"):
+    """auto: the fast path (CUDA graphs + compiled layers) on a GPU, plain PyTorch on CPU."""
+    if decode_path == "fast" or (decode_path == "auto" and model.device.type == "cuda"):
+        return FastRunner(model)
+    return EagerRunner(model)

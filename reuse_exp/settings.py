@@ -1,0 +1,288 @@
+"""Every run setting, declared once: name, type, default, allowed values, help.
+
+`RunSettings`' fields are the declaration. The `reuse-exp run` options, the lm-eval
+model's arguments (`--model_args k=2,subset=middle`), MLproject's parameters and the
+README's table derive from it; `python -m reuse_exp.settings` prints the last two, and
+tests/test_settings.py fails when the checked-in files disagree with it.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+
+from .engine.config import ConfigError
+from .engine.reuse import MODES, SCOPES, SUBSETS
+
+# Who reads a setting: the model (an lm-eval model argument), the evaluation (lm-eval's
+# task options) or the tracked run itself.
+MODEL, TASK, RUN = "model", "task", "run"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DECODE_PATHS = ("auto", "eager", "fast")
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+class SettingError(ConfigError):
+    """A value a setting cannot take; the message names the setting and the fix."""
+
+
+def setting(default, help: str, *, kind: str, role: str, choices: tuple = (), minimum: float | None = None,
+            maximum: float | None = None, mlproject: bool = True):
+    """A field of RunSettings with what the CLI, MLproject and the lm-eval model need to know."""
+    return field(default=default, metadata={"help": help, "kind": kind, "role": role, "choices": choices,
+                                            "minimum": minimum, "maximum": maximum, "mlproject": mlproject})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One configuration of a tracked run: what `reuse-exp run` and `mlflow run` take."""
+    k: int = setting(1, "recompute the reused layers every k-th step of a block; 1 = no reuse",
+                     kind="int", role=MODEL, minimum=1)
+    subset: str | tuple[int, ...] = setting(
+        "first", "`first`, `middle`, `last` (12 of 28 layers, scaled to the depth) or indices `8,9,10`",
+        kind="subset", role=MODEL)
+    mode: str = setting("output", "`output`: the cached output stands in (the study's); "
+                        "`delta`: the cached residual is added", kind="choice", role=MODEL, choices=MODES)
+    scope: str = setting("block", "`block`: the block's step counter (the study's); "
+                         "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES)
+    task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "
+                        "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK)
+    limit: int | float | None = setting(None, "samples per task (`none` = all; a fraction below 1 of them)",
+                                        kind="limit", role=TASK)
+    model: str = setting("bundled", "the bundled tiny model, a checkpoint directory, a hub id "
+                         "(`Efficient-Large-Model/Fast_dLLM_v2_7B`), or `random:<shape>`", kind="str", role=MODEL)
+    threshold: float = setting(0.9, "unmasking confidence (what the study's runs used)",
+                               kind="float", role=MODEL, minimum=0.0, maximum=1.0)
+    block_size: int = setting(32, "tokens per diffusion block", kind="int", role=MODEL, minimum=1)
+    small_block_size: int = setting(8, "tokens per small block; divides block_size", kind="int", role=MODEL,
+                                    minimum=1)
+    max_new_tokens: int = setting(256, "cap on each request's `max_gen_toks`", kind="int", role=MODEL, minimum=1)
+    use_block_cache: bool = setting(True, "small-block forwards over the block cache (the study's)",
+                                    kind="bool", role=MODEL)
+    decode_path: str = setting("auto", "`auto`: CUDA graphs + compiled layers on a GPU, plain PyTorch on CPU; "
+                               "`eager`; `fast`", kind="choice", role=MODEL, choices=DECODE_PATHS)
+    num_fewshot: int = setting(0, "few-shot examples (the study's: 0)", kind="int", role=TASK, minimum=0)
+    apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK)
+    fewshot_as_multiturn: bool = setting(True, "few-shot examples as chat turns (the study's)",
+                                         kind="bool", role=TASK)
+    batch_size: int = setting(1, "requests decoded together (the study's: 1)", kind="int", role=MODEL, minimum=1)
+    seed: int = setting(1234, "seed of lm-eval's sampling and of random weights", kind="int", role=MODEL)
+    dtype: str = setting("auto", "`auto` = bfloat16 on a GPU, float32 on CPU", kind="choice", role=MODEL,
+                         choices=DTYPES)
+    device: str = setting("auto", "`auto` (a GPU if there is one), `cpu`, `cuda` or `cuda:N`",
+                          kind="str", role=MODEL)
+    revision: str | None = setting(None, "hub revision of `model`", kind="optional", role=MODEL)
+    tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's; "
+                                    "`random:<shape>`: the bundled one)", kind="optional", role=MODEL)
+    include_path: tuple[str, ...] = setting((), "extra lm-eval task directory (repeatable)",
+                                            kind="paths", role=TASK, mlproject=False)
+    experiment: str | None = setting(None, "MLflow experiment when not started by `mlflow run`",
+                                     kind="optional", role=RUN, mlproject=False)
+    allow_dirty: bool = setting(False, "run from a tree with uncommitted changes (tagged dirty, diff logged)",
+                                kind="bool", role=RUN)
+
+    def __post_init__(self):
+        if self.block_size % self.small_block_size:
+            raise SettingError(f"small_block_size={self.small_block_size} must divide block_size={self.block_size}")
+
+    @classmethod
+    def parse(cls, values: dict) -> "RunSettings":
+        """Settings from strings or values (command line, lm-eval model_args, a grid cell)."""
+        specs = {s.name: s for s in SPECS}
+        unknown = sorted(set(values) - set(specs))
+        if unknown:
+            raise SettingError(f"unknown setting {unknown[0]!r}; the settings are: {', '.join(specs)}")
+        return cls(**{n: specs[n].parse(v) for n, v in values.items()})
+
+    def replace(self, **changes) -> "RunSettings":
+        return replace(self, **changes)
+
+    def of_role(self, role: str) -> dict:
+        return {s.name: getattr(self, s.name) for s in SPECS if s.role == role}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting as a record: a field of RunSettings and its metadata."""
+    name: str
+    kind: str
+    role: str
+    default: object
+    help: str
+    choices: tuple
+    minimum: float | None
+    maximum: float | None
+    mlproject: bool
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def mlproject_type(self) -> str:
+        return {"int": "int", "float": "float"}.get(self.kind, "string")
+
+    def text(self, value=MISSING) -> str:
+        """A value as MLflow and the command line write it."""
+        return to_text(self.default if value is MISSING else value)
+
+    def parse(self, value):
+        """A typed value from a string (or an already typed value); SettingError names the fix."""
+        if not isinstance(value, str):
+            return self._check(value)
+        text = value.strip()
+        try:
+            parsed = PARSERS[self.kind](self, text)
+        except ValueError as e:
+            raise SettingError(f"{self.name}={value}: {e}") from None
+        return self._check(parsed)
+
+    def _check(self, value):
+        if self.kind in ("int", "float") and value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SettingError(f"{self.name}={value}: give a number")
+            if self.kind == "int":
+                if value != int(value):
+                    raise SettingError(f"{self.name}={value}: give a whole number")
+                value = int(value)
+            if self.minimum is not None and value < self.minimum:
+                raise SettingError(f"{self.name}={value}: must be >= {_num(self.minimum)}")
+            if self.maximum is not None and value > self.maximum:
+                raise SettingError(f"{self.name}={value}: must be <= {_num(self.maximum)}")
+        if self.choices and value not in self.choices:
+            raise SettingError(f"{self.name}={value}: use one of {', '.join(self.choices)}")
+        return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def _parse_int(spec: Spec, text: str):
+    try:
+        x = float(text)
+    except ValueError:
+        raise ValueError("give a whole number") from None
+    return int(x) if x == int(x) else x  # a fraction is refused by _check, with the bound in the message
+
+
+def _parse_float(spec: Spec, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("give a number") from None
+
+
+def _parse_bool(spec: Spec, text: str) -> bool:
+    if text.lower() in TRUE:
+        return True
+    if text.lower() in FALSE:
+        return False
+    raise ValueError("give true or false")
+
+
+def _parse_limit(spec: Spec, text: str) -> int | float | None:
+    if text.lower() in ("", "none", "all"):
+        return None
+    try:
+        x = float(text)
+    except ValueError:
+        raise ValueError("give a number of samples, a fraction below 1, or none") from None
+    if x <= 0:
+        raise ValueError("the limit must be positive (or none for the whole task)")
+    if x < 1:
+        return x
+    if x != int(x):
+        raise ValueError("a limit of 1 or more must be a whole number of samples")
+    return int(x)
+
+
+def _parse_subset(spec: Spec, text: str) -> str | tuple[int, ...]:
+    if text in SUBSETS:
+        return text
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"use {', '.join(SUBSETS)} or layer indices like 8,9,10") from None
+
+
+def _parse_optional(spec: Spec, text: str) -> str | None:
+    return None if text.lower() in ("", "none") else text
+
+
+def _parse_paths(spec: Spec, text: str) -> tuple[str, ...]:
+    return tuple(p for p in text.split(",") if p)
+
+
+PARSERS = {"int": _parse_int, "float": _parse_float, "bool": _parse_bool, "limit": _parse_limit,
+           "subset": _parse_subset, "optional": _parse_optional, "paths": _parse_paths,
+           "str": lambda spec, text: text, "choice": lambda spec, text: text}
+
+
+def to_text(value) -> str:
+    """One spelling per value: true/false, none, 8,9,10 for layer lists."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+SPECS: tuple[Spec, ...] = tuple(
+    Spec(name=f.name, default=f.default, **{k: f.metadata[k] for k in
+                                           ("kind", "role", "help", "choices", "minimum", "maximum", "mlproject")})
+    for f in fields(RunSettings))
+DEFAULTS = RunSettings()
+
+
+def spec(name: str) -> Spec:
+    return next(s for s in SPECS if s.name == name)
+
+
+# -- the files that must agree with the declaration ---------------------------------------------
+def mlproject_parameters() -> str:
+    """MLproject's `parameters:` block and command, as MLproject holds them."""
+    declared = [s for s in SPECS if s.mlproject]
+    lines = ["    parameters:"]
+    for s in declared:
+        default = s.text()
+        quoted = f'"{default}"' if s.mlproject_type == "string" else default
+        lines.append(f"      {s.name}: {{type: {s.mlproject_type}, default: {quoted}}}")
+    args = " ".join(f"{s.option} {{{s.name}}}" for s in declared)
+    lines += ["    # Other -P NAME=VALUE reach the command as --NAME VALUE.",
+              "    command: >-", "      python -m reuse_exp.cli run", *_wrap(args, "      ")]
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, indent: str, width: int = 96) -> list[str]:
+    lines, line = [], ""
+    for word_pair in _pairs(text.split(" ")):
+        if line and len(indent + line + " " + word_pair) > width:
+            lines.append(indent + line)
+            line = word_pair
+        else:
+            line = f"{line} {word_pair}".strip()
+    return lines + ([indent + line] if line else [])
+
+
+def _pairs(words: list[str]) -> list[str]:
+    return [" ".join(words[i:i + 2]) for i in range(0, len(words), 2)]
+
+
+def readme_table() -> str:
+    """The README's table of settings (between its `settings-table` markers)."""
+    rows = ["| setting | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in SPECS:
+        kind = {"str": "string", "optional": "string", "paths": "directories", "choice": "one of"}.get(s.kind, s.kind)
+        allowed = f" ({', '.join(s.choices)})" if s.choices and "`" not in s.help else ""
+        rows.append(f"| `{s.name}` | {kind} | `{s.text() or 'none'}` | {s.help}{allowed} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "readme"
+    sys.stdout.write(mlproject_parameters() if what == "mlproject" else readme_table())

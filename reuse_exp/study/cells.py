@@ -1,0 +1,187 @@
+"""What a grid is made of: its request (task, k values, subsets, pinned settings), its cells,
+the task's kind, and the command line that runs one cell. The grid and the launchers share it."""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+import click
+
+from ..engine.reuse import SUBSETS
+from ..evaluation.harness import bundled_tasks_dir
+from ..settings import SPECS
+from ..tracking.schema import same_param
+from .store import STUCK_AFTER_S, RunRecord, norm
+
+K_VALUES = (1, 2, 3)
+GENERATE, LOGLIKELIHOOD = "generate_until", "loglikelihood"
+LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
+# Settings a grid pins to their defaults when not told otherwise, so an omitted setting matches
+# what a run logs (a grid without --limit is the whole task). The axes and the run's own are not.
+PINNED = tuple(s.name for s in SPECS if s.name not in ("task", "k", "subset", "include_path", "experiment",
+                                                       "allow_dirty", "revision", "tokenizer"))
+# The study's tasks, so `grid status` need not index lm-eval's 10k task files (25 s).
+KNOWN_KINDS = {"gsm8k": GENERATE, "minerva_math": GENERATE, "ifeval": GENERATE, "mmlu": LOGLIKELIHOOD,
+               "gpqa_main_zeroshot": LOGLIKELIHOOD, "gpqa_diamond_zeroshot": LOGLIKELIHOOD,
+               "gpqa_main_generative_n_shot": GENERATE}
+
+
+# -- task kind ------------------------------------------------------------------------------
+def task_kind(task: str, runs: list[RunRecord] = ()) -> str:
+    """generate_until or loglikelihood, as cheaply as it can be known."""
+    for r in runs:                                    # what a run of this task recorded
+        if r.tags.get("task_kind") in (GENERATE, LOGLIKELIHOOD):
+            return r.tags["task_kind"]
+    bundled = bundled_tasks_dir() / f"{task}.yaml"
+    if bundled.is_file():
+        m = re.search(r"^output_type:\s*(\S+)", bundled.read_text(), re.M)
+        return LOGLIKELIHOOD if m and m.group(1) in LOGLIKELIHOOD_TYPES else GENERATE
+    if task in KNOWN_KINDS:
+        return KNOWN_KINDS[task]
+    return _lm_eval_kind(task)
+
+
+def _lm_eval_kind(task: str) -> str:
+    from lm_eval.tasks import TaskManager
+    index = TaskManager().task_index
+
+    def leaf_types(name: str, depth: int = 0) -> set[str]:
+        entry = index.get(name)
+        if entry is None or depth > 5:
+            return set()
+        cfg = entry.cfg or {}
+        if "output_type" in cfg:
+            return {cfg["output_type"]}
+        subs = cfg.get("task", [])
+        subs = [subs] if isinstance(subs, str) else subs
+        return set().union(*(leaf_types(s if isinstance(s, str) else s.get("task", ""), depth + 1)
+                             for s in subs)) if subs else {GENERATE}
+
+    if task not in index:
+        raise ConfigError(f"unknown task {task!r}: give an lm-eval task name or a bundled one "
+                          f"({', '.join(sorted(p.stem for p in bundled_tasks_dir().glob('*.yaml')))})")
+    types = leaf_types(task)
+    return LOGLIKELIHOOD if types and types <= set(LOGLIKELIHOOD_TYPES) else GENERATE
+
+
+# -- the grid's cells ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """One configuration: the settings passed to the tracked run, as strings."""
+    k: int
+    subset: str
+    settings: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return f"k{self.k}_{self.subset}"
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.settings)
+
+    def matches(self, run: RunRecord) -> bool:
+        """Same settings: every setting this cell passes equals what the run logged."""
+        return all(same_param(norm(run.params.get(n)), norm(v)) for n, v in self.settings)
+
+
+@dataclass(frozen=True)
+class GridRequest:
+    task: str
+    ks: tuple[int, ...] = K_VALUES
+    subsets: tuple[str, ...] = SUBSETS
+    settings: tuple[tuple[str, str], ...] = ()   # every other setting, defaults included
+
+    def cells(self, kind: str) -> list[Cell]:
+        if kind == LOGLIKELIHOOD:   # k and subset cannot change a score: one run stands for all
+            pairs = [(1, self.subsets[0] if len(self.subsets) == 1 else "first")]
+        else:
+            pairs = [(k, s) for k in self.ks for s in self.subsets]
+        return [Cell(k=k, subset=s, settings=(("task", self.task), ("k", str(k)), ("subset", s),
+                                              *self.settings)) for k, s in pairs]
+
+
+LOGLIKELIHOOD_WHY = ("{task} is a loglikelihood task: reuse acts between denoising steps of generation, "
+                     "and scoring is one forward per request, so every k and subset give the same "
+                     "result; the grid is one run (k=1, subset={subset})")
+
+
+# -- launching one configuration ----------------------------------------------------------------
+def run_command(cell: Cell, allow_dirty: bool = False) -> list[str]:
+    """The tracked run of one configuration, as a command line (`reuse-exp run --NAME VALUE ...`)."""
+    args = [sys.executable, "-m", "reuse_exp.cli", "run"]
+    for name, value in cell.settings:
+        if value != "":
+            args += [f"--{name.replace('_', '-')}", value]
+    if allow_dirty:
+        args.append("--allow-dirty")
+    return args
+
+
+# -- command line ---------------------------------------------------------------------------
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give integers like 1,2,3") from None
+    if not ks or any(k < 1 for k in ks):
+        raise click.BadParameter(f"{text!r}: give integers >= 1 like 1,2,3")
+    return ks
+
+
+def parse_subsets(text: str) -> tuple[str, ...]:
+    subsets = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in subsets if s not in SUBSETS]
+    if not subsets or bad:
+        raise click.BadParameter(f"{text!r}: give a comma list of {', '.join(SUBSETS)}")
+    return subsets
+
+
+def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        name, sep, value = p.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{p!r}: write NAME=VALUE, e.g. -P threshold=0.8")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def build_request(task: str, ks: str, subsets: str, mode: str | None, limit: int | None, model: str | None,
+                  params: tuple[str, ...]) -> GridRequest:
+    settings = {**run_defaults(), **parse_params(params)}
+    for name, value in (("mode", mode), ("limit", limit), ("model", model)):
+        if value is not None:
+            settings[name] = str(value)
+    for axis in ("task", "k", "subset"):
+        if axis in settings:
+            raise click.BadParameter(f"-P {axis}=... : use --{axis} instead")
+    return GridRequest(task=task, ks=parse_ks(ks), subsets=parse_subsets(subsets),
+                       settings=tuple(sorted((n, norm(v)) for n, v in settings.items())))
+
+
+def run_defaults() -> dict[str, str]:
+    """The tracked run's own defaults for the settings a grid does not name, so an omitted
+    setting matches what a run logs (a grid without --limit is the whole task, not limit 4)."""
+    return {s.name: norm(s.text()) for s in SPECS if s.name in PINNED}
+
+
+def grid_options(f):
+    for opt in reversed([
+        click.option("--task", required=True, help="lm-eval task name (or a bundled one: tiny_gsm, tiny_mc)"),
+        click.option("--k", "ks", default=",".join(map(str, K_VALUES)), show_default=True,
+                     help="comma list of k values"),
+        click.option("--subset", "subsets", default=",".join(SUBSETS), show_default=True,
+                     help="comma list of layer subsets"),
+        click.option("--mode", default=None, help="reuse mode (output or delta); default: the run's"),
+        click.option("--limit", type=int, default=None, help="samples per task; default: all"),
+        click.option("--model", default=None, help="model for every run; default: the run's"),
+        click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
+                     help="any other setting of the tracked run, for every configuration"),
+        click.option("--experiment", default=None, help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME "
+                     "or Default)"),
+        click.option("--stuck-after", type=float, default=STUCK_AFTER_S, show_default=True,
+                     help="seconds after which a RUNNING run counts as a dead job"),
+    ]):
+        f = opt(f)
+    return f

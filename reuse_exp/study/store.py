@@ -1,0 +1,151 @@
+"""The tracking store as the study reads it: runs as records, the store's address, and the
+commit the checkout is at. Shared by the grid, its launchers, compare and audit."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.config import ConfigError
+from ..tracking.provenance import Provenance, provenance
+from ..tracking.schema import CONFIG_KEY_PARAMS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GRID_AXES = ("k", "subset", "layers")      # what varies between the cells of one grid
+STUCK_AFTER_S = 24 * 3600   # a RUNNING run older than this is a dead job, not a slow one
+
+
+# -- runs as the store holds them -------------------------------------------------------------
+@dataclass(frozen=True)
+class RunRecord:
+    """The parts of an MLflow run the grid reads."""
+    run_id: str
+    status: str                    # RUNNING, SCHEDULED, FINISHED, FAILED, KILLED
+    start_ms: int
+    params: dict
+    tags: dict
+    metrics: dict
+
+    @classmethod
+    def from_run(cls, run) -> "RunRecord":
+        return cls(run_id=run.info.run_id, status=run.info.status, start_ms=run.info.start_time or 0,
+                   params=dict(run.data.params), tags=dict(run.data.tags), metrics=dict(run.data.metrics))
+
+    @property
+    def commit(self) -> str | None:
+        c = self.tags.get("git_commit", "").strip()
+        return None if c in ("", "unknown") else c
+
+    @property
+    def dirty(self) -> bool:
+        return self.tags.get("git_dirty", "true").strip().lower() != "false"
+
+    @property
+    def role(self) -> str:
+        return self.tags.get("reuse_exp.role", "run")
+
+    @property
+    def cell(self) -> tuple[str, str]:
+        return (self.params.get("k", "?"), self.params.get("subset", "?"))
+
+    def shaping(self) -> dict[str, str]:
+        """The result-shaping settings other than the grid's axes (tracking's config_key, less k/layers)."""
+        device = self.params.get("resolved_device") or self.params.get("device", "")
+        values = {**self.params, "device_type": device.split(":")[0]}
+        return {n: norm(values.get(n)) for n in CONFIG_KEY_PARAMS if n not in GRID_AXES}
+
+    @property
+    def grid_key(self) -> str:
+        """One grid, one key: runs that differ only in k and subset share it."""
+        return hashlib.sha256(repr(sorted(self.shaping().items())).encode()).hexdigest()[:12]
+
+    def short(self) -> str:
+        return f"{self.run_id[:8]}@{(self.commit or 'no-commit')[:7]}{'+dirty' if self.dirty else ''}"
+
+
+def norm(value) -> str:
+    """One spelling per value, as params are strings in MLflow: None/''/'none' alike, bools lower."""
+    s = "" if value is None else str(value).strip()
+    if s.lower() in ("", "none", "null"):
+        return ""
+    if s.lower() in ("true", "false"):
+        return s.lower()
+    return s
+
+
+# -- the store ------------------------------------------------------------------------------
+SQLITE_RACES = re.compile(r"database is locked|UNIQUE constraint failed|already exists|"
+                          r"Can't locate revision|alembic|Detected out-of-date database schema", re.I)
+
+
+def store_error(text: str, uri: str) -> str | None:
+    """One line for the sqlite store's known failures under concurrent writers, else None."""
+    if not uri.startswith("sqlite") or not text:
+        return None
+    m = SQLITE_RACES.search(text)
+    if not m:
+        return None
+    return (f"the sqlite store {uri} failed under concurrent runs ({m.group(0)}): serve it instead, "
+            "e.g. `mlflow server --backend-store-uri postgresql+psycopg2://USER@HOST/DB --host 127.0.0.1`, "
+            "then export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (docs/grid.md), or use --executor local")
+
+
+def tracking_uri() -> str:
+    import mlflow
+    return absolute_uri(mlflow.get_tracking_uri())
+
+
+def absolute_uri(uri: str) -> str:
+    """The tracking URI a job elsewhere must use: a relative sqlite path made absolute."""
+    m = re.match(r"^sqlite:///(?!/)(.*)$", uri)
+    if m:
+        return f"sqlite:///{Path(m.group(1)).resolve()}"
+    if "://" not in uri:  # a bare directory is a file store
+        return str(Path(uri).resolve())
+    return uri
+
+
+def client():
+    import mlflow
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def experiment_name(name: str | None) -> str:
+    return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+
+
+def experiment_id(cl, name: str | None, create: bool = False) -> str | None:
+    """The experiment's id; created only when asked (before concurrent jobs race to make it)."""
+    name = experiment_name(name)
+    exp = cl.get_experiment_by_name(name)
+    if exp is None and create:
+        return cl.create_experiment(name)
+    return exp.experiment_id if exp else None
+
+
+def fetch_runs(cl, exp_id: str | None, task: str | None = None) -> list[RunRecord]:
+    if exp_id is None:
+        return []
+    filt = f"params.task = '{task}'" if task else ""
+    out, token = [], None
+    while True:
+        page = cl.search_runs([exp_id], filter_string=filt, max_results=1000, page_token=token)
+        out.extend(RunRecord.from_run(r) for r in page)
+        token = page.token
+        if not token:
+            return out
+
+
+def git_state() -> Provenance:
+    """The checkout the package runs from, as the tracked run sees it (its store excluded)."""
+    prov = provenance()
+    if prov.commit == "unknown":
+        raise ConfigError(f"{REPO_ROOT} is not a git checkout with a commit: the grid needs HEAD "
+                          "to know what is done (run from a clone of the repository)")
+    return prov
+
+
+def git_head() -> str:
+    return git_state().commit

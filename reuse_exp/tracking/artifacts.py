@@ -1,0 +1,31 @@
+"""The artifacts of a finished run: lm-eval's results and samples, the generations, the
+reuse trace, the installed packages and the study's summary.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from .schema import param_str, pip_freeze
+
+
+def log_artifacts(tracker, s, results, samples, lm, metrics, params, primary, kind) -> None:
+    from lm_eval.utils import handle_non_serializable
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    tracker.artifact_text("lm_eval_results.json",
+                          json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    for task, rows in samples.items():
+        tracker.artifact_text(f"samples_{task}.jsonl", "".join(
+            json.dumps(r, default=handle_non_serializable) + "\n" for r in rows))
+    tracker.artifact_jsonl("generations.jsonl", lm.stats.generations)
+    tracker.artifact_json("reuse_trace.json", {"policy": asdict(lm.policy), **lm.stats.trace()})
+    tracker.artifact_text("pip_freeze.txt", pip_freeze())
+    tracker.artifact_json("summary.json", {
+        "config": f"k{lm.policy.k}_{lm.policy.subset}", "task": s.task, "task_kind": kind,
+        "k": lm.policy.k, "subset": lm.policy.subset, "layers": list(lm.policy.layers), "mode": lm.policy.mode,
+        "accuracy": metrics.get("accuracy"), "accuracy_metric": primary[0] if primary else None,
+        "tokens_per_second": metrics.get("tokens_per_second"), "generated_tokens": metrics.get("generated_tokens"),
+        "total_time_seconds": metrics.get("seconds"), "wall_seconds": metrics.get("wall_seconds"),
+        "skipped_fraction": metrics.get("skipped_fraction"), "tokens_per_forward": metrics.get("tokens_per_forward"),
+        "commit": tags.get("git_commit"), "dirty": tags.get("git_dirty") == "true",
+        "config_key": tags.get("config_key"), "mlflow_run_id": tracker.run_id,
+        "params": {k: param_str(v) for k, v in params.items()}, "metrics": metrics})

@@ -1,0 +1,109 @@
+"""One declaration of every run setting: MLproject, the README, the CLI and the lm-eval model agree with it."""
+import re
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from reuse_exp.cli import run as run_cmd
+from reuse_exp.evaluation.lm import MODEL_ARGS
+from reuse_exp.settings import DEFAULTS, MODEL, SPECS, RunSettings, SettingError, readme_table, spec
+
+REPO = Path(__file__).resolve().parents[1]
+README_TABLE = re.compile(r"<!-- settings-table -->\n(.*?)<!-- /settings-table -->", re.S)
+
+
+def mlproject_problems(text: str) -> list[str]:
+    """What in an MLproject text disagrees with the declaration: names, types, defaults, command."""
+    entry = yaml.safe_load(text)["entry_points"]["main"]
+    params, command = entry["parameters"], entry["command"]
+    declared = {s.name: s for s in SPECS if s.mlproject}
+    problems = [f"{n}: in MLproject, not a setting" for n in params if n not in declared]
+    for name, s in declared.items():
+        p = params.get(name)
+        if p is None:
+            problems.append(f"{name}: missing from MLproject")
+            continue
+        if p.get("type") != s.mlproject_type:
+            problems.append(f"{name}: type {p.get('type')}, the setting is {s.mlproject_type}")
+        if s.parse(str(p.get("default"))) != s.default:
+            problems.append(f"{name}: default {p.get('default')!r}, the setting's is {s.text()!r}")
+        if f"{s.option} {{{name}}}" not in command:
+            problems.append(f"{name}: the command does not pass {s.option} {{{name}}}")
+    return problems
+
+
+def readme_problems(text: str) -> list[str]:
+    m = README_TABLE.search(text)
+    if m is None:
+        return ["README has no settings table between <!-- settings-table --> markers"]
+    return [] if m.group(1) == readme_table() else ["README's settings table differs: "
+                                                    "paste `python -m reuse_exp.settings readme`"]
+
+
+def test_mlproject_agrees_with_the_settings():
+    assert mlproject_problems((REPO / "MLproject").read_text()) == []
+
+
+def test_a_mismatched_mlproject_is_caught():
+    text = (REPO / "MLproject").read_text()
+    assert "k: {type: int, default: 1}" in text
+    assert mlproject_problems(text.replace("k: {type: int, default: 1}", "k: {type: float, default: 1}")) == [
+        "k: type float, the setting is int"]
+    assert mlproject_problems(text.replace("seed: {type: int, default: 1234}", "seed: {type: int, default: 0}")) == [
+        "seed: default 0, the setting's is '1234'"]
+    dropped = text.replace(" --threshold {threshold}", "")
+    assert mlproject_problems(dropped) == ["threshold: the command does not pass --threshold {threshold}"]
+
+
+def test_readme_table_agrees_with_the_settings():
+    text = (REPO / "README.md").read_text()
+    assert readme_problems(text) == []
+    assert readme_problems(text.replace("| `k` | int | `1` |", "| `k` | int | `2` |")) != []
+
+
+def test_cli_options_are_the_settings_with_their_defaults():
+    options = {p.name: p for p in run_cmd.params}
+    assert set(options) == {s.name for s in SPECS}
+    ctx = click.Context(run_cmd)
+    for s in SPECS:
+        default = options[s.name].get_default(ctx)
+        value = () if s.kind == "paths" else options[s.name].type_cast_value(ctx, default)
+        assert value == s.default, s.name
+
+
+def test_lm_eval_model_takes_the_model_settings_with_the_same_defaults():
+    import inspect
+    from reuse_exp.evaluation.lm import FastDLLMv2LM
+    assert set(MODEL_ARGS) == {s.name for s in SPECS if s.role == MODEL}
+    # no defaults of its own: every model argument's default is the setting's
+    sig = inspect.signature(FastDLLMv2LM.__init__)
+    assert [p for p in sig.parameters if p not in ("self", "pretrained", "max_batch_size", "model_args")] == []
+
+
+@pytest.mark.parametrize("name, text, value", [
+    ("k", "2", 2), ("k", "2.0", 2), ("subset", "8,9,10", (8, 9, 10)), ("limit", "none", None),
+    ("limit", "0.5", 0.5), ("use_block_cache", "False", False), ("revision", "none", None),
+    ("threshold", "1", 1.0)])
+def test_values_parse_as_declared(name, text, value):
+    assert spec(name).parse(text) == value
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("k", "0", "k=0: must be >= 1"), ("k", "abc", "k=abc: give a whole number"),
+    ("k", "2.5", "k=2.5: give a whole number"), ("subset", "foo", "use first, middle, last"),
+    ("mode", "bar", "mode=bar: use one of output, delta"), ("limit", "-1", "must be positive"),
+    ("threshold", "2", "threshold=2.0: must be <= 1"), ("batch_size", "0", "batch_size=0: must be >= 1"),
+    ("dtype", "int8", "use one of auto, bfloat16")])
+def test_bad_values_are_one_line_errors(name, text, message):
+    with pytest.raises(SettingError, match=re.escape(message)):
+        spec(name).parse(text)
+
+
+def test_unknown_setting_and_bad_combination():
+    with pytest.raises(SettingError, match="unknown setting 'kk'"):
+        RunSettings.parse({"kk": "2"})
+    with pytest.raises(SettingError, match="small_block_size=5 must divide block_size=32"):
+        RunSettings.parse({"small_block_size": "5"})
+    assert DEFAULTS == RunSettings.parse({})

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import subprocess_env
 
 from reuse_exp.cli import main
-from reuse_exp.tracking import provenance as prov
+from reuse_exp.tracking import provenance as provmod
 from reuse_exp.tracking import run as tracked
 
 
@@ -21,7 +21,7 @@ from reuse_exp.tracking import run as tracked
     (["--limit", "-3"], "the limit must be positive"),
     (["--limit", "2.5"], "must be a whole number"),
     (["--mode", "copy"], "Invalid value for '--mode'"),
-    (["--block-size", "32", "--small-block-size", "5"], "must divide --block-size 32"),
+    (["--block-size", "32", "--small-block-size", "5"], "small_block_size=5 must divide block_size=32"),
 ])
 def test_bad_input_is_one_line_naming_the_fix(args, says):
     result = CliRunner().invoke(main, ["run", *args])
@@ -42,7 +42,7 @@ def test_classify_failures():
     assert tracked.classify(tracked.Terminated())[:2] == ("KILLED", 143)
     status, code, line = tracked.classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
     assert (status, code) == ("FAILED", 3) and "--batch-size" in line
-    assert tracked.classify(prov.DirtyTree("refusing"))[:2] == ("FAILED", 2)
+    assert tracked.classify(provmod.DirtyTree("refusing"))[:2] == ("FAILED", 2)
     _, _, line = tracked.classify(RuntimeError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub"))
     assert "HF_TOKEN" in line
 

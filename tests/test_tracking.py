@@ -11,7 +11,7 @@ from conftest import SECRET, bundled_or, git, subprocess_env
 
 from reuse_exp.engine.config import ConfigError
 from reuse_exp.tracking.gpu_stats import GpuSampler
-from reuse_exp.tracking import provenance as prov
+from reuse_exp.tracking import provenance as provmod
 from reuse_exp.tracking import run as tracked
 from reuse_exp.tracking import schema
 
@@ -31,10 +31,10 @@ def repo(tmp_path) -> Path:
 
 
 def test_clean_checkout(repo):
-    prov = prov.provenance(exclude=[], pkg=repo / "pkg")
+    prov = provmod.provenance(exclude=[], pkg=repo / "pkg")
     assert prov.commit == git(["rev-parse", "HEAD"], repo).strip()
     assert prov.branch == "main" and not prov.dirty and prov.dirty_files == ()
-    prov.check_clean(prov, allow_dirty=False)
+    provmod.check_clean(prov, allow_dirty=False)
 
 
 def test_dirty_files_are_tracked_changes_and_untracked_but_not_ignored_or_the_store(repo):
@@ -43,13 +43,13 @@ def test_dirty_files_are_tracked_changes_and_untracked_but_not_ignored_or_the_st
     (repo / "ignored.txt").write_text("noise\n")
     (repo / "store").mkdir()
     (repo / "store" / "mlflow.db").write_text("not code\n")
-    prov = prov.provenance(exclude=[repo / "store"], pkg=repo / "pkg")
+    prov = provmod.provenance(exclude=[repo / "store"], pkg=repo / "pkg")
     assert prov.dirty
     assert sorted(prov.dirty_files) == ["pkg/a.py", "pkg/new.py"]
-    with pytest.raises(prov.DirtyTree, match=r"pkg/a\.py, pkg/new\.py"):
-        prov.check_clean(prov, allow_dirty=False)
-    prov.check_clean(prov, allow_dirty=True)
-    diff = prov.dirty_diff(prov)
+    with pytest.raises(provmod.DirtyTree, match=r"pkg/a\.py, pkg/new\.py"):
+        provmod.check_clean(prov, allow_dirty=False)
+    provmod.check_clean(prov, allow_dirty=True)
+    diff = provmod.dirty_diff(prov)
     assert "-x = 1" in diff and "+x = 2" in diff and "+y = 1" in diff
 
 
@@ -57,35 +57,35 @@ def test_store_paths_of_a_sqlite_uri_are_excluded(repo, monkeypatch):
     monkeypatch.chdir(repo)
     (repo / "mlflow.db").write_text("db\n")
     (repo / "mlflow.db-journal").write_text("db\n")
-    prov = prov.provenance(exclude=prov.store_paths("sqlite:///mlflow.db"), pkg=repo / "pkg")
+    prov = provmod.provenance(exclude=provmod.store_paths("sqlite:///mlflow.db"), pkg=repo / "pkg")
     assert not prov.dirty, prov.dirty_files
 
 
 def test_outside_git_the_commit_is_unknown_and_dirty(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
-    prov = prov.provenance(exclude=[], pkg=tmp_path / "pkg")
+    prov = provmod.provenance(exclude=[], pkg=tmp_path / "pkg")
     assert prov.commit == "unknown" and prov.dirty
-    with pytest.raises(prov.DirtyTree, match="not a git commit"):
-        prov.check_clean(prov, allow_dirty=False)
+    with pytest.raises(provmod.DirtyTree, match="not a git commit"):
+        provmod.check_clean(prov, allow_dirty=False)
 
 
 def test_source_hash_follows_the_files(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
-    h1 = prov.source_hash(tmp_path)
+    h1 = provmod.source_hash(tmp_path)
     (tmp_path / "__pycache__").mkdir()
     (tmp_path / "__pycache__" / "a.pyc").write_bytes(b"\0")
-    assert prov.source_hash(tmp_path) == h1
+    assert provmod.source_hash(tmp_path) == h1
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert prov.source_hash(tmp_path) != h1
+    assert provmod.source_hash(tmp_path) != h1
 
 
 # -- values ------------------------------------------------------------------------------------
 def test_secrets_are_redacted():
     env = {"HF_TOKEN": "hf_abcdef123456", "AWS_SECRET_ACCESS_KEY": "s3cr3tvalue", "HOME": "/root", "X": "hf_abcdef"}
-    secrets = prov.secret_values(env)
+    secrets = provmod.secret_values(env)
     assert "/root" not in secrets and "hf_abcdef" not in secrets
-    assert prov.redact("token hf_abcdef123456 and s3cr3tvalue", secrets) == "token [redacted] and [redacted]"
+    assert provmod.redact("token hf_abcdef123456 and s3cr3tvalue", secrets) == "token [redacted] and [redacted]"
 
 
 def test_config_key_follows_result_shaping_settings_only():
@@ -133,7 +133,7 @@ def runs_of(store: str):
 
 
 SCHEMA_PARAMS = ("k", "subset", "layers", "mode", "scope", "task", "limit", "model", "model_revision", "model_hash",
-                 "dtype", "threshold", "block_size", "small_block_size", "max_new_tokens", "num_fewshot",
+                 "dtype", "resolved_dtype", "resolved_device", "threshold", "block_size", "small_block_size", "max_new_tokens", "num_fewshot",
                  "apply_chat_template", "fewshot_as_multiturn", "seed", "batch_size", "device", "path",
                  "version_torch", "version_lm_eval", "version_mlflow", "version_transformers")
 SCHEMA_TAGS = ("git_commit", "git_branch", "git_dirty", "source_hash", "config_key", "task_kind", "reuse_note")
@@ -156,11 +156,12 @@ def test_mlflow_run_end_to_end(clean_repo, store, tiny_ckpt, tasks_dir):
     assert [k for k in SCHEMA_PARAMS if k not in p] == []
     assert (p["k"], p["subset"], p["mode"], p["limit"], p["threshold"], p["block_size"]) == \
            ("2", "middle", "output", "4", "0.9", "32")
-    assert p["layers"] and p["dtype"] == "float32" and p["device"] == "cpu"
+    assert p["layers"] and p["dtype"] == "auto" and p["device"] == "auto"
+    assert p["resolved_dtype"] == "float32" and p["resolved_device"] == "cpu"
     assert [k for k in SCHEMA_TAGS if k not in t] == []
     assert t["git_commit"] == git(["rev-parse", "HEAD"], clean_repo).strip()
     assert t["git_dirty"] == "false" and t["task_kind"] == "generate_until"
-    assert t["source_hash"] == prov.source_hash(clean_repo / "reuse_exp")
+    assert t["source_hash"] == provmod.source_hash(clean_repo / "reuse_exp")
     assert [k for k in SCHEMA_METRICS if k not in m] == []
     assert m["generated_tokens"] > 0 and m["seconds"] > 0
     assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])

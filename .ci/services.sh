@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages for the grid's infrastructure tests (issue 5): a single-node Slurm
+# Debian packages for the grid's infrastructure tests: a single-node Slurm
 # (slurm-wlm + munge), PostgreSQL, and headless Chromium. Installs only what is missing;
 # the tests start and stop the services themselves, on loopback, in temp dirs.
 # Needs root (CI runs as root). psycopg2-binary comes from pyproject's `test` extra.

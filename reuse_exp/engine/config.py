@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("Fast_dLLM_Qwen", "qwen2")
@@ -58,9 +58,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def with_(self, **changes) -> "ModelConfig":
-        return replace(self, **changes)
 
 
 # Named shapes for benchmarks and random-weight runs. `7b` is Fast_dLLM_v2_7B.

@@ -1,19 +1,15 @@
 """What a tracked run logs to MLflow, by name, and the helpers that spell it.
 
-The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
-directly (`reuse-exp run`), opens one. It never leaves a run RUNNING: success ends it
-FINISHED, an error FAILED, Ctrl-C or SIGTERM KILLED, each with what was logged so far.
-
-Schema (issue 5's grid, compare and audit read these names; change them together)
+Schema (the grid, compare and audit read these names: change them together)
 ---------------------------------------------------------------------------------
-params (as the code used them, from the resolved objects, not from the command line)
-    k, subset, layers (comma-separated layer indices), mode, scope, task,
-    limit ("none" or the number), model (as given: a directory, a hub id, `bundled`,
-    `random:<shape>`), model_revision (hub revision, `local`, `random`), model_hash,
-    dtype, threshold, block_size, small_block_size, max_new_tokens, use_block_cache,
-    num_fewshot, apply_chat_template, fewshot_as_multiturn ("true"/"false"), seed,
-    batch_size, device (cpu, cuda, cuda:N), path (decoding path that ran: eager, ...),
-    version_<lib> for python, reuse_exp, torch, cuda, transformers, lm_eval, mlflow.
+params
+    every setting of reuse_exp/settings.py as given, in its one spelling (`none`,
+    `true`/`false`, layer lists as 8,9,10): k, subset, mode, scope, task, limit, model,
+    threshold, ..., dtype and device (`auto` included); then what they resolved to:
+    layers (comma-separated layer indices), resolved_dtype, resolved_device (cpu, cuda:N),
+    path (decoding path that ran: eager, static, cuda-graph+compile), model_revision (hub
+    revision, `local`, `random`), model_hash; version_<lib> for python, reuse_exp, torch,
+    cuda, transformers, lm_eval, mlflow.
     `mlflow run` logs its -P parameters itself, before this code runs; where a name is
     both, the code's value must equal it (else the run fails naming the parameter).
 tags
@@ -38,7 +34,8 @@ metrics
     scored_tokens (loglikelihood); on a GPU gpu_peak_memory_mb, gpu_util_mean,
     gpu_util_max, gpu_power_mean_w, gpu_energy_j (NVML, sampled from before the model
     loads to the end of the evaluation: the whole run's cost, not only the timed part),
-    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics. During the run, generated_tokens/seconds are logged per batch.
+    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics. During the run,
+    generated_tokens/seconds are logged per batch.
 artifacts
     summary.json (the study's per-config summary), lm_eval_results.json,
     samples_<task>.jsonl (lm-eval's per-sample records), generations.jsonl (each prompt

@@ -68,7 +68,8 @@ def run(**values):
     except RunFailed as e:
         click.echo(f"reuse-exp: {e.line}", err=True)
         sys.exit(e.code)
-    click.echo(f"finished: MLflow run {run_id}")
+    if run_id is not None:   # None: a rank other than 0, which logs nothing
+        click.echo(f"finished: MLflow run {run_id}")
 
 
 @main.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -79,6 +79,11 @@ class RunSettings:
                                      kind="optional", role=RUN, mlproject=False)
     allow_dirty: bool = setting(False, "run from a tree with uncommitted changes (tagged dirty, diff logged)",
                                 kind="bool", role=RUN)
+    processes: int | str = setting(1, "data-parallel ranks, each on its own GPU (`auto` = one per visible GPU); "
+                                   "documents are sharded, one MLflow run", kind="processes", role=RUN,
+                                   minimum=1)
+    resume: str | None = setting(None, "MLflow run id of an interrupted run to finish (same commit and settings)",
+                                 kind="optional", role=RUN)
 
     def __post_init__(self):
         if self.block_size % self.small_block_size:
@@ -101,6 +106,17 @@ class RunSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def to_args(self) -> list[str]:
+        """These settings as `reuse-exp run` options: what each launched rank is given."""
+        args = []
+        for s in SPECS:
+            value = getattr(self, s.name)
+            if s.kind == "paths":
+                args += [a for path in value for a in (s.option, path)]
+            else:
+                args += [s.option, s.text(value)]
+        return args
 
 
 @dataclass(frozen=True)
@@ -140,10 +156,12 @@ class Spec:
         return self._check(parsed)
 
     def _check(self, value):
-        if self.kind in ("int", "float") and value is not None:
+        if self.kind == "processes" and value == "auto":
+            return value
+        if self.kind in ("int", "float", "processes") and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SettingError(f"{self.name}={value}: give a number")
-            if self.kind == "int":
+            if self.kind in ("int", "processes"):
                 if value != int(value):
                     raise SettingError(f"{self.name}={value}: give a whole number")
                 value = int(value)
@@ -208,6 +226,16 @@ def _parse_subset(spec: Spec, text: str) -> str | tuple[int, ...]:
         raise ValueError(f"use {', '.join(SUBSETS)} or layer indices like 8,9,10") from None
 
 
+def _parse_processes(spec: Spec, text: str) -> int | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        x = float(text)
+    except ValueError:
+        raise ValueError("give a number of processes or auto") from None
+    return int(x) if x == int(x) else x  # a fraction is refused by _check
+
+
 def _parse_optional(spec: Spec, text: str) -> str | None:
     return None if text.lower() in ("", "none") else text
 
@@ -217,7 +245,7 @@ def _parse_paths(spec: Spec, text: str) -> tuple[str, ...]:
 
 
 PARSERS = {"int": _parse_int, "float": _parse_float, "bool": _parse_bool, "limit": _parse_limit,
-           "subset": _parse_subset, "optional": _parse_optional, "paths": _parse_paths,
+           "subset": _parse_subset, "optional": _parse_optional, "processes": _parse_processes, "paths": _parse_paths,
            "str": lambda spec, text: text, "choice": lambda spec, text: text}
 
 

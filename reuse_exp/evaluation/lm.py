@@ -10,6 +10,11 @@ or lm-eval's own CLI with the model registered first:
 lm-eval 0.4.13 has no plugin entry points.) The model arguments are the settings of
 role `model` in reuse_exp/settings.py, with the same defaults; `pretrained` is lm-eval's
 name for `model`.
+
+Under a launcher (`torchrun --nproc-per-node N -m reuse_exp.cli lm-eval ...`,
+`accelerate launch`), each process is one rank on its own GPU: lm-eval's evaluator shards
+the documents by the model's rank and world size and gathers the results on rank 0
+(evaluation/distributed.py).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from ..engine.decoding import DecodeConfig, generate
 from ..engine.loading import decode_config_for
 from ..engine.reuse import ReusePolicy
 from ..settings import MODEL, SPECS, RunSettings, to_text
+from . import distributed
+from .distributed import Ranks, rank_device
 from .models import load, make_runner, resolve_device, resolve_dtype
 from .prompts import rewrite_prompt
 from .scoring import score_first_token
@@ -79,7 +86,10 @@ class FastDLLMv2LM(TemplateLM):
         self.settings = RunSettings.parse(model_args)
         s = self.settings
         self.batch_size = s.batch_size
-        self._device = torch.device(resolve_device(s.device))
+        self.ranks = Ranks.from_env()
+        self._rank, self._world_size = self.ranks.rank, self.ranks.world_size
+        self._device = torch.device(rank_device(resolve_device(s.device), self.ranks))
+        distributed.join(self.ranks, self._device)
         self.dtype_name = resolve_dtype(s.dtype, self._device)
         self.loaded = load(s.model, dtype=self.dtype_name, device=str(self._device), revision=s.revision,
                            tokenizer=s.tokenizer, seed=s.seed)
@@ -121,6 +131,17 @@ class FastDLLMv2LM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    # -- lm-eval's collectives between ranks (single process: its no-op defaults) ----------
+    def all_gather(self, tensor):
+        return distributed.all_gather(tensor) if self.ranks.parallel else tensor
+
+    def gather_object(self, obj, dst: int = 0):
+        return distributed.gather_object(obj, dst) if self.ranks.parallel else [obj]
+
+    def barrier(self) -> None:
+        if self.ranks.parallel:
+            distributed.barrier()
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError("fast_dllm_v2 has no rolling loglikelihood (perplexity tasks): "
                                   "the public scoring masks one target token per forward")
@@ -142,8 +163,12 @@ class FastDLLMv2LM(TemplateLM):
         returned text (decoding may run past them: those tokens count as generated) and its
         `max_gen_toks` (capped by max_new_tokens) bounds the decoding budget.
         """
-        items = []
+        items, first = [], {}
         for i, req in enumerate(requests):
+            # lm-eval repeats a request object to pad a rank's shard (and for repeats): greedy
+            # decoding gives it the same text, so it is decoded once.
+            if first.setdefault(id(req), i) != i:
+                continue
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []
@@ -177,7 +202,7 @@ class FastDLLMv2LM(TemplateLM):
                     "generated_tokens": s.generated_tokens, "stopped": s.finished, "forwards": dict(s.forwards)})
             if self.on_batch is not None:
                 self.on_batch(self.stats)
-        return out
+        return [out[first[id(req)]] for req in requests]
 
     def _decoder_budget(self, batch: list[_GenItem]) -> int:
         """max_new_tokens for the decoder so that every sample can reach the request's budget.
@@ -201,13 +226,16 @@ class FastDLLMv2LM(TemplateLM):
     # -- scoring ------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         room = self.max_length - self.decode_config.block_size
-        pairs = []
-        for _, ctx, cont in requests:
+        pairs, first = [], []
+        seen: dict[tuple, int] = {}   # a request padding a rank's shard repeats one: scored once
+        for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
                 raise ConfigError("a loglikelihood request with an empty continuation cannot be scored")
             ctx = ctx[-(room - len(cont)):] if len(ctx) + len(cont) > room else ctx
             pairs.append((ctx, cont))
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+            first.append(seen.setdefault((tuple(ctx), tuple(cont)), i))
+        order = sorted((i for i in range(len(pairs)) if first[i] == i),
+                       key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         batches = list(_chunks(order, self.batch_size))
         if batches and self.stats.scoring.requests == 0:  # warm-up, untimed
             t0 = time.perf_counter()
@@ -232,7 +260,7 @@ class FastDLLMv2LM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", (context, continuation), score)
             if self.on_batch is not None:
                 self.on_batch(self.stats)
-        return out
+        return [out[j] for j in first]
 
     # -- what the tracked run logs ------------------------------------------------------------
     def params(self) -> dict:
@@ -241,4 +269,4 @@ class FastDLLMv2LM(TemplateLM):
         return {**{n: to_text(v) for n, v in self.settings.of_role(MODEL).items()},
                 "layers": ",".join(map(str, self.policy.layers)), "model_revision": m.revision,
                 "model_hash": m.model_hash, "resolved_dtype": str(self.model.dtype).removeprefix("torch."),
-                "resolved_device": str(self.device), "path": self.path}
+                "resolved_device": str(self.device), "path": self.path, "world_size": self.world_size}

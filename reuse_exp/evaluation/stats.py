@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..engine.instrument import DecodeReport
 
@@ -68,6 +68,16 @@ class HarnessStats:
                       "tokens_per_forward": sc.scored_tokens / sc.requests}
         return m
 
+    @classmethod
+    def merged(cls, shards: list["HarnessStats"]) -> "HarnessStats":
+        """The ranks' shards as one: their batches, counts and generations together."""
+        scoring = ScoringStats(**{f.name: sum(getattr(s.scoring, f.name) for s in shards)
+                                  for f in fields(ScoringStats)})
+        return cls(decode=[r for s in shards for r in s.decode], scoring=scoring,
+                   warmup_seconds=max(s.warmup_seconds for s in shards),
+                   truncated_prompts=sum(s.truncated_prompts for s in shards),
+                   generations=[g for s in shards for g in s.generations])
+
     def trace(self) -> dict:
         """The reuse trace: per-layer counts of every batch, one sample's decisions."""
         if not self.decode:
@@ -81,3 +91,28 @@ class HarnessStats:
                 "first_batch_per_block": {str(b): rows for b, rows in first.layer_counts.per_block.items()},
                 "first_batch_summary": first.summary(),
                 "first_batch_sample0_trace": first.trace}
+
+
+def world_metrics(shards: list[HarnessStats]) -> dict[str, float]:
+    """The metrics of N ranks' shards as one run, with each rank's throughput beside them.
+
+    The ranks decode at the same time, so the run's timed part lasts as long as its slowest
+    rank: tokens/s = all ranks' tokens / the slowest rank's seconds (likewise for scoring).
+    """
+    if len(shards) == 1:
+        return shards[0].metrics()
+    merged = HarnessStats.merged(shards)
+    m = merged.metrics()
+    each = [s.metrics() for s in shards]
+    if "seconds" in m:
+        slowest = max(e.get("seconds", 0.0) for e in each)
+        tokens = m["generated_tokens"] if merged.decode else merged.scoring.scored_tokens
+        m |= {"seconds": slowest, "tokens_per_second": tokens / slowest if slowest > 0 else 0.0}
+    if merged.scoring.requests:
+        slowest = max(s.scoring.seconds for s in shards)
+        m |= {"scoring_seconds": slowest,
+              "positions_per_second": merged.scoring.positions / slowest if slowest > 0 else 0.0}
+    for rank, e in enumerate(each):
+        m |= {f"rank{rank}/{k}": e[k] for k in ("generated_tokens", "scored_tokens", "seconds", "tokens_per_second")
+              if k in e}
+    return m

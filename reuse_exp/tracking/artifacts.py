@@ -8,7 +8,8 @@ from dataclasses import asdict
 from .schema import param_str, pip_freeze
 
 
-def log_artifacts(tracker, s, results, samples, lm, metrics, params, primary, kind) -> None:
+def log_artifacts(tracker, s, results, samples, lm, stats, metrics, params, primary, kind) -> None:
+    """`stats`: the HarnessStats of every rank's shard together (the model's own in one process)."""
     from lm_eval.utils import handle_non_serializable
     tags = tracker.client.get_run(tracker.run_id).data.tags
     tracker.artifact_text("lm_eval_results.json",
@@ -16,8 +17,8 @@ def log_artifacts(tracker, s, results, samples, lm, metrics, params, primary, ki
     for task, rows in samples.items():
         tracker.artifact_text(f"samples_{task}.jsonl", "".join(
             json.dumps(r, default=handle_non_serializable) + "\n" for r in rows))
-    tracker.artifact_jsonl("generations.jsonl", lm.stats.generations)
-    tracker.artifact_json("reuse_trace.json", {"policy": asdict(lm.policy), **lm.stats.trace()})
+    tracker.artifact_jsonl("generations.jsonl", stats.generations)
+    tracker.artifact_json("reuse_trace.json", {"policy": asdict(lm.policy), **stats.trace()})
     tracker.artifact_text("pip_freeze.txt", pip_freeze())
     tracker.artifact_json("summary.json", {
         "config": f"k{lm.policy.k}_{lm.policy.subset}", "task": s.task, "task_kind": kind,

@@ -99,3 +99,23 @@ class GpuSampler:
             "gpu_power_mean_w": sum(s.power_w) / len(s.power_w),
             "gpu_energy_j": energy_j,
         }
+
+
+# How one run's statistics follow from each GPU's: a peak is the highest GPU's, energy and
+# power add up over the GPUs, utilisation is their average.
+COMBINE = {"gpu_peak_memory_mb": max, "gpu_util_max": max, "torch_peak_memory_mb": max,
+           "gpu_energy_j": sum, "gpu_power_mean_w": sum, "gpu_util_mean": lambda v: sum(v) / len(v)}
+
+
+def combine(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Every rank's GPU statistics as the run's, with each rank's beside them (rankR/NAME)."""
+    if len(per_rank) == 1:
+        return dict(per_rank[0])
+    out = {}
+    for name, how in COMBINE.items():
+        values = [r[name] for r in per_rank if name in r]
+        if values:
+            out[name] = how(values)
+    for rank, r in enumerate(per_rank):
+        out |= {f"rank{rank}/{k}": v for k, v in r.items()}
+    return out

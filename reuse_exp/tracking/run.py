@@ -2,13 +2,13 @@
 and an ending that is always FINISHED, FAILED or KILLED with what was logged so far.
 
 The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
-directly (`reuse-exp run`), opens one. What it logs, by name: tracking/schema.py.
+directly (`reuse-exp run`), opens one. What it logs, by name: tracking/schema.py. With
+`processes` > 1 it launches that many data-parallel ranks instead (tracking/ranks.py).
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import signal
 import sys
@@ -22,6 +22,7 @@ from ..engine.config import ConfigError
 from ..settings import RunSettings
 from .artifacts import log_artifacts
 from .provenance import Provenance, check_clean, dirty_diff, provenance, redact, secret_values
+from .ranks import RankFailed
 from .schema import config_key, library_versions, lm_eval_metrics, param_str, same_param
 
 MAX_DIRTY_FILES_TAG = 50
@@ -53,14 +54,15 @@ class Tracker:
     lm: object = None        # the harness model, once loaded: its stats are logged even on failure
 
     @classmethod
-    def start(cls, settings: RunSettings) -> "Tracker":
+    def start(cls, settings: RunSettings, system_metrics: bool = True) -> "Tracker":
+        """Attach or open; `system_metrics` off in a process that only launches ranks (rank 0 logs them)."""
         import mlflow
         mlflow.set_system_metrics_sampling_interval(2)
         mlflow.set_system_metrics_samples_before_logging(1)
         run_id = os.environ.get("MLFLOW_RUN_ID") or None
         if run_id is None and settings.experiment:
             mlflow.set_experiment(settings.experiment)
-        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         return cls(run.info.run_id, secret_values())
 
     @property
@@ -155,6 +157,8 @@ def classify(e: BaseException) -> tuple[str, int, str]:
         return "KILLED", 130, "interrupted (Ctrl-C): the run ended KILLED with what it had logged"
     if isinstance(e, Terminated):
         return "KILLED", 143, "terminated (SIGTERM): the run ended KILLED with what it had logged"
+    if isinstance(e, RankFailed):
+        return e.status, e.code, e.line
     if isinstance(e, torch.OutOfMemoryError):
         return "FAILED", 3, ("CUDA out of memory: lower --batch-size or --max-new-tokens, "
                              "or use a GPU with more memory")
@@ -172,17 +176,28 @@ def _raise_terminated(signum, frame):
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run(settings: RunSettings) -> str:
-    """Evaluate one configuration, tracked. Returns the run id; raises RunFailed."""
+def run(settings: RunSettings) -> str | None:
+    """Evaluate one configuration, tracked. Returns the run id (None on a rank other than 0);
+    raises RunFailed."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     tracker = None
+    rank = int(os.environ.get("RANK", "0"))   # of a launched world; 0 in a single process
     try:
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
+        from . import ranks
         prov = provenance()
-        check_clean(prov, settings.allow_dirty)       # before anything heavy, and before any model
+        if rank == 0:
+            check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
         harness.check_gated(settings.task)
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
-        tracker = Tracker.start(settings)
+        launching = ranks.to_launch(settings)
+        if rank > 0:
+            ranks.follow(settings, task_manager)
+            return None
+        tracker = Tracker.start(settings, system_metrics=launching == 1)
+        if launching > 1:
+            ranks.launch(tracker.run_id, settings, launching, tracker.workdir / "ranks")
+            return _launched_end(tracker)
         _log_start(tracker, settings, prov)
         _evaluate(tracker, settings, task_manager)
         tracker.end("FINISHED")
@@ -191,6 +206,8 @@ def run(settings: RunSettings) -> str:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the ending short
         status, code, line = classify(e)
         line = redact(line)
+        if os.environ.get("WORLD_SIZE", "1") != "1":   # a launched rank: tell the launcher why
+            ranks.record_failure(line, "".join(traceback.format_exception(e)))
         if tracker is None:
             end_outside_run(status, line)
             if code == 1:  # an unexpected error with no run to keep its traceback: show it
@@ -200,6 +217,15 @@ def run(settings: RunSettings) -> str:
         raise RunFailed(line, code) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _launched_end(tracker: Tracker) -> str:
+    """Every rank exited 0: rank 0 has logged the results and ended the run FINISHED."""
+    status = tracker.client.get_run(tracker.run_id).info.status
+    if status != "FINISHED":
+        raise RankFailed("FAILED", 1, f"the ranks exited 0 but rank 0 left the run {status}")
+    tracker.end("FINISHED")
+    return tracker.run_id
 
 
 def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
@@ -214,59 +240,48 @@ def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
 
 
 def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
+    """Rank 0's (or the only process's) evaluation, logged; the other ranks run ranks.follow."""
     import torch
 
     from ..evaluation import harness
-    from ..evaluation.lm import FastDLLMv2LM
-    from ..evaluation.models import resolve_device
-    from ..evaluation.stats import LOGLIKELIHOOD_NOTE
-    from .gpu_stats import GpuSampler
-    device = resolve_device(s.device)
-    if device.startswith("cuda"):
-        tracker.sampler = GpuSampler(torch.device(device).index or 0).start()
-    lm = FastDLLMv2LM.from_settings(s)
+    from ..evaluation.stats import LOGLIKELIHOOD_NOTE, HarnessStats, world_metrics
+    from . import ranks
+    from .gpu_stats import combine
+    device = ranks.shard_device(s)
+    tracker.sampler = ranks.start_sampler(device)
+    lm = ranks.load_model(s)
     tracker.lm = lm
     lm.on_batch = tracker.progress
+    world_params, world_tags = ranks.world_params(ranks.rank_devices(lm))
     params = lm.params()
-    tracker.params(params)
+    tracker.params({**params, **world_params})
     all_params = {**{n: param_str(v) for n, v in s.as_dict().items()}, **params,
                   "device_type": torch.device(device).type}
-    tracker.tags({"config_key": config_key(all_params),
-                  "model_path": lm.loaded.path or "", "device_name": _device_name(device)})
+    tracker.tags({"config_key": config_key(all_params), "model_path": lm.loaded.path or "", **world_tags})
 
-    t0 = time.perf_counter()
-    results = harness.evaluate(lm, s.task, task_manager, limit=s.limit, num_fewshot=s.num_fewshot,
-                               apply_chat_template=s.apply_chat_template,
-                               fewshot_as_multiturn=s.fewshot_as_multiturn, seed=s.seed)
-    wall = time.perf_counter() - t0
+    results, wall = ranks.evaluate(lm, s, task_manager)
+    reports = ranks.gather_reports(lm, tracker.sampler)
+    tracker.sampler = None   # stopped: its statistics are in the reports
+    shards = [r.stats for r in reports]
+    stats = HarnessStats.merged(shards) if len(shards) > 1 else lm.stats
     samples = results.pop("samples", {})
     task_results = results["results"].get(s.task, {})
     primary = harness.primary_metric(task_results)
-    kind = lm.stats.task_kind
-    metrics = {**lm_eval_metrics(results, s.task), **lm.stats.metrics(), "wall_seconds": wall}
+    kind = stats.task_kind
+    metrics = {**lm_eval_metrics(results, s.task), **world_metrics(shards), "wall_seconds": wall}
     if primary is not None:
         metrics["accuracy"] = primary[1]
-    metrics |= _gpu_metrics(tracker, device)
+    metrics |= combine([r.gpu for r in reports])
     tracker.metrics(metrics)
     tracker.tags({"task_kind": kind, "accuracy_metric": primary[0] if primary else "none",
                   "reuse_note": LOGLIKELIHOOD_NOTE if kind == "loglikelihood"
                   else f"reuse k={lm.policy.k} on layers {list(lm.policy.layers)} of small-block forwards"})
-    log_artifacts(tracker, s, results, samples, lm, metrics, all_params, primary, kind)
-
-
-def _device_name(device: str) -> str:
-    import torch
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
+    log_artifacts(tracker, s, results, samples, lm, stats, metrics, all_params, primary, kind)
 
 
 def _gpu_metrics(tracker: Tracker, device: str) -> dict:
-    out = tracker.sampler.stop() if tracker.sampler is not None else {}
-    if device.startswith("cuda"):
-        import torch
-        out["torch_peak_memory_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
-    return out
+    from .ranks import gpu_report
+    return gpu_report(tracker.sampler, device)
 
 
 def _log_failure(tracker: Tracker, status: str, line: str, e: BaseException) -> None:
@@ -277,7 +292,7 @@ def _log_failure(tracker: Tracker, status: str, line: str, e: BaseException) -> 
         device = str(lm.device) if lm is not None else "cpu"
         partial = lm.stats.metrics() if lm is not None else {}
         tracker.metrics({**partial, **_gpu_metrics(tracker, device)})
-        if status == "FAILED":
-            tracker.artifact_text("error.txt", "".join(traceback.format_exception(e)))
+        if status == "FAILED":   # a rank's traceback where a rank failed, else this process's
+            tracker.artifact_text("error.txt", getattr(e, "traceback", "") or "".join(traceback.format_exception(e)))
     finally:
         tracker.end(status)

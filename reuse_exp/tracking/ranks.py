@@ -1,0 +1,191 @@
+"""A tracked run over N data-parallel ranks: launching them, the evaluation each rank runs,
+and what rank 0 gathers from the others.
+
+`reuse-exp run --processes N` opens the MLflow run, then starts N ranks with
+torch.distributed's elastic launcher (what `torchrun` runs): each rank is
+`python -m reuse_exp.cli run ...` with RANK, WORLD_SIZE and LOCAL_RANK set, attached to that
+run as under `mlflow run`. Rank 0 logs everything; the other ranks evaluate their shards and
+hand their statistics to rank 0. When a rank fails or is killed, the launcher stops the
+others, and the process that launched them ends the run FAILED or KILLED naming the rank:
+never FINISHED on a partial shard. `torchrun --nproc-per-node N -m reuse_exp.cli run
+--processes N ...` works too; then rank 0 opens the run itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.config import ConfigError
+from ..settings import RunSettings
+from .gpu_stats import GpuSampler
+
+ERROR_FILE = "TORCHELASTIC_ERROR_FILE"   # where the launcher reads a failed rank's reason
+
+
+class RankFailed(Exception):
+    """A rank failed or was killed, or the launcher was stopped: how the run ends, and why."""
+
+    def __init__(self, status: str, code: int, line: str, traceback: str = ""):
+        super().__init__(line)
+        self.status, self.code, self.line, self.traceback = status, code, line, traceback
+
+
+# -- how many ranks ----------------------------------------------------------------------------
+def to_launch(s: RunSettings) -> int:
+    """Ranks this process must launch: 1 when it runs the evaluation itself (one process, or
+    already one rank of a launched world)."""
+    from ..evaluation.distributed import Ranks, resolve_processes
+    from ..evaluation.models import resolve_device
+    here = Ranks.from_env()
+    if here.parallel:
+        if s.processes not in ("auto", here.world_size):
+            raise ConfigError(f"launched as {here.world_size} ranks but --processes {s.processes}: "
+                              f"pass --processes {here.world_size} (or auto)")
+        return 1
+    return resolve_processes(s.processes, resolve_device(s.device))
+
+
+def launch(run_id: str, s: RunSettings, n: int, log_dir: Path) -> None:
+    """Run the evaluation as N ranks attached to MLflow run `run_id`; RankFailed if one fails."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=run_id, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+                          logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)))
+    previous = os.environ.get("MLFLOW_RUN_ID")
+    os.environ["MLFLOW_RUN_ID"] = run_id   # the ranks inherit it and attach, as under `mlflow run`
+    try:
+        elastic_launch(config, sys.executable)("-m", "reuse_exp.cli", "run", *s.to_args())
+    except ChildFailedError as e:
+        raise failure_of(*e.get_first_failure(), n) from None
+    except SignalException as e:
+        sig = signal.Signals(e.sigval)
+        raise RankFailed("KILLED", 128 + sig, f"{sig.name}: the ranks were stopped and the run ended KILLED "
+                                               "with what it had logged") from None
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_RUN_ID"] = previous
+
+
+def failure_of(rank: int, failure, n: int) -> RankFailed:
+    """The run's ending from the launcher's record of the first rank that failed."""
+    message = failure.message if isinstance(failure.message, dict) else {"message": failure.message}
+    reason = str(message.get("message") or "").strip()
+    trace = (message.get("extraInfo") or {}).get("py_callstack", "")
+    where = f"rank {rank} of {n}"
+    if failure.exitcode < 0:
+        sig = signal.Signals(-failure.exitcode).name
+        return RankFailed("KILLED", 128 - failure.exitcode, f"{where} was killed ({sig}): the other ranks were "
+                          "stopped and the run ended KILLED with what it had logged")
+    status = "KILLED" if failure.exitcode in (130, 143) else "FAILED"
+    return RankFailed(status, failure.exitcode, f"{where}: {reason or f'exited {failure.exitcode}'}", trace)
+
+
+def record_failure(line: str, trace: str) -> None:
+    """Leave this rank's one line (and traceback) where the launcher reads a failed rank's reason."""
+    path = os.environ.get(ERROR_FILE)
+    if path:
+        Path(path).write_text(json.dumps({"message": {"message": line, "extraInfo": {
+            "py_callstack": trace, "timestamp": str(int(time.time()))}}}))
+
+
+# -- one rank's evaluation ---------------------------------------------------------------------
+# Every rank runs these in this order: load_model (joins the group), rank_devices, evaluate,
+# gather_reports; each past the first is a collective, so the ranks must not skip one.
+@dataclass
+class RankReport:
+    """What a rank hands to rank 0 once its shard is done."""
+    rank: int
+    stats: object        # its HarnessStats
+    gpu: dict            # its GPU's statistics (empty on CPU)
+
+
+def shard_device(s: RunSettings) -> str:
+    """This rank's device: its own GPU under several ranks."""
+    from ..evaluation.distributed import Ranks, rank_device
+    from ..evaluation.models import resolve_device
+    return rank_device(resolve_device(s.device), Ranks.from_env())
+
+
+def start_sampler(device: str) -> GpuSampler | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+    return GpuSampler(torch.device(device).index or 0).start()
+
+
+def gpu_report(sampler: GpuSampler | None, device: str) -> dict:
+    """The sampler's statistics (it stops) and the allocator's peak."""
+    out = sampler.stop() if sampler is not None else {}
+    if device.startswith("cuda"):
+        import torch
+        out["torch_peak_memory_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    return out
+
+
+def load_model(s: RunSettings):
+    from ..evaluation.lm import FastDLLMv2LM
+    return FastDLLMv2LM.from_settings(s)
+
+
+def device_name(device: str) -> str:
+    import platform
+
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def rank_devices(lm) -> list[tuple[str, str]]:
+    """Every rank's (device, device name), in rank order."""
+    from ..evaluation import distributed
+    mine = (str(lm.device), device_name(str(lm.device)))
+    return distributed.all_gather_object(mine) if lm.world_size > 1 else [mine]
+
+
+def world_params(devices: list[tuple[str, str]]) -> tuple[dict, dict]:
+    """(params, tags) that say where the ranks ran."""
+    params = {"rank_devices": ",".join(d for d, _ in devices)}
+    tags = {"device_name": devices[0][1],
+            "rank_devices": "; ".join(f"{r}: {d} ({name})" for r, (d, name) in enumerate(devices))}
+    return params, tags
+
+
+def evaluate(lm, s: RunSettings, task_manager) -> tuple[dict | None, float]:
+    """lm-eval over this rank's shard; the results (rank 0 only) and the wall time."""
+    from ..evaluation import harness
+    t0 = time.perf_counter()
+    results = harness.evaluate(lm, s.task, task_manager, limit=s.limit, num_fewshot=s.num_fewshot,
+                               apply_chat_template=s.apply_chat_template,
+                               fewshot_as_multiturn=s.fewshot_as_multiturn, seed=s.seed)
+    return results, time.perf_counter() - t0
+
+
+def gather_reports(lm, sampler: GpuSampler | None) -> list[RankReport] | None:
+    """Every rank's report on rank 0 (None elsewhere); the group is left after it."""
+    from ..evaluation import distributed
+    mine = RankReport(lm.rank, lm.stats, gpu_report(sampler, str(lm.device)))
+    if lm.world_size == 1:
+        return [mine]
+    reports = distributed.gather_object(mine)
+    distributed.leave()
+    return reports
+
+
+def follow(s: RunSettings, task_manager) -> None:
+    """A rank other than 0: evaluate its shard and hand its statistics to rank 0; log nothing."""
+    device = shard_device(s)
+    sampler = start_sampler(device)
+    lm = load_model(s)
+    rank_devices(lm)
+    evaluate(lm, s, task_manager)
+    gather_reports(lm, sampler)

@@ -1,0 +1,272 @@
+"""Data parallel runs: N gloo ranks on CPU give the 1-rank run's outputs byte for byte, in one
+MLflow run; a rank that fails, is killed or hangs ends the whole run FAILED or KILLED."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+
+from reuse_exp.engine.config import ConfigError
+from reuse_exp.engine.instrument import DecodeReport, LayerCounts, SampleStats
+from reuse_exp.evaluation.distributed import Ranks, rank_device, resolve_processes
+from reuse_exp.evaluation.stats import HarnessStats, world_metrics
+from reuse_exp.settings import RunSettings
+from reuse_exp.tracking import ranks
+from reuse_exp.tracking.gpu_stats import combine
+
+# The bundled model and task; 5 documents over 2 ranks: rank 1's shard is padded by lm-eval.
+RUN = ["--limit", "5", "--max-new-tokens", "128"]
+
+
+# -- the pieces ----------------------------------------------------------------------------
+def test_processes_resolve_to_ranks_and_refuse_what_cannot_run():
+    assert resolve_processes("auto", "cpu") == 1
+    assert resolve_processes(3, "cpu") == 3
+    with pytest.raises(ConfigError, match="each rank takes its own GPU; use --device cuda"):
+        resolve_processes(2, "cuda:1")
+    with pytest.raises(ConfigError, match=r"--processes 2 but 0 GPU\(s\) visible"):
+        resolve_processes(2, "cuda")
+    assert rank_device("cpu", Ranks(1, 2, 1)) == "cpu"
+    assert rank_device("cuda:3", Ranks()) == "cuda:3"
+    with pytest.raises(ConfigError, match="each rank takes its own GPU"):
+        rank_device("cuda:1", Ranks(1, 2, 1))
+
+
+def test_a_rank_refuses_a_world_it_was_not_asked_for(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert ranks.to_launch(RunSettings(processes=2, device="cpu")) == 1   # already a rank: launch none
+    assert ranks.to_launch(RunSettings(processes="auto", device="cpu")) == 1
+    with pytest.raises(ConfigError, match="launched as 2 ranks but --processes 3: pass --processes 2"):
+        ranks.to_launch(RunSettings(processes=3, device="cpu"))
+
+
+def test_settings_travel_to_the_ranks_as_options():
+    from click.testing import CliRunner
+
+    from reuse_exp.cli import run as run_cmd
+    s = RunSettings(k=2, subset=(8, 9), limit=0.5, include_path=("a", "b"), processes="auto", threshold=0.75)
+    ctx = run_cmd.make_context("run", s.to_args())
+    values = dict(ctx.params)
+    values["include_path"] = tuple(p for group in values["include_path"] for p in group)
+    assert RunSettings(**values) == s
+    assert CliRunner().invoke(run_cmd, ["--processes", "0"]).exit_code == 2
+
+
+def _shard(tokens: list[int], seconds: float) -> HarnessStats:
+    samples = [SampleStats(generated_tokens=t, forwards=Counter({"small_block": t})) for t in tokens]
+    return HarnessStats(decode=[DecodeReport(samples, seconds, LayerCounts(2))])
+
+
+def test_tokens_per_second_is_all_tokens_over_the_slowest_rank():
+    m = world_metrics([_shard([30, 10], 2.0), _shard([20], 4.0)])
+    assert m["generated_tokens"] == 60 and m["seconds"] == 4.0
+    assert m["tokens_per_second"] == pytest.approx(60 / 4.0)
+    assert m["rank0/tokens_per_second"] == pytest.approx(20.0) and m["rank1/tokens_per_second"] == 5.0
+    assert m["forwards_small_block"] == 60
+    assert world_metrics([_shard([30], 2.0)]) == _shard([30], 2.0).metrics()
+
+
+def test_gpu_statistics_cover_every_gpu():
+    a = {"gpu_peak_memory_mb": 100.0, "gpu_util_mean": 50.0, "gpu_util_max": 90.0, "gpu_power_mean_w": 300.0,
+         "gpu_energy_j": 10.0, "torch_peak_memory_mb": 80.0}
+    b = {**a, "gpu_peak_memory_mb": 120.0, "gpu_util_mean": 70.0, "gpu_energy_j": 30.0}
+    m = combine([a, b])
+    assert (m["gpu_peak_memory_mb"], m["gpu_util_mean"], m["gpu_energy_j"], m["gpu_power_mean_w"]) == \
+           (120.0, 60.0, 40.0, 600.0)
+    assert m["rank1/gpu_energy_j"] == 30.0 and combine([a]) == a
+
+
+# -- real ranks ------------------------------------------------------------------------------
+def run_proc(repo, store, *args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "reuse_exp.cli", "run", *args], cwd=repo,
+                            env={**subprocess_env(store), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def rank_pids(entry: int) -> dict[int, int]:
+    """RANK -> pid of the ranks launched under the entry process."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, list(children.get(entry, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
+            found[int(env["RANK"])] = pid
+    return found
+
+
+def artifacts(client, run) -> tuple[dict, dict]:
+    """Per document: lm-eval's filtered responses, and the generation's raw text."""
+    samples = Path(client.download_artifacts(run.info.run_id, "samples_tiny_gsm.jsonl")).read_text()
+    gens = Path(client.download_artifacts(run.info.run_id, "generations.jsonl")).read_text()
+    by_doc = {}
+    for line in samples.splitlines():
+        row = json.loads(line)
+        by_doc.setdefault(row["doc_id"], {})[row["filter"]] = row["filtered_resps"]
+    raw = [json.loads(line) for line in gens.splitlines()]
+    assert len({g["doc_id"] for g in raw}) == len(raw), "each document decoded once"
+    return by_doc, {g["doc_id"]: g["raw"] for g in raw}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_one_rank_outputs_in_one_run(clean_repo, store):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    for processes in ("1", "2"):
+        out, err = run_proc(clean_repo, store, *RUN, "--processes", processes).communicate(timeout=900)
+        assert f"finished: MLflow run" in out, err[-3000:]
+    one, two = sorted(client.search_runs(["0"]), key=lambda r: r.data.params["world_size"])
+    assert len(client.search_runs(["0"])) == 2, "one MLflow run per `reuse-exp run`, whatever its ranks"
+    assert (one.info.status, two.info.status) == ("FINISHED", "FINISHED")
+    p, t, m = two.data.params, two.data.tags, two.data.metrics
+    assert (p["processes"], p["world_size"], p["rank_devices"]) == ("2", "2", "cpu,cpu")
+    assert t["rank_devices"].startswith("0: cpu") and "1: cpu" in t["rank_devices"]
+    # The same documents, the same text, byte for byte; so the same accuracy and token count.
+    assert artifacts(client, one) == artifacts(client, two)
+    assert sorted(artifacts(client, two)[0]) == [0, 1, 2, 3, 4]
+    assert m["accuracy"] == one.data.metrics["accuracy"] > 0
+    assert m["generated_tokens"] == one.data.metrics["generated_tokens"]
+    # Each rank decoded its own shard; throughput is the whole over the slowest rank.
+    shares = [m["rank0/generated_tokens"], m["rank1/generated_tokens"]]
+    assert all(s > 0 for s in shares) and sum(shares) == m["generated_tokens"]
+    assert m["seconds"] == max(m["rank0/seconds"], m["rank1/seconds"])
+    assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
+    assert m["forwards_prefill"] == one.data.metrics["forwards_prefill"] == 5, "padding is not decoded twice"
+
+
+def wait_for_progress(client, proc, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = client.search_runs(["0"])
+        if runs and "generated_tokens" in runs[0].data.metrics:
+            return runs[0]
+        time.sleep(0.5)
+    raise AssertionError(proc.communicate()[1][-3000:] if proc.poll() is not None else "no progress")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_killed_and_stops_the_others(clean_repo, store):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    proc = run_proc(clean_repo, store, "--limit", "40", "--processes", "2")
+    wait_for_progress(client, proc)
+    pids = rank_pids(proc.pid)
+    assert sorted(pids) == [0, 1]
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 137, err[-3000:]
+    assert "rank 1 of 2 was killed (SIGKILL)" in err and "Traceback" not in err
+    assert not alive(pids[0]), "the launcher stopped rank 0"
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "KILLED" and run.data.tags["end_status"] == "KILLED"
+    assert "rank 1 of 2 was killed (SIGKILL)" in run.data.tags["error"]
+    assert run.data.metrics["generated_tokens"] > 0, "what rank 0 had logged stays"
+    assert "accuracy" not in run.data.metrics
+
+
+def odd_doc_fails(tasks: Path) -> None:
+    """tiny_gsm whose scoring raises on document 1 only: a fault in rank 1's shard alone."""
+    import shutil
+
+    from reuse_exp.evaluation.harness import bundled_tasks_dir
+    src = bundled_tasks_dir()
+    shutil.copytree(src / "data", tasks / "data")
+    shutil.copy(src / "tiny_tasks.py", tasks)
+    doc1 = json.loads((src / "data" / "tiny_gsm_test.jsonl").read_text().splitlines()[1])["question"]
+    (tasks / "boom.py").write_text(
+        f"DOC1 = {doc1!r}\n\n\n"
+        "def process_results(doc, results):\n"
+        "    if doc['question'] == DOC1:\n"
+        "        raise RuntimeError('scoring broke on document 1')\n"
+        "    return {'exact_match': 0.0}\n")
+    text = (src / "tiny_gsm.yaml").read_text().replace("task: tiny_gsm", "task: tiny_boom")
+    (tasks / "tiny_boom.yaml").write_text(text + "process_results: !function boom.process_results\n")
+
+
+@pytest.mark.slow
+def test_a_failed_rank_ends_the_run_failed_with_its_reason(clean_repo, store, tmp_path):
+    import mlflow
+    tasks = tmp_path / "tasks"
+    odd_doc_fails(tasks)
+    proc = run_proc(clean_repo, store, "--task", "tiny_boom", "--include-path", str(tasks), "--limit", "4",
+                    "--max-new-tokens", "32", "--processes", "2")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    assert "rank 1 of 2: RuntimeError: scoring broke on document 1" in err
+    client = mlflow.MlflowClient(store)
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "FAILED" and run.data.tags["end_status"] == "FAILED"
+    assert "rank 1 of 2: RuntimeError: scoring broke on document 1" in run.data.tags["error"]
+    trace = Path(client.download_artifacts(run.info.run_id, "error.txt")).read_text()
+    assert "boom.py" in trace and "scoring broke on document 1" in trace, "rank 1's traceback"
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_run_instead_of_waiting_forever(clean_repo, store):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    proc = run_proc(clean_repo, store, "--limit", "6", "--max-new-tokens", "64", "--processes", "2",
+                    env={"REUSE_EXP_COLLECTIVE_TIMEOUT_S": "20", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(rank_pids(proc.pid)) < 2:
+        time.sleep(0.2)
+    pids = rank_pids(proc.pid)
+    os.kill(pids[1], signal.SIGSTOP)   # hangs from here on: rank 0 reaches a collective alone
+    try:
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if alive(pids[1]):
+            os.kill(pids[1], signal.SIGKILL)
+    assert proc.returncode not in (0, None), err[-3000:]
+    assert "rank 0 of 2" in err and time.monotonic() - t0 < 200
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "FAILED" and "rank 0 of 2" in run.data.tags["error"]
+    assert not alive(pids[0]) and not alive(pids[1])
+
+
+@pytest.mark.slow
+def test_lm_eval_under_torchrun_shards_through_the_model(tmp_path):
+    """lm-eval's own CLI under torch's launcher: each rank evaluates its documents, rank 0 writes."""
+    from reuse_exp.evaluation.harness import bundled_tasks_dir
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "reuse_exp.cli", "lm-eval", "run", "--model", "fast_dllm_v2",
+               "--model_args", "pretrained=bundled,max_new_tokens=64", "--tasks", "tiny_gsm",
+               "--include_path", str(bundled_tasks_dir()), "--limit", "5", "--log_samples", "--output_path", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [samples] = list(out.rglob("samples_tiny_gsm_*.jsonl"))
+        rows = [json.loads(line) for line in samples.read_text().splitlines()]
+        outs[n] = {(r["doc_id"], r["filter"]): r["filtered_resps"] for r in rows}
+    assert sorted({d for d, _ in outs[2]}) == [0, 1, 2, 3, 4]
+    assert outs[1] == outs[2]

@@ -23,21 +23,28 @@ def test_grid_runs_only_what_is_not_done_at_head(tmp_path, tiny_ckpt):
     (tmp_path / "store").mkdir()
     first_head = repo.head
 
-    ran = repo.cli(args(tiny_ckpt, "grid", "run"), env)
+    jobs = ["--jobs-dir", str(tmp_path / "jobs")]
+    ran = repo.cli([*args(tiny_ckpt, "grid", "run"), *jobs], env)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "[1/2] k1_first" in ran.stdout and "[2/2] k2_first" in ran.stdout
+    import mlflow
+    runs = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("e2e").experiment_id])
+    snap = tmp_path / "jobs" / "snapshots" / first_head
+    assert {r.data.tags["mlflow.source.name"] for r in runs} == {str(snap / "reuse_exp" / "cli.py")}, \
+        "the jobs ran from a snapshot of HEAD, not from the checkout"
 
     status = repo.cli(args(tiny_ckpt, "grid", "status"), env)
     assert "done at HEAD 2/2" in status.stdout, status.stdout + status.stderr
 
-    again = repo.cli(args(tiny_ckpt, "grid", "run"), env)
+    again = repo.cli([*args(tiny_ckpt, "grid", "run"), *jobs], env)
     assert again.returncode == 0 and "nothing to run: all 2 configuration(s) done" in again.stdout
 
     repo.commit("NOTES.txt", "a new commit: every run above is now stale\n")
     stale = repo.cli(args(tiny_ckpt, "grid", "status"), env)
     assert f"stale@{first_head[:7]}" in stale.stdout and "done at HEAD 0/2, stale 2" in stale.stdout
 
-    one = repo.cli(args(tiny_ckpt, "grid", "run", "--k", "1"), env)
+    one = repo.cli([*args(tiny_ckpt, "grid", "run", "--k", "1"), *jobs], env)
     assert one.returncode == 0 and "[1/1] k1_first" in one.stdout, one.stdout + one.stderr
 
     refused = repo.cli(args(tiny_ckpt, "compare"), env)

@@ -79,3 +79,36 @@ def test_a_killed_job_never_counts_as_done(tmp_path, repo_env):
     assert row[1] in ("failed", "missing"), status.stdout   # the run ended KILLED on SIGTERM, or never began
     runs = cl.search_runs([cl.get_experiment_by_name("slurm").experiment_id])
     assert all(r.info.status != "FINISHED" for r in runs)
+
+
+def test_a_queued_job_runs_the_commit_it_was_submitted_at(tmp_path, repo_env, slurm):
+    """Submit while the node is drained (the job waits in the queue), then edit the checkout and
+    commit another change; once the node is back the job runs the submitted commit, clean."""
+    import mlflow
+    repo, env, grid = repo_env
+    submitted = repo.head
+    node = ["scontrol", "update", "nodename=localhost"]
+    subprocess.run([*node, "state=drain", "reason=queue"], env=env, check=True, timeout=30)
+    try:
+        out = repo.cli(["grid", "run", *grid, "--k", "2", *slurm_args(tmp_path), "--no-wait"], env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        job = re.search(r"submitted k2_first: job (\S+)", out.stdout).group(1).split("_")[0]
+        queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
+        assert queued.stdout.strip() == "PENDING", queued.stdout + queued.stderr
+        later = repo.commit("NOTES.txt", "a commit made while the job waits\n")
+        with open(repo.root / "reuse_exp" / "cli.py", "a") as f:
+            f.write("# an edit made while the job waits\n")
+    finally:
+        subprocess.run([*node, "state=resume"], env=env, check=True, timeout=30)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True)
+        if not q.stdout.strip():
+            break
+        time.sleep(1)
+    cl = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = cl.search_runs([cl.get_experiment_by_name("slurm").experiment_id])
+    assert run.info.status == "FINISHED", run.data.tags.get("error")
+    assert run.data.tags["git_commit"] == submitted != later
+    assert run.data.tags["git_dirty"] == "false"
+    assert run.data.tags["mlflow.source.name"].startswith(str(tmp_path / "jobs" / "snapshots" / submitted))

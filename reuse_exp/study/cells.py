@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
+from ..engine.config import ConfigError
 from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
 from ..settings import SPECS
@@ -20,7 +22,8 @@ LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choic
 # Settings a grid pins to their defaults when not told otherwise, so an omitted setting matches
 # what a run logs (a grid without --limit is the whole task). The axes and the run's own are not.
 PINNED = tuple(s.name for s in SPECS if s.name not in ("task", "k", "subset", "include_path", "experiment",
-                                                       "allow_dirty", "revision", "tokenizer"))
+                                                       "allow_dirty", "revision", "tokenizer", "resume"))
+PATHS = ("model", "tokenizer", "include_path")   # made absolute: jobs run from a snapshot elsewhere
 # The study's tasks, so `grid status` need not index lm-eval's 10k task files (25 s).
 KNOWN_KINDS = {"gsm8k": GENERATE, "minerva_math": GENERATE, "ifeval": GENERATE, "mmlu": LOGLIKELIHOOD,
                "gpqa_main_zeroshot": LOGLIKELIHOOD, "gpqa_diamond_zeroshot": LOGLIKELIHOOD,
@@ -153,9 +156,14 @@ def build_request(task: str, ks: str, subsets: str, mode: str | None, limit: int
     for name, value in (("mode", mode), ("limit", limit), ("model", model)):
         if value is not None:
             settings[name] = str(value)
-    for axis in ("task", "k", "subset"):
+    for axis in ("task", "k", "subset", "resume"):
         if axis in settings:
-            raise click.BadParameter(f"-P {axis}=... : use --{axis} instead")
+            raise click.BadParameter(f"-P {axis}=... : use --{axis} instead" if axis != "resume" else
+                                     "-P resume=...: the grid resumes interrupted runs itself")
+    for name in PATHS:
+        value = settings.get(name)
+        if value and not Path(value).is_absolute() and Path(value).exists():
+            settings[name] = str(Path(value).resolve())
     return GridRequest(task=task, ks=parse_ks(ks), subsets=parse_subsets(subsets),
                        settings=tuple(sorted((n, norm(v)) for n, v in settings.items())))
 

@@ -142,13 +142,14 @@ def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_
               show_default=True, help="local: one process per configuration, in turn; slurm: an array job "
               "through submitit; submitit-local: the same array as local processes, concurrently")
 @click.option("--partition", default=None, help="slurm: partition")
-@click.option("--gpus", type=int, default=None, help="slurm: GPUs per job")
+@click.option("--gpus", type=int, default=None, help="GPUs per job (default: the runs' processes, else 1); "
+              "local and submitit-local run one job per GPU (or per g GPUs) at a time, each on its own")
 @click.option("--time", "time_min", type=int, default=240, show_default=True, help="slurm: minutes per job")
 @click.option("--account", default=None, help="slurm: account")
 @click.option("--cpus", type=int, default=None, help="slurm: CPUs per job")
 @click.option("--jobs-dir", type=click.Path(file_okay=False), default=None,
-              help="submitit's folder for job scripts and logs (default ~/.cache/reuse_exp/submitit, "
-              "outside the checkout so the tree stays clean)")
+              help="folder for job scripts, logs and the snapshots jobs run from (default "
+              "~/.cache/reuse_exp/submitit, outside the checkout so the tree stays clean)")
 @click.option("--wait/--no-wait", default=None, help="wait for submitted jobs (default: wait for "
               "submitit-local, not for slurm)")
 def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_after, dry_run, force,
@@ -175,15 +176,20 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
             click.echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty)[3:])}")
         return
     hint = None
-    if executor == "local":
-        failed = run_local(cells, uri, exp, allow_dirty, echo=click.echo)
-    else:
-        from .launch import SubmititOptions, submit
-        opts = SubmititOptions(cluster="local" if executor == "submitit-local" else "slurm",
-                               partition=partition, gpus=gpus, time_min=time_min,
-                               account=account, cpus=cpus, **({"folder": Path(jobs_dir)} if jobs_dir else {}))
-        failed, hint = submit(cells, uri, exp, allow_dirty, opts,
-                        wait=(executor == "submitit-local") if wait is None else wait, echo=click.echo)
+    try:
+        if executor == "local":
+            failed = run_local(cells, uri, exp, allow_dirty, head, echo=click.echo, gpus=gpus,
+                               **({"folder": Path(jobs_dir)} if jobs_dir else {}))
+        else:
+            from .launch import SubmititOptions, submit
+            opts = SubmititOptions(cluster="local" if executor == "submitit-local" else "slurm",
+                                   partition=partition, gpus=gpus, time_min=time_min, account=account, cpus=cpus,
+                                   **({"folder": Path(jobs_dir)} if jobs_dir else {}))
+            failed, hint = submit(cells, uri, exp, allow_dirty, opts,
+                                  wait=(executor == "submitit-local") if wait is None else wait, commit=head,
+                                  echo=click.echo)
+    except ConfigError as e:   # no GPU for the runs' device, a snapshot git could not make, ...
+        raise click.ClickException(str(e)) from None
     if hint:
         raise click.ClickException(hint)
     if failed:

@@ -1,23 +1,40 @@
-"""Launching a grid's configurations: one local process after another, or one submitit
-array job (Slurm, or concurrent local processes).
+"""Launching a grid's configurations: local processes, or submitit jobs (Slurm, or local
+processes through submitit).
 
-On SLURM every configuration is one array task running the tracked run; with
-`cluster="local"` submitit runs the same tasks as concurrent local processes (what CI
-uses where no Slurm can be started). Each job gets the tracking URI and experiment
-explicitly, so it writes where the grid reads. A job that dies leaves its run FAILED,
-KILLED, or RUNNING until `--stuck-after`: never FINISHED, so never done.
+Each job gets the tracking URI and experiment explicitly, so it writes where the grid reads.
+A job that dies leaves its run FAILED, KILLED, or RUNNING until `--stuck-after`: never
+FINISHED, so never done.
+
+Snapshots. Jobs run from a clean clone of the commit the grid was started at (shared
+objects, so it takes a moment), never from the live checkout: a job waiting in a queue
+while the checkout is edited or moves to another commit still runs, clean, the code that
+was submitted, and its run records that commit. `--allow-dirty` grids run in the live tree,
+since their uncommitted changes are the point.
+
+GPUs. On a machine with GPUs the local and submitit-local executors give each concurrent
+job its own GPU, or its own g GPUs (`--gpus g`, or the runs' `processes`), through
+CUDA_VISIBLE_DEVICES, and run no more jobs at once than that allows. Nothing runs on the
+CPU there unless the grid asks for it (`-P device=cpu`). On Slurm, the scheduler hands out
+GPUs (`--gpus`).
 """
 from __future__ import annotations
 
 import os
+import queue
+import shutil
 import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from ..engine.config import ConfigError
 from .cells import Cell, run_command
 from .store import REPO_ROOT, store_error
 
-DEFAULT_FOLDER = Path.home() / ".cache" / "reuse_exp" / "submitit"  # outside the checkout: keeps it clean
+# Job scripts, logs and snapshots (FOLDER/snapshots/COMMIT): outside the checkout, which stays clean.
+DEFAULT_FOLDER = Path.home() / ".cache" / "reuse_exp" / "submitit"
 
 
 @dataclass(frozen=True)
@@ -32,7 +49,7 @@ class SubmititOptions:
 
     def parameters(self, name: str) -> dict:
         p = {"timeout_min": self.time_min, "name": name}
-        if self.gpus:
+        if self.gpus and self.cluster == "slurm":   # submitit-local's own GPU choice is always GPU 0..g-1
             p["gpus_per_node"] = self.gpus
         if self.cpus:
             p["cpus_per_task"] = self.cpus
@@ -43,21 +60,117 @@ class SubmititOptions:
 
 
 def job_env(uri: str, experiment: str) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
 
 
-def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, echo=print) -> list[str]:
-    """One process per configuration, in turn; returns the names of those that failed."""
-    failed = []
-    for i, cell in enumerate(cells, 1):
-        echo(f"[{i}/{len(cells)}] {cell.name}")
-        proc = subprocess.run(run_command(cell, allow_dirty), cwd=REPO_ROOT, env=job_env(uri, experiment),
-                              stdin=subprocess.DEVNULL)
-        if proc.returncode:
-            echo(f"[{i}/{len(cells)}] {cell.name} failed (exit {proc.returncode})")
-            failed.append(cell.name)
-    return failed
+# -- the code a job runs ------------------------------------------------------------------------
+def snapshot(commit: str, folder: Path, repo: Path = REPO_ROOT) -> Path:
+    """A clean checkout of `commit` under `folder` (made once per commit, remade if touched)."""
+    dest = folder / "snapshots" / commit
+    if dest.is_dir() and _git(["status", "--porcelain"], dest) == "" and _git(["rev-parse", "HEAD"], dest) == commit:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{commit[:12]}-", dir=dest.parent))
+    _git(["clone", "-q", "--shared", "--no-checkout", str(repo), str(tmp)], dest.parent)
+    _git(["checkout", "-q", "--detach", commit], tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:   # another grid made it meanwhile: the same commit, so the same files
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if out.returncode and args[0] in ("clone", "checkout"):
+        raise ConfigError(f"cannot snapshot the commit for the jobs (git {args[0]}: {out.stderr.strip()})")
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def workdir(commit: str, folder: Path, allow_dirty: bool) -> Path:
+    """Where the jobs run: a snapshot of `commit`, or the live tree for a dirty grid."""
+    return REPO_ROOT if allow_dirty else snapshot(commit, folder)
+
+
+# -- GPUs ---------------------------------------------------------------------------------------
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them."""
+    import torch
+    count = torch.cuda.device_count()
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is None:
+        return [str(i) for i in range(count)]
+    return [g.strip() for g in given.split(",") if g.strip()][:count]
+
+
+def gpu_slots(gpus: list[str], per_job: int, device: str) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES of each concurrent job: one slot per `per_job` GPUs. None: the jobs
+    run on the CPU, with no GPU to share out (none visible, or the grid asked for the CPU)."""
+    if device == "cpu":
+        return None
+    if not gpus:
+        if device.startswith("cuda"):
+            raise ConfigError(f"the grid's runs ask for device {device} but no GPU is visible: "
+                              "use -P device=cpu (or auto)")
+        return None
+    if device not in ("auto", "cuda"):
+        raise ConfigError(f"-P device={device} pins every job to one GPU: use auto (or cuda) and each job "
+                          "gets its own")
+    if per_job > len(gpus):
+        raise ConfigError(f"a job needs {per_job} GPU(s) but {len(gpus)} are visible: lower --gpus "
+                          "(or the runs' processes)")
+    return [",".join(gpus[i:i + per_job]) for i in range(0, len(gpus) - per_job + 1, per_job)]
+
+
+def gpus_per_job(cells: list[Cell], gpus: int | None) -> int:
+    """--gpus, else what the runs' `processes` asks for (one rank per GPU), else 1."""
+    if gpus:
+        return gpus
+    processes = cells[0].as_dict().get("processes", "1")
+    return int(processes) if processes.isdigit() and int(processes) > 1 else 1
+
+
+def run_pool(jobs: list, slots: list[str], start: Callable[[object, str], object]) -> list:
+    """start(job, slot) for every job, at most one job per slot at a time; results in job order."""
+    free: queue.Queue[str] = queue.Queue()
+    for s in slots:
+        free.put(s)
+
+    def one(job):
+        slot = free.get()
+        try:
+            return start(job, slot)
+        finally:
+            free.put(slot)
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        return list(pool.map(one, jobs))
+
+
+# -- executors ----------------------------------------------------------------------------------
+def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, commit: str, echo=print,
+              gpus: int | None = None, folder: Path = DEFAULT_FOLDER) -> list[str]:
+    """One process per configuration: in turn, or one per GPU slot at once; returns the names
+    of those that failed."""
+    cwd = workdir(commit, folder, allow_dirty)
+    slots = gpu_slots(visible_gpus(), gpus_per_job(cells, gpus), cells[0].as_dict().get("device", "auto"))
+    numbered = list(enumerate(cells, 1))
+
+    def start(item, slot: str | None) -> str | None:
+        i, cell = item
+        where = f" on GPU {slot}" if slot is not None else ""
+        echo(f"[{i}/{len(cells)}] {cell.name}{where}")
+        env = {**os.environ, **job_env(uri, experiment), **({"CUDA_VISIBLE_DEVICES": slot} if slot else {})}
+        code = subprocess.run(run_command(cell, allow_dirty), cwd=cwd, env=env, stdin=subprocess.DEVNULL).returncode
+        if code:
+            echo(f"[{i}/{len(cells)}] {cell.name} failed (exit {code})")
+            return cell.name
+        return None
+
+    done = run_pool(numbered, slots, start) if slots else [start(item, None) for item in numbered]
+    return [name for name in done if name]
 
 
 class JobFailed(RuntimeError):
@@ -65,7 +178,7 @@ class JobFailed(RuntimeError):
 
 
 def run_job(cmd: list[str], env: dict[str, str], cwd: str) -> int:
-    """Body of one array task (top-level so submitit can pickle it)."""
+    """Body of one submitit job (top-level so submitit can pickle it)."""
     code = subprocess.run(cmd, cwd=cwd, env={**os.environ, **env}, stdin=subprocess.DEVNULL).returncode
     if code:
         raise JobFailed(f"the tracked run exited {code}")
@@ -73,28 +186,53 @@ def run_job(cmd: list[str], env: dict[str, str], cwd: str) -> int:
 
 
 def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts: SubmititOptions,
-           wait: bool, echo=print) -> tuple[list[str], str | None]:
-    """Submit one array; with `wait`, return the names of the configurations whose job failed,
-    and the one-line explanation when they failed on the sqlite store's concurrency limits."""
+           wait: bool, commit: str, echo=print) -> tuple[list[str], str | None]:
+    """Submit the configurations; with `wait`, return the names of those whose job failed, and
+    the one-line explanation when they failed on the sqlite store's concurrency limits."""
     import submitit
     folder = opts.folder if opts.folder.is_absolute() else Path.cwd() / opts.folder
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
-    executor.update_parameters(**opts.parameters(f"reuse-grid-{cells[0].settings[0][1]}"))
-    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
-    if opts.cluster == "local" and "OMP_NUM_THREADS" not in os.environ:
-        # N concurrent jobs on one machine: torch's default threads per job would fight
-        # (seen: a tiny model's warm-up 18 s instead of 0.5 s on 2 cores)
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(cells)))
+    cwd = str(workdir(commit, folder, allow_dirty))
+    env = {**job_env(uri, experiment), "PYTHONPATH": cwd}   # the snapshot's package, not an installed one
+    slots = None
+    if opts.cluster == "local":
+        slots = gpu_slots(visible_gpus(), gpus_per_job(cells, opts.gpus), cells[0].as_dict().get("device", "auto"))
+        if "OMP_NUM_THREADS" not in os.environ:
+            # N concurrent jobs on one machine: torch's default threads per job would fight
+            # (seen: a tiny model's warm-up 18 s instead of 0.5 s on 2 cores)
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(len(cells), len(slots or cells))))
     if opts.cluster == "slurm" and uri.startswith("sqlite"):
         echo(f"warning: {uri} is a sqlite file; jobs on several nodes writing one file over a shared "
              "filesystem can corrupt or lock it: serve it with `mlflow server` (docs/grid.md)")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
+    executor.update_parameters(**opts.parameters(f"reuse-grid-{cells[0].settings[0][1]}"))
     cmds = [run_command(c, allow_dirty) for c in cells]
-    jobs = executor.map_array(run_job, cmds, [env] * len(cells), [str(REPO_ROOT)] * len(cells))
+    if slots:
+        if wait is False:
+            raise ConfigError("submitit-local on GPUs hands each GPU its next job as one ends, so it waits: "
+                              "drop --no-wait")
+        return _submit_to_slots(executor, cells, cmds, env, cwd, slots, folder, echo)
+    jobs = executor.map_array(run_job, cmds, [env] * len(cells), [cwd] * len(cells))
     for cell, job in zip(cells, jobs):
         echo(f"submitted {cell.name}: job {job.job_id} ({opts.cluster}; logs in {folder / str(job.job_id)})")
     if not wait:
         echo("not waiting: follow with `reuse-exp grid status` (a dead job shows failed or missing)")
         return [], None
+    return _results(cells, jobs, uri, echo)
+
+
+def _submit_to_slots(executor, cells, cmds, env, cwd, slots, folder, echo):
+    """submitit-local on GPUs: one job per GPU slot at a time, the next as one ends."""
+    def start(i: int, slot: str):
+        job = executor.submit(run_job, cmds[i], {**env, "CUDA_VISIBLE_DEVICES": slot}, cwd)
+        echo(f"submitted {cells[i].name}: job {job.job_id} (local, GPU {slot}; logs in {folder / str(job.job_id)})")
+        job.wait()   # its slot is free again once it ends; its outcome is read below, with the others'
+        return job
+
+    jobs = run_pool(list(range(len(cells))), slots, start)
+    return _results(cells, jobs, env["MLFLOW_TRACKING_URI"], echo)
+
+
+def _results(cells, jobs, uri, echo) -> tuple[list[str], str | None]:
     failed, hint = [], None
     for cell, job in zip(cells, jobs):
         try:

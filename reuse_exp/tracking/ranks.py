@@ -156,7 +156,8 @@ def world_params(devices: list[tuple[str, str]]) -> tuple[dict, dict]:
     """(params, tags) that say where the ranks ran."""
     params = {"rank_devices": ",".join(d for d, _ in devices)}
     tags = {"device_name": devices[0][1],
-            "rank_devices": "; ".join(f"{r}: {d} ({name})" for r, (d, name) in enumerate(devices))}
+            "rank_devices": "; ".join(f"{r}: {d} ({name})" for r, (d, name) in enumerate(devices)),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")}
     return params, tags
 
 

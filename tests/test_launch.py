@@ -1,0 +1,98 @@
+"""Grid jobs on GPUs and from snapshots: each concurrent job its own GPU(s), no more jobs at
+once than the GPUs allow, nothing on the CPU unless asked; jobs run the submitted commit."""
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+from services.checkout import clean_checkout
+from reuse_exp.engine.config import ConfigError
+from reuse_exp.study.cells import Cell
+from reuse_exp.study.launch import gpu_slots, gpus_per_job, run_pool, snapshot
+
+
+# -- which GPUs a job gets -------------------------------------------------------------------
+@pytest.mark.parametrize("gpus, per_job, device, slots", [
+    (["0", "1"], 1, "auto", ["0", "1"]),
+    (["0", "1", "2", "3"], 2, "cuda", ["0,1", "2,3"]),
+    (["0", "1", "2"], 2, "auto", ["0,1"]),                      # the odd GPU stays idle
+    (["4", "6"], 1, "auto", ["4", "6"]),                        # CUDA_VISIBLE_DEVICES=4,6 given
+    (["GPU-aa", "GPU-bb"], 1, "auto", ["GPU-aa", "GPU-bb"]),   # UUIDs
+    ([], 1, "auto", None),                                      # no GPU: the CPU, as asked by auto
+    (["0", "1"], 1, "cpu", None),                               # GPUs, but the grid asked for the CPU
+])
+def test_each_concurrent_job_gets_its_own_gpus(gpus, per_job, device, slots):
+    assert gpu_slots(gpus, per_job, device) == slots
+    if slots:
+        used = [g for s in slots for g in s.split(",")]
+        assert len(used) == len(set(used)), "no GPU in two slots"
+
+
+@pytest.mark.parametrize("gpus, per_job, device, says", [
+    ([], 1, "cuda", "no GPU is visible: use -P device=cpu"),
+    (["0", "1"], 1, "cuda:1", "pins every job to one GPU"),
+    (["0", "1"], 3, "auto", "a job needs 3 GPU(s) but 2 are visible"),
+])
+def test_what_cannot_be_placed_is_refused(gpus, per_job, device, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        gpu_slots(gpus, per_job, device)
+
+
+def test_a_data_parallel_run_takes_one_gpu_per_rank():
+    cell = lambda processes: Cell(1, "first", (("processes", processes),))  # noqa: E731
+    assert gpus_per_job([cell("2")], None) == 2
+    assert gpus_per_job([cell("1")], None) == 1 and gpus_per_job([cell("auto")], None) == 1
+    assert gpus_per_job([cell("2")], 4) == 4
+
+
+def test_no_more_jobs_at_once_than_slots_and_never_two_on_one():
+    running: dict[str, int] = {"0": 0, "1": 0}
+    seen, lock = [], threading.Lock()
+    peak = [0]
+
+    def start(job, slot):
+        with lock:
+            running[slot] += 1
+            peak[0] = max(peak[0], sum(running.values()))
+            seen.append((job, slot, running[slot]))
+        time.sleep(0.05 * (job % 3 + 1))
+        with lock:
+            running[slot] -= 1
+        return job * 10
+
+    assert run_pool(list(range(7)), ["0", "1"], start) == [j * 10 for j in range(7)]
+    assert peak[0] == 2 and all(n == 1 for _, _, n in seen)
+    assert sorted(j for j, _, _ in seen) == list(range(7)) and {s for _, s, _ in seen} == {"0", "1"}
+
+
+# -- the code a job runs ---------------------------------------------------------------------
+def git(args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_snapshot_is_the_submitted_commit_clean_whatever_the_checkout_does(tmp_path):
+    repo = clean_checkout(tmp_path / "repo")
+    submitted = repo.head
+    snap = snapshot(submitted, tmp_path / "jobs", repo.root)
+    assert snap == tmp_path / "jobs" / "snapshots" / submitted
+    assert git(["rev-parse", "HEAD"], snap) == submitted and git(["status", "--porcelain"], snap) == ""
+    # The checkout moves on and gets dirty; the snapshot does not.
+    repo.commit("NOTES.txt", "another commit\n")
+    (repo.root / "reuse_exp" / "cli.py").write_text("# edited in the live tree\n")
+    assert git(["rev-parse", "HEAD"], snap) == submitted and git(["status", "--porcelain"], snap) == ""
+    assert "edited" not in (snap / "reuse_exp" / "cli.py").read_text()
+    # A second grid at that commit reuses it; a touched one is made again.
+    assert snapshot(submitted, tmp_path / "jobs", repo.root) == snap
+    (snap / "reuse_exp" / "settings.py").write_text("# touched\n")
+    snapshot(submitted, tmp_path / "jobs", repo.root)
+    assert git(["status", "--porcelain"], snap) == "" and "touched" not in (snap / "reuse_exp" / "settings.py").read_text()
+    # A commit that is on no branch (a detached HEAD) snapshots too.
+    git(["checkout", "-q", "--detach"], repo.root)
+    (repo.root / "reuse_exp" / "cli.py").write_text("# detached\n")
+    git(["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qam", "detached"], repo.root)
+    detached = repo.head
+    assert git(["rev-parse", "HEAD"], snapshot(detached, tmp_path / "jobs", repo.root)) == detached

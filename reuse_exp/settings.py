@@ -41,7 +41,9 @@ class RunSettings:
         "first", "`first`, `middle`, `last` (12 of 28 layers, scaled to the depth) or indices `8,9,10`",
         kind="subset", role=MODEL)
     mode: str = setting("output", "`output`: the cached output stands in (the study's); "
-                        "`delta`: the cached residual is added", kind="choice", role=MODEL, choices=MODES)
+                        "`delta`: the cached residual is added; `replay`: reuse steps skip the whole "
+                        "forward and reuse the last logits (what output mode amounts to)",
+                        kind="choice", role=MODEL, choices=MODES)
     scope: str = setting("block", "`block`: the block's step counter (the study's); "
                          "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES)
     task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "

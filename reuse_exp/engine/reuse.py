@@ -14,7 +14,7 @@ from .config import ConfigError
 from .model import ForwardKind
 
 SUBSETS = ("first", "middle", "last")
-MODES = ("output", "delta")
+MODES = ("output", "delta", "replay")
 SCOPES = ("block", "refresh")
 STUDY_DEPTH, STUDY_SUBSET_SIZE = 28, 12
 
@@ -60,6 +60,9 @@ class ReusePolicy:
 
     mode   output: a skipped layer's cached output stands in (the study's semantics)
            delta:  a skipped layer adds its cached residual contribution (output - input)
+           replay: the whole forward is skipped and the step unmasks from the logits of the
+                   row's last computed forward: what output mode amounts to (docs/engine.md),
+                   as a control; its layers are all of them, whatever the subset
     scope  block:   the counter is the block's step counter (the study's description)
            refresh: the counter restarts at every full-block forward
     """
@@ -80,6 +83,8 @@ class ReusePolicy:
             raise ConfigError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
         layers = resolve_subset(subset, num_layers, size)
         name = subset if isinstance(subset, str) else "custom"
+        if mode == "replay":
+            layers, name = tuple(range(num_layers)), "all"
         return cls(k=k, layers=layers, mode=mode, scope=scope, subset=name)
 
     def skipped(self, kind: ForwardKind, counter: int) -> tuple[int, ...]:
@@ -226,6 +231,13 @@ class ReuseSchedule:
         self.block, self.step, self.since_refresh = block, [0] * n_rows, [0] * n_rows
         if self.cache is not None:
             self.cache.new_block()
+
+    def replaying(self, active: list[bool]) -> list[bool]:
+        """Rows whose small-block step skips the whole forward (mode replay)."""
+        if self.policy is None or self.policy.mode != "replay":
+            return [False] * len(active)
+        counters = self.step if self.policy.scope == "block" else self.since_refresh
+        return [a and bool(self.policy.skipped(ForwardKind.SMALL_BLOCK, c)) for a, c in zip(active, counters)]
 
     def plan(self, kind: ForwardKind, active: list[bool], replace_position: int) -> LayerReuse | None:
         """The plan of one forward; None when nothing can reuse. Prefill and finalize neither

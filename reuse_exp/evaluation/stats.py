@@ -51,9 +51,11 @@ class HarnessStats:
             seconds = sum(r.wall_seconds for r in self.decode)
             m |= {"generated_tokens": tokens, "seconds": seconds,
                   "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-                  "tokens_per_forward": tokens / sum(sample_fw.values()) if sample_fw else 0.0,
+                  "tokens_per_forward": tokens / model_forwards if (model_forwards := sum(
+                      n for k, n in sample_fw.items() if k != "replay")) else 0.0,
                   "skipped_fraction": skipped / (run + skipped) if run + skipped else 0.0,
                   "truncated_prompts": self.truncated_prompts}
+            m |= reuse_metrics(self.decode, sample_fw)
             m |= {f"forwards_{k}": v for k, v in sample_fw.items()}
             m |= {f"batch_forwards_{k}": v for k, v in batch_fw.items()}
         sc = self.scoring
@@ -81,3 +83,16 @@ class HarnessStats:
                 "first_batch_per_block": {str(b): rows for b, rows in first.layer_counts.per_block.items()},
                 "first_batch_summary": first.summary(),
                 "first_batch_sample0_trace": first.trace}
+
+
+def reuse_metrics(reports: list[DecodeReport], sample_fw: Counter) -> dict[str, float]:
+    """How reuse acted: reuse steps (a sample's step that stood in cached layers or replayed),
+    those whose logits came out bit for bit those of the sample's last computed step (output
+    mode: all of them, docs/engine.md), and the fraction of denoising steps fully replayed."""
+    steps = sum(s.reuse_steps for r in reports for s in r.samples)
+    unchanged = sum(s.unchanged_reuse_steps for r in reports for s in r.samples)
+    denoising = sum(sample_fw[k] for k in ("full_block", "small_block", "replay"))
+    layer_reuse = steps - sample_fw["replay"]
+    return {"reuse_steps": steps, "unchanged_reuse_steps": unchanged,
+            "unchanged_reuse_fraction": unchanged / layer_reuse if layer_reuse else 0.0,
+            "replayed_fraction": sample_fw["replay"] / denoising if denoising else 0.0}

@@ -18,7 +18,9 @@ from .config import ConfigError
 from .instrument import DecodeRecorder, DecodeReport
 from .model import FastDLLM, ForwardKind
 from .replay import WindowLogits
-from .reuse import ReuseCache, ReusePolicy, ReuseSchedule, RowMask
+from .adaptive import AdaptivePolicy
+from .reuse import ReuseCache, ReusePolicy, RowMask
+from .schedule import ReuseSchedule
 
 REPLAY = "replay"  # a per-sample step that ran no forward (mode=replay)
 # Token ids of the real checkpoint; a tokenizer's own ids take precedence (see TokenIds).
@@ -89,7 +91,7 @@ class _Run:
     """
 
     def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
-                 policy: ReusePolicy | None, trace_sample: int | None, shadow: bool, runner):
+                 policy: ReusePolicy | AdaptivePolicy | None, trace_sample: int | None, shadow: bool, runner):
         self.model, self.cfg, self.runner = model, cfg, runner
         dev = model.device
         bs = cfg.block_size
@@ -103,9 +105,9 @@ class _Run:
             self.x[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
         self.cache = runner.new_cache(len(prompts), self.num_blocks * bs, bs)
         reuse_cache = None
-        if policy is not None and policy.k > 1 and policy.mode != "replay":
+        if policy is not None and policy.reuses and policy.mode != "replay":
             reuse_cache = runner.new_reuse_cache(policy, len(prompts), bs)
-        self.schedule = ReuseSchedule(policy, reuse_cache, dev, shadow)
+        self.schedule = ReuseSchedule(policy, reuse_cache, model, len(prompts), bs, shadow)
         self.recorder = DecodeRecorder(len(prompts), model.num_layers, trace_sample)
         self.window_logits = WindowLogits(len(prompts), dev)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
@@ -121,20 +123,18 @@ class _Run:
         """One forward of `kind` for the `active` rows (None: all), as the schedule plans it.
         Returns the hidden states and, per row, whether it stood in cached layers."""
         active = [True] * tokens.shape[0] if active is None else active
-        plan = self.schedule.plan(kind, active, replace_position)
+        plan = self.schedule.plan(kind, active, tokens, replace_position)
         write_rows = None if all(active) else RowMask.of(active, self.model.device).device
         hidden = self.runner(tokens, kind, self.cache, replace_position, plan, write_rows)
-        reusing = plan.reusing.host.tolist() if plan is not None else [False] * len(active)
-        # What the batch really ran: a layer is skipped only when no row computed it.
-        batch_skipped = self.schedule.layers if any(reusing) and not plan.computing.any else ()
+        skipped = plan.skipped_layers_per_row() if plan is not None else [() for _ in active]
         self.recorder.record(
             kind=kind.value, block=self.schedule.block, tokens=tokens.shape[1],
             replace_position=replace_position if kind is ForwardKind.SMALL_BLOCK else None,
-            sample_ids=self.sample_ids, active=active, steps=self.schedule.step, reusing=reusing,
-            reused_layers=self.schedule.layers, batch_skipped=batch_skipped,
+            sample_ids=self.sample_ids, active=active, steps=self.schedule.step, skipped=skipped,
+            batch_skipped=plan.batch_skipped() if plan is not None else (),
             cache_shape=plan.cache.shape if plan is not None else None)
         self.schedule.advance(kind, active)
-        return hidden, reusing
+        return hidden, [bool(layers) for layers in skipped]
 
     def logits_at(self, hidden: torch.Tensor, positions: list[int]) -> torch.Tensor:
         logits = self.model.logits(hidden[:, positions]).float()
@@ -167,11 +167,11 @@ class _Run:
 
     def replay(self, rows: list[bool], replace_position: int) -> None:
         """A step that skips the whole forward for `rows`: they unmask from their last logits."""
-        n = self.model.num_layers
+        every = tuple(range(self.model.num_layers))
         self.recorder.record(
             kind=REPLAY, block=self.schedule.block, tokens=0, replace_position=replace_position,
-            sample_ids=self.sample_ids, active=rows, steps=self.schedule.step, reusing=rows,
-            reused_layers=tuple(range(n)), batch_skipped=tuple(range(n)) if all(rows) else (), cache_shape=None)
+            sample_ids=self.sample_ids, active=rows, steps=self.schedule.step,
+            skipped=[every if r else () for r in rows], batch_skipped=every if all(rows) else (), cache_shape=None)
         self.schedule.advance(ForwardKind.SMALL_BLOCK, rows)
 
     def unmask(self, blk: torch.Tensor, logits: torch.Tensor, lo: int, hi: int) -> None:
@@ -208,7 +208,7 @@ class _Run:
                 full = [a and (not cfg.use_block_cache or not c or f)
                         for a, c, f in zip(active, has_block_cache, first_masked)]
                 small = [a and not f for a, f in zip(active, full)]
-                replaying = self.schedule.replaying(small)
+                replaying = self.schedule.replaying(small, blk[:, start:end], start)
                 small = [s and not r for s, r in zip(small, replaying)]
                 logits = self.window_logits.replay() if any(replaying) else None
                 if any(full):
@@ -223,7 +223,7 @@ class _Run:
                     small = [s and not r for s, r in zip(small, reused)]
                 if any(replaying):
                     self.replay(replaying, start)
-                if self.schedule.policy is not None and self.schedule.policy.k > 1:
+                if self.schedule.policy is not None and self.schedule.policy.reuses:
                     self.window_logits.store(logits, [f or s for f, s in zip(full, small)])
                 self.unmask(blk, logits, start, end)
 
@@ -293,7 +293,7 @@ class _Run:
 
 @torch.no_grad()
 def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
-             policy: ReusePolicy | None = None, trace_sample: int | None = 0,
+             policy: ReusePolicy | AdaptivePolicy | None = None, trace_sample: int | None = 0,
              shadow: bool = False, runner=None) -> DecodeResult:
     """Decode a batch of prompts (token id lists, any lengths).
 
@@ -308,6 +308,9 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     if policy is not None and max(policy.layers) >= model.num_layers:
         raise ConfigError(f"reuse policy names layer {max(policy.layers)}, the model has {model.num_layers}")
     runner = EagerRunner(model) if runner is None else runner
+    if isinstance(policy, AdaptivePolicy) and policy.mode == "delta" and runner.name != "eager":
+        raise ConfigError("the adaptive policy in delta mode decides inside the forward and runs on the "
+                          "eager path for now: pass decode_path=eager")
     if shadow and runner.name != "eager":
         raise ConfigError("shadow mode runs on the eager path: leave the runner out")
     run = _Run(model, prompts, cfg, policy, trace_sample, shadow, runner)
@@ -317,6 +320,7 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     run.run()
     _sync(model.device)
     run.report.wall_seconds = time.perf_counter() - t0
+    run.report.refresh_drifts = run.schedule.refresh_drifts
     for sample, n in enumerate(run.window_logits.unchanged.tolist()):
         run.report.samples[sample].unchanged_reuse_steps = n
     if run.schedule.shadow is not None:

@@ -54,6 +54,7 @@ class DecodeReport:
     trace: list[dict] = field(default_factory=list)             # one sample's decisions, forward by forward
     shadow: list[dict] = field(default_factory=list)            # rel_err records (shadow mode only)
     path: str = "eager"                                         # which forward implementation ran
+    refresh_drifts: list = field(default_factory=list)          # adaptive: drift that made a group recompute
 
     @property
     def generated_tokens(self) -> int:
@@ -100,25 +101,24 @@ class DecodeRecorder:
                                    layer_counts=LayerCounts(num_layers))
 
     def record(self, *, kind: str, block: int, tokens: int, replace_position: int | None, sample_ids: list[int],
-               active: list[bool], steps: list[int], reusing: list[bool], reused_layers: tuple[int, ...],
+               active: list[bool], steps: list[int], skipped: list[tuple[int, ...]],
                batch_skipped: tuple[int, ...], cache_shape: tuple[int, ...] | None) -> None:
-        """One batched forward. `reusing` rows stood in `reused_layers`; `batch_skipped` are the
+        """One batched forward. Row b stood in the layers `skipped[b]`; `batch_skipped` are the
         layers no row computed (what the batch really saved)."""
         denoising = kind in ("full_block", "small_block", "replay")
         for b, sample in enumerate(sample_ids):
             if not active[b]:
                 continue
             s = self.report.samples[sample]
-            skipped = len(reused_layers) if reusing[b] else 0
             s.forwards[kind] += 1
-            s.reuse_steps += reusing[b]
-            s.layer_evals_skipped += skipped
-            s.layer_evals_run += self.num_layers - skipped
+            s.reuse_steps += bool(skipped[b])
+            s.layer_evals_skipped += len(skipped[b])
+            s.layer_evals_run += self.num_layers - len(skipped[b])
             if sample == self.trace_sample:
                 self.report.trace.append({
                     "block": block, "step": steps[b] if denoising else None, "kind": kind,
                     "replace_position": replace_position, "tokens": tokens,
-                    "skipped": list(reused_layers) if reusing[b] else [],
+                    "skipped": list(skipped[b]),
                     "reuse_cache_shape": list(cache_shape) if cache_shape is not None else None})
         self.report.batch_forwards[kind] += 1
         self.report.layer_counts.add(block, batch_skipped)

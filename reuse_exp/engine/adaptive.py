@@ -72,6 +72,11 @@ class AdaptivePolicy:
         return {"policy": "adaptive", "threshold": self.threshold, "max_reuse": self.max_reuse,
                 "mode": self.mode, "groups": [list(g) for g in self.groups]}
 
+    def note(self) -> str:
+        what = "the whole step replays" if self.mode == "replay" else f"groups {[list(g) for g in self.groups]} reuse"
+        return (f"adaptive ({self.mode} mode): {what} while the input drifts less than {self.threshold} "
+                f"since it last computed, at most {self.max_reuse} times in a row")
+
 
 def relative_drift(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per row: ||x - ref|| / ||ref|| over positions and features, in float32."""

@@ -101,6 +101,11 @@ class ReusePolicy:
         return {"k": self.k, "subset": self.subset, "layers": list(self.layers),
                 "mode": self.mode, "scope": self.scope}
 
+    def note(self) -> str:
+        if self.mode == "replay":
+            return f"replay: every k={self.k}-th small-block step computes, the others reuse the last logits"
+        return f"reuse k={self.k} on layers {list(self.layers)} of small-block forwards ({self.mode} mode)"
+
 
 class ReuseCache:
     """Per reused layer, its last computed result at every position of the current block."""

@@ -88,11 +88,14 @@ class HarnessStats:
 def reuse_metrics(reports: list[DecodeReport], sample_fw: Counter) -> dict[str, float]:
     """How reuse acted: reuse steps (a sample's step that stood in cached layers or replayed),
     those whose logits came out bit for bit those of the sample's last computed step (output
-    mode: all of them, docs/engine.md), and the fraction of denoising steps fully replayed."""
+    mode: all of them, docs/engine.md), the fraction of denoising steps fully replayed, and for the
+    adaptive policy the drift that made a group recompute."""
     steps = sum(s.reuse_steps for r in reports for s in r.samples)
     unchanged = sum(s.unchanged_reuse_steps for r in reports for s in r.samples)
     denoising = sum(sample_fw[k] for k in ("full_block", "small_block", "replay"))
     layer_reuse = steps - sample_fw["replay"]
+    drifts = [d for r in reports for d in r.refresh_drifts]
     return {"reuse_steps": steps, "unchanged_reuse_steps": unchanged,
+            "adaptive_refreshes": len(drifts), "mean_refresh_drift": sum(drifts) / len(drifts) if drifts else 0.0,
             "unchanged_reuse_fraction": unchanged / layer_reuse if layer_reuse else 0.0,
             "replayed_fraction": sample_fw["replay"] / denoising if denoising else 0.0}

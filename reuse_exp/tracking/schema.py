@@ -57,7 +57,7 @@ import platform
 
 from ..settings import to_text as param_str
 
-CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "task", "limit", "model_hash", "model_revision",
+CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "policy", "drift", "max_reuse", "task", "limit", "model_hash", "model_revision",
                      "resolved_dtype", "threshold", "block_size", "small_block_size", "max_new_tokens",
                      "use_block_cache", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "seed",
                      "batch_size", "device_type", "path")

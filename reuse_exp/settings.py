@@ -18,6 +18,7 @@ from .engine.reuse import MODES, SCOPES, SUBSETS
 MODEL, TASK, RUN = "model", "task", "run"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DECODE_PATHS = ("auto", "eager", "fast")
+POLICIES = ("fixed", "adaptive")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -41,9 +42,18 @@ class RunSettings:
         "first", "`first`, `middle`, `last` (12 of 28 layers, scaled to the depth) or indices `8,9,10`",
         kind="subset", role=MODEL)
     mode: str = setting("output", "`output`: the cached output stands in (the study's); "
-                        "`delta`: the cached residual is added", kind="choice", role=MODEL, choices=MODES)
+                        "`delta`: the cached residual is added; `replay`: reuse steps skip the whole "
+                        "forward and reuse the last logits (what output mode amounts to)",
+                        kind="choice", role=MODEL, choices=MODES)
     scope: str = setting("block", "`block`: the block's step counter (the study's); "
                          "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES)
+    policy: str = setting("fixed", "`fixed`: reuse on the k clock (the study's); `adaptive`: per sample and group "
+                          "of layers, reuse while the input's drift stays under `drift` (mode delta or replay)",
+                          kind="choice", role=MODEL, choices=POLICIES)
+    drift: float = setting(0.1, "adaptive: relative drift of a group's input above which it recomputes "
+                           "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0)
+    max_reuse: int = setting(4, "adaptive: most reuses in a row before a group recomputes", kind="int",
+                             role=MODEL, minimum=1)
     task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "
                         "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK)
     limit: int | float | None = setting(None, "samples per task (`none` = all; a fraction below 1 of them)",

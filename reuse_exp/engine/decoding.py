@@ -17,8 +17,12 @@ import torch
 from .config import ConfigError
 from .instrument import DecodeRecorder, DecodeReport
 from .model import FastDLLM, ForwardKind
-from .reuse import ReuseCache, ReusePolicy, ReuseSchedule, RowMask
+from .replay import WindowLogits
+from .adaptive import AdaptivePolicy
+from .reuse import ReuseCache, ReusePolicy, RowMask
+from .schedule import ReuseSchedule
 
+REPLAY = "replay"  # a per-sample step that ran no forward (mode=replay)
 # Token ids of the real checkpoint; a tokenizer's own ids take precedence (see TokenIds).
 MASK_ID, STOP_ID, PAD_ID = 151665, 151645, 151643
 
@@ -87,7 +91,7 @@ class _Run:
     """
 
     def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
-                 policy: ReusePolicy | None, trace_sample: int | None, shadow: bool, runner):
+                 policy: ReusePolicy | AdaptivePolicy | None, trace_sample: int | None, shadow: bool, runner):
         self.model, self.cfg, self.runner = model, cfg, runner
         dev = model.device
         bs = cfg.block_size
@@ -101,10 +105,11 @@ class _Run:
             self.x[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
         self.cache = runner.new_cache(len(prompts), self.num_blocks * bs, bs)
         reuse_cache = None
-        if policy is not None and policy.k > 1:
+        if policy is not None and policy.reuses and policy.mode != "replay":
             reuse_cache = runner.new_reuse_cache(policy, len(prompts), bs)
-        self.schedule = ReuseSchedule(policy, reuse_cache, dev, shadow)
+        self.schedule = ReuseSchedule(policy, reuse_cache, model, len(prompts), bs, shadow)
         self.recorder = DecodeRecorder(len(prompts), model.num_layers, trace_sample)
+        self.window_logits = WindowLogits(len(prompts), dev)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         self.sample_ids = list(range(len(prompts)))   # original index of each batch row
         self.outputs: dict[int, list[int]] = {}
@@ -114,23 +119,22 @@ class _Run:
         return self.recorder.report
 
     def forward(self, tokens: torch.Tensor, kind: ForwardKind, replace_position: int = 0,
-                active: list[bool] | None = None) -> torch.Tensor:
-        """One forward of `kind` for the `active` rows (None: all), as the schedule plans it."""
+                active: list[bool] | None = None) -> tuple[torch.Tensor, list[bool]]:
+        """One forward of `kind` for the `active` rows (None: all), as the schedule plans it.
+        Returns the hidden states and, per row, whether it stood in cached layers."""
         active = [True] * tokens.shape[0] if active is None else active
-        plan = self.schedule.plan(kind, active, replace_position)
+        plan = self.schedule.plan(kind, active, tokens, replace_position)
         write_rows = None if all(active) else RowMask.of(active, self.model.device).device
         hidden = self.runner(tokens, kind, self.cache, replace_position, plan, write_rows)
-        reusing = plan.reusing.host.tolist() if plan is not None else [False] * len(active)
-        # What the batch really ran: a layer is skipped only when no row computed it.
-        batch_skipped = self.schedule.layers if any(reusing) and not plan.computing.any else ()
+        skipped = plan.skipped_layers_per_row() if plan is not None else [() for _ in active]
         self.recorder.record(
             kind=kind.value, block=self.schedule.block, tokens=tokens.shape[1],
             replace_position=replace_position if kind is ForwardKind.SMALL_BLOCK else None,
-            sample_ids=self.sample_ids, active=active, steps=self.schedule.step, reusing=reusing,
-            reused_layers=self.schedule.layers, batch_skipped=batch_skipped,
+            sample_ids=self.sample_ids, active=active, steps=self.schedule.step, skipped=skipped,
+            batch_skipped=plan.batch_skipped() if plan is not None else (),
             cache_shape=plan.cache.shape if plan is not None else None)
         self.schedule.advance(kind, active)
-        return hidden
+        return hidden, [bool(layers) for layers in skipped]
 
     def logits_at(self, hidden: torch.Tensor, positions: list[int]) -> torch.Tensor:
         logits = self.model.logits(hidden[:, positions]).float()
@@ -146,13 +150,29 @@ class _Run:
         if min_len < bs:
             return
         n = min_len // bs * bs
-        hidden = self.forward(self.x[:, :n], ForwardKind.PREFILL)
+        hidden, _ = self.forward(self.x[:, :n], ForwardKind.PREFILL)
         if min_len % bs == 0:  # samples of exactly that length take one AR step
             nxt = self.logits_at(hidden, [n - 1]).argmax(-1)[:, 0]
             at_end = self.seq_len == min_len
             self.x[at_end, n] = nxt[at_end]
             if not self.cfg.ignore_stop:
                 self.finished |= at_end & (nxt == self.cfg.stop_id)
+
+    @staticmethod
+    def select(rows: list[bool], new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+        """`new` for `rows`, `old` elsewhere (None: nothing yet)."""
+        if old is None:
+            return new
+        return torch.where(torch.tensor(rows, device=new.device)[:, None, None], new, old)
+
+    def replay(self, rows: list[bool], replace_position: int) -> None:
+        """A step that skips the whole forward for `rows`: they unmask from their last logits."""
+        every = tuple(range(self.model.num_layers))
+        self.recorder.record(
+            kind=REPLAY, block=self.schedule.block, tokens=0, replace_position=replace_position,
+            sample_ids=self.sample_ids, active=rows, steps=self.schedule.step,
+            skipped=[every if r else () for r in rows], batch_skipped=every if all(rows) else (), cache_shape=None)
+        self.schedule.advance(ForwardKind.SMALL_BLOCK, rows)
 
     def unmask(self, blk: torch.Tensor, logits: torch.Tensor, lo: int, hi: int) -> None:
         masked = blk[:, lo:hi] == self.cfg.mask_id
@@ -188,19 +208,23 @@ class _Run:
                 full = [a and (not cfg.use_block_cache or not c or f)
                         for a, c, f in zip(active, has_block_cache, first_masked)]
                 small = [a and not f for a, f in zip(active, full)]
-                logits = None
+                replaying = self.schedule.replaying(small, blk[:, start:end], start)
+                small = [s and not r for s, r in zip(small, replaying)]
+                logits = self.window_logits.replay() if any(replaying) else None
                 if any(full):
-                    hidden = self.forward(blk, ForwardKind.FULL_BLOCK, 0, full)
-                    logits = self.logits_at(hidden, full_shift)
+                    hidden, _ = self.forward(blk, ForwardKind.FULL_BLOCK, 0, full)
+                    logits = self.select(full, self.logits_at(hidden, full_shift), logits)
                     has_block_cache = [c or (f and cfg.use_block_cache) for c, f in zip(has_block_cache, full)]
                 if any(small):
-                    hidden = self.forward(blk[:, start:end], ForwardKind.SMALL_BLOCK, start, small)
+                    hidden, reused = self.forward(blk[:, start:end], ForwardKind.SMALL_BLOCK, start, small)
                     small_logits = self.logits_at(hidden, small_shift)
-                    if logits is None:
-                        logits = small_logits
-                    else:
-                        rows = torch.tensor(small, device=logits.device)[:, None, None]
-                        logits = torch.where(rows, small_logits, logits)
+                    self.window_logits.count_unchanged(small_logits, reused, self.sample_ids)
+                    logits = self.select(small, small_logits, logits)
+                    small = [s and not r for s, r in zip(small, reused)]
+                if any(replaying):
+                    self.replay(replaying, start)
+                if self.schedule.policy is not None and self.schedule.policy.reuses:
+                    self.window_logits.store(logits, [f or s for f, s in zip(full, small)])
                 self.unmask(blk, logits, start, end)
 
     def finalize_block(self, block: int) -> bool:
@@ -214,7 +238,7 @@ class _Run:
                 gen[int(stops[0]) + 1:] = cfg.pad_id
         if bool(self.finished.all()):
             return False
-        hidden = self.forward(self.x[:, lo:hi], ForwardKind.FINALIZE)
+        hidden, _ = self.forward(self.x[:, lo:hi], ForwardKind.FINALIZE)
         nxt = self.logits_at(hidden, [bs - 1]).argmax(-1)[:, 0]
         nxt[self.finished] = cfg.pad_id
         # Samples whose prompt has ended take the predicted token. A prompt ending exactly at
@@ -251,6 +275,7 @@ class _Run:
         self.x, self.seq_len, self.finished = self.x[keep], self.seq_len[keep], self.finished[keep]
         self.cache.trim(keep)
         self.schedule.trim(keep)
+        self.window_logits.trim(keep)
 
     def run(self) -> None:
         self.prefill()
@@ -268,7 +293,7 @@ class _Run:
 
 @torch.no_grad()
 def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
-             policy: ReusePolicy | None = None, trace_sample: int | None = 0,
+             policy: ReusePolicy | AdaptivePolicy | None = None, trace_sample: int | None = 0,
              shadow: bool = False, runner=None) -> DecodeResult:
     """Decode a batch of prompts (token id lists, any lengths).
 
@@ -283,6 +308,9 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     if policy is not None and max(policy.layers) >= model.num_layers:
         raise ConfigError(f"reuse policy names layer {max(policy.layers)}, the model has {model.num_layers}")
     runner = EagerRunner(model) if runner is None else runner
+    if isinstance(policy, AdaptivePolicy) and policy.mode == "delta" and runner.name != "eager":
+        raise ConfigError("the adaptive policy in delta mode decides inside the forward and runs on the "
+                          "eager path for now: pass decode_path=eager")
     if shadow and runner.name != "eager":
         raise ConfigError("shadow mode runs on the eager path: leave the runner out")
     run = _Run(model, prompts, cfg, policy, trace_sample, shadow, runner)
@@ -292,6 +320,9 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     run.run()
     _sync(model.device)
     run.report.wall_seconds = time.perf_counter() - t0
+    run.report.refresh_drifts = run.schedule.refresh_drifts
+    for sample, n in enumerate(run.window_logits.unchanged.tolist()):
+        run.report.samples[sample].unchanged_reuse_steps = n
     if run.schedule.shadow is not None:
         run.report.shadow = run.schedule.shadow.records
     return DecodeResult([run.outputs[i] for i in range(len(prompts))], run.report)

@@ -12,11 +12,14 @@ class SampleStats:
     layer_evals_run: int = 0
     layer_evals_skipped: int = 0
     finished: bool = False             # produced the stop token
+    reuse_steps: int = 0               # steps that stood in cached layers or replayed
+    unchanged_reuse_steps: int = 0     # layer-reuse steps whose logits equal the last computed ones
 
     def as_dict(self) -> dict:
         return {"generated_tokens": self.generated_tokens, "forwards": dict(self.forwards),
                 "layer_evals_run": self.layer_evals_run, "layer_evals_skipped": self.layer_evals_skipped,
-                "finished": self.finished}
+                "finished": self.finished, "reuse_steps": self.reuse_steps,
+                "unchanged_reuse_steps": self.unchanged_reuse_steps}
 
 
 @dataclass
@@ -51,6 +54,7 @@ class DecodeReport:
     trace: list[dict] = field(default_factory=list)             # one sample's decisions, forward by forward
     shadow: list[dict] = field(default_factory=list)            # rel_err records (shadow mode only)
     path: str = "eager"                                         # which forward implementation ran
+    refresh_drifts: list = field(default_factory=list)          # adaptive: drift that made a group recompute
 
     @property
     def generated_tokens(self) -> int:
@@ -80,6 +84,8 @@ class DecodeReport:
             "skipped_fraction": self.skipped_fraction,
             "layer_evals_run": sum(s.layer_evals_run for s in self.samples),
             "layer_evals_skipped": sum(s.layer_evals_skipped for s in self.samples),
+            "reuse_steps": sum(s.reuse_steps for s in self.samples),
+            "unchanged_reuse_steps": sum(s.unchanged_reuse_steps for s in self.samples),
             "replace_positions": dict(self.replace_positions),
             "cache_shapes": sorted(self.cache_shapes),
         }
@@ -95,24 +101,24 @@ class DecodeRecorder:
                                    layer_counts=LayerCounts(num_layers))
 
     def record(self, *, kind: str, block: int, tokens: int, replace_position: int | None, sample_ids: list[int],
-               active: list[bool], steps: list[int], reusing: list[bool], reused_layers: tuple[int, ...],
+               active: list[bool], steps: list[int], skipped: list[tuple[int, ...]],
                batch_skipped: tuple[int, ...], cache_shape: tuple[int, ...] | None) -> None:
-        """One batched forward. `reusing` rows stood in `reused_layers`; `batch_skipped` are the
+        """One batched forward. Row b stood in the layers `skipped[b]`; `batch_skipped` are the
         layers no row computed (what the batch really saved)."""
-        denoising = kind in ("full_block", "small_block")
+        denoising = kind in ("full_block", "small_block", "replay")
         for b, sample in enumerate(sample_ids):
             if not active[b]:
                 continue
             s = self.report.samples[sample]
-            skipped = len(reused_layers) if reusing[b] else 0
             s.forwards[kind] += 1
-            s.layer_evals_skipped += skipped
-            s.layer_evals_run += self.num_layers - skipped
+            s.reuse_steps += bool(skipped[b])
+            s.layer_evals_skipped += len(skipped[b])
+            s.layer_evals_run += self.num_layers - len(skipped[b])
             if sample == self.trace_sample:
                 self.report.trace.append({
                     "block": block, "step": steps[b] if denoising else None, "kind": kind,
                     "replace_position": replace_position, "tokens": tokens,
-                    "skipped": list(reused_layers) if reusing[b] else [],
+                    "skipped": list(skipped[b]),
                     "reuse_cache_shape": list(cache_shape) if cache_shape is not None else None})
         self.report.batch_forwards[kind] += 1
         self.report.layer_counts.add(block, batch_skipped)

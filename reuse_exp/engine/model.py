@@ -229,7 +229,7 @@ class FastDLLM(nn.Module):
 
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            reusing = reuse.rows_reusing(i) if reuse is not None else None
+            reusing = reuse.rows_reusing(i, x) if reuse is not None else None
             if reusing is None:  # every row computes this layer
                 y = layer(x, ctx, write_rows=active)
                 if reuse is not None:

@@ -14,7 +14,7 @@ from .config import ConfigError
 from .model import ForwardKind
 
 SUBSETS = ("first", "middle", "last")
-MODES = ("output", "delta")
+MODES = ("output", "delta", "replay")
 SCOPES = ("block", "refresh")
 STUDY_DEPTH, STUDY_SUBSET_SIZE = 28, 12
 
@@ -60,6 +60,9 @@ class ReusePolicy:
 
     mode   output: a skipped layer's cached output stands in (the study's semantics)
            delta:  a skipped layer adds its cached residual contribution (output - input)
+           replay: the whole forward is skipped and the step unmasks from the logits of the
+                   row's last computed forward: what output mode amounts to (docs/engine.md),
+                   as a control; its layers are all of them, whatever the subset
     scope  block:   the counter is the block's step counter (the study's description)
            refresh: the counter restarts at every full-block forward
     """
@@ -80,7 +83,13 @@ class ReusePolicy:
             raise ConfigError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
         layers = resolve_subset(subset, num_layers, size)
         name = subset if isinstance(subset, str) else "custom"
+        if mode == "replay":
+            layers, name = tuple(range(num_layers)), "all"
         return cls(k=k, layers=layers, mode=mode, scope=scope, subset=name)
+
+    @property
+    def reuses(self) -> bool:
+        return self.k > 1
 
     def skipped(self, kind: ForwardKind, counter: int) -> tuple[int, ...]:
         """Layers that reuse on this forward. Only small-block forwards ever skip."""
@@ -91,6 +100,11 @@ class ReusePolicy:
     def describe(self) -> dict:
         return {"k": self.k, "subset": self.subset, "layers": list(self.layers),
                 "mode": self.mode, "scope": self.scope}
+
+    def note(self) -> str:
+        if self.mode == "replay":
+            return f"replay: every k={self.k}-th small-block step computes, the others reuse the last logits"
+        return f"reuse k={self.k} on layers {list(self.layers)} of small-block forwards ({self.mode} mode)"
 
 
 class ReuseCache:
@@ -186,8 +200,9 @@ class LayerReuse:
     offset: int
     shadow: ShadowLog | None = None
 
-    def rows_reusing(self, layer: int) -> torch.Tensor | None:
-        """Device mask of rows that reuse `layer`, or None when every computing row computes it."""
+    def rows_reusing(self, layer: int, x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Device mask of rows that reuse `layer`, or None when every computing row computes it.
+        (`x`, the layer's input, is for policies that decide from it.)"""
         if layer in self.layers and self.reusing.any:
             return self.reusing.device
         return None
@@ -203,53 +218,10 @@ class LayerReuse:
         # `rows` (a device mask from the model) is always this plan's computing rows or None
         self.cache.store(layer, x_in, y_out, self.offset, None if rows is None else self.computing)
 
+    def skipped_layers_per_row(self) -> list[tuple[int, ...]]:
+        layers = tuple(sorted(self.layers))
+        return [layers if r else () for r in self.reusing.host.tolist()]
 
-class ReuseSchedule:
-    """Where each batch row stands in its block, and the reuse plan every forward follows.
-
-    Counters are per row: a sample's steps do not depend on its neighbours, so it decodes
-    the same tokens in any batch as alone. `policy` None (or k=1) plans nothing.
-    """
-
-    def __init__(self, policy: ReusePolicy | None, cache: ReuseCache | None, device, shadow: bool = False):
-        self.policy, self.cache, self.device = policy, cache, device
-        self.shadow = ShadowLog() if shadow and cache is not None else None
-        self.block = 0
-        self.step: list[int] = []           # per row: its denoising forwards so far in this block
-        self.since_refresh: list[int] = []  # per row: its denoising forwards since its last full-block forward
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return self.policy.layers if self.policy is not None else ()
-
-    def new_block(self, block: int, n_rows: int) -> None:
-        self.block, self.step, self.since_refresh = block, [0] * n_rows, [0] * n_rows
-        if self.cache is not None:
-            self.cache.new_block()
-
-    def plan(self, kind: ForwardKind, active: list[bool], replace_position: int) -> LayerReuse | None:
-        """The plan of one forward; None when nothing can reuse. Prefill and finalize neither
-        reuse nor refresh: their results are for other positions."""
-        if self.cache is None or kind not in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
-            return None
-        counters = self.step if self.policy.scope == "block" else self.since_refresh
-        if kind is ForwardKind.FULL_BLOCK:
-            counters = [0] * len(active)  # a full-block forward refreshes, whatever the counter
-        reusing = [a and bool(self.policy.skipped(kind, c)) for a, c in zip(active, counters)]
-        computing = [a and not r for a, r in zip(active, reusing)]
-        offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
-        if self.shadow is not None:
-            self.shadow.where = {"block": self.block, "step": max(self.step), "replace_position": offset}
-        return LayerReuse(frozenset(self.policy.layers), RowMask.of(reusing, self.device),
-                          RowMask.of(computing, self.device), self.cache, offset, self.shadow)
-
-    def advance(self, kind: ForwardKind, active: list[bool]) -> None:
-        if kind is ForwardKind.FULL_BLOCK:
-            self.since_refresh = [0 if a else c for a, c in zip(active, self.since_refresh)]
-        if kind in (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK):
-            self.step = [c + a for c, a in zip(self.step, active)]
-            self.since_refresh = [c + a for c, a in zip(self.since_refresh, active)]
-
-    def trim(self, keep: torch.Tensor) -> None:
-        if self.cache is not None:
-            self.cache.trim(keep)
+    def batch_skipped(self) -> tuple[int, ...]:
+        """Layers no row computed: what the batched forward really saved."""
+        return tuple(sorted(self.layers)) if self.reusing.any and not self.computing.any else ()

@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from ..engine.config import ConfigError
 from ..engine.decoding import DecodeConfig, generate
 from ..engine.loading import decode_config_for
+from ..engine.adaptive import AdaptivePolicy
 from ..engine.reuse import ReusePolicy
 from ..settings import MODEL, SPECS, RunSettings, to_text
 from . import distributed
@@ -70,6 +71,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_policy(s: RunSettings, num_layers: int) -> ReusePolicy | AdaptivePolicy:
+    if s.policy == "adaptive":
+        return AdaptivePolicy.create(s.drift, s.max_reuse, s.mode, num_layers)
+    return ReusePolicy.create(s.k, s.subset, num_layers, mode=s.mode, scope=s.scope)
+
+
 @register_model("fast_dllm_v2")
 class FastDLLMv2LM(TemplateLM):
     """Fast-dLLM v2 for lm-eval, with a layer-reuse policy (k, subset, mode, scope)."""
@@ -94,11 +101,13 @@ class FastDLLMv2LM(TemplateLM):
         self.loaded = load(s.model, dtype=self.dtype_name, device=str(self._device), revision=s.revision,
                            tokenizer=s.tokenizer, seed=s.seed)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        self.policy = ReusePolicy.create(s.k, s.subset, self.model.num_layers, mode=s.mode, scope=s.scope)
+        self.policy = make_policy(s, self.model.num_layers)
         self.decode_config: DecodeConfig = decode_config_for(
             self.tokenizer, block_size=s.block_size, small_block_size=s.small_block_size,
             threshold=s.threshold, max_new_tokens=s.max_new_tokens, use_block_cache=s.use_block_cache).validate()
-        self.runner = make_runner(self.model, s.decode_path)
+        # the adaptive policy's delta mode decides inside the forward: the eager path for now
+        eager_only = isinstance(self.policy, AdaptivePolicy) and self.policy.mode == "delta"
+        self.runner = make_runner(self.model, "eager" if eager_only and s.decode_path == "auto" else s.decode_path)
         self.path = self.runner.name  # which decoding path ran: logged as the `path` param
         self.stats = HarnessStats()
         self.on_batch: Callable[[HarnessStats], None] | None = None  # progress, after each batch

@@ -51,9 +51,11 @@ class HarnessStats:
             seconds = sum(r.wall_seconds for r in self.decode)
             m |= {"generated_tokens": tokens, "seconds": seconds,
                   "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-                  "tokens_per_forward": tokens / sum(sample_fw.values()) if sample_fw else 0.0,
+                  "tokens_per_forward": tokens / model_forwards if (model_forwards := sum(
+                      n for k, n in sample_fw.items() if k != "replay")) else 0.0,
                   "skipped_fraction": skipped / (run + skipped) if run + skipped else 0.0,
                   "truncated_prompts": self.truncated_prompts}
+            m |= reuse_metrics(self.decode, sample_fw)
             m |= {f"forwards_{k}": v for k, v in sample_fw.items()}
             m |= {f"batch_forwards_{k}": v for k, v in batch_fw.items()}
         sc = self.scoring
@@ -91,6 +93,22 @@ class HarnessStats:
                 "first_batch_per_block": {str(b): rows for b, rows in first.layer_counts.per_block.items()},
                 "first_batch_summary": first.summary(),
                 "first_batch_sample0_trace": first.trace}
+
+
+def reuse_metrics(reports: list[DecodeReport], sample_fw: Counter) -> dict[str, float]:
+    """How reuse acted: reuse steps (a sample's step that stood in cached layers or replayed),
+    those whose logits came out bit for bit those of the sample's last computed step (output
+    mode: all of them, docs/engine.md), the fraction of denoising steps fully replayed, and for the
+    adaptive policy the drift that made a group recompute."""
+    steps = sum(s.reuse_steps for r in reports for s in r.samples)
+    unchanged = sum(s.unchanged_reuse_steps for r in reports for s in r.samples)
+    denoising = sum(sample_fw[k] for k in ("full_block", "small_block", "replay"))
+    layer_reuse = steps - sample_fw["replay"]
+    drifts = [d for r in reports for d in r.refresh_drifts]
+    return {"reuse_steps": steps, "unchanged_reuse_steps": unchanged,
+            "adaptive_refreshes": len(drifts), "mean_refresh_drift": sum(drifts) / len(drifts) if drifts else 0.0,
+            "unchanged_reuse_fraction": unchanged / layer_reuse if layer_reuse else 0.0,
+            "replayed_fraction": sample_fw["replay"] / denoising if denoising else 0.0}
 
 
 def world_metrics(shards: list[HarnessStats]) -> dict[str, float]:

@@ -1,15 +1,17 @@
 """The bundled tiny model's reuse table: `python -m reuse_exp.tiny.table [--limit 200] [--readme FILE]`.
 
-For k in 1, 2, 3 and subsets first/middle/last, in output and delta mode: strict-match
-accuracy on tiny_gsm's test split, generated tokens/s and the fraction of layer
-evaluations that reuse. Decoding is `reuse_exp.engine.decoding.generate`, batched, with the
-defaults (threshold 0.9, block 32, small block 8) and the exact prompts lm-eval builds
-(0-shot, chat template, the harness's rewrite). k=1 computes every layer, so its cells
-are one measurement, repeated.
+For k in 1, 2, 3 and subsets first/middle/last, in output and delta mode, and the replay
+control: strict-match accuracy on tiny_gsm's test split, generated tokens/s, the fraction
+of layer evaluations that reuse, and the paired view against k=1 (items whose text
+changed, correct to wrong, wrong to correct: decoding is deterministic, so these are
+exact). Decoding is `reuse_exp.engine.decoding.generate`, batched, with the defaults
+(threshold 0.9, block 32, small block 8) and the exact prompts lm-eval builds (0-shot,
+chat template, the harness's rewrite). k=1 computes every layer, so it is one measurement.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -23,22 +25,41 @@ from . import data as tiny_data
 from . import MODEL_DIR as TINY_MODEL_DIR
 from ..engine.decoding import generate
 from ..engine.loading import decode_config_for, load_model, load_tokenizer, token_ids
-from ..engine.reuse import MODES, SUBSETS, ReusePolicy
+from ..engine.reuse import SUBSETS, ReusePolicy
 
 MAX_GEN_TOKS = 192   # tiny_gsm.yaml's max_gen_toks
+LAYER_MODES = ("output", "delta")
 
 
 @dataclass
 class EvalResult:
-    accuracy: float
+    correct: list[bool]
     texts: list[str]
     generated_tokens: int
     seconds: float
     skipped_fraction: float
+    replayed_fraction: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    @property
+    def stderr(self) -> float:
+        """Of the mean of 0/1 outcomes (lm-eval's: sample standard deviation / sqrt(n))."""
+        n, p = len(self.correct), self.accuracy
+        return math.sqrt(p * (1 - p) * n / (n - 1) / n) if n > 1 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def paired(self, base: "EvalResult") -> tuple[int, int, int]:
+        """Against `base`, item by item: text changed, correct -> wrong, wrong -> correct."""
+        changed = sum(a != b for a, b in zip(self.texts, base.texts))
+        lost = sum(b and not a for a, b in zip(self.correct, base.correct))
+        won = sum(a and not b for a, b in zip(self.correct, base.correct))
+        return changed, lost, won
 
 
 def normalize(number: str | None) -> str | None:
@@ -52,12 +73,12 @@ def is_correct(text: str, doc: dict) -> bool:
     return normalize(tiny_data.strict_answer(text)) == normalize(tiny_data.target_number(doc))
 
 
-def evaluate_gsm(model, tokenizer, docs: list[dict], policy: ReusePolicy | None = None,
-                 batch_size: int = 200, max_new_tokens: int = MAX_GEN_TOKS) -> EvalResult:
+def evaluate_gsm(model, tokenizer, docs: list[dict], policy=None, batch_size: int = 200,
+                 max_new_tokens: int = MAX_GEN_TOKS) -> EvalResult:
     """Generate for `docs` in batches and score with the strict-match extraction."""
     cfg = decode_config_for(tokenizer, max_new_tokens=max_new_tokens)
     prompts = [tokenizer(tiny_data.gsm_prompt(tokenizer, d), add_special_tokens=False)["input_ids"] for d in docs]
-    texts, tokens, seconds, run, skipped = [], 0, 0.0, 0, 0
+    texts, tokens, seconds, run, skipped, replays, steps = [], 0, 0.0, 0, 0, 0, 0
     for i in range(0, len(prompts), batch_size):
         res = generate(model, prompts[i:i + batch_size], cfg, policy, trace_sample=None)
         texts += [tokenizer.decode(t, skip_special_tokens=True) for t in res.tokens]
@@ -65,8 +86,12 @@ def evaluate_gsm(model, tokenizer, docs: list[dict], policy: ReusePolicy | None 
         seconds += res.report.wall_seconds
         run += sum(s.layer_evals_run for s in res.report.samples)
         skipped += sum(s.layer_evals_skipped for s in res.report.samples)
-    accuracy = sum(is_correct(t, d) for t, d in zip(texts, docs)) / len(docs)
-    return EvalResult(accuracy, texts, tokens, seconds, skipped / (run + skipped) if run + skipped else 0.0)
+        fw = res.report.summary()["sample_forwards"]
+        replays += fw.get("replay", 0)
+        steps += sum(fw.get(k, 0) for k in ("full_block", "small_block", "replay"))
+    correct = [is_correct(t, d) for t, d in zip(texts, docs)]
+    return EvalResult(correct, texts, tokens, seconds, skipped / (run + skipped) if run + skipped else 0.0,
+                      replays / steps if steps else 0.0)
 
 
 @torch.no_grad()
@@ -91,47 +116,69 @@ def mc_accuracy(model, tokenizer, docs: list[dict]) -> float:
     return correct / len(docs)
 
 
-def measure(model, tokenizer, docs, batch_size: int) -> dict:
+def fixed_policies(num_layers: int) -> dict[str, ReusePolicy | None]:
+    """The study's grid (k x subset, output and delta mode) and the replay control, by name."""
+    out: dict[str, ReusePolicy | None] = {"k=1": None}
+    for mode in LAYER_MODES:
+        for k in (2, 3):
+            for subset in SUBSETS:
+                out[f"{mode} k={k} {subset}"] = ReusePolicy.create(k, subset, num_layers, mode=mode)
+    for k in (2, 3):
+        out[f"replay k={k}"] = ReusePolicy.create(k, "first", num_layers, mode="replay")
+    return out
+
+
+def measure(model, tokenizer, docs, batch_size: int, policies: dict) -> dict[str, EvalResult]:
     evaluate_gsm(model, tokenizer, docs[:8], batch_size=8)   # warm-up: the first call is the slow one
     results = {}
-    base = evaluate_gsm(model, tokenizer, docs, batch_size=batch_size)
-    print(f"k=1: {base.accuracy:.3f}, {base.tokens_per_second:.0f} tok/s", flush=True)
-    for mode in MODES:
-        for subset in SUBSETS:
-            results[(mode, 1, subset)] = base
-            for k in (2, 3):
-                policy = ReusePolicy.create(k, subset, model.num_layers, mode=mode)
-                r = evaluate_gsm(model, tokenizer, docs, policy, batch_size=batch_size)
-                results[(mode, k, subset)] = r
-                print(f"{mode} k={k} {subset} {list(policy.layers)}: {r.accuracy:.3f}, "
-                      f"{r.tokens_per_second:.0f} tok/s, skipped {r.skipped_fraction:.3f}", flush=True)
+    for name, policy in policies.items():
+        r = evaluate_gsm(model, tokenizer, docs, policy, batch_size=batch_size)
+        results[name] = r
+        print(f"{name}: {r.accuracy:.3f}, {r.tokens_per_second:.0f} tok/s, skipped {r.skipped_fraction:.3f}",
+              flush=True)
     return results
 
 
-def markdown(results: dict, num_layers: int, machine: str, n: int, mc: float | None = None,
+def cell(r: EvalResult) -> str:
+    return f"{r.accuracy:.1%} / {r.tokens_per_second:.0f} / {r.skipped_fraction:.3f}"
+
+
+def markdown(results: dict[str, EvalResult], num_layers: int, machine: str, n: int, mc: float | None = None,
              batch_size: int | None = None) -> str:
     from ..engine.reuse import resolve_subset
+    base = results["k=1"]
     batch = f", batches of {batch_size}" if batch_size else ""
     lines = [f"tiny_gsm test split, {n} items{batch}, strict-match exact match; cell = accuracy / generated "
              f"tokens/s / skipped-layer fraction. Measured on {machine}.", ""]
     layers = ", ".join(f"{s} = {list(resolve_subset(s, num_layers))}" for s in SUBSETS)
-    lines += [f"Subsets on {num_layers} layers: {layers}. k=1 computes every layer (one measurement).", ""]
-    for mode in MODES:
+    lines += [f"Subsets on {num_layers} layers: {layers}. k=1 computes every layer (one measurement: "
+              f"{cell(base)}, ± {base.stderr:.1%} stderr).", ""]
+    for mode in LAYER_MODES:
         lines += [f"**{mode} mode**", "", "| k | " + " | ".join(SUBSETS) + " |", "| --- |" + " --- |" * len(SUBSETS)]
-        for k in (1, 2, 3):
-            cells = [results[(mode, k, s)] for s in SUBSETS]
-            lines.append(f"| {k} | " + " | ".join(f"{r.accuracy:.1%} / {r.tokens_per_second:.0f} / "
-                                                    f"{r.skipped_fraction:.3f}" for r in cells) + " |")
+        lines.append("| 1 | " + " | ".join(cell(base) for _ in SUBSETS) + " |")
+        for k in (2, 3):
+            lines.append(f"| {k} | " + " | ".join(cell(results[f"{mode} k={k} {s}"]) for s in SUBSETS) + " |")
         lines.append("")
-    for k in (2, 3):   # observed, not assumed: do the subsets decode alike?
-        for mode in MODES:
-            texts = [results[(mode, k, s)].texts for s in SUBSETS]
+    lines += ["**replay** (reuse steps skip the whole forward and unmask from the last logits; no subset)", "",
+              "| k | all layers |", "| --- | --- |"]
+    lines += [f"| {k} | {cell(results[f'replay k={k}'])} |" for k in (2, 3)] + [""]
+    lines += [f"**Paired against k=1** (items of {n}: text changed / correct → wrong / wrong → correct)", "",
+              "| config | first | middle | last |", "| --- | --- | --- | --- |"]
+    for mode in LAYER_MODES:
+        for k in (2, 3):
+            lines.append(f"| {mode} k={k} | " + " | ".join(
+                "{} / {} / {}".format(*results[f"{mode} k={k} {s}"].paired(base)) for s in SUBSETS) + " |")
+    for k in (2, 3):
+        lines.append(f"| replay k={k} | " + "{} / {} / {}".format(*results[f"replay k={k}"].paired(base))
+                     + " (no subset) | | |")
+    lines.append("")
+    for k in (2, 3):   # observed, not assumed: do the subsets decode alike, and as replay does?
+        for mode in LAYER_MODES:
+            texts = [results[f"{mode} k={k} {s}"].texts for s in SUBSETS]
             if all(t == texts[0] for t in texts[1:]):
-                lines.append(f"{mode} mode, k={k}: first, middle and last generated identical text for every item.")
-    base = results[(MODES[0], 1, SUBSETS[0])].texts
-    changed = [f"{m} k={k} {s}: {sum(a != b for a, b in zip(results[(m, k, s)].texts, base))}"
-               for m in MODES for k in (2, 3) for s in SUBSETS]
-    lines.append("Items whose text differs from k=1: " + ", ".join(changed) + ".")
+                same = " (and as replay)" if texts[0] == results[f"replay k={k}"].texts else ""
+                lines.append(f"{mode} mode, k={k}: first, middle and last generated identical text for "
+                             f"every item{same}.")
     if mc is not None:
         lines.append(f"tiny_mc (loglikelihood, first-token scoring like the harness; chance 25%): {mc:.1%}.")
     return "\n".join(lines)
@@ -147,9 +194,9 @@ def machine_description(threads: int, dtype: str) -> str:
             f"torch {torch.__version__}, {dtype}")
 
 
-def update_readme(path: Path, table: str) -> None:
+def update_readme(path: Path, table: str, section: str = "tiny_table") -> None:
     text = path.read_text()
-    start, end = "<!-- tiny_table:start -->", "<!-- tiny_table:end -->"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     if start not in text or end not in text:
         raise SystemExit(f"{path} has no {start} ... {end} section")
     head, rest = text.split(start, 1)
@@ -174,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     docs = tiny_data.read_task_docs("tiny_gsm_test.jsonl")[:args.limit]
     t0 = time.perf_counter()
     machine = machine_description(args.threads, args.dtype)
-    results = measure(model, tokenizer, docs, args.batch_size)
+    results = measure(model, tokenizer, docs, args.batch_size, fixed_policies(model.num_layers))
     mc = mc_accuracy(model, tokenizer, tiny_data.read_task_docs("tiny_mc_test.jsonl"))
     table = markdown(results, model.num_layers, machine, len(docs), mc, args.batch_size)
     print(table)

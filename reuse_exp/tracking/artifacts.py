@@ -3,7 +3,6 @@ reuse trace, the installed packages and the study's summary.json."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 from .schema import param_str, pip_freeze
 
@@ -18,11 +17,12 @@ def log_artifacts(tracker, s, results, samples, lm, stats, metrics, params, prim
         tracker.artifact_text(f"samples_{task}.jsonl", "".join(
             json.dumps(r, default=handle_non_serializable) + "\n" for r in rows))
     tracker.artifact_jsonl("generations.jsonl", stats.generations)
-    tracker.artifact_json("reuse_trace.json", {"policy": asdict(lm.policy), **stats.trace()})
+    tracker.artifact_json("reuse_trace.json", {"policy": lm.policy.describe(), **stats.trace()})
     tracker.artifact_text("pip_freeze.txt", pip_freeze())
     tracker.artifact_json("summary.json", {
-        "config": f"k{lm.policy.k}_{lm.policy.subset}", "task": s.task, "task_kind": kind,
-        "k": lm.policy.k, "subset": lm.policy.subset, "layers": list(lm.policy.layers), "mode": lm.policy.mode,
+        "config": f"k{s.k}_{lm.policy.subset}" if s.policy == "fixed" else f"adaptive_{s.mode}_drift{s.drift}",
+        "task": s.task, "task_kind": kind, "k": s.k, "subset": lm.policy.subset, "policy": s.policy,
+        "layers": list(lm.policy.layers), "mode": lm.policy.mode,
         "accuracy": metrics.get("accuracy"), "accuracy_metric": primary[0] if primary else None,
         "tokens_per_second": metrics.get("tokens_per_second"), "generated_tokens": metrics.get("generated_tokens"),
         "total_time_seconds": metrics.get("seconds"), "wall_seconds": metrics.get("wall_seconds"),

@@ -228,11 +228,17 @@ def _launched_end(tracker: Tracker) -> str:
     return tracker.run_id
 
 
+def run_name(s: RunSettings) -> str:
+    if s.policy == "adaptive":
+        return f"adaptive_{s.mode}_drift{s.drift}_{s.task}"
+    return f"k{s.k}_{s.subset if isinstance(s.subset, str) else 'custom'}_{s.task}"
+
+
 def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
     tracker.tags({"git_commit": prov.commit, "git_branch": prov.branch, "git_dirty": prov.dirty,
                   "git_dirty_files": "\n".join(prov.dirty_files[:MAX_DIRTY_FILES_TAG]),
                   "source_hash": prov.source_hash, "allow_dirty": s.allow_dirty, "reuse_exp.role": "run",
-                  "mlflow.runName": f"k{s.k}_{s.subset if isinstance(s.subset, str) else 'custom'}_{s.task}"})
+                  "mlflow.runName": run_name(s)})
     given = {n: v for n, v in s.as_dict().items() if n not in ("experiment", "include_path")}
     tracker.params({**given, **library_versions()})
     if prov.dirty and prov.root is not None:
@@ -275,7 +281,7 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
     tracker.metrics(metrics)
     tracker.tags({"task_kind": kind, "accuracy_metric": primary[0] if primary else "none",
                   "reuse_note": LOGLIKELIHOOD_NOTE if kind == "loglikelihood"
-                  else f"reuse k={lm.policy.k} on layers {list(lm.policy.layers)} of small-block forwards"})
+                  else lm.policy.note()})
     log_artifacts(tracker, s, results, samples, lm, stats, metrics, all_params, primary, kind)
 
 

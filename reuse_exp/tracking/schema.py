@@ -30,7 +30,11 @@ metrics
     tokens_per_second (generated tokens/s; for loglikelihood scored tokens/s),
     tokens_per_forward (per sample forward), skipped_fraction (skipped layer evaluations;
     0 for loglikelihood), forwards_<kind> (per-sample forwards: prefill, full_block,
-    small_block, finalize, masked), batch_forwards_<kind>, warmup_seconds, wall_seconds,
+    small_block, finalize, masked, and replay: a step that ran no forward), batch_forwards_<kind>,
+    reuse_steps (per-sample steps that stood in cached layers or replayed),
+    unchanged_reuse_steps and unchanged_reuse_fraction (layer-reuse steps whose logits were
+    bit for bit those of the sample's last computed step), replayed_fraction (denoising
+    steps fully replayed), warmup_seconds, wall_seconds,
     scored_tokens (loglikelihood); on a GPU gpu_peak_memory_mb, gpu_util_mean,
     gpu_util_max, gpu_power_mean_w, gpu_energy_j (NVML, sampled from before the model
     loads to the end of the evaluation: the whole run's cost, not only the timed part),
@@ -53,7 +57,7 @@ import platform
 
 from ..settings import to_text as param_str
 
-CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "task", "limit", "model_hash", "model_revision",
+CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "policy", "drift", "max_reuse", "task", "limit", "model_hash", "model_revision",
                      "resolved_dtype", "threshold", "block_size", "small_block_size", "max_new_tokens",
                      "use_block_cache", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "seed",
                      "batch_size", "device_type", "path")

@@ -31,6 +31,11 @@ class HarnessStats:
     generations: list[dict] = field(default_factory=list)  # one record per generate_until request
 
     @property
+    def requests(self) -> int:
+        """Requests this process computed (decoded or scored), not those a cache answered."""
+        return len(self.generations) + self.scoring.requests
+
+    @property
     def task_kind(self) -> str:
         kinds = [k for k, ran in (("generate_until", bool(self.decode)),
                                   ("loglikelihood", self.scoring.requests > 0)) if ran]

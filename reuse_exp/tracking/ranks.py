@@ -23,6 +23,7 @@ from pathlib import Path
 from ..engine.config import ConfigError
 from ..settings import RunSettings
 from .gpu_stats import GpuSampler
+from .resume import CACHE_ENV
 
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"   # where the launcher reads a failed rank's reason
 
@@ -50,7 +51,7 @@ def to_launch(s: RunSettings) -> int:
     return resolve_processes(s.processes, resolve_device(s.device))
 
 
-def launch(run_id: str, s: RunSettings, n: int, log_dir: Path) -> None:
+def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> None:
     """Run the evaluation as N ranks attached to MLflow run `run_id`; RankFailed if one fails."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -60,6 +61,7 @@ def launch(run_id: str, s: RunSettings, n: int, log_dir: Path) -> None:
                           logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)))
     previous = os.environ.get("MLFLOW_RUN_ID")
     os.environ["MLFLOW_RUN_ID"] = run_id   # the ranks inherit it and attach, as under `mlflow run`
+    os.environ[CACHE_ENV] = str(cache)     # and read and write this request cache
     try:
         elastic_launch(config, sys.executable)("-m", "reuse_exp.cli", "run", *s.to_args())
     except ChildFailedError as e:
@@ -69,6 +71,7 @@ def launch(run_id: str, s: RunSettings, n: int, log_dir: Path) -> None:
         raise RankFailed("KILLED", 128 + sig, f"{sig.name}: the ranks were stopped and the run ended KILLED "
                                                "with what it had logged") from None
     finally:
+        os.environ.pop(CACHE_ENV, None)
         if previous is None:
             os.environ.pop("MLFLOW_RUN_ID", None)
         else:
@@ -161,13 +164,14 @@ def world_params(devices: list[tuple[str, str]]) -> tuple[dict, dict]:
     return params, tags
 
 
-def evaluate(lm, s: RunSettings, task_manager) -> tuple[dict | None, float]:
-    """lm-eval over this rank's shard; the results (rank 0 only) and the wall time."""
+def evaluate(lm, s: RunSettings, task_manager, cache: Path) -> tuple[dict | None, float]:
+    """lm-eval over this rank's shard, through the run's request cache; the results (rank 0
+    only) and the wall time."""
     from ..evaluation import harness
     t0 = time.perf_counter()
     results = harness.evaluate(lm, s.task, task_manager, limit=s.limit, num_fewshot=s.num_fewshot,
                                apply_chat_template=s.apply_chat_template,
-                               fewshot_as_multiturn=s.fewshot_as_multiturn, seed=s.seed)
+                               fewshot_as_multiturn=s.fewshot_as_multiturn, seed=s.seed, cache=cache)
     return results, time.perf_counter() - t0
 
 
@@ -182,11 +186,11 @@ def gather_reports(lm, sampler: GpuSampler | None) -> list[RankReport] | None:
     return reports
 
 
-def follow(s: RunSettings, task_manager) -> None:
+def follow(s: RunSettings, task_manager, cache: Path) -> None:
     """A rank other than 0: evaluate its shard and hand its statistics to rank 0; log nothing."""
     device = shard_device(s)
     sampler = start_sampler(device)
     lm = load_model(s)
     rank_devices(lm)
-    evaluate(lm, s, task_manager)
+    evaluate(lm, s, task_manager, cache)
     gather_reports(lm, sampler)

@@ -184,7 +184,7 @@ def run(settings: RunSettings) -> str | None:
     rank = int(os.environ.get("RANK", "0"))   # of a launched world; 0 in a single process
     try:
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
-        from . import ranks
+        from . import ranks, resume
         prov = provenance()
         if rank == 0:
             check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
@@ -192,15 +192,18 @@ def run(settings: RunSettings) -> str | None:
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
         launching = ranks.to_launch(settings)
         if rank > 0:
-            ranks.follow(settings, task_manager)
+            ranks.follow(settings, task_manager, resume.cache_dir(settings, prov.commit, None))
             return None
+        resumed = resume.check(_client(), settings, prov.commit, prov.dirty) if settings.resume else None
         tracker = Tracker.start(settings, system_metrics=launching == 1)
+        cache = resume.cache_dir(settings, prov.commit, tracker.run_id, resumed)
         if launching > 1:
-            ranks.launch(tracker.run_id, settings, launching, tracker.workdir / "ranks")
+            ranks.launch(tracker.run_id, settings, launching, tracker.workdir / "ranks", cache)
             return _launched_end(tracker)
         _log_start(tracker, settings, prov)
-        _evaluate(tracker, settings, task_manager)
+        _evaluate(tracker, settings, task_manager, cache)
         tracker.end("FINISHED")
+        resume.forget(cache)
         return tracker.run_id
     except BaseException as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the ending short
@@ -217,6 +220,11 @@ def run(settings: RunSettings) -> str | None:
         raise RunFailed(line, code) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _client():
+    import mlflow
+    return mlflow.MlflowClient()
 
 
 def _launched_end(tracker: Tracker) -> str:
@@ -245,13 +253,13 @@ def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
         tracker.artifact_text("dirty.diff", dirty_diff(prov))
 
 
-def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
+def _evaluate(tracker: Tracker, s: RunSettings, task_manager, cache: Path) -> None:
     """Rank 0's (or the only process's) evaluation, logged; the other ranks run ranks.follow."""
     import torch
 
     from ..evaluation import harness
     from ..evaluation.stats import LOGLIKELIHOOD_NOTE, HarnessStats, world_metrics
-    from . import ranks
+    from . import ranks, resume
     from .gpu_stats import combine
     device = ranks.shard_device(s)
     tracker.sampler = ranks.start_sampler(device)
@@ -263,9 +271,12 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
     tracker.params({**params, **world_params})
     all_params = {**{n: param_str(v) for n, v in s.as_dict().items()}, **params,
                   "device_type": torch.device(device).type}
-    tracker.tags({"config_key": config_key(all_params), "model_path": lm.loaded.path or "", **world_tags})
+    tracker.tags({"config_key": config_key(all_params), "model_path": lm.loaded.path or "", **world_tags,
+                  "request_cache": str(cache), **({"resumed_from": s.resume} if s.resume else {})})
+    if s.resume:
+        tracker.client.set_tag(s.resume, "resumed_by", tracker.run_id)
 
-    results, wall = ranks.evaluate(lm, s, task_manager)
+    results, wall = ranks.evaluate(lm, s, task_manager, cache)
     reports = ranks.gather_reports(lm, tracker.sampler)
     tracker.sampler = None   # stopped: its statistics are in the reports
     shards = [r.stats for r in reports]
@@ -278,11 +289,21 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
     if primary is not None:
         metrics["accuracy"] = primary[1]
     metrics |= combine([r.gpu for r in reports])
+    if s.resume:
+        scope_tags, scope_metrics = resume.scope(s.resume, stats.requests, _requests(samples))
+        tracker.tags(scope_tags)
+        metrics |= scope_metrics
     tracker.metrics(metrics)
     tracker.tags({"task_kind": kind, "accuracy_metric": primary[0] if primary else "none",
                   "reuse_note": LOGLIKELIHOOD_NOTE if kind == "loglikelihood"
                   else lm.policy.note()})
     log_artifacts(tracker, s, results, samples, lm, stats, metrics, all_params, primary, kind)
+
+
+def _requests(samples: dict) -> int:
+    """lm-eval's requests behind the logged samples (one row per document and filter)."""
+    docs = {(task, row["doc_id"]): len(row["arguments"]) for task, rows in samples.items() for row in rows}
+    return sum(docs.values())
 
 
 def _gpu_metrics(tracker: Tracker, device: str) -> dict:

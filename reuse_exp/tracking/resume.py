@@ -1,0 +1,85 @@
+"""Resuming an interrupted run: its finished requests come back from a per-request cache.
+
+Every run caches each request's result as it finishes, through lm-eval's own request cache
+(CachingLM, one sqlite file per rank), in a folder keyed by the commit and the settings:
+REQUEST_CACHE/<commit>/<settings key>/<run id>. `--resume RUN_ID` (`-P resume=RUN_ID`)
+opens a new run linked to RUN_ID by tags (`resumed_from`, and `resumed_by` on RUN_ID) that
+reads RUN_ID's cache, so only the unfinished requests are decoded and the final metrics
+equal an uninterrupted run's. It is refused, in one line, when RUN_ID ran at another commit,
+from a dirty tree, or with other settings, or when it finished. Throughput then counts only
+what the resumed run decoded (its `throughput_scope` tag says so). A finished run's cache
+is deleted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..engine.config import ConfigError
+from ..settings import SPECS, RunSettings
+from .schema import same_param
+
+CACHE_ENV = "REUSE_EXP_REQUEST_CACHE"   # the folder of this run's cache, as the launching process chose it
+ROOT_ENV = "REUSE_EXP_CACHE_ROOT"
+NOT_COMPARED = ("resume", "experiment", "allow_dirty", "include_path")   # they do not shape a result
+
+
+def root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or Path.home() / ".cache" / "reuse_exp" / "requests")
+
+
+def settings_key(s: RunSettings) -> str:
+    shaping = {spec.name: spec.text(getattr(s, spec.name)) for spec in SPECS if spec.name not in NOT_COMPARED}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir(s: RunSettings, commit: str, run_id: str | None, resumed: Path | None = None) -> Path:
+    """This run's request cache: the one the launching process chose, the resumed run's, or its own."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    if resumed is not None:
+        return resumed
+    ident = s.resume or os.environ.get("TORCHELASTIC_RUN_ID") or run_id
+    return root() / commit / settings_key(s) / str(ident)
+
+
+def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
+    """The cache a resume of `s.resume` reads; ConfigError (one line) when it must not resume."""
+    from mlflow.exceptions import MlflowException
+    rid = s.resume
+    try:
+        old = client.get_run(rid)
+    except MlflowException:
+        raise ConfigError(f"resume {rid}: no such run in this tracking store") from None
+    tags, params = old.data.tags, old.data.params
+    if old.info.status == "FINISHED":
+        raise ConfigError(f"resume {rid}: that run FINISHED; there is nothing to resume")
+    if tags.get("git_commit") != commit or tags.get("git_dirty") != "false" or dirty:
+        where = tags.get("git_commit", "unknown")[:12] + (" (dirty)" if tags.get("git_dirty") != "false" else "")
+        raise ConfigError(f"resume {rid}: it ran at commit {where}, this is {commit[:12]}"
+                          f"{' (dirty)' if dirty else ''}; check out its commit, clean, or start a new run")
+    for spec in SPECS:
+        if spec.name in NOT_COMPARED or spec.name not in params:
+            continue
+        mine = spec.text(getattr(s, spec.name))
+        if not same_param(params[spec.name], mine):
+            raise ConfigError(f"resume {rid}: it ran with {spec.name}={params[spec.name]}, this run has "
+                              f"{spec.name}={mine}; resume with its settings, or start a new run")
+    return Path(tags.get("request_cache") or cache_dir(s, commit, rid))
+
+
+def scope(resumed_from: str, decoded: int, documents: int) -> tuple[dict, dict]:
+    """(tags, metrics) that say what a resumed run's throughput covers."""
+    cached = max(0, documents - decoded)
+    return ({"throughput_scope": f"tokens/s, tokens and seconds count only what this run decoded: {decoded} of "
+             f"{documents} requests; {cached} came from run {resumed_from}'s request cache"},
+            {"cached_requests": cached})
+
+
+def forget(path: Path) -> None:
+    """A finished run's cache is of no more use."""
+    if path.is_dir() and path.is_relative_to(root()):
+        shutil.rmtree(path, ignore_errors=True)

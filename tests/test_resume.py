@@ -1,0 +1,129 @@
+"""Resume: a run killed for real (SIGKILL) and resumed ends with the metrics and outputs of an
+uninterrupted run, decoding only what was left; resuming elsewhere is refused in one line."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+
+from reuse_exp.engine.config import ConfigError
+from reuse_exp.settings import RunSettings
+from reuse_exp.tracking import resume
+
+COMMIT = "a" * 40
+
+
+@pytest.fixture
+def client(store, monkeypatch, tmp_path):
+    import mlflow
+    monkeypatch.setenv(resume.ROOT_ENV, str(tmp_path / "cache"))
+    return mlflow.MlflowClient(store)
+
+
+def interrupted(client, status="KILLED", commit=COMMIT, dirty="false", **params):
+    run = client.create_run("0")
+    rid = run.info.run_id
+    for name, value in {**{s: v for s, v in zip(("k", "subset", "limit"), ("2", "middle", "6"))}, **params}.items():
+        client.log_param(rid, name, value)
+    client.set_tag(rid, "git_commit", commit)
+    client.set_tag(rid, "git_dirty", dirty)
+    client.set_terminated(rid, status)
+    return rid
+
+
+def test_resume_reads_the_cache_of_the_same_commit_and_settings(client):
+    rid = interrupted(client)
+    s = RunSettings(k=2, subset="middle", limit=6, resume=rid)
+    assert resume.check(client, s, COMMIT, dirty=False) == resume.cache_dir(s, COMMIT, rid)
+    assert resume.cache_dir(s, COMMIT, "new") == resume.root() / COMMIT / resume.settings_key(s) / rid
+    assert resume.settings_key(s) == resume.settings_key(s.replace(resume=None, experiment="x"))
+    assert resume.settings_key(s) != resume.settings_key(s.replace(k=3))
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(commit="b" * 40), "it ran at commit aaaaaaaaaaaa, this is bbbbbbbbbbbb; check out its commit"),
+    (dict(dirty=True), "(dirty); check out its commit, clean, or start a new run"),
+    (dict(k=3), "it ran with k=2, this run has k=3; resume with its settings"),
+    (dict(limit=8), "it ran with limit=6, this run has limit=8"),
+    (dict(status="FINISHED"), "that run FINISHED; there is nothing to resume"),
+])
+def test_resuming_elsewhere_is_refused_in_one_line(client, change, says):
+    rid = interrupted(client, status=change.pop("status", "KILLED"))
+    commit, dirty = change.pop("commit", COMMIT), change.pop("dirty", False)
+    s = RunSettings(**{"k": 2, "subset": "middle", "limit": 6, **change}, resume=rid)
+    with pytest.raises(ConfigError) as e:
+        resume.check(client, s, commit, dirty)
+    assert says in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(f"resume {rid}: ")
+
+
+def test_an_unknown_run_is_refused(client):
+    with pytest.raises(ConfigError, match="resume nosuchrun: no such run in this tracking store"):
+        resume.check(client, RunSettings(resume="nosuchrun"), COMMIT, False)
+
+
+# -- for real --------------------------------------------------------------------------------
+RUN = ["--limit", "12", "--max-new-tokens", "128"]
+
+
+def cli(repo, store, cache_root, *args):
+    env = {**subprocess_env(store), resume.ROOT_ENV: str(cache_root)}
+    return subprocess.Popen([sys.executable, "-m", "reuse_exp.cli", "run", *args], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def outputs(client, run) -> dict:
+    path = Path(client.download_artifacts(run.info.run_id, "samples_tiny_gsm.jsonl"))
+    return {(r["doc_id"], r["filter"]): r["filtered_resps"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp_path):
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    cache_root = tmp_path / "cache"
+    out, err = cli(clean_repo, store, cache_root, *RUN).communicate(timeout=900)
+    assert "finished" in out, err[-3000:]
+    [whole] = client.search_runs(["0"])
+
+    proc = cli(clean_repo, store, cache_root, *RUN)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:   # kill it once some requests are done
+        runs = [r for r in client.search_runs(["0"]) if r.info.run_id != whole.info.run_id]
+        if runs and runs[0].data.metrics.get("generated_tokens", 0) >= whole.data.metrics["generated_tokens"] / 3:
+            break
+        time.sleep(0.2)
+    time.sleep(1)   # the request cache commits in the background
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed = runs[0]
+    cache = Path(client.get_run(killed.info.run_id).data.tags["request_cache"])
+    assert cache.is_relative_to(cache_root) and list(cache.glob("requests_rank0.db")), "requests kept as they finished"
+
+    out, err = cli(clean_repo, store, cache_root, *RUN, "--resume", killed.info.run_id).communicate(timeout=900)
+    assert "finished" in out, err[-3000:]
+    [resumed] = [r for r in client.search_runs(["0"]) if r.info.run_id not in (whole.info.run_id, killed.info.run_id)]
+    m, t = resumed.data.metrics, resumed.data.tags
+    assert resumed.info.status == "FINISHED" and t["resumed_from"] == killed.info.run_id
+    assert client.get_run(killed.info.run_id).data.tags["resumed_by"] == resumed.info.run_id
+    # The same result as the run that was never interrupted ...
+    assert outputs(client, resumed) == outputs(client, whole)
+    assert m["accuracy"] == whole.data.metrics["accuracy"] > 0
+    assert {k: v for k, v in m.items() if k.startswith("exact_match")} == \
+           {k: v for k, v in whole.data.metrics.items() if k.startswith("exact_match")}
+    # ... from decoding only what was left, and saying so.
+    assert 0 < m["cached_requests"] < 12
+    assert m["generated_tokens"] < whole.data.metrics["generated_tokens"]
+    assert f"{12 - int(m['cached_requests'])} of 12 requests" in t["throughput_scope"]
+    assert not cache.exists(), "a finished run's cache is deleted"
+
+    again = cli(clean_repo, store, cache_root, *RUN, "--resume", resumed.info.run_id)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 2 and "that run FINISHED; there is nothing to resume" in err
+    assert "Traceback" not in err

@@ -150,3 +150,18 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path):
     assert rel.startswith("sqlite:////") and rel.endswith("/mlflow.db")
     assert store_mod.absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
     assert store_mod.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, head):
+    c, e = store.client, store.exp_id
+    killed = fabricate(c, e, k=1, subset="first", commit=head, status="KILLED")
+    fabricate(c, e, k=1, subset="middle", commit=head, status="FAILED")          # an error: run afresh
+    dead = fabricate(c, e, k=1, subset="last", commit=head, status="RUNNING", start_ms=int(time.time() * 1000) - 7200_000)
+    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "1", "--dry-run", "--stuck-after", "3600"]
+    out = CliRunner(env=store.env).invoke(grid.grid, args)
+    assert out.exit_code == 0, out.output
+    plans = {line.split()[2].rstrip(":"): line for line in out.output.splitlines() if line.startswith("would run")}
+    assert plans["k1_first"].endswith(f"--resume {killed}") and plans["k1_last"].endswith(f"--resume {dead}")
+    assert "--resume" not in plans["k1_middle"]
+    forced = CliRunner(env=store.env).invoke(grid.grid, args + ["--force"])
+    assert "--resume" not in forced.output

@@ -110,15 +110,31 @@ LOGLIKELIHOOD_WHY = ("{task} is a loglikelihood task: reuse acts between denoisi
 
 
 # -- launching one configuration ----------------------------------------------------------------
-def run_command(cell: Cell, allow_dirty: bool = False) -> list[str]:
-    """The tracked run of one configuration, as a command line (`reuse-exp run --NAME VALUE ...`)."""
+def run_command(cell: Cell, allow_dirty: bool = False, resume: str | None = None) -> list[str]:
+    """The tracked run of one configuration, as a command line (`reuse-exp run --NAME VALUE ...`);
+    `resume`: the interrupted run of it to finish."""
     args = [sys.executable, "-m", "reuse_exp.cli", "run"]
     for name, value in cell.settings:
         if value != "":
             args += [f"--{name.replace('_', '-')}", value]
     if allow_dirty:
         args.append("--allow-dirty")
+    if resume:
+        args += ["--resume", resume]
     return args
+
+
+# A run the grid resumes: killed, or dead while RUNNING (the grid counts a RUNNING run as
+# failed only once it is dead); a FAILED one hit an error, which running again would not cure.
+RESUMABLE = ("KILLED", "RUNNING", "SCHEDULED")
+
+
+def resumable(runs: list[RunRecord]) -> str | None:
+    """The run a failed cell resumes: its newest, when that one was interrupted, at a clean tree."""
+    newest = max(runs, key=lambda r: r.start_ms, default=None)
+    if newest is None or newest.status not in RESUMABLE or newest.dirty:
+        return None
+    return newest.run_id
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import click
 
 from ..engine.config import ConfigError
 from .cells import (LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, build_request, grid_options,
-                    run_command, task_kind)
+                    resumable, run_command, task_kind)
 from .launch import run_local
 from .store import (STUCK_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
                     git_state, tracking_uri)
@@ -164,6 +164,10 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
     if kind == LOGLIKELIHOOD:
         click.echo(LOGLIKELIHOOD_WHY.format(task=task, subset=states[0].cell.subset))
     cells = todo(states, force)
+    # A cell whose run was killed or died resumes it, at this commit with these settings.
+    resume = {} if force else {s.cell: rid for s in states if s.state == FAILED and (rid := resumable(s.runs))}
+    for cell, rid in resume.items():
+        click.echo(f"resume {cell.name}: run {rid[:8]} was interrupted; its finished requests are kept")
     skipped = [s for s in states if s.cell not in cells]
     for s in skipped:
         click.echo(f"skip {s.cell.name}: {s.state} ({', '.join(r.short() for r in s.runs[:1])})")
@@ -173,12 +177,12 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
     uri, exp = tracking_uri(), experiment_name(experiment)
     if dry_run:
         for c in cells:
-            click.echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty)[3:])}")
+            click.echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty, resume.get(c))[3:])}")
         return
     hint = None
     try:
         if executor == "local":
-            failed = run_local(cells, uri, exp, allow_dirty, head, echo=click.echo, gpus=gpus,
+            failed = run_local(cells, uri, exp, allow_dirty, head, echo=click.echo, gpus=gpus, resume=resume,
                                **({"folder": Path(jobs_dir)} if jobs_dir else {}))
         else:
             from .launch import SubmititOptions, submit
@@ -187,7 +191,7 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
                                    **({"folder": Path(jobs_dir)} if jobs_dir else {}))
             failed, hint = submit(cells, uri, exp, allow_dirty, opts,
                                   wait=(executor == "submitit-local") if wait is None else wait, commit=head,
-                                  echo=click.echo)
+                                  echo=click.echo, resume=resume)
     except ConfigError as e:   # no GPU for the runs' device, a snapshot git could not make, ...
         raise click.ClickException(str(e)) from None
     if hint:

@@ -151,9 +151,10 @@ def run_pool(jobs: list, slots: list[str], start: Callable[[object, str], object
 
 # -- executors ----------------------------------------------------------------------------------
 def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, commit: str, echo=print,
-              gpus: int | None = None, folder: Path = DEFAULT_FOLDER) -> list[str]:
+              gpus: int | None = None, folder: Path = DEFAULT_FOLDER, resume: dict | None = None) -> list[str]:
     """One process per configuration: in turn, or one per GPU slot at once; returns the names
-    of those that failed."""
+    of those that failed. `resume`: cell -> the interrupted run it finishes."""
+    resume = resume or {}
     cwd = workdir(commit, folder, allow_dirty)
     slots = gpu_slots(visible_gpus(), gpus_per_job(cells, gpus), cells[0].as_dict().get("device", "auto"))
     numbered = list(enumerate(cells, 1))
@@ -163,7 +164,8 @@ def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, c
         where = f" on GPU {slot}" if slot is not None else ""
         echo(f"[{i}/{len(cells)}] {cell.name}{where}")
         env = {**os.environ, **job_env(uri, experiment), **({"CUDA_VISIBLE_DEVICES": slot} if slot else {})}
-        code = subprocess.run(run_command(cell, allow_dirty), cwd=cwd, env=env, stdin=subprocess.DEVNULL).returncode
+        cmd = run_command(cell, allow_dirty, resume.get(cell))
+        code = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL).returncode
         if code:
             echo(f"[{i}/{len(cells)}] {cell.name} failed (exit {code})")
             return cell.name
@@ -186,7 +188,7 @@ def run_job(cmd: list[str], env: dict[str, str], cwd: str) -> int:
 
 
 def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts: SubmititOptions,
-           wait: bool, commit: str, echo=print) -> tuple[list[str], str | None]:
+           wait: bool, commit: str, echo=print, resume: dict | None = None) -> tuple[list[str], str | None]:
     """Submit the configurations; with `wait`, return the names of those whose job failed, and
     the one-line explanation when they failed on the sqlite store's concurrency limits."""
     import submitit
@@ -205,7 +207,7 @@ def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts
              "filesystem can corrupt or lock it: serve it with `mlflow server` (docs/grid.md)")
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
     executor.update_parameters(**opts.parameters(f"reuse-grid-{cells[0].settings[0][1]}"))
-    cmds = [run_command(c, allow_dirty) for c in cells]
+    cmds = [run_command(c, allow_dirty, (resume or {}).get(c)) for c in cells]
     if slots:
         if wait is False:
             raise ConfigError("submitit-local on GPUs hands each GPU its next job as one ends, so it waits: "

@@ -225,6 +225,24 @@ def test_compare_logs_text_png_and_metrics_and_nests_the_runs(store, head, tmp_p
     assert again.output.strip().split()[-1] == parent   # same runs, same parent
 
 
+def test_figure_has_legends_axes_from_zero_error_bars_and_n(store, head):
+    import matplotlib.pyplot as plt
+
+    from reuse_exp.study.figure import figure
+    grid_at(store, head)
+    rows = list(rows_of(store, head).values())
+    fig, (colours, markers, caption) = figure(rows, "t")
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] == 0 and ax.get_ylim() == (0, 100)
+    assert "tokens/s" in ax.get_xlabel() and "%" in ax.get_ylabel()
+    assert [t.get_text() for t in colours.get_texts()] == ["k=1 baseline (every layer)", "subset first",
+                                                          "subset middle", "subset last"]
+    assert [t.get_text() for t in markers.get_texts()] == ["k=1", "k=2", "k=3"]
+    assert "n = 8 documents per configuration" in caption.get_text() and "8 timed batches" in caption.get_text()
+    assert len(ax.containers) == 7 and all(c.has_xerr and c.has_yerr for c in ax.containers)
+    plt.close(fig)
+
+
 def test_refuses_runs_that_differ_in_unpinned_settings(store, head):
     """A CPU and a GPU run of one grid: accuracy may agree, tokens/s do not belong together."""
     ids = grid_at(store, head)

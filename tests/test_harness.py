@@ -75,6 +75,10 @@ def test_stats_count_tokens_up_to_stop_and_reuse(lm):
     reports = lm.stats.decode
     assert m["generated_tokens"] == sum(s.generated_tokens for r in reports for s in r.samples) > 0
     assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
+    rates = sorted(r.generated_tokens / r.wall_seconds for r in reports)   # 3 requests, batches of 2
+    assert m["timed_batches"] == 2 == len(rates)
+    assert m["tokens_per_second_median"] == pytest.approx((rates[0] + rates[1]) / 2)
+    assert m["tokens_per_second_p25"] == pytest.approx(rates[0] + (rates[1] - rates[0]) / 4)
     assert m["forwards_small_block"] > 0 and 0 < m["skipped_fraction"] < 1
     assert lm.stats.task_kind == "generate_until"
     trace = lm.stats.trace()

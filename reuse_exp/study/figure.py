@@ -14,6 +14,15 @@ K_MARKERS = {1: "o", 2: "s", 3: "^", 4: "D", 5: "v", 6: "P"}
 
 
 def plot(rows, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+    fig, extra = figure(rows, title)
+    fig.savefig(path, bbox_inches="tight", bbox_extra_artists=extra)   # the legends sit outside the axes
+    plt.close(fig)
+    return path
+
+
+def figure(rows, title: str):
+    """The figure, and the artists outside its axes (legends, caption) that saving must keep."""
     import matplotlib
     matplotlib.use("Agg")  # no display on a cluster or in CI
     import matplotlib.pyplot as plt
@@ -64,6 +73,4 @@ def plot(rows, path: Path, title: str) -> Path:
     note += " Hollow markers: another commit or a dirty tree." if starred else ""
     caption = ax.text(0, -0.13, f"{n}; tokens/s from {timing}.{note}", transform=ax.transAxes, fontsize=9,
                       ha="left", va="top")
-    fig.savefig(path, bbox_inches="tight", bbox_extra_artists=[first, second, caption])   # legends outside the axes
-    plt.close(fig)
-    return path
+    return fig, [first, second, caption]

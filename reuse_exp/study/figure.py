@@ -50,7 +50,8 @@ def figure(rows, title: str):
         batches[cell.name] = int(f.get("timed_batches", 1))
         starred |= r.pick.starred
     ax.set_xlim(0, right * 1.1 if right > 0 else 1)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)                   # room above 100% for a marker and its bar
+    ax.set_yticks(range(0, 101, 20))
     ax.set_xlabel("tokens/s (median over timed batches; bars: quartiles)")
     ax.set_ylabel("accuracy, % (bars: ± 1 standard error)")
     ax.set_title(title)

@@ -85,16 +85,30 @@ def test_config_key_ignores_layers_at_k1_only():
 
 # -- speed: ratios with intervals; noise as noise -------------------------------------------------
 def test_speed_ratio_interval_and_noise():
-    same = speed_ratio(BASE, scaled(1.03))
+    same = speed_ratio([BASE], [scaled(1.03)])
     assert same.has_interval and same.low < 1 < same.high and same.within_noise
     assert same.text() == "~1 (noise)"
-    fast = speed_ratio(BASE, scaled(1.5))
+    fast = speed_ratio([BASE], [scaled(1.5)])
     assert fast.low > 1.3 and fast.text() == "1.50x" and not fast.within_noise
-    assert speed_ratio(BASE, scaled(1.5)) == fast          # a fixed seed: the same table twice
-    one = speed_ratio([700.0], [740.0])                     # one big batch: one timing each
+    assert speed_ratio([BASE], [scaled(1.5)]) == fast      # a fixed seed: the same table twice
+    one = speed_ratio([[700.0]], [[740.0]])                 # one big batch: one timing each
     assert not one.has_interval and one.text() == "1.06x?" and one.interval_text() == "none: 1 timing"
-    few = speed_ratio(BASE[:MIN_TIMINGS - 1], scaled(1.5)[:MIN_TIMINGS - 1])
+    few = speed_ratio([BASE[:MIN_TIMINGS - 1]], [scaled(1.5)[:MIN_TIMINGS - 1]])
     assert not few.has_interval
+
+
+def test_repeated_baseline_runs_carry_the_drift_between_runs(store, head):
+    """k=1 ran twice, once on a busy machine (30% slower). Against the newest run alone, a k=2
+    run on the busy machine looks 0.75x; with both k=1 runs resampled it is noise."""
+    fabricate(store.client, store.exp_id, k=1, commit=head, rates=scaled(0.7), start_ms=1_000)
+    fabricate(store.client, store.exp_id, k=1, commit=head, rates=BASE, start_ms=2_000)
+    fabricate(store.client, store.exp_id, k=2, subset="first", commit=head, rates=scaled(0.75))
+    assert speed_ratio([BASE], [scaled(0.75)]).text() == "0.75x"
+    row = rows_of(store, head)["k2_first"]
+    assert row.ratio.within_noise and row.ratio.text() == "~1 (noise)"
+    base = rows_of(store, head)["k1_any"]
+    assert len(base.pick.runs) == 2 and base.figures()["timed_batches"] == 16 and base.figures()["runs"] == 2
+    assert "(16 in 2 runs)" in cmp.format_rows([base])
 
 
 def test_three_k1_like_runs_are_within_noise_and_a_real_difference_is_a_ratio(store, head):
@@ -128,6 +142,7 @@ def test_a_run_without_per_batch_timings_says_it_has_one(store, head):
     row = rows_of(store, head)["k2_first"]
     assert row.ratio.text() == "1.06x?" and row.ratio.interval_text() == "none: 1 timing"
     assert "1.06x?" in cmp.format_rows([row])
+    assert "speedup_within_noise" not in row.figures() and row.figures()["speedup"] == pytest.approx(740 / 700)
 
 
 # -- paired view -------------------------------------------------------------------------------------

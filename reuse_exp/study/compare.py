@@ -37,6 +37,11 @@ class Pick:
     cell: Cell
     run: RunRecord | None
     starred: bool = False       # from another commit, or dirty: included on request only
+    repeats: tuple[RunRecord, ...] = ()   # every clean FINISHED run of the cell at the commit, newest first
+
+    @property
+    def runs(self) -> tuple[RunRecord, ...]:
+        return self.repeats or ((self.run,) if self.run else ())
 
 
 class Refused(ConfigError):
@@ -50,7 +55,7 @@ def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: b
                       key=lambda r: r.start_ms, reverse=True)
         clean = [r for r in mine if r.commit == commit and not r.dirty]
         if clean:
-            picks.append(Pick(cell, clean[0]))
+            picks.append(Pick(cell, clean[0], repeats=tuple(clean)))
             continue
         allowed = [r for r in mine if (dirty or not r.dirty) and (other_commits or r.commit == commit)]
         if allowed:
@@ -65,7 +70,7 @@ def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: b
                       " -- re-run them with `reuse-exp grid run`, or pass --include-other-commits / --include-dirty")
     if not any(p.run for p in picks):
         raise Refused(f"no FINISHED run of this grid at {commit[:7]}: run `reuse-exp grid run` first")
-    differ = differing_settings([p.run for p in picks if p.run])
+    differ = differing_settings([r for p in picks for r in p.runs])
     if differ:
         listed = "; ".join(f"{n}: " + ", ".join(f"{v or 'none'} ({ids})" for v, ids in vals.items())
                            for n, vals in differ.items())
@@ -89,11 +94,16 @@ def differing_settings(runs: list[RunRecord]) -> dict[str, dict[str, str]]:
 # -- the comparison's rows ------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
-    """One configuration: what its run measured and how it stands against the baseline."""
+    """One configuration: what its runs measured and how it stands against the baseline."""
     pick: Pick
-    measured: Measured | None
+    measured: Measured | None       # the newest run: accuracy, records
+    repeats: tuple[Measured, ...] = ()   # every run of the cell at the commit (timings pool over them)
     ratio: Ratio | None = None      # None: the baseline itself, or nothing to compare
     paired: Paired | None = None
+
+    @property
+    def rates(self) -> list[list[float]]:
+        return [m.rates for m in self.repeats or (self.measured,) if m and m.rates]
 
     @property
     def name(self) -> str:
@@ -105,13 +115,15 @@ class Row:
         if m is None:
             return {}
         out = {n: m.metric(n) for n in ("n_samples", "accuracy", "accuracy_stderr", "skipped_fraction")}
-        if m.rates:
-            out |= {"timed_batches": len(m.rates), "tokens_per_second_median": median(m.rates),
-                    "tokens_per_second_p25": quantile(m.rates, 0.25), "tokens_per_second_p75": quantile(m.rates, 0.75)}
+        rates = [r for run in self.rates for r in run]
+        if rates:
+            out |= {"runs": len(self.rates), "timed_batches": len(rates), "tokens_per_second_median": median(rates),
+                    "tokens_per_second_p25": quantile(rates, 0.25), "tokens_per_second_p75": quantile(rates, 0.75)}
         if self.ratio is not None:
-            out |= {"speedup": self.ratio.point, "speedup_within_noise": float(self.ratio.within_noise)}
-            if self.ratio.has_interval:
-                out |= {"speedup_low": self.ratio.low, "speedup_high": self.ratio.high}
+            out["speedup"] = self.ratio.point
+            if self.ratio.has_interval:   # without one, whether it is noise is unknown: no metric says either
+                out |= {"speedup_low": self.ratio.low, "speedup_high": self.ratio.high,
+                        "speedup_within_noise": float(self.ratio.within_noise)}
         if self.paired is not None:
             p = self.paired
             out |= {"paired_documents": p.pairs, "outputs_changed": p.changed,
@@ -121,17 +133,19 @@ class Row:
 
 def rows(cl, picks: list[Pick]) -> list[Row]:
     """Rows in the grid's order, each measured against the baseline (the k=1 cell) when there is one."""
-    measured_ = {id(p): measured(cl, p.run) for p in picks if p.run}
-    base = next((measured_[id(p)] for p in picks if p.cell.baseline and p.run), None)
-    out = []
+    plain = []
     for p in picks:
-        m = measured_.get(id(p))
-        if m is None or base is None or p.cell.baseline:
-            out.append(Row(p, m))
+        ms = tuple(measured(cl, r) for r in p.runs)
+        plain.append(Row(p, ms[0] if ms else None, ms))
+    base = next((r for r in plain if r.pick.cell.baseline and r.measured), None)
+    out = []
+    for r in plain:
+        if r.measured is None or base is None or r is base:
+            out.append(r)
             continue
-        ratio = speed_ratio(base.rates, m.rates) if base.rates and m.rates else None
-        paired = pair(base.records, m.records) if base.records is not None and m.records is not None else None
-        out.append(Row(p, m, ratio, paired))
+        ratio = speed_ratio(base.rates, r.rates) if base.rates and r.rates else None
+        a, b = base.measured.records, r.measured.records
+        out.append(Row(r.pick, r.measured, r.repeats, ratio, pair(a, b) if a is not None and b is not None else None))
     return out
 
 
@@ -150,7 +164,8 @@ def row_cells(r: Row) -> list[str]:
         speed = f"{f['tokens_per_second_median']:.1f}"
         if f["timed_batches"] > 1:
             speed += f" [{f['tokens_per_second_p25']:.1f}, {f['tokens_per_second_p75']:.1f}]"
-        speed += f" ({int(f['timed_batches'])})"
+        runs = int(f["runs"])
+        speed += f" ({int(f['timed_batches'])}" + (f" in {runs} runs)" if runs > 1 else ")")
     if r.pick.cell.baseline:
         versus, interval = "baseline", "-"
     elif r.ratio is None:
@@ -186,7 +201,8 @@ def legend(rows_: list[Row]) -> str:
 def describe(picks: list[Pick]) -> str:
     lines = ["", "runs:"]
     for p in picks:
-        lines.append(f"  {p.cell.name:<10} " + (p.run.short() + ("  * other commit or dirty" if p.starred else "")
+        lines.append(f"  {p.cell.name:<10} " + (", ".join(r.short() for r in p.runs) +
+                                               ("  * other commit or dirty" if p.starred else "")
                                                if p.run else "missing"))
     return "\n".join(lines)
 
@@ -194,7 +210,7 @@ def describe(picks: list[Pick]) -> str:
 def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit: str, text: str,
                png: Path, rows_: list[Row]) -> str:
     """Log the comparison to the grid's parent run (one per set of compared runs) and nest the runs."""
-    used = [p.run for p in picks if p.run]
+    used = [r for p in picks for r in p.runs]
     ids = sorted(r.run_id for r in used)
     digest = hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
     found = cl.search_runs([exp_id], filter_string=f"tags.`reuse_exp.compared` = '{digest}'", max_results=1)
@@ -215,7 +231,7 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "compare.txt").write_text(text + "\n")
         (Path(tmp) / "compare.json").write_text(json.dumps(
-            {r.pick.cell.name: {"run_id": r.pick.run.run_id if r.pick.run else None, "starred": r.pick.starred,
+            {r.pick.cell.name: {"run_ids": [x.run_id for x in r.pick.runs], "starred": r.pick.starred,
                                 **r.figures()} for r in rows_}, indent=2) + "\n")
         cl.log_artifact(run_id, str(Path(tmp) / "compare.txt"))
         cl.log_artifact(run_id, str(Path(tmp) / "compare.json"))

@@ -1,17 +1,23 @@
 """What a compared run measured, and how a configuration stands against the k=1 baseline:
 the speed ratio with an interval that says when it is noise, and the paired per-document view.
 
-Speed. A run times each decoding (or scoring) batch; its tokens/s is summarised by the
-median of the per-batch rates, with the quartiles as spread. The ratio to k=1 is the ratio
-of the two medians, and its 95% interval a percentile bootstrap: each run's per-batch rates
-are resampled with replacement, independently, and the ratio of the resampled medians taken
-DRAWS times. Resampling each run on its own (not pairing batch i with batch i) lets the
-interval carry what differs between batches, prompt lengths and early stops included: it is
-wider than a paired one and errs towards "noise". An interval that holds 1 is printed as
-noise, never as a ratio. Below MIN_TIMINGS rates in either run there is no interval (one big
-batch is one timing): the ratio is printed with a question mark and the count. The interval
-knows only the variation inside each run; a machine that drifts between two runs (another
-job, clocks) is invisible to it, so repeats of one configuration remain the check on it.
+Speed. A run times each decoding (or scoring) batch; a configuration's tokens/s is the
+median of its per-batch rates, with the quartiles as spread. The ratio to k=1 is the ratio
+of the two medians, and its 95% interval a percentile bootstrap: each side's per-batch
+rates are resampled with replacement, independently, and the ratio of the resampled
+medians taken DRAWS times. Resampling each side on its own (not pairing batch i with
+batch i) lets the interval carry what differs between batches, prompt lengths and early
+stops included: it is wider than a paired one and errs towards "noise". An interval that
+holds 1 is printed as noise, never as a ratio. Below MIN_TIMINGS rates on either side
+there is no interval (one big batch is one timing): the ratio is printed with a question
+mark and the count.
+
+Batches of one run share its machine state; a machine that drifts between runs (another
+job, clocks, a shared CPU) moves all of them at once, and one run cannot show it. Where a
+configuration has repeated runs at the commit (`grid run --force`), the bootstrap is
+hierarchical: each draw resamples the runs, then the batches within each drawn run, so
+the interval carries the drift between runs too. Repeating k=1 alone widens every ratio
+by the baseline's drift, which is the cheap check; a single run's interval is within-run only.
 
 Pairs. Generation is deterministic, so the documents two runs share pair exactly (by task
 and doc_id) and their counts need no interval: outputs that changed, correct->wrong and
@@ -64,20 +70,33 @@ def median(xs: list[float]) -> float:
     return quantile(xs, 0.5)
 
 
-def speed_ratio(base: list[float], other: list[float], draws: int = DRAWS, seed: int = 0) -> Ratio:
-    """Ratio of median per-batch rates, `other` over `base`, with a percentile bootstrap interval
-    (fixed seed: the same runs give the same table)."""
+def speed_ratio(base: list[list[float]], other: list[list[float]], draws: int = DRAWS, seed: int = 0) -> Ratio:
+    """Ratio of median per-batch rates, `other` over `base`, each given as one list of rates per
+    run, with a percentile bootstrap interval (fixed seed: the same runs give the same table)."""
     import numpy as np
-    point = median(other) / median(base)
-    n = min(len(base), len(other))
+    point = median([r for run in other for r in run]) / median([r for run in base for r in run])
+    n = min(sum(map(len, base)), sum(map(len, other)))
     if n < MIN_TIMINGS:
         return Ratio(point, None, None, n)
     rng = np.random.default_rng(seed)
-    b, o = np.asarray(base), np.asarray(other)
-    mb = np.median(b[rng.integers(0, len(b), (draws, len(b)))], axis=1)
-    mo = np.median(o[rng.integers(0, len(o), (draws, len(o)))], axis=1)
-    low, high = np.quantile(mo / mb, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    ratios = resampled_medians(other, draws, rng) / resampled_medians(base, draws, rng)
+    low, high = np.quantile(ratios, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return Ratio(point, float(low), float(high), n)
+
+
+def resampled_medians(runs: list[list[float]], draws: int, rng):
+    """Medians of `draws` bootstrap resamples: of the batches of one run, or of the runs and
+    then the batches within each drawn run (the drift between runs included)."""
+    import numpy as np
+    arrays = [np.asarray(run, dtype=float) for run in runs if run]
+    if len(arrays) == 1:
+        a = arrays[0]
+        return np.median(a[rng.integers(0, len(a), (draws, len(a)))], axis=1)
+    out = np.empty(draws)
+    for d in range(draws):
+        drawn = [arrays[i] for i in rng.integers(0, len(arrays), len(arrays))]
+        out[d] = np.median(np.concatenate([a[rng.integers(0, len(a), len(a))] for a in drawn]))
+    return out
 
 
 @dataclass(frozen=True)

@@ -98,17 +98,21 @@ def test_speed_ratio_interval_and_noise():
 
 
 def test_repeated_baseline_runs_carry_the_drift_between_runs(store, head):
-    """k=1 ran twice, once on a busy machine (30% slower). Against the newest run alone, a k=2
-    run on the busy machine looks 0.75x; with both k=1 runs resampled it is noise."""
-    fabricate(store.client, store.exp_id, k=1, commit=head, rates=scaled(0.7), start_ms=1_000)
-    fabricate(store.client, store.exp_id, k=1, commit=head, rates=BASE, start_ms=2_000)
-    fabricate(store.client, store.exp_id, k=2, subset="first", commit=head, rates=scaled(0.75))
-    assert speed_ratio([BASE], [scaled(0.75)]).text() == "0.75x"
-    row = rows_of(store, head)["k2_first"]
-    assert row.ratio.within_noise and row.ratio.text() == "~1 (noise)"
-    base = rows_of(store, head)["k1_any"]
-    assert len(base.pick.runs) == 2 and base.figures()["timed_batches"] == 16 and base.figures()["runs"] == 2
-    assert "(16 in 2 runs)" in cmp.format_rows([base])
+    """k=1 ran four times, once on a busy machine (30% slower); inside each run the batches agree
+    within 2%. A k=2 run on a busy machine looks 0.75x against the newest k=1 run alone, and
+    against the 32 batches of k=1 pooled as if independent; resampling runs, then batches, it is noise."""
+    tight = [98.0, 99.0, 100.0, 101.0, 102.0, 99.5, 100.5, 100.0]
+    for i, factor in enumerate((0.7, 1.0, 1.0, 1.0)):
+        fabricate(store.client, store.exp_id, k=1, commit=head, rates=scaled(factor, tight), start_ms=1_000 + i)
+    fabricate(store.client, store.exp_id, k=2, subset="first", commit=head, rates=scaled(0.75, tight))
+    assert speed_ratio([tight], [scaled(0.75, tight)]).text() == "0.75x"
+    pooled = [scaled(f, tight) for f in (0.7, 1.0, 1.0, 1.0)]
+    assert speed_ratio([[r for run in pooled for r in run]], [scaled(0.75, tight)]).text() == "0.75x"
+    rows = rows_of(store, head)
+    assert rows["k2_first"].ratio.within_noise and rows["k2_first"].ratio.text() == "~1 (noise)"
+    base = rows["k1_any"]
+    assert len(base.pick.runs) == 4 and base.figures()["timed_batches"] == 32 and base.figures()["runs"] == 4
+    assert "(32 in 4 runs)" in cmp.format_rows([base])
 
 
 def test_three_k1_like_runs_are_within_noise_and_a_real_difference_is_a_ratio(store, head):
@@ -166,16 +170,16 @@ def test_paired_counts_against_k1(store, head):
 
 def test_pairs_only_documents_both_scored():
     rec = lambda i, c, o: {"task": "t", "doc_id": i, "correct": c, "output": o}   # noqa: E731
-    p = pair([rec(0, True, "x"), rec(1, False, "y"), rec(2, True, "z")],
+    p = pair([rec(0, True, "x"), rec(1, True, "y"), rec(2, True, "z")],      # doc 1: no 0/1 metric in one run
              [rec(0, False, "x2"), rec(1, None, "y2"), rec(3, True, "w")])
     assert (p.pairs, p.changed, p.correct_to_wrong, p.wrong_to_correct, p.unpaired) == (2, 2, 1, 0, 2)
 
 
 def test_sample_records_keep_the_primary_filter_once_per_document():
-    rows = [{"doc_id": 0, "filter": "strict-match", "exact_match": 1.0, "resps": [["a"]]},
-            {"doc_id": 0, "filter": "flexible-extract", "exact_match": 0.0, "resps": [["a"]]},
-            {"doc_id": 1, "filter": "strict-match", "exact_match": 0.0, "resps": [["b"]]},
-            {"doc_id": 1, "filter": "flexible-extract", "exact_match": 1.0, "resps": [["b"]]}]
+    rows = [{"doc_id": 0, "filter": "flexible-extract", "exact_match": 0.0, "resps": [["a"]]},
+            {"doc_id": 0, "filter": "strict-match", "exact_match": 1.0, "resps": [["a"]]},
+            {"doc_id": 1, "filter": "flexible-extract", "exact_match": 1.0, "resps": [["b"]]},
+            {"doc_id": 1, "filter": "strict-match", "exact_match": 0.0, "resps": [["b"]]}]
     recs = sample_records({"gsm8k": rows}, "exact_match,strict-match")
     assert [(r["doc_id"], r["correct"]) for r in recs] == [(0, True), (1, False)]
     assert recs[0]["output"] != recs[1]["output"]
@@ -241,9 +245,10 @@ def test_compare_logs_text_png_and_metrics_and_nests_the_runs(store, head, tmp_p
 
 
 def test_figure_has_legends_axes_from_zero_error_bars_and_n(store, head):
+    import matplotlib
     import matplotlib.pyplot as plt
 
-    from reuse_exp.study.figure import figure
+    from reuse_exp.study.figure import K_MARKERS, SUBSET_COLOURS, figure
     grid_at(store, head)
     rows = list(rows_of(store, head).values())
     fig, (colours, markers, caption) = figure(rows, "t")
@@ -255,6 +260,11 @@ def test_figure_has_legends_axes_from_zero_error_bars_and_n(store, head):
     assert [t.get_text() for t in markers.get_texts()] == ["k=1", "k=2", "k=3"]
     assert "n = 8 documents per configuration" in caption.get_text() and "8 timed batches" in caption.get_text()
     assert len(ax.containers) == 7 and all(c.has_xerr and c.has_yerr for c in ax.containers)
+    for r, c in zip(rows, ax.containers):   # colour = subset, marker = k
+        point = c.lines[0]
+        assert point.get_color() == SUBSET_COLOURS[r.pick.cell.subset] and point.get_marker() == K_MARKERS[r.pick.cell.k]
+    assert [h.get_facecolor() for h in colours.legend_handles] == [
+        matplotlib.colors.to_rgba(SUBSET_COLOURS[s]) for s in ("any", "first", "middle", "last")]
     plt.close(fig)
 
 

@@ -261,8 +261,8 @@ def test_figure_has_legends_axes_from_zero_error_bars_and_n(store, head):
     assert "n = 8 documents per configuration" in caption.get_text() and "8 timed batches" in caption.get_text()
     assert len(ax.containers) == 7 and all(c.has_xerr and c.has_yerr for c in ax.containers)
     for r, c in zip(rows, ax.containers):   # colour = subset, marker = k
-        point = c.lines[0]
-        assert point.get_color() == SUBSET_COLOURS[r.pick.cell.subset] and point.get_marker() == K_MARKERS[r.pick.cell.k]
+        point, cell = c.lines[0], r.pick.cell
+        assert point.get_color() == SUBSET_COLOURS[cell.subset] and point.get_marker() == K_MARKERS[cell.k]
     assert [h.get_facecolor() for h in colours.legend_handles] == [
         matplotlib.colors.to_rgba(SUBSET_COLOURS[s]) for s in ("any", "first", "middle", "last")]
     plt.close(fig)

@@ -25,6 +25,7 @@ from ..engine.decoding import DecodeConfig
 from ..engine.model import FastDLLM, block_causal_mask
 
 Pair = tuple[list[int], list[int]]   # (context ids, continuation ids)
+Scores = tuple[list[tuple[float, bool]], int, int]   # (log-likelihood, is-greedy) per pair, positions, rows
 
 
 def _masked_forward(model: FastDLLM, cfg: DecodeConfig, rows: list[list[int]], at: list[int],
@@ -48,7 +49,7 @@ def _masked_forward(model: FastDLLM, cfg: DecodeConfig, rows: list[list[int]], a
 
 
 @torch.no_grad()
-def score_continuation(model: FastDLLM, cfg: DecodeConfig, batch: list[Pair]) -> tuple[list[tuple[float, bool]], int, int]:
+def score_continuation(model: FastDLLM, cfg: DecodeConfig, batch: list[Pair]) -> Scores:
     """Every continuation token, left to right (see the module docstring). Returns
     (log-likelihood, is-greedy) per pair, the positions run and the rows run."""
     rows, at, targets, owner = [], [], [], []
@@ -66,7 +67,7 @@ def score_continuation(model: FastDLLM, cfg: DecodeConfig, batch: list[Pair]) ->
 
 
 @torch.no_grad()
-def score_first_token(model: FastDLLM, cfg: DecodeConfig, batch: list[Pair]) -> tuple[list[tuple[float, bool]], int, int]:
+def score_first_token(model: FastDLLM, cfg: DecodeConfig, batch: list[Pair]) -> Scores:
     """The public scoring: mask the first continuation token, the rest stays visible; one row
     per pair. Returns (log-likelihood, is-greedy) per pair, the positions run and the rows run."""
     ll, greedy, positions = _masked_forward(model, cfg, [ctx + cont for ctx, cont in batch],

@@ -45,7 +45,7 @@ class Ratio:
     point: float
     low: float | None
     high: float | None
-    timings: int                  # the fewer of the two runs' timed batches
+    timings: int                  # the fewer of the two sides' timed batches
 
     @property
     def has_interval(self) -> bool:

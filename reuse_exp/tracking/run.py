@@ -225,7 +225,7 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
     from ..evaluation import harness
     from ..evaluation.lm import FastDLLMv2LM
     from ..evaluation.models import resolve_device
-    from ..evaluation.stats import LOGLIKELIHOOD_NOTE
+    from ..evaluation.stats import LOGLIKELIHOOD_NOTE, sample_records
     from .gpu_stats import GpuSampler
     device = resolve_device(s.device)
     if device.startswith("cuda"):
@@ -252,6 +252,10 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
     metrics = {**lm_eval_metrics(results, s.task), **lm.stats.metrics(), "wall_seconds": wall}
     if primary is not None:
         metrics["accuracy"] = primary[1]
+        stderr = harness.primary_stderr(task_results, primary[0])
+        if stderr is not None:
+            metrics["accuracy_stderr"] = stderr
+    metrics["n_samples"] = len(sample_records(samples, primary[0] if primary else None))
     metrics |= _gpu_metrics(tracker, device)
     tracker.metrics(metrics)
     tracker.tags({"task_kind": kind, "accuracy_metric": primary[0] if primary else "none",

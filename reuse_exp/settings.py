@@ -19,6 +19,7 @@ MODEL, TASK, RUN = "model", "task", "run"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DECODE_PATHS = ("auto", "eager", "fast")
 POLICIES = ("fixed", "adaptive")
+SCORINGS = ("continuation", "first_token")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -70,6 +71,9 @@ class RunSettings:
                                     kind="bool", role=MODEL)
     decode_path: str = setting("auto", "`auto`: CUDA graphs + compiled layers on a GPU, plain PyTorch on CPU; "
                                "`eager`; `fast`", kind="choice", role=MODEL, choices=DECODE_PATHS)
+    scoring: str = setting("continuation", "loglikelihood tasks: `continuation` scores every answer token, left "
+                           "to right; `first_token`: the public harness's first token only",
+                           kind="choice", role=MODEL, choices=SCORINGS)
     num_fewshot: int = setting(0, "few-shot examples (the study's: 0)", kind="int", role=TASK, minimum=0)
     apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK)
     fewshot_as_multiturn: bool = setting(True, "few-shot examples as chat turns (the study's)",

@@ -139,4 +139,7 @@ def test_loglikelihood_run_says_reuse_cannot_act(clean_repo, store, tiny_ckpt, t
     assert run.info.status == "FINISHED" and t["task_kind"] == "loglikelihood"
     assert "reuse cannot act" in t["reuse_note"] and t["accuracy_metric"] == "acc,none"
     assert m["skipped_fraction"] == 0 and m["generated_tokens"] == 0
-    assert m["scored_tokens"] == 8 and m["tokens_per_second"] > 0 and "accuracy" in m and "acc_stderr" in m
+    # 4 documents x 2 choices of 2 tokens (" 0": a space and a digit), every token scored
+    assert m["scored_tokens"] == 16 and m["tokens_per_second"] > 0 and "accuracy" in m and "acc_stderr" in m
+    assert m["n_samples"] == 4 and m["accuracy_stderr"] == m["acc_stderr"] and "loglikelihood_ties" in m
+    assert m["timed_batches"] == 2 and m["tokens_per_second_median"] > 0

@@ -54,11 +54,12 @@ def test_each_state_of_a_cell(store, head):
     fabricate(c, e, k=3, subset="middle", commit=head, threshold="0.5")
     st = states_of(store, head)
     assert {n: s.state for n, s in st.items()} == {
-        "k1_first": DONE, "k1_middle": STALE, "k1_last": STALE, "k2_first": FAILED, "k2_middle": RUNNING,
+        "k1_any": DONE, "k2_first": FAILED, "k2_middle": RUNNING,
         "k2_last": FAILED, "k3_first": MISSING, "k3_middle": MISSING, "k3_last": MISSING}
-    assert st["k1_first"].runs[0].run_id == done
-    assert st["k1_middle"].runs[0].run_id == stale and st["k1_middle"].label() == "stale@0000000"
-    assert st["k1_last"].note == "dirty tree"
+    assert st["k1_any"].runs[0].run_id == done   # the baseline: the k=1 run at HEAD, whatever its subset
+    c.delete_run(done)
+    again = states_of(store, head)["k1_any"]   # left: the dirty k1_last at HEAD and k1_middle elsewhere
+    assert again.state == STALE and stale in [r.run_id for r in again.runs]
     assert st["k2_first"].runs[0].run_id == failed
     assert st["k2_middle"].runs[0].run_id == running
     assert st["k2_last"].runs[0].run_id == stuck and "stuck" in st["k2_last"].note
@@ -83,29 +84,31 @@ def test_status_command_prints_the_grid(store, head):
     lines = out.output.splitlines()
     assert lines[0].startswith("grid tiny_gsm") and head[:7] in lines[0]
     assert lines[1].split() == ["first", "middle", "last"]
-    assert lines[2].split() == ["k=1", "done", "missing", "missing"]
+    assert lines[2].startswith("k=1   done") and "one run for every subset" in lines[2]
     assert lines[3].split() == ["k=2", "missing", "missing", "stale@0000000"]
-    assert "done at HEAD 1/9, stale 1, failed 0, running 0, missing 7" in out.output
+    assert "done at HEAD 1/7, stale 1, failed 0, running 0, missing 5" in out.output
 
 
 def test_dry_run_plans_only_what_is_not_done(store, head):
-    fabricate(store.client, store.exp_id, k=1, subset="first", commit=head)
-    fabricate(store.client, store.exp_id, k=1, subset="middle", commit=OLD)
-    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "1", "--dry-run"]
+    fabricate(store.client, store.exp_id, k=1, subset="middle", commit=head)
+    fabricate(store.client, store.exp_id, k=2, subset="middle", commit=OLD)
+    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "1,2", "--dry-run"]
     out = CliRunner(env=store.env).invoke(grid.grid, args)
     assert out.exit_code == 0, out.output
-    assert "skip k1_first: done" in out.output
+    assert "skip k1_any: done" in out.output      # k=1 runs once, whatever the subsets
     planned = [line.split()[2].rstrip(":") for line in out.output.splitlines() if line.startswith("would run")]
-    assert planned == ["k1_middle", "k1_last"]
+    assert planned == ["k2_first", "k2_middle", "k2_last"]
     forced = CliRunner(env=store.env).invoke(grid.grid, args + ["--force"])
-    assert forced.output.count("would run") == 3
+    assert forced.output.count("would run") == 4
+    k1 = next(line for line in forced.output.splitlines() if line.startswith("would run k1_any"))
+    assert "--k 1" in k1 and "--subset" not in k1
 
 
 def test_loglikelihood_grid_is_one_run_and_says_why(store, head):
     assert task_kind("tiny_mc") == LOGLIKELIHOOD
     out = CliRunner(env=store.env).invoke(grid.grid, ["status", "--task", "tiny_mc", "--limit", "4"])
     assert out.exit_code == 0, out.output
-    assert "loglikelihood task" in out.output and "grid is one run (k=1, subset=first)" in out.output
+    assert "loglikelihood task" in out.output and "grid is one run (k=1)" in out.output
     assert "done at HEAD 0/1" in out.output
     plan = CliRunner(env=store.env).invoke(grid.grid, ["run", "--task", "tiny_mc", "--dry-run"])
     assert plan.output.count("would run") == 1
@@ -154,14 +157,14 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path):
 
 def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, head):
     c, e = store.client, store.exp_id
-    killed = fabricate(c, e, k=1, subset="first", commit=head, status="KILLED")
-    fabricate(c, e, k=1, subset="middle", commit=head, status="FAILED")          # an error: run afresh
-    dead = fabricate(c, e, k=1, subset="last", commit=head, status="RUNNING", start_ms=int(time.time() * 1000) - 7200_000)
-    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "1", "--dry-run", "--stuck-after", "3600"]
+    killed = fabricate(c, e, k=2, subset="first", commit=head, status="KILLED")
+    fabricate(c, e, k=2, subset="middle", commit=head, status="FAILED")          # an error: run afresh
+    dead = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING", start_ms=int(time.time() * 1000) - 7200_000)
+    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "2", "--dry-run", "--stuck-after", "3600"]
     out = CliRunner(env=store.env).invoke(grid.grid, args)
     assert out.exit_code == 0, out.output
     plans = {line.split()[2].rstrip(":"): line for line in out.output.splitlines() if line.startswith("would run")}
-    assert plans["k1_first"].endswith(f"--resume {killed}") and plans["k1_last"].endswith(f"--resume {dead}")
-    assert "--resume" not in plans["k1_middle"]
+    assert plans["k2_first"].endswith(f"--resume {killed}") and plans["k2_last"].endswith(f"--resume {dead}")
+    assert "--resume" not in plans["k2_middle"]
     forced = CliRunner(env=store.env).invoke(grid.grid, args + ["--force"])
     assert "--resume" not in forced.output

@@ -1,4 +1,4 @@
-"""The lm-eval model: generation honours each request, scoring is the public one, stats add up."""
+"""The lm-eval model: generation honours each request, scoring covers every answer token, stats add up."""
 from __future__ import annotations
 
 import subprocess
@@ -75,14 +75,38 @@ def test_stats_count_tokens_up_to_stop_and_reuse(lm):
     reports = lm.stats.decode
     assert m["generated_tokens"] == sum(s.generated_tokens for r in reports for s in r.samples) > 0
     assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
+    rates = sorted(r.generated_tokens / r.wall_seconds for r in reports)   # 3 requests, batches of 2
+    assert m["timed_batches"] == 2 == len(rates)
+    assert m["tokens_per_second_median"] == pytest.approx((rates[0] + rates[1]) / 2)
+    assert m["tokens_per_second_p25"] == pytest.approx(rates[0] + (rates[1] - rates[0]) / 4)
     assert m["forwards_small_block"] > 0 and 0 < m["skipped_fraction"] < 1
     assert lm.stats.task_kind == "generate_until"
     trace = lm.stats.trace()
     assert trace["first_batch_sample0_trace"] and len(trace["layer_totals_computed_reused"]) == lm.model.num_layers
 
 
-def reference_score(lm, ctx: list[int], cont: list[int]) -> float:
-    """The public scoring written out for one request."""
+def masked_logprob(lm, visible: list[int], target: int) -> tuple[float, bool]:
+    """Written out: `visible`, then a mask at the target's place, masks to a block multiple; one
+    block-causal forward; the target predicted by the logit before it."""
+    cfg = lm.decode_config
+    length = -(-(len(visible) + 1) // cfg.block_size) * cfg.block_size
+    tokens = torch.full((1, length), cfg.mask_id)
+    tokens[0, :len(visible)] = torch.tensor(visible)
+    mask = block_causal_mask(0, length, length, cfg.block_size, "cpu")
+    with torch.no_grad():
+        hidden = lm.model.forward_masked(tokens, torch.arange(length), mask)
+        logits = lm.model.logits(hidden)[0, len(visible) - 1].float()
+    return float(F.log_softmax(logits, -1)[target]), int(logits.argmax()) == target
+
+
+def reference_continuation(lm, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """Every continuation token by the chain rule: earlier tokens visible, this one and later masked."""
+    terms = [masked_logprob(lm, ctx + cont[:i], cont[i]) for i in range(len(cont))]
+    return sum(t for t, _ in terms), all(g for _, g in terms)
+
+
+def reference_first_token(lm, ctx: list[int], cont: list[int]) -> float:
+    """The public scoring written out: only the first continuation token masked, the rest visible."""
     cfg = lm.decode_config
     seq = ctx + cont
     length = -(-len(seq) // cfg.block_size) * cfg.block_size
@@ -96,23 +120,82 @@ def reference_score(lm, ctx: list[int], cont: list[int]) -> float:
     return float(F.log_softmax(logits, -1)[cont[0]])
 
 
-def test_loglikelihood_is_the_public_scoring_and_batch_invariant(lm):
-    lm.stats = stats_mod.HarnessStats()
-    reqs = [ll_request("Question: what is 2 plus 2?\nAnswer:", " 4", 0),
-            ll_request("Q?", "A", 1),
-            ll_request("x" * 70, "yz", 2)]
-    out = lm.loglikelihood(reqs)
-    for (ctx, cont), (ll, greedy) in zip([r.args for r in reqs], out):
-        c, t = lm._encode_pair(ctx, cont)
-        assert ll == pytest.approx(reference_score(lm, c, t), abs=1e-4)
-        assert isinstance(greedy, bool)
-    one = lm_mod.FastDLLMv2LM.__new__(lm_mod.FastDLLMv2LM)
-    one.__dict__.update(lm.__dict__, batch_size=1, stats=stats_mod.HarnessStats())
+def with_settings(lm, **changes):
+    """The same loaded model under other settings (loading again would cost seconds)."""
+    other = lm_mod.FastDLLMv2LM.__new__(lm_mod.FastDLLMv2LM)
+    other.__dict__.update(lm.__dict__, stats=stats_mod.HarnessStats())
+    other.settings = lm.settings.replace(**changes)
+    other.batch_size = other.settings.batch_size
+    return other
+
+
+LL_REQUESTS = [("Question: what is 2 plus 2?\nAnswer:", " 4"), ("Q?", "A"), ("x" * 70, "yz"),
+               ("x" * 30, " across a block boundary")]
+
+
+def test_loglikelihood_scores_every_continuation_token(lm):
+    scorer = with_settings(lm, scoring="continuation")
+    reqs = [ll_request(c, t, i) for i, (c, t) in enumerate(LL_REQUESTS)]
+    out = scorer.loglikelihood(reqs)
+    for (ctx, cont), (ll, greedy) in zip(LL_REQUESTS, out):
+        c, t = scorer._encode_pair(ctx, cont)
+        want, want_greedy = reference_continuation(scorer, c, t)
+        assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+    one = with_settings(scorer, batch_size=1)
     assert [round(x, 4) for x, _ in one.loglikelihood(reqs)] == [round(x, 4) for x, _ in out]
-    m = lm.stats.metrics()
-    assert m["skipped_fraction"] == 0 and m["generated_tokens"] == 0 and m["scored_tokens"] == 3
-    assert m["truncated_continuations"] == 2 and lm.stats.task_kind == "loglikelihood"
-    assert lm.stats.trace() == {"note": stats_mod.LOGLIKELIHOOD_NOTE}
+    m = scorer.stats.metrics()
+    tokens = sum(len(scorer._encode_pair(c, t)[1]) for c, t in LL_REQUESTS)
+    assert m["scored_tokens"] == tokens and m["forwards_masked"] == tokens and m["truncated_continuations"] == 0
+    assert m["skipped_fraction"] == 0 and m["generated_tokens"] == 0 and m["loglikelihood_ties"] == 0
+    assert m["timed_batches"] == 2 and m["tokens_per_second_p25"] <= m["tokens_per_second_median"]
+    assert scorer.stats.task_kind == "loglikelihood"
+    assert scorer.stats.trace() == {"note": stats_mod.LOGLIKELIHOOD_NOTE}
+
+
+def test_first_token_scoring_is_the_public_one(lm):
+    public = with_settings(lm, scoring="first_token")
+    reqs = [ll_request(c, t, i) for i, (c, t) in enumerate(LL_REQUESTS)]
+    out = public.loglikelihood(reqs)
+    for (ctx, cont), (ll, _) in zip(LL_REQUESTS, out):
+        assert ll == pytest.approx(reference_first_token(public, *public._encode_pair(ctx, cont)), abs=1e-4)
+    m = public.stats.metrics()
+    assert m["scored_tokens"] == 4 and m["truncated_continuations"] == 3
+
+
+def write_abc_task(directory, n: int = 4):
+    """Choices ` (A)`, ` (B)`, ` (C)`: 4 byte tokens each, equal in the first two. Each question is
+    exactly one block (32 bytes), so the first answer token's logit sits in a block that cannot
+    see the rest of the answer."""
+    import json
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"Which letter is number {i}?".ljust(32, "."), "choices": ["(A)", "(B)", "(C)"],
+             "label": i % 3} for i in range(n)]
+    assert all(len(r["question"]) == 32 for r in rows)
+    (directory / "abc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "t_abc.yaml").write_text(
+        f"task: t_abc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / 'abc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    return directory
+
+
+def test_choices_that_differ_after_the_first_token_do_not_tie(lm, tmp_path, caplog):
+    tasks = write_abc_task(tmp_path / "tasks")
+    tm = harness.task_manager_for("t_abc", [str(tasks)])
+    results = {}
+    for scoring in ("continuation", "first_token"):
+        scorer = with_settings(lm, scoring=scoring, batch_size=3)
+        caplog.clear()
+        out = harness.evaluate(scorer, "t_abc", tm, apply_chat_template=False, fewshot_as_multiturn=False)
+        results[scoring] = (scorer.stats.metrics()["loglikelihood_ties"], out["samples"]["t_abc"], caplog.text)
+    ties, samples, warned = results["continuation"]
+    assert ties == 0 and "tied" not in warned
+    for s in samples:   # every choice has its own score
+        lls = [r[0][0] for r in s["resps"]]
+        assert len(set(lls)) == 3, lls
+    ties, samples, warned = results["first_token"]
+    assert ties == 4 and "4 of 4 documents have tied best choices (scoring=first_token)" in warned
+    assert all(len({r[0][0] for r in s["resps"]}) == 1 for s in samples)
 
 
 def test_rolling_loglikelihood_says_why_not(lm):

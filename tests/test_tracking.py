@@ -137,9 +137,12 @@ SCHEMA_PARAMS = ("k", "subset", "layers", "mode", "scope", "task", "limit", "mod
                  "apply_chat_template", "fewshot_as_multiturn", "seed", "batch_size", "device", "path",
                  "version_torch", "version_lm_eval", "version_mlflow", "version_transformers")
 SCHEMA_TAGS = ("git_commit", "git_branch", "git_dirty", "source_hash", "config_key", "task_kind", "reuse_note")
-SCHEMA_METRICS = ("accuracy", "tokens_per_second", "generated_tokens", "seconds", "skipped_fraction",
-                  "tokens_per_forward", "forwards_full_block", "forwards_small_block", "forwards_finalize")
-ARTIFACTS = ("summary.json", "lm_eval_results.json", "generations.jsonl", "reuse_trace.json", "pip_freeze.txt")
+SCHEMA_METRICS = ("accuracy", "accuracy_stderr", "n_samples", "tokens_per_second", "tokens_per_second_median",
+                  "tokens_per_second_p25", "tokens_per_second_p75", "timed_batches", "generated_tokens", "seconds",
+                  "skipped_fraction", "tokens_per_forward", "forwards_full_block", "forwards_small_block",
+                  "forwards_finalize")
+ARTIFACTS = ("summary.json", "lm_eval_results.json", "generations.jsonl", "per_sample.jsonl", "timings.json",
+             "reuse_trace.json", "pip_freeze.txt")
 
 
 @pytest.mark.slow
@@ -175,6 +178,11 @@ def test_mlflow_run_end_to_end(clean_repo, store, tiny_ckpt, tasks_dir):
     summary = json.loads(local.read_text())
     assert summary["config"] == "k2_middle" and summary["commit"] == t["git_commit"]
     assert summary["generated_tokens"] == m["generated_tokens"]
+    records = Path(client.download_artifacts(run.info.run_id, "per_sample.jsonl")).read_text().splitlines()
+    assert len(records) == m["n_samples"] == 4 and {"doc_id", "correct", "output"} <= set(json.loads(records[0]))
+    timings = json.loads(Path(client.download_artifacts(run.info.run_id, "timings.json")).read_text())
+    assert len(timings["batches"]) == m["timed_batches"] == 2   # 4 documents, batch size 2
+    assert sum(t for t, _ in timings["batches"]) == m["generated_tokens"]
     # The secret never lands: neither in the database nor in any artifact.
     store_dir = Path(store.removeprefix("sqlite:///")).parent
     hits = [f for f in store_dir.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]

@@ -62,3 +62,10 @@ def primary_metric(task_results: dict) -> tuple[str, float] | None:
         if want in numeric:
             return want, float(numeric[want])
     return next(iter(numeric.items()), None)
+
+
+def primary_stderr(task_results: dict, key: str) -> float | None:
+    """lm-eval's standard error of the primary metric (`acc,none` -> `acc_stderr,none`), when a number."""
+    metric, _, filt = key.partition(",")
+    value = task_results.get(f"{metric}_stderr,{filt}")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

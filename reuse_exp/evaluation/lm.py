@@ -1,4 +1,4 @@
-"""lm-eval model `fast_dllm_v2`: reuse-enabled block-diffusion generation and public scoring.
+"""lm-eval model `fast_dllm_v2`: reuse-enabled block-diffusion generation and loglikelihood scoring.
 
 Registered with lm-eval on import. Through this package: `reuse-exp run` (tracked),
 or lm-eval's own CLI with the model registered first:
@@ -18,7 +18,9 @@ the documents by the model's rank and world size and gathers the results on rank
 """
 from __future__ import annotations
 
+import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -36,10 +38,11 @@ from . import distributed
 from .distributed import Ranks, rank_device
 from .models import load, make_runner, resolve_device, resolve_dtype
 from .prompts import rewrite_prompt
-from .scoring import score_first_token
+from .scoring import SCORERS
 from .stats import HarnessStats
 
 MODEL_ARGS = tuple(s.name for s in SPECS if s.role == MODEL)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,7 +156,7 @@ class FastDLLMv2LM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError("fast_dllm_v2 has no rolling loglikelihood (perplexity tasks): "
-                                  "the public scoring masks one target token per forward")
+                                  "it scores continuations of a context, not whole documents")
 
     # -- generation ---------------------------------------------------------------------------
     def _prompt_ids(self, task_name: str | None, context: str, budget: int) -> tuple[str, list[int]]:
@@ -233,8 +236,23 @@ class FastDLLMv2LM(TemplateLM):
         self.stats.warmup_seconds += time.perf_counter() - t0
 
     # -- scoring ------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's tokenisation and `_loglikelihood_tokens`, then ties: documents whose best
+        choices share one score exactly, where lm-eval's argmax takes the first listed."""
+        out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        by_doc = defaultdict(list)
+        for req, (ll, _) in zip(requests, out):
+            by_doc[(getattr(req, "task_name", None), getattr(req, "doc_id", None))].append(ll)
+        tied = [doc for doc, lls in by_doc.items() if len(lls) > 1 and lls.count(max(lls)) > 1]
+        if tied:
+            self.stats.scoring.ties += len(tied)
+            log.warning("%d of %d documents have tied best choices (scoring=%s): lm-eval picks the first "
+                        "listed; e.g. %s doc %s", len(tied), len(by_doc), self.settings.scoring, *tied[0])
+        return out
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         room = self.max_length - self.decode_config.block_size
+        score = SCORERS[self.settings.scoring]
         pairs, first = [], []
         seen: dict[tuple, int] = {}   # a request padding a rank's shard repeats one: scored once
         for i, (_, ctx, cont) in enumerate(requests):
@@ -248,25 +266,30 @@ class FastDLLMv2LM(TemplateLM):
         batches = list(_chunks(order, self.batch_size))
         if batches and self.stats.scoring.requests == 0:  # warm-up, untimed
             t0 = time.perf_counter()
-            score_first_token(self.model, self.decode_config, [pairs[i] for i in batches[0]])
+            score(self.model, self.decode_config, [pairs[i] for i in batches[0]])
             self.stats.warmup_seconds += time.perf_counter() - t0
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         sc = self.stats.scoring
+        first_only = self.settings.scoring == "first_token"
         for batch in batches:
             _sync(self.device)
             t0 = time.perf_counter()
-            scores, positions = score_first_token(self.model, self.decode_config, [pairs[i] for i in batch])
+            scores, positions, rows = score(self.model, self.decode_config, [pairs[i] for i in batch])
             _sync(self.device)
-            sc.seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            tokens = len(batch) if first_only else sum(len(pairs[i][1]) for i in batch)
+            sc.seconds += seconds
+            sc.batches.append((tokens, seconds))
             sc.batch_forwards += 1
             sc.positions += positions
-            for i, score in zip(batch, scores):
-                out[i] = score
+            sc.rows += rows
+            sc.scored_tokens += tokens
+            for i, s in zip(batch, scores):
+                out[i] = s
                 sc.requests += 1
-                sc.scored_tokens += 1
-                sc.truncated_continuations += len(pairs[i][1]) > 1
+                sc.truncated_continuations += first_only and len(pairs[i][1]) > 1
                 (context, continuation), _, _ = requests[i]
-                self.cache_hook.add_partial("loglikelihood", (context, continuation), score)
+                self.cache_hook.add_partial("loglikelihood", (context, continuation), s)
             if self.on_batch is not None:
                 self.on_batch(self.stats)
         return [out[j] for j in first]

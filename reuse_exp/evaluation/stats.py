@@ -1,25 +1,50 @@
-"""What the lm-eval model measured: decoding reports, scoring counts, warm-up, generations."""
+"""What the lm-eval model measured: decoding reports, scoring counts, per-batch timings,
+warm-up, generations; and the compact per-sample records a comparison pairs by document."""
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
 from ..engine.instrument import DecodeReport
 
 SCORING_KIND = "masked"  # the forward kind of loglikelihood scoring (FastDLLM.forward_masked)
-LOGLIKELIHOOD_NOTE = ("reuse cannot act on loglikelihood: each request is scored by one forward, "
-                      "so every k and subset give the same result")
+LOGLIKELIHOOD_NOTE = ("reuse cannot act on loglikelihood: each request is scored by masked forwards "
+                      "of every layer, so every k and subset give the same result")
 
 
 @dataclass
 class ScoringStats:
-    """Loglikelihood scoring: one masked forward per request."""
+    """Loglikelihood scoring: masked block-causal forwards, one row per scored position."""
     requests: int = 0
-    scored_tokens: int = 0            # the masked first target token of each request
-    truncated_continuations: int = 0  # continuations of >1 token, scored on their first token
+    scored_tokens: int = 0            # continuation tokens whose log-probability entered a score
+    truncated_continuations: int = 0  # first_token scoring: continuations of >1 token, scored on the first
+    ties: int = 0                     # documents whose best choices share one score exactly
     positions: int = 0                # tokens run through the model, padding included
+    rows: int = 0                     # sequences run (per-request forwards)
     batch_forwards: int = 0
     seconds: float = 0.0
+    batches: list[tuple[int, float]] = field(default_factory=list)  # (scored tokens, seconds) per batch
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default method)."""
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def rate_metrics(timings: list[tuple[float, float]]) -> dict[str, float]:
+    """The median of per-batch tokens/s with its quartiles and the number of timed batches:
+    the spread a comparison needs (one aggregate rate has none)."""
+    rates = [t / s for t, s in timings if s > 0]
+    if not rates:
+        return {"timed_batches": 0}
+    return {"timed_batches": len(rates), "tokens_per_second_median": quantile(rates, 0.5),
+            "tokens_per_second_p25": quantile(rates, 0.25), "tokens_per_second_p75": quantile(rates, 0.75)}
 
 
 @dataclass
@@ -41,8 +66,14 @@ class HarnessStats:
                                   ("loglikelihood", self.scoring.requests > 0)) if ran]
         return "+".join(kinds) or "none"
 
+    def timings(self) -> dict:
+        """Per timed batch, (tokens, seconds): generated tokens when the run decoded, else scored."""
+        if self.decode:
+            return {"unit": "generated tokens", "batches": [[r.generated_tokens, r.wall_seconds] for r in self.decode]}
+        return {"unit": "scored tokens", "batches": [list(b) for b in self.scoring.batches]}
+
     def metrics(self) -> dict[str, float]:
-        """Throughput and reuse metrics (names: the schema in tracking.py)."""
+        """Throughput and reuse metrics (names: tracking/schema.py)."""
         m: dict[str, float] = {"warmup_seconds": self.warmup_seconds}
         if self.decode:
             sample_fw, batch_fw = Counter(), Counter()
@@ -66,19 +97,21 @@ class HarnessStats:
         sc = self.scoring
         if sc.requests:
             m |= {"scored_tokens": sc.scored_tokens, "scoring_seconds": sc.seconds,
-                  "truncated_continuations": sc.truncated_continuations,
-                  f"forwards_{SCORING_KIND}": sc.requests, f"batch_forwards_{SCORING_KIND}": sc.batch_forwards,
+                  "truncated_continuations": sc.truncated_continuations, "loglikelihood_ties": sc.ties,
+                  f"forwards_{SCORING_KIND}": sc.rows, f"batch_forwards_{SCORING_KIND}": sc.batch_forwards,
                   "positions_per_second": sc.positions / sc.seconds if sc.seconds > 0 else 0.0}
             if not self.decode:  # a pure scoring run: its throughput is scored tokens/s
                 m |= {"seconds": sc.seconds, "generated_tokens": 0, "skipped_fraction": 0.0,
                       "tokens_per_second": sc.scored_tokens / sc.seconds if sc.seconds > 0 else 0.0,
-                      "tokens_per_forward": sc.scored_tokens / sc.requests}
+                      "tokens_per_forward": sc.scored_tokens / sc.rows}
+        if self.decode or sc.requests:
+            m |= rate_metrics(self.timings()["batches"])
         return m
 
     @classmethod
     def merged(cls, shards: list["HarnessStats"]) -> "HarnessStats":
         """The ranks' shards as one: their batches, counts and generations together."""
-        scoring = ScoringStats(**{f.name: sum(getattr(s.scoring, f.name) for s in shards)
+        scoring = ScoringStats(**{f.name: _total([getattr(s.scoring, f.name) for s in shards])
                                   for f in fields(ScoringStats)})
         return cls(decode=[r for s in shards for r in s.decode], scoring=scoring,
                    warmup_seconds=max(s.warmup_seconds for s in shards),
@@ -114,6 +147,38 @@ def reuse_metrics(reports: list[DecodeReport], sample_fw: Counter) -> dict[str, 
             "adaptive_refreshes": len(drifts), "mean_refresh_drift": sum(drifts) / len(drifts) if drifts else 0.0,
             "unchanged_reuse_fraction": unchanged / layer_reuse if layer_reuse else 0.0,
             "replayed_fraction": sample_fw["replay"] / denoising if denoising else 0.0}
+
+
+# -- per-sample records ---------------------------------------------------------------------------
+def output_hash(resps) -> str:
+    """A short hash of what the model returned for one document (texts, or scores)."""
+    return hashlib.sha256(json.dumps(resps, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sample_records(samples: dict[str, list[dict]], primary: str | None) -> list[dict]:
+    """One record per scored document, from lm-eval's logged samples: task, doc_id, the primary
+    metric's value (`score`), `correct` (that value is 1; None when the metric is not 0/1) and
+    `output` (a hash of the raw responses). `primary` is lm-eval's key, e.g.
+    `exact_match,strict-match`: lm-eval logs one row per document and filter, this keeps the
+    primary metric's filter. Generation is deterministic, so two runs' records pair exactly."""
+    metric, _, filt = (primary or "").partition(",")
+    out, seen = [], set()
+    for task, rows in sorted(samples.items()):
+        for r in rows:
+            if (filt and r.get("filter", "none") != filt) or (task, r.get("doc_id")) in seen:
+                continue
+            seen.add((task, r.get("doc_id")))
+            value = r.get(metric)
+            score = float(value) if isinstance(value, (int, float)) else None
+            out.append({"task": task, "doc_id": r.get("doc_id"), "score": score,
+                        "correct": None if score not in (0.0, 1.0) else score == 1.0,
+                        "output": output_hash(r.get("resps"))})
+    return out
+
+
+def _total(values: list):
+    """Counts add up; per-batch lists join."""
+    return [x for v in values for x in v] if isinstance(values[0], list) else sum(values)
 
 
 def world_metrics(shards: list[HarnessStats]) -> dict[str, float]:

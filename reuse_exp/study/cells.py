@@ -14,7 +14,7 @@ from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
 from ..settings import SPECS
 from ..tracking.schema import same_param
-from .store import STUCK_AFTER_S, RunRecord, norm
+from .store import ANY_SUBSET, STUCK_AFTER_S, RunRecord, norm
 
 K_VALUES = (1, 2, 3)
 GENERATE, LOGLIKELIHOOD = "generate_until", "loglikelihood"
@@ -80,6 +80,10 @@ class Cell:
     def name(self) -> str:
         return f"k{self.k}_{self.subset}"
 
+    @property
+    def baseline(self) -> bool:
+        return self.subset == ANY_SUBSET
+
     def as_dict(self) -> dict[str, str]:
         return dict(self.settings)
 
@@ -96,17 +100,22 @@ class GridRequest:
     settings: tuple[tuple[str, str], ...] = ()   # every other setting, defaults included
 
     def cells(self, kind: str) -> list[Cell]:
-        if kind == LOGLIKELIHOOD:   # k and subset cannot change a score: one run stands for all
-            pairs = [(1, self.subsets[0] if len(self.subsets) == 1 else "first")]
-        else:
-            pairs = [(k, s) for k in self.ks for s in self.subsets]
-        return [Cell(k=k, subset=s, settings=(("task", self.task), ("k", str(k)), ("subset", s),
-                                              *self.settings)) for k, s in pairs]
+        """The k=1 baseline once, whatever the subsets (it computes every layer: the run is given
+        no subset and matches a k=1 run of any), then k > 1 by subset. A loglikelihood grid is the
+        baseline alone: k and subset cannot change a score."""
+        out = []
+        if 1 in self.ks or kind == LOGLIKELIHOOD:
+            out.append(Cell(k=1, subset=ANY_SUBSET, settings=(("task", self.task), ("k", "1"), *self.settings)))
+        if kind != LOGLIKELIHOOD:
+            out += [Cell(k=k, subset=s, settings=(("task", self.task), ("k", str(k)), ("subset", s), *self.settings))
+                    for k in self.ks if k != 1 for s in self.subsets]
+        return out
 
 
 LOGLIKELIHOOD_WHY = ("{task} is a loglikelihood task: reuse acts between denoising steps of generation, "
-                     "and scoring is one forward per request, so every k and subset give the same "
-                     "result; the grid is one run (k=1, subset={subset})")
+                     "and scoring runs every layer, so every k and subset give the same result; "
+                     "the grid is one run (k=1)")
+BASELINE_WHY = "k=1 computes every layer: one run for every subset"
 
 
 # -- launching one configuration ----------------------------------------------------------------

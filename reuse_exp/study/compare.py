@@ -1,28 +1,35 @@
-"""`reuse-exp compare --task T`: the grid's 3x3 tables and plot, from one commit's runs.
+"""`reuse-exp compare --task T`: the grid's configurations against the k=1 baseline, and a
+plot, from one commit's runs.
 
-Per configuration the newest clean FINISHED run at the chosen commit (HEAD unless
+Each configuration's row: n, accuracy ± stderr, tokens/s (median of the timed batches, with
+quartiles), the speed ratio to k=1 with an interval that prints noise as noise, and the
+paired view against k=1 (outputs changed, correct->wrong, wrong->correct); measures.py says
+how. Per configuration the newest clean FINISHED run at the chosen commit (HEAD unless
 --commit). A configuration that has runs only at other commits, or only dirty ones,
 is refused by name unless --include-other-commits / --include-dirty say to use them;
 then its cells are starred and the parent run says which commits it mixes.
-The tables and the PNG are logged to a parent run of the grid, and the grid's runs
-are nested under it in the MLflow UI.
+The table, compare.json and the PNG are logged to a parent run of the grid, with every
+number as a metric NAME.CONFIG (the MLflow UI's compare view shows them), and the grid's
+runs are nested under it in the MLflow UI.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from ..engine.config import ConfigError
-from .cells import LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, build_request, grid_options, task_kind
+from ..evaluation.stats import quantile
+from .cells import (BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, build_request, grid_options,
+                    task_kind)
+from .figure import plot
+from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
 from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head
-
-TABLES = (("accuracy", "accuracy", "{:.1%}"), ("tokens/s", "tokens_per_second", "{:.2f}"),
-          ("speedup over k=1", None, "{:.2f}x"), ("skipped fraction", "skipped_fraction", "{:.3f}"))
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,11 @@ class Pick:
     cell: Cell
     run: RunRecord | None
     starred: bool = False       # from another commit, or dirty: included on request only
+    repeats: tuple[RunRecord, ...] = ()   # every clean FINISHED run of the cell at the commit, newest first
+
+    @property
+    def runs(self) -> tuple[RunRecord, ...]:
+        return self.repeats or ((self.run,) if self.run else ())
 
 
 class Refused(ConfigError):
@@ -43,7 +55,7 @@ def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: b
                       key=lambda r: r.start_ms, reverse=True)
         clean = [r for r in mine if r.commit == commit and not r.dirty]
         if clean:
-            picks.append(Pick(cell, clean[0]))
+            picks.append(Pick(cell, clean[0], repeats=tuple(clean)))
             continue
         allowed = [r for r in mine if (dirty or not r.dirty) and (other_commits or r.commit == commit)]
         if allowed:
@@ -58,7 +70,7 @@ def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: b
                       " -- re-run them with `reuse-exp grid run`, or pass --include-other-commits / --include-dirty")
     if not any(p.run for p in picks):
         raise Refused(f"no FINISHED run of this grid at {commit[:7]}: run `reuse-exp grid run` first")
-    differ = differing_settings([p.run for p in picks if p.run])
+    differ = differing_settings([r for p in picks for r in p.runs])
     if differ:
         listed = "; ".join(f"{n}: " + ", ".join(f"{v or 'none'} ({ids})" for v, ids in vals.items())
                            for n, vals in differ.items())
@@ -79,75 +91,126 @@ def differing_settings(runs: list[RunRecord]) -> dict[str, dict[str, str]]:
     return out
 
 
-def value(p: Pick | None, metric: str) -> float | None:
-    return None if p is None or p.run is None else p.run.metrics.get(metric)
+# -- the comparison's rows ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One configuration: what its runs measured and how it stands against the baseline."""
+    pick: Pick
+    measured: Measured | None       # the newest run: accuracy, records
+    repeats: tuple[Measured, ...] = ()   # every run of the cell at the commit (timings pool over them)
+    ratio: Ratio | None = None      # None: the baseline itself, or nothing to compare
+    paired: Paired | None = None
+
+    @property
+    def rates(self) -> list[list[float]]:
+        return [m.rates for m in self.repeats or (self.measured,) if m and m.rates]
+
+    @property
+    def name(self) -> str:
+        return self.pick.cell.name + ("*" if self.pick.starred else "")
+
+    def figures(self) -> dict[str, float]:
+        """Every number of the row, by metric name (the parent run's metrics, compare.json)."""
+        m = self.measured
+        if m is None:
+            return {}
+        out = {n: m.metric(n) for n in ("n_samples", "accuracy", "accuracy_stderr", "skipped_fraction")}
+        rates = [r for run in self.rates for r in run]
+        if rates:
+            out |= {"runs": len(self.rates), "timed_batches": len(rates), "tokens_per_second_median": median(rates),
+                    "tokens_per_second_p25": quantile(rates, 0.25), "tokens_per_second_p75": quantile(rates, 0.75)}
+        if self.ratio is not None:
+            out["speedup"] = self.ratio.point
+            if self.ratio.has_interval:   # without one, whether it is noise is unknown: no metric says either
+                out |= {"speedup_low": self.ratio.low, "speedup_high": self.ratio.high,
+                        "speedup_within_noise": float(self.ratio.within_noise)}
+        if self.paired is not None:
+            p = self.paired
+            out |= {"paired_documents": p.pairs, "outputs_changed": p.changed,
+                    "correct_to_wrong": p.correct_to_wrong, "wrong_to_correct": p.wrong_to_correct}
+        return {k: float(v) for k, v in out.items() if v is not None}
 
 
-def tables(picks: list[Pick], ks: list[int], subsets: list[str]) -> dict[str, dict[tuple[int, str], float | None]]:
-    by = {(p.cell.k, p.cell.subset): p for p in picks}
-    out = {}
-    for title, metric, _ in TABLES:
-        if metric:
-            out[title] = {c: value(by.get(c), metric) for c in by}
-    speed = out["tokens/s"]
-    base = {s: speed.get((1, s)) for s in subsets}
-    out["speedup over k=1"] = {(k, s): (speed[(k, s)] / base[s] if speed[(k, s)] and base[s] else None)
-                               for (k, s) in by}
+def rows(cl, picks: list[Pick]) -> list[Row]:
+    """Rows in the grid's order, each measured against the baseline (the k=1 cell) when there is one."""
+    plain = []
+    for p in picks:
+        ms = tuple(measured(cl, r) for r in p.runs)
+        plain.append(Row(p, ms[0] if ms else None, ms))
+    base = next((r for r in plain if r.pick.cell.baseline and r.measured), None)
+    out = []
+    for r in plain:
+        if r.measured is None or base is None or r is base:
+            out.append(r)
+            continue
+        ratio = speed_ratio(base.rates, r.rates) if base.rates and r.rates else None
+        a, b = base.measured.records, r.measured.records
+        out.append(Row(r.pick, r.measured, r.repeats, ratio, pair(a, b) if a is not None and b is not None else None))
     return out
 
 
-def format_tables(picks: list[Pick], values: dict, ks: list[int], subsets: list[str]) -> str:
-    by = {(p.cell.k, p.cell.subset): p for p in picks}
-    lines = []
-    for title, _, fmt in TABLES:
-        lines += ["", title, "k     " + "".join(f"{s:>12}" for s in subsets)]
-        for k in ks:
-            cells = []
-            for s in subsets:
-                v, p = values[title].get((k, s)), by.get((k, s))
-                text = "n/a" if v is None else fmt.format(v)
-                cells.append(f"{text + ('*' if p and p.starred else ''):>12}")
-            lines.append(f"k={k:<4}" + "".join(cells))
-    return "\n".join(lines)
+COLUMNS = (("config", 12), ("n", 6), ("accuracy", 16), ("tokens/s median [p25, p75] (batches)", 38),
+           ("vs k=1", 12), ("95% interval", 16), ("skipped", 8), ("changed", 9), ("c->w", 5), ("w->c", 5))
+
+
+def row_cells(r: Row) -> list[str]:
+    f = r.figures()
+    if not f:
+        return [r.name, "missing"]
+    acc, se = f.get("accuracy"), f.get("accuracy_stderr")
+    accuracy = "n/a" if acc is None else f"{acc:.1%} ± " + ("?" if se is None else f"{se * 100:.1f}")
+    speed = "n/a"
+    if "tokens_per_second_median" in f:
+        speed = f"{f['tokens_per_second_median']:.1f}"
+        if f["timed_batches"] > 1:
+            speed += f" [{f['tokens_per_second_p25']:.1f}, {f['tokens_per_second_p75']:.1f}]"
+        runs = int(f["runs"])
+        speed += f" ({int(f['timed_batches'])}" + (f" in {runs} runs)" if runs > 1 else ")")
+    if r.pick.cell.baseline:
+        versus, interval = "baseline", "-"
+    elif r.ratio is None:
+        versus, interval = "n/a", "-"
+    else:
+        versus, interval = r.ratio.text(), r.ratio.interval_text()
+    p = r.paired
+    paired = ["-", "-", "-"] if p is None else [p.text(), str(p.correct_to_wrong), str(p.wrong_to_correct)]
+    n = f.get("n_samples")
+    skipped = f.get("skipped_fraction")
+    return [r.name, "?" if n is None else str(int(n)), accuracy, speed, versus, interval,
+            "n/a" if skipped is None else f"{skipped:.3f}", *paired]
+
+
+def format_rows(rows_: list[Row]) -> str:
+    def line(cells: list[str]) -> str:
+        return "".join(f"{c:<{w}}" for c, (_, w) in zip(cells, COLUMNS)).rstrip()
+    return "\n".join([line([t for t, _ in COLUMNS])] + [line(row_cells(r)) for r in rows_])
+
+
+def legend(rows_: list[Row]) -> str:
+    """What the columns mean, with n stated once when every configuration shares it."""
+    ns = {r.figures().get("n_samples") for r in rows_ if r.measured}
+    n = f"n = {int(ns.pop())} documents per configuration" if len(ns) == 1 and None not in ns else "n per row"
+    return (f"{n}; accuracy ± lm-eval's standard error (points); tokens/s: median of the timed batches' "
+            f"rates [quartiles] (batches)\n"
+            f"vs k=1: ratio of median tokens/s with a 95% bootstrap interval over batches; '~1 (noise)' when the "
+            f"interval holds 1, 'x?' when a run has fewer than {MIN_TIMINGS} timed batches (no interval)\n"
+            "changed: documents whose output differs from k=1's (of those both scored); "
+            "c->w / w->c: correct at k=1 and wrong here / the reverse")
 
 
 def describe(picks: list[Pick]) -> str:
     lines = ["", "runs:"]
     for p in picks:
-        lines.append(f"  {p.cell.name:<10} " + (p.run.short() + ("  * other commit or dirty" if p.starred else "")
+        lines.append(f"  {p.cell.name:<10} " + (", ".join(r.short() for r in p.runs) +
+                                               ("  * other commit or dirty" if p.starred else "")
                                                if p.run else "missing"))
     return "\n".join(lines)
 
 
-def plot(picks: list[Pick], path: Path, title: str) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")  # no display on a cluster or in CI
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
-    for i, p in enumerate(picks):
-        acc, tps = value(p, "accuracy"), value(p, "tokens_per_second")
-        if acc is None or tps is None:
-            continue
-        ax.scatter([tps], [acc], marker="o" if not p.starred else "x", s=40)
-        # configurations often tie on accuracy: stagger the labels above and below, with a leader line
-        dy = (8 + 12 * (i // 2)) * (1 if i % 2 == 0 else -1)
-        ax.annotate(p.cell.name + ("*" if p.starred else ""), (tps, acc), textcoords="offset points",
-                    xytext=(6, dy), fontsize=8, arrowprops={"arrowstyle": "-", "lw": 0.5, "alpha": 0.5})
-    ax.margins(x=0.15, y=0.15)   # room for the labels
-    ax.set_xlabel("tokens/s")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit: str, text: str,
-               png: Path, values: dict) -> str:
+               png: Path, rows_: list[Row]) -> str:
     """Log the comparison to the grid's parent run (one per set of compared runs) and nest the runs."""
-    used = [p.run for p in picks if p.run]
+    used = [r for p in picks for r in p.runs]
     ids = sorted(r.run_id for r in used)
     digest = hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
     found = cl.search_runs([exp_id], filter_string=f"tags.`reuse_exp.compared` = '{digest}'", max_results=1)
@@ -160,17 +223,16 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
             "git_commit": commits[0] if len(commits) == 1 else "mixed:" + ",".join(c[:7] for c in commits),
             "git_dirty": "true" if any(r.dirty for r in used) else "false",
             "grid_key": used[0].grid_key, "compared_runs": ",".join(ids)[:5000]}).info.run_id
-    for title, metric, _ in TABLES:
-        key = (metric or "speedup").replace("/", "_")
-        for (k, s), v in values[title].items():
-            if v is not None:
-                cl.log_metric(run_id, f"{key}.k{k}_{s}", float(v))
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{name}.{r.pick.cell.name}", v, now, 0) for r in rows_ for name, v in r.figures().items()]
+    for i in range(0, len(metrics), 1000):   # MLflow takes at most 1000 metrics per batch
+        cl.log_batch(run_id, metrics=metrics[i:i + 1000])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "compare.txt").write_text(text + "\n")
         (Path(tmp) / "compare.json").write_text(json.dumps(
-            {p.cell.name: {"run_id": p.run.run_id if p.run else None, "starred": p.starred,
-                           **{t: values[t].get((p.cell.k, p.cell.subset)) for t in values}} for p in picks},
-            indent=2) + "\n")
+            {r.pick.cell.name: {"run_ids": [x.run_id for x in r.pick.runs], "starred": r.pick.starred,
+                                **r.figures()} for r in rows_}, indent=2) + "\n")
         cl.log_artifact(run_id, str(Path(tmp) / "compare.txt"))
         cl.log_artifact(run_id, str(Path(tmp) / "compare.json"))
     cl.log_artifact(run_id, str(png))
@@ -192,7 +254,8 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
 @click.option("--no-log", is_flag=True, help="print only; log nothing to MLflow")
 def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_after, commit,
                 include_other_commits, include_dirty, out, no_log) -> None:
-    """3x3 tables (accuracy, tokens/s, speedup over k=1, skipped fraction) and a plot, from one commit."""
+    """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
+    interval, outputs changed against k=1; and a plot. From one commit."""
     try:
         request = build_request(task, ks, subsets, mode, limit, model, params)
         commit = commit or git_head()
@@ -202,22 +265,22 @@ def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck
         kind = task_kind(task, runs)
         cells = request.cells(kind)
         picks = pick(cells, runs, commit, include_other_commits, include_dirty)
+        rows_ = rows(cl, picks)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    ks_ = sorted({c.k for c in cells})
-    subsets_ = [s for s in request.subsets if any(c.subset == s for c in cells)]
-    values = tables(picks, ks_, subsets_)
     header = f"compare {task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
     if kind == LOGLIKELIHOOD:
-        header += "\n" + LOGLIKELIHOOD_WHY.format(task=task, subset=cells[0].subset)
-    text = header + "\n" + format_tables(picks, values, ks_, subsets_) + "\n" + describe(picks)
+        header += "\n" + LOGLIKELIHOOD_WHY.format(task=task)
+    elif any(c.baseline for c in cells):
+        header += f"\nk1_any is the baseline of every subset ({BASELINE_WHY})"
+    text = "\n".join([header, legend(rows_), "", format_rows(rows_)]) + "\n" + describe(picks)
     click.echo(text)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out) if out else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        png = plot(picks, folder / "compare.png", f"{task}: accuracy vs tokens/s at {commit[:7]}")
+        png = plot(rows_, folder / "compare.png", f"{task}: accuracy vs tokens/s at {commit[:7]}")
         if out:
             (folder / "compare.txt").write_text(text + "\n")
         if not no_log:
-            parent = log_parent(cl, exp_id, request, picks, commit, text, png, values)
+            parent = log_parent(cl, exp_id, request, picks, commit, text, png, rows_)
             click.echo(f"\nlogged to parent run {parent}")

@@ -8,9 +8,10 @@ does not count: that is how the old shell runner put three commits in one table.
     reuse-exp grid run    --task tiny_gsm --limit 4 [--k 1,2,3] [--subset first,last] [--dry-run]
     reuse-exp grid run    --task gsm8k --executor slurm --partition gpu --gpus 1 --time 240
 
-For a loglikelihood task the grid is one run: reuse acts between the denoising
-steps of generation, and scoring is one forward per request, so every k and subset
-give the same result (the run tags say so too).
+The k=1 baseline is one run per grid, whatever the subsets: it computes every layer.
+For a loglikelihood task the grid is that run alone: reuse acts between the denoising
+steps of generation, and scoring runs every layer, so every k and subset give the
+same result (the run tags say so too).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from pathlib import Path
 import click
 
 from ..engine.config import ConfigError
-from .cells import (LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, build_request, grid_options,
-                    resumable, run_command, task_kind)
+from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest,
+                    build_request, grid_options, resumable, run_command, task_kind)
 from .launch import run_local
 from .store import (STUCK_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
                     git_state, tracking_uri)
@@ -80,14 +81,18 @@ def format_status(request: GridRequest, states: list[CellState], head: str, kind
     extra = " ".join(f"{n}={v}" for n, v in request.settings if v != "")
     lines = [f"grid {request.task} [{extra}] in experiment {experiment!r} at HEAD {head[:7]}"]
     if kind == LOGLIKELIHOOD:
-        lines.append(LOGLIKELIHOOD_WHY.format(task=request.task, subset=states[0].cell.subset))
+        lines.append(LOGLIKELIHOOD_WHY.format(task=request.task))
     by_cell = {(s.cell.k, s.cell.subset): s for s in states}
     subsets = [s for s in request.subsets if any(c[1] == s for c in by_cell)]
-    ks = [k for k in request.ks if any(c[0] == k for c in by_cell)] or sorted({c[0] for c in by_cell})
+    ks = sorted({c[0] for c in by_cell})
     width = max(14, *(len(s.label()) + 2 for s in states))
-    lines.append(" " * 6 + "".join(f"{s:<{width}}" for s in subsets))
+    if subsets:
+        lines.append(" " * 6 + "".join(f"{s:<{width}}" for s in subsets))
     for k in ks:
-        row = "".join(f"{by_cell[(k, s)].label() if (k, s) in by_cell else '':<{width}}" for s in subsets)
+        if (k, ANY_SUBSET) in by_cell:   # the baseline: one cell across the subsets
+            row = f"{by_cell[(k, ANY_SUBSET)].label():<{width}}" + (f"({BASELINE_WHY})" if subsets else "")
+        else:
+            row = "".join(f"{by_cell[(k, s)].label() if (k, s) in by_cell else '':<{width}}" for s in subsets)
         lines.append(f"k={k:<4}{row}".rstrip())
     counts = {st: sum(s.state == st for s in states) for st in (DONE, STALE, FAILED, RUNNING, MISSING)}
     lines.append(f"done at HEAD {counts[DONE]}/{len(states)}, stale {counts[STALE]}, failed {counts[FAILED]}, "
@@ -162,7 +167,7 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
     request, head, _, _, kind, states = _load(task, ks, subsets, mode, limit, model, params, experiment,
                                                stuck_after, create=not dry_run)
     if kind == LOGLIKELIHOOD:
-        click.echo(LOGLIKELIHOOD_WHY.format(task=task, subset=states[0].cell.subset))
+        click.echo(LOGLIKELIHOOD_WHY.format(task=task))
     cells = todo(states, force)
     # A cell whose run was killed or died resumes it, at this commit with these settings.
     resume = {} if force else {s.cell: rid for s in states if s.state == FAILED and (rid := resumable(s.runs))}

@@ -15,6 +15,7 @@ from ..tracking.schema import CONFIG_KEY_PARAMS
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRID_AXES = ("k", "subset", "layers")      # what varies between the cells of one grid
 STUCK_AFTER_S = 24 * 3600   # a RUNNING run older than this is a dead job, not a slow one
+ANY_SUBSET = "any"          # the k=1 baseline's subset: it computes every layer, so any run of it will do
 
 
 # -- runs as the store holds them -------------------------------------------------------------
@@ -48,7 +49,8 @@ class RunRecord:
 
     @property
     def cell(self) -> tuple[str, str]:
-        return (self.params.get("k", "?"), self.params.get("subset", "?"))
+        k = self.params.get("k", "?")
+        return (k, ANY_SUBSET if norm(k) == "1" else self.params.get("subset", "?"))
 
     def shaping(self) -> dict[str, str]:
         """The result-shaping settings other than the grid's axes (tracking's config_key, less k/layers)."""

@@ -1,5 +1,6 @@
-"""The artifacts of a finished run: lm-eval's results and samples, the generations, the
-reuse trace, the installed packages and the study's summary.json."""
+"""The artifacts of a finished run: lm-eval's results and samples, the compact per-sample
+records and per-batch timings, the generations, the reuse trace, the installed packages and
+the study's summary.json."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ from .schema import param_str, pip_freeze
 def log_artifacts(tracker, s, results, samples, lm, stats, metrics, params, primary, kind) -> None:
     """`stats`: the HarnessStats of every rank's shard together (the model's own in one process)."""
     from lm_eval.utils import handle_non_serializable
+
+    from ..evaluation.stats import sample_records
     tags = tracker.client.get_run(tracker.run_id).data.tags
     tracker.artifact_text("lm_eval_results.json",
                           json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
@@ -17,6 +20,9 @@ def log_artifacts(tracker, s, results, samples, lm, stats, metrics, params, prim
         tracker.artifact_text(f"samples_{task}.jsonl", "".join(
             json.dumps(r, default=handle_non_serializable) + "\n" for r in rows))
     tracker.artifact_jsonl("generations.jsonl", stats.generations)
+    # what `compare` pairs by document and bootstraps over, without parsing lm-eval's samples
+    tracker.artifact_jsonl("per_sample.jsonl", sample_records(samples, primary[0] if primary else None))
+    tracker.artifact_json("timings.json", stats.timings())
     tracker.artifact_json("reuse_trace.json", {"policy": lm.policy.describe(), **stats.trace()})
     tracker.artifact_text("pip_freeze.txt", pip_freeze())
     tracker.artifact_json("summary.json", {

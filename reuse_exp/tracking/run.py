@@ -258,7 +258,7 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager, cache: Path) -> No
     import torch
 
     from ..evaluation import harness
-    from ..evaluation.stats import LOGLIKELIHOOD_NOTE, HarnessStats, world_metrics
+    from ..evaluation.stats import LOGLIKELIHOOD_NOTE, HarnessStats, sample_records, world_metrics
     from . import ranks, resume
     from .gpu_stats import combine
     device = ranks.shard_device(s)
@@ -288,6 +288,10 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager, cache: Path) -> No
     metrics = {**lm_eval_metrics(results, s.task), **world_metrics(shards), "wall_seconds": wall}
     if primary is not None:
         metrics["accuracy"] = primary[1]
+        stderr = harness.primary_stderr(task_results, primary[0])
+        if stderr is not None:
+            metrics["accuracy_stderr"] = stderr
+    metrics["n_samples"] = len(sample_records(samples, primary[0] if primary else None))
     metrics |= combine([r.gpu for r in reports])
     if s.resume:
         scope_tags, scope_metrics = resume.scope(s.resume, stats.requests, _requests(samples))

@@ -5,7 +5,7 @@ Schema (the grid, compare and audit read these names: change them together)
 params
     every setting of reuse_exp/settings.py as given, in its one spelling (`none`,
     `true`/`false`, layer lists as 8,9,10): k, subset, mode, scope, task, limit, model,
-    threshold, ..., dtype and device (`auto` included); then what they resolved to:
+    threshold, scoring, ..., dtype and device (`auto` included); then what they resolved to:
     layers (comma-separated layer indices), resolved_dtype, resolved_device (cpu, cuda:N),
     path (decoding path that ran: eager, static, cuda-graph+compile), model_revision (hub
     revision, `local`, `random`), model_hash; version_<lib> for python, reuse_exp, torch,
@@ -15,36 +15,40 @@ params
 tags
     git_commit (sha, or "unknown" outside git), git_branch, git_dirty ("true"/"false"),
     git_dirty_files (newline-separated, capped), source_hash (the package's files),
-    config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS; the grid groups by
-    config_key + git_commit), task_kind (generate_until | loglikelihood), reuse_note,
-    accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
+    config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS, layers left out at
+    k=1; the grid groups by config_key + git_commit), task_kind (generate_until |
+    loglikelihood), reuse_note, accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
     device_name, reuse_exp.role ("run"), error (the one line of a failed run),
     end_status (FAILED or KILLED as this code ended it: under `mlflow run`, MLflow 3.17's
     wrapper re-marks any run whose command exits non-zero FAILED, KILLED included, because
     its "already terminated?" check compares a status string with integer codes).
 metrics
-    accuracy (the task's primary metric: exact_match after strict-match, else acc);
+    accuracy (the task's primary metric: exact_match after strict-match, else acc),
+    accuracy_stderr (lm-eval's stderr of it), n_samples (documents scored);
     every lm-eval metric of the task as METRIC or METRIC/FILTER, with METRIC_stderr
     (subtasks of a group prefixed SUBTASK/); generated_tokens (up to and including the
     stop token, never pad), seconds (timed decoding or scoring, warm-up excluded),
     tokens_per_second (generated tokens/s; for loglikelihood scored tokens/s),
-    tokens_per_forward (per sample forward), skipped_fraction (skipped layer evaluations;
-    0 for loglikelihood), forwards_<kind> (per-sample forwards: prefill, full_block,
+    tokens_per_second_median / _p25 / _p75 (over the timed batches' own tokens/s),
+    timed_batches, tokens_per_forward (per sample forward), skipped_fraction (skipped
+    layer evaluations; 0 for loglikelihood), forwards_<kind> (per-sample forwards: prefill, full_block,
     small_block, finalize, masked, and replay: a step that ran no forward), batch_forwards_<kind>,
     reuse_steps (per-sample steps that stood in cached layers or replayed),
     unchanged_reuse_steps and unchanged_reuse_fraction (layer-reuse steps whose logits were
     bit for bit those of the sample's last computed step), replayed_fraction (denoising
-    steps fully replayed), warmup_seconds, wall_seconds,
-    scored_tokens (loglikelihood); on a GPU gpu_peak_memory_mb, gpu_util_mean,
-    gpu_util_max, gpu_power_mean_w, gpu_energy_j (NVML, sampled from before the model
-    loads to the end of the evaluation: the whole run's cost, not only the timed part),
-    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics. During the run,
-    generated_tokens/seconds are logged per batch.
+    steps fully replayed), adaptive_refreshes and mean_refresh_drift (adaptive policy: the
+    drift that made a group recompute), warmup_seconds, wall_seconds,
+    scored_tokens, loglikelihood_ties (documents whose best choices tie; loglikelihood);
+    on a GPU gpu_peak_memory_mb, gpu_util_mean, gpu_util_max, gpu_power_mean_w,
+    gpu_energy_j (NVML, sampled from before the model loads to the end of the evaluation: the whole run's cost, not only the timed part),
+    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics. During the run, generated_tokens/seconds are logged per batch.
 artifacts
     summary.json (the study's per-config summary), lm_eval_results.json,
-    samples_<task>.jsonl (lm-eval's per-sample records), generations.jsonl (each prompt
-    as fed, the raw and the returned text), reuse_trace.json, pip_freeze.txt,
-    dirty.diff (allow_dirty runs of a dirty tree), error.txt (failed runs).
+    samples_<task>.jsonl (lm-eval's per-sample records), per_sample.jsonl (per document:
+    task, doc_id, score, correct, output hash), timings.json (per timed batch: tokens,
+    seconds), generations.jsonl (each prompt as fed, the raw and the returned text),
+    reuse_trace.json, pip_freeze.txt, dirty.diff (allow_dirty runs of a dirty tree),
+    error.txt (failed runs).
 Values of secret-looking environment variables (HF_TOKEN, *_TOKEN, *_KEY, ...) are
 replaced in everything logged.
 """
@@ -59,7 +63,7 @@ from ..settings import to_text as param_str
 
 CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "policy", "drift", "max_reuse", "task", "limit", "model_hash", "model_revision",
                      "resolved_dtype", "threshold", "block_size", "small_block_size", "max_new_tokens",
-                     "use_block_cache", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "seed",
+                     "use_block_cache", "scoring", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "seed",
                      "batch_size", "device_type", "path")
 VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "reuse_exp")
 
@@ -78,6 +82,8 @@ def same_param(a: str, b: str) -> bool:
 def config_key(params: dict) -> str:
     """Hash of the settings that shape a result; commit, seed-free noise and paths excluded."""
     shaping = {k: param_str(params.get(k)) for k in CONFIG_KEY_PARAMS}
+    if shaping["k"] == "1":   # k=1 computes every layer: the subset's layers shape nothing
+        shaping["layers"] = "all"
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

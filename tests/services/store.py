@@ -41,4 +41,6 @@ def new_store(base: Path, directory: Path, experiment: str = "grid") -> Store:
     shutil.copyfile(template(base), db)
     uri = f"sqlite:///{db}"
     cl = mlflow.MlflowClient(uri)
-    return Store(uri=uri, client=cl, experiment=experiment, exp_id=cl.create_experiment(experiment))
+    # artifacts beside the store, not in the working directory's mlruns/
+    exp_id = cl.create_experiment(experiment, artifact_location=(directory / "artifacts").as_uri())
+    return Store(uri=uri, client=cl, experiment=experiment, exp_id=exp_id)

@@ -8,8 +8,9 @@ params
     threshold, scoring, ..., dtype and device (`auto` included); then what they resolved to:
     layers (comma-separated layer indices), resolved_dtype, resolved_device (cpu, cuda:N),
     path (decoding path that ran: eager, static, cuda-graph+compile), model_revision (hub
-    revision, `local`, `random`), model_hash; version_<lib> for python, reuse_exp, torch,
-    cuda, transformers, lm_eval, mlflow.
+    revision, `local`, `random`), model_hash, world_size (data-parallel ranks) and
+    rank_devices (each rank's device, in rank order: cuda:0,cuda:1); version_<lib> for
+    python, reuse_exp, torch, cuda, transformers, lm_eval, mlflow.
     `mlflow run` logs its -P parameters itself, before this code runs; where a name is
     both, the code's value must equal it (else the run fails naming the parameter).
 tags
@@ -18,7 +19,10 @@ tags
     config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS, layers left out at
     k=1; the grid groups by config_key + git_commit), task_kind (generate_until |
     loglikelihood), reuse_note, accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
-    device_name, reuse_exp.role ("run"), error (the one line of a failed run),
+    device_name, rank_devices (`0: cuda:0 (NVIDIA H200); ...`), cuda_visible_devices,
+    request_cache (the folder of its per-request cache), resumed_from / resumed_by (a
+    resumed run and the run it resumed), throughput_scope (a resumed run: what its
+    throughput covers), reuse_exp.role ("run"), error (the one line of a failed run),
     end_status (FAILED or KILLED as this code ended it: under `mlflow run`, MLflow 3.17's
     wrapper re-marks any run whose command exits non-zero FAILED, KILLED included, because
     its "already terminated?" check compares a status string with integer codes).
@@ -41,7 +45,12 @@ metrics
     scored_tokens, loglikelihood_ties (documents whose best choices tie; loglikelihood);
     on a GPU gpu_peak_memory_mb, gpu_util_mean, gpu_util_max, gpu_power_mean_w,
     gpu_energy_j (NVML, sampled from before the model loads to the end of the evaluation: the whole run's cost, not only the timed part),
-    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics. During the run, generated_tokens/seconds are logged per batch.
+    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics.
+    Several ranks: seconds is the slowest rank's, tokens_per_second all ranks' tokens over
+    it, beside each rank's rankR/generated_tokens, rankR/seconds, rankR/tokens_per_second;
+    the gpu_* metrics cover every GPU (peaks the highest, energy and power summed,
+    utilisation averaged), each rank's as rankR/gpu_*. A resumed run: cached_requests (the
+    requests its request cache answered; the throughput counts only the rest). During the run, generated_tokens/seconds are logged per batch.
 artifacts
     summary.json (the study's per-config summary), lm_eval_results.json,
     samples_<task>.jsonl (lm-eval's per-sample records), per_sample.jsonl (per document:

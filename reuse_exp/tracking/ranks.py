@@ -62,6 +62,9 @@ def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> N
     previous = os.environ.get("MLFLOW_RUN_ID")
     os.environ["MLFLOW_RUN_ID"] = run_id   # the ranks inherit it and attach, as under `mlflow run`
     os.environ[CACHE_ENV] = str(cache)     # and read and write this request cache
+    threads = "OMP_NUM_THREADS" not in os.environ
+    if threads:   # N ranks on one machine's cores: torch's default threads per rank would fight (as torchrun)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     try:
         elastic_launch(config, sys.executable)("-m", "reuse_exp.cli", "run", *s.to_args())
     except ChildFailedError as e:
@@ -72,6 +75,8 @@ def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> N
                                                "with what it had logged") from None
     finally:
         os.environ.pop(CACHE_ENV, None)
+        if threads:
+            os.environ.pop("OMP_NUM_THREADS", None)
         if previous is None:
             os.environ.pop("MLFLOW_RUN_ID", None)
         else:

@@ -96,3 +96,44 @@ def test_a_snapshot_is_the_submitted_commit_clean_whatever_the_checkout_does(tmp
     git(["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qam", "detached"], repo.root)
     detached = repo.head
     assert git(["rev-parse", "HEAD"], snapshot(detached, tmp_path / "jobs", repo.root)) == detached
+
+
+# -- submitit-local on (faked) GPUs, for real ----------------------------------------------------
+PROBE = """import os
+if os.environ.get("PROBE_DIR") and os.environ.get("MLFLOW_EXPERIMENT_NAME") == "slots":
+    with open(os.path.join(os.environ["PROBE_DIR"], str(os.getpid())), "w") as f:
+        f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+"""
+
+
+@pytest.mark.slow
+def test_submitit_local_hands_each_gpu_its_next_job(tmp_path, monkeypatch, store):
+    """Two faked GPUs, three jobs through submitit: each job on its slot, never two on one; the
+    jobs keep the submitting shell's PYTHONPATH (a sitecustomize there reports each process)."""
+    import mlflow
+    from click.testing import CliRunner
+
+    from reuse_exp.study import grid, launch
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1"])
+    extra, probes = tmp_path / "extra", tmp_path / "probes"
+    extra.mkdir(), probes.mkdir()
+    (extra / "sitecustomize.py").write_text(PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(extra))
+    monkeypatch.setenv("PROBE_DIR", str(probes))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    args = ["run", "--task", "tiny_gsm", "--limit", "1", "-P", "max_new_tokens=16", "--k", "1,2",
+            "--subset", "first,last", "--experiment", "slots", "--executor", "submitit-local", "--allow-dirty",
+            "--jobs-dir", str(tmp_path / "jobs")]
+    out = CliRunner().invoke(grid.grid, args)
+    assert out.exit_code == 0, out.output
+    slots = [line.split("GPU ")[1][0] for line in out.output.splitlines() if line.startswith("submitted")]
+    assert len(slots) == 3 and set(slots) == {"0", "1"}
+    cl = mlflow.MlflowClient(store)
+    runs = cl.search_runs([cl.get_experiment_by_name("slots").experiment_id])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    spans = [(r.info.start_time, r.info.end_time, r.data.tags["cuda_visible_devices"]) for r in runs]
+    for a in spans:
+        together = [b for b in spans if b[0] < a[1] and a[0] < b[1]]
+        assert len(together) <= 2 and len({b[2] for b in together}) == len(together), spans
+    seen = {p.read_text() for p in probes.iterdir()}
+    assert {"0", "1"} <= seen, f"the tracked runs did not see the submitting shell's PYTHONPATH: {seen}"

@@ -194,7 +194,9 @@ def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts
     import submitit
     folder = opts.folder if opts.folder.is_absolute() else Path.cwd() / opts.folder
     cwd = str(workdir(commit, folder, allow_dirty))
-    env = {**job_env(uri, experiment), "PYTHONPATH": cwd}   # the snapshot's package, not an installed one
+    # the snapshot's package first, then whatever the submitting shell had on its path
+    path = os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))
+    env = {**job_env(uri, experiment), "PYTHONPATH": path}
     slots = None
     if opts.cluster == "local":
         slots = gpu_slots(visible_gpus(), gpus_per_job(cells, opts.gpus), cells[0].as_dict().get("device", "auto"))

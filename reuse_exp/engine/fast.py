@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-from .model import FastDLLM, ForwardKind, KVCache, rope_tables, rotate_half
+from .model import FastDLLM, ForwardKind, KVCache, LayerWeights, decoder_layer, rope_tables
 from .reuse import LayerReuse, ReuseCache
 
 STATIC_KINDS = (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK, ForwardKind.FINALIZE)
@@ -35,24 +35,10 @@ class StaticInputs:
     reusing: torch.Tensor    # [B] bool: rows standing in a cached result for the reused layers
 
 
-def _rms(x, weight, eps):
-    h = x.float()
-    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def layer_step(x, ln1, wq, bq, wk, bk, wv, bv, wo, ln2, wg, wu, wd, k_buf, v_buf, positions, cos, sin,
-               key_mask, write_rows, n_heads: int, n_kv: int, eps: float):
-    """One decoder layer with static shapes; writes its K/V at `positions` (rows in
-    `write_rows`, or all when None). Weights come in as tensors, not a module, so one
-    compiled version of this function serves every layer."""
-    B, T, _ = x.shape
-    D = wq.shape[0] // n_heads
-    h = _rms(x, ln1, eps)
-    q = F.linear(h, wq, bq).view(B, T, n_heads, D).transpose(1, 2)
-    k = F.linear(h, wk, bk).view(B, T, n_kv, D).transpose(1, 2)
-    v = F.linear(h, wv, bv).view(B, T, n_kv, D).transpose(1, 2)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+def attend_static(q, k, v, k_buf, v_buf, positions, key_mask, write_rows):
+    """The fast path's attention: K/V written with `index_copy_` at `positions` (rows in
+    `write_rows`, or all when None), then attention over the whole static buffer, keys past
+    the valid length masked out."""
     if write_rows is not None:
         rows = write_rows[:, None, None, None]
         k = torch.where(rows, k, k_buf.index_select(2, positions))
@@ -62,20 +48,20 @@ def layer_step(x, ln1, wq, bq, wk, bk, wv, bv, wo, ln2, wg, wu, wd, k_buf, v_buf
     # Grouped-query attention as two batched matmuls over the whole buffer, in float32
     # (scores rounded to bf16 would cost accuracy): query head h reads key/value head
     # h // (n_heads // n_kv), so the groups stack along the query axis.
-    g = n_heads // n_kv
-    qg = q.reshape(B, n_kv, g * T, D).float()
+    B, n_heads, T, D = q.shape
+    n_kv = k_buf.shape[1]
+    qg = q.reshape(B, n_kv, n_heads // n_kv * T, D).float()
     scores = torch.matmul(qg, k_buf.float().transpose(-1, -2)) * (1.0 / math.sqrt(D)) + key_mask
-    out = torch.matmul(torch.softmax(scores, dim=-1), v_buf.float()).to(x.dtype)
-    h = x + F.linear(out.reshape(B, n_heads, T, D).transpose(1, 2).reshape(B, T, n_heads * D), wo)
-    m = _rms(h, ln2, eps)
-    return h + F.linear(F.silu(F.linear(m, wg)) * F.linear(m, wu), wd)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v_buf.float()).to(q.dtype)
+    return out.view(B, n_heads, T, D)
 
 
-def _layer_weights(layer) -> tuple:
-    a, mlp = layer.self_attn, layer.mlp
-    return (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-            a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, layer.post_attention_layernorm.weight,
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+def layer_step(x, w: LayerWeights, k_buf, v_buf, positions, cos, sin, key_mask, write_rows,
+               n_heads: int, n_kv: int, eps: float):
+    """One decoder layer with static shapes: `decoder_layer` with the static attention."""
+    attend = partial(attend_static, k_buf=k_buf, v_buf=v_buf, positions=positions, key_mask=key_mask,
+                     write_rows=write_rows)
+    return decoder_layer(x, w, cos, sin, attend, n_heads, n_kv, eps)
 
 
 def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cache: ReuseCache | None,
@@ -110,7 +96,7 @@ def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cac
         if reused:  # mixed: the reusing rows neither write nor keep the fresh result
             rows = ~inp.reusing if rows is None else rows & ~inp.reusing
         cfg = model.config
-        y = step(x, *_layer_weights(layer), cache.k[i], cache.v[i], positions, cos, sin, key_mask, rows,
+        y = step(x, layer.weights(), cache.k[i], cache.v[i], positions, cos, sin, key_mask, rows,
                  cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
         if reuse_cache is not None and i in reuse_cache.slot:
             s = reuse_cache.slot[i]

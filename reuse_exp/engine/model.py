@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,15 +69,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32, cast back, then scale: the reference (Qwen2) order.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32, cast back, then scale: the reference (Qwen2) order.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -84,71 +94,110 @@ def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dt
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors, as the layer function takes them: tensors rather than a
+    module, so one compiled version of the function serves every layer."""
+    ln1: torch.Tensor
+    wq: torch.Tensor
+    bq: torch.Tensor
+    wk: torch.Tensor
+    bk: torch.Tensor
+    wv: torch.Tensor
+    bv: torch.Tensor
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wg: torch.Tensor
+    wu: torch.Tensor
+    wd: torch.Tensor
+
+
+# `attend(q, k, v) -> out`: writes this forward's K/V wherever the caller keeps them and
+# attends over them. q: [B, heads, T, D] and k, v: [B, kv_heads, T, D] (rotated), out like q.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decoder_layer(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                  n_heads: int, n_kv: int, eps: float) -> torch.Tensor:
+    """The decoder layer's math, the only copy of it: pre-norm attention, then SwiGLU MLP.
+    Where its K/V go and which keys it attends to is `attend`'s business."""
+    B, T, _ = x.shape
+    D = w.wq.shape[0] // n_heads
+    h = rms_norm(x, w.ln1, eps)
+    q = F.linear(h, w.wq, w.bq).view(B, T, n_heads, D).transpose(1, 2)
+    k = F.linear(h, w.wk, w.bk).view(B, T, n_kv, D).transpose(1, 2)
+    v = F.linear(h, w.wv, w.bv).view(B, T, n_kv, D).transpose(1, 2)
+    out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    h = x + F.linear(out.transpose(1, 2).reshape(B, T, n_heads * D), w.wo)
+    m = rms_norm(h, w.ln2, eps)
+    return h + F.linear(F.silu(F.linear(m, w.wg)) * F.linear(m, w.wu), w.wd)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer: int,
+                  write_kv: bool = True, write_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The eager path's attention: K/V written into the cache by slice, keys [0, kv_len)."""
+    if ctx.cache is None:  # no cache: the keys are this forward's own
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=q.shape[1] != k.shape[1])
+    lo, hi = ctx.write_at, ctx.write_at + k.shape[2]
+    k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
+    if write_kv and write_rows is None:
+        k_buf[:, :, lo:hi] = k
+        v_buf[:, :, lo:hi] = v
+        keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+    elif write_kv:  # only these rows take this step; the others keep their K/V
+        rows = write_rows[:, None, None, None]
+        k_buf[:, :, lo:hi] = torch.where(rows, k, k_buf[:, :, lo:hi])
+        v_buf[:, :, lo:hi] = torch.where(rows, v, v_buf[:, :, lo:hi])
+        keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+    else:  # shadow computation: same keys, buffer left untouched
+        keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
+        values = torch.cat((v_buf[:, :, :lo], v, v_buf[:, :, hi:ctx.kv_len]), dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
+
+
 class Attention(nn.Module):
+    """The attention projections (checkpoint names); the math is `decoder_layer`'s."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, layer: int, ctx: ForwardContext, write_kv: bool = True,
-                write_rows: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * ctx.cos + rotate_half(q) * ctx.sin
-        k = k * ctx.cos + rotate_half(k) * ctx.sin
-        lo, hi = ctx.write_at, ctx.write_at + T
-        if ctx.cache is None:
-            keys, values = k, v
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
-                                                 enable_gqa=self.n_heads != self.n_kv)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
-        if write_kv and write_rows is None:
-            k_buf[:, :, lo:hi] = k
-            v_buf[:, :, lo:hi] = v
-            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
-        elif write_kv:  # only these rows take this step; the others keep their K/V
-            rows = write_rows[:, None, None, None]
-            k_buf[:, :, lo:hi] = torch.where(rows, k, k_buf[:, :, lo:hi])
-            v_buf[:, :, lo:hi] = torch.where(rows, v, v_buf[:, :, lo:hi])
-            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
-        else:  # shadow computation: same keys, buffer left untouched
-            keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
-            values = torch.cat((v_buf[:, :, :lo], v, v_buf[:, :, hi:ctx.kv_len]), dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
-                                             enable_gqa=self.n_heads != self.n_kv)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        n_heads, n_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, n_heads * d, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=True)
+        self.o_proj = nn.Linear(n_heads * d, cfg.hidden_size, bias=False)
 
 
 class MLP(nn.Module):
+    """The SwiGLU projections (checkpoint names); the math is `decoder_layer`'s."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.index = index
+        self.n_heads, self.n_kv, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def weights(self) -> LayerWeights:
+        a, m = self.self_attn, self.mlp
+        return LayerWeights(self.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.o_proj.weight,
+                            self.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
+                            m.down_proj.weight)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext, write_kv: bool = True,
                 write_rows: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), self.index, ctx, write_kv, write_rows)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attend = partial(attend_cached, ctx=ctx, layer=self.index, write_kv=write_kv, write_rows=write_rows)
+        return decoder_layer(x, self.weights(), ctx.cos, ctx.sin, attend, self.n_heads, self.n_kv, self.eps)
 
 
 class Backbone(nn.Module):

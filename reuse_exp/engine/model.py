@@ -98,16 +98,11 @@ class LayerWeights(NamedTuple):
     """One decoder layer's tensors, as the layer function takes them: tensors rather than a
     module, so one compiled version of the function serves every layer."""
     ln1: torch.Tensor
-    wq: torch.Tensor
-    bq: torch.Tensor
-    wk: torch.Tensor
-    bk: torch.Tensor
-    wv: torch.Tensor
-    bv: torch.Tensor
+    wqkv: torch.Tensor  # q, k and v projections stacked: one matrix product reads all three
+    bqkv: torch.Tensor
     wo: torch.Tensor
     ln2: torch.Tensor
-    wg: torch.Tensor
-    wu: torch.Tensor
+    wgu: torch.Tensor   # gate and up projections stacked
     wd: torch.Tensor
 
 
@@ -121,15 +116,17 @@ def decoder_layer(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torc
     """The decoder layer's math, the only copy of it: pre-norm attention, then SwiGLU MLP.
     Where its K/V go and which keys it attends to is `attend`'s business."""
     B, T, _ = x.shape
-    D = w.wq.shape[0] // n_heads
+    D = w.wo.shape[1] // n_heads
     h = rms_norm(x, w.ln1, eps)
-    q = F.linear(h, w.wq, w.bq).view(B, T, n_heads, D).transpose(1, 2)
-    k = F.linear(h, w.wk, w.bk).view(B, T, n_kv, D).transpose(1, 2)
-    v = F.linear(h, w.wv, w.bv).view(B, T, n_kv, D).transpose(1, 2)
+    q, k, v = F.linear(h, w.wqkv, w.bqkv).split((n_heads * D, n_kv * D, n_kv * D), dim=-1)
+    q = q.reshape(B, T, n_heads, D).transpose(1, 2)
+    k = k.reshape(B, T, n_kv, D).transpose(1, 2)
+    v = v.reshape(B, T, n_kv, D).transpose(1, 2)
     out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     h = x + F.linear(out.transpose(1, 2).reshape(B, T, n_heads * D), w.wo)
     m = rms_norm(h, w.ln2, eps)
-    return h + F.linear(F.silu(F.linear(m, w.wg)) * F.linear(m, w.wu), w.wd)
+    gate, up = F.linear(m, w.wgu).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, w.wd)
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer: int,
@@ -155,25 +152,66 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "Forwa
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
-class Attention(nn.Module):
-    """The attention projections (checkpoint names); the math is `decoder_layer`'s."""
+def stack_projections(state: dict, prefix: str, fused: str, parts: tuple[str, ...], suffixes: tuple[str, ...]) -> None:
+    """Replace the checkpoint's separate projections under `prefix` by their stacked rows, in
+    place (each piece is dropped as soon as it is copied: loading holds one copy)."""
+    for suffix in suffixes:
+        names = [f"{prefix}{part}.{suffix}" for part in parts]
+        if all(n in state for n in names):
+            state[f"{prefix}{fused}.{suffix}"] = torch.cat([state.pop(n) for n in names])
+
+
+class StackedProjections(nn.Module):
+    """A module whose projections run as one matrix product of stacked weights, while its
+    state dict speaks the checkpoint's names: `state_dict()` gives the pieces (views of the
+    stacked tensor) and `load_state_dict()` takes them."""
+    fused: str
+    parts: dict[str, int]       # checkpoint name -> rows, in stacking order
+    order: tuple[str, ...]      # the checkpoint's names under this module, in the checkpoint's order
+    suffixes: tuple[str, ...]
+
+    def __init__(self):
+        super().__init__()
+        self.register_state_dict_post_hook(self._split)
+        self.register_load_state_dict_pre_hook(self._merge)
+
+    @staticmethod
+    def _split(module, state, prefix, local_metadata) -> None:
+        mine = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        for suffix in module.suffixes:
+            stacked = mine.pop(f"{module.fused}.{suffix}")
+            for part, piece in zip(module.parts, stacked.split(tuple(module.parts.values()))):
+                mine[f"{part}.{suffix}"] = piece
+        for name in module.order:
+            state[prefix + name] = mine[name]
+
+    @staticmethod
+    def _merge(module, state, prefix, *args) -> None:
+        stack_projections(state, prefix, module.fused, tuple(module.parts), module.suffixes)
+
+
+class Attention(StackedProjections):
+    """The attention projections; q, k and v stacked in `qkv_proj`. The math is `decoder_layer`'s."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n_heads, n_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, n_heads * d, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=True)
+        self.fused, self.suffixes = "qkv_proj", ("weight", "bias")
+        self.parts = {"q_proj": n_heads * d, "k_proj": n_kv * d, "v_proj": n_kv * d}
+        self.order = tuple(f"{p}.{s}" for p in self.parts for s in self.suffixes) + ("o_proj.weight",)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.parts.values()), bias=True)
         self.o_proj = nn.Linear(n_heads * d, cfg.hidden_size, bias=False)
 
 
-class MLP(nn.Module):
-    """The SwiGLU projections (checkpoint names); the math is `decoder_layer`'s."""
+class MLP(StackedProjections):
+    """The SwiGLU projections; gate and up stacked in `gate_up_proj`. The math is `decoder_layer`'s."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.fused, self.suffixes = "gate_up_proj", ("weight",)
+        self.parts = {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+        self.order = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
 
@@ -189,10 +227,8 @@ class DecoderLayer(nn.Module):
 
     def weights(self) -> LayerWeights:
         a, m = self.self_attn, self.mlp
-        return LayerWeights(self.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
-                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.o_proj.weight,
-                            self.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
-                            m.down_proj.weight)
+        return LayerWeights(self.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight,
+                            self.post_attention_layernorm.weight, m.gate_up_proj.weight, m.down_proj.weight)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, write_kv: bool = True,
                 write_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,6 +266,13 @@ class FastDLLM(nn.Module):
     def _inv_freq(self, device=None) -> torch.Tensor:
         d = self.config.head_dim
         return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+
+    def stack_checkpoint(self, state: dict) -> dict:
+        """A checkpoint's tensors (separate q/k/v and gate/up) to this model's stacked ones, in place."""
+        for i, layer in enumerate(self.model.layers):
+            for name, module in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+                module._merge(module, state, f"model.layers.{i}.{name}.")
+        return state
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""

@@ -134,3 +134,19 @@ def test_static_attention_in_bf16_matches_float64(device):
     err = float((out.double() - ref).norm() / ref.norm())
     assert err < 1e-2, err
     assert torch.equal(bf[3][:, :, 100:100 + T], bf[1])  # this forward's keys were written in place
+
+
+def test_reusing_positions_never_computed_is_an_error(model):
+    from reuse_exp.engine.model import ForwardKind
+    from reuse_exp.engine.reuse import LayerReuse, RowMask
+    dev = model.device
+    runner = FastRunner(model, use_graphs=False)
+    policy = ReusePolicy.create(2, "middle", 8)
+    cache, rc = runner.new_cache(1, 64, 32), runner.new_reuse_cache(policy, 1, 32)
+    tokens = torch.randint(0, 60, (1, 32), device=dev)
+    everyone, no_one = RowMask.of([True], dev), RowMask.of([False], dev)
+    reuse = LayerReuse(frozenset(policy.layers), everyone, no_one, rc, 8)
+    with pytest.raises(RuntimeError, match="never computed in this block"):
+        runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)
+    runner(tokens, ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(frozenset(policy.layers), no_one, everyone, rc, 0))
+    runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)  # computed by the full block: fine

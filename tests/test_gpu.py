@@ -32,20 +32,25 @@ def bundled_prompts(tok, n: int) -> list[list[int]]:
     return [tok(f"Question: {r['question']}\nAnswer:")["input_ids"] for r in rows]
 
 
-@pytest.mark.parametrize("compile_layers", [True, False])
-def test_fast_path_decodes_the_eager_tokens_in_bf16(compile_layers):
-    """The bundled tiny model in bf16, a batch of six questions: graphs (and compiled layers)
-    give the eager path's tokens, with and without reuse."""
-    model, ckpt = load_model(REPO / "reuse_exp/tiny/model", dtype="bfloat16", device="cuda")
-    tok = load_tokenizer(ckpt)
-    dec = decode_config_for(tok, max_new_tokens=96)
-    prompts = bundled_prompts(tok, 6)
+@pytest.mark.parametrize("which, compile_layers", [("tiny shape", True), ("tiny shape", False), ("bundled", True)])
+def test_fast_path_decodes_the_eager_tokens_in_bf16(which, compile_layers):
+    """In bf16, a batch of prompts: graphs (and compiled layers) give the eager path's tokens,
+    with and without reuse. The tiny shape with random weights (peaked predictions), and the
+    bundled tiny model on six of its questions."""
+    if which == "tiny shape":
+        model, prompts, dec = random_model(CFG, "bfloat16", device="cuda", seed=0, std=0.2), PROMPTS, DEC
+    else:
+        model, ckpt = load_model(REPO / "reuse_exp/tiny/model", dtype="bfloat16", device="cuda")
+        tok = load_tokenizer(ckpt)
+        prompts, dec = bundled_prompts(tok, 6), decode_config_for(tok, max_new_tokens=64)
     runner = FastRunner(model, compile_layers=compile_layers)
-    for spec in POLICIES:
+    for spec in POLICIES if which == "tiny shape" else POLICIES[:2]:
         policy = ReusePolicy.create(spec[0], spec[1], model.num_layers) if spec else None
         eager = generate(model, prompts, dec, policy)
         fast = generate(model, prompts, dec, policy, runner=runner)
-        assert fast.tokens == eager.tokens, spec
+        first = [next((i for i, (a, b) in enumerate(zip(e, f)) if a != b), None)
+                 for e, f in zip(eager.tokens, fast.tokens)]
+        assert fast.tokens == eager.tokens, f"{spec}: first differing token per sample {first}"
     assert runner.stats["captures"] > 0
     assert runner.name == ("cuda-graph+compile" if compile_layers else "cuda-graph")
 
@@ -64,7 +69,7 @@ def test_graphs_replay_after_the_batch_is_trimmed():
     shape and caches, and still decodes what the eager path does."""
     model = random_model(CFG, "float32", device="cuda", seed=0, std=0.2)
     dec = replace(DEC, stop_id=_early_stop_token(model))
-    runner = FastRunner(model)
+    runner = FastRunner(model, compile_layers=False)  # the graphs are under test here
     for spec in POLICIES:
         policy = ReusePolicy.create(spec[0], spec[1], 8) if spec else None
         eager = generate(model, PROMPTS, dec, policy)

@@ -143,7 +143,13 @@ def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).tolist()
     first = generate(model, prompts, cfg, policy, runner=runner).report  # compiles and captures: not throughput
+    timing = getattr(runner, "timings", False) is None and model.device.type == "cuda"
+    if timing:
+        runner.timings = []  # each graphed forward's device time, for the reuse saving in situ
     runs = [generate(model, prompts, cfg, policy, runner=runner).report for _ in range(repeats)]
+    times = runner.forward_times() if timing else []
+    if timing:
+        runner.timings = None
     seconds = [r.wall_seconds for r in runs]
     s = runs[0].summary()
     return {"tokens_per_second": statistics.median(r.tokens_per_second for r in runs),
@@ -151,7 +157,46 @@ def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens:
             "first_call_seconds": first.wall_seconds, "tokens": runs[0].generated_tokens,
             "batch_forwards": s["batch_forwards"], "sample_forwards": s["sample_forwards"],
             "layer_evals_run": s["layer_evals_run"], "layer_evals_skipped": s["layer_evals_skipped"],
-            "skipped_fraction": s["skipped_fraction"]}
+            "skipped_fraction": s["skipped_fraction"], "forward_times": times}
+
+
+def saving_in_situ(times: list[dict], share: float) -> dict | None:
+    """The forwards of one decode that skipped layers, each against the median of the same
+    decode's forwards of its kind and row count that skipped nothing: the time they saved,
+    beside the ideal (the skipped layers' `share` of a forward, for the rows that reused)."""
+    base: dict = {}
+    for t in times:
+        if not t["skip"]:
+            base.setdefault((t["kind"], t["rows"]), []).append(t["ms"])
+    saved = ideal = 0.0
+    matched = unmatched = 0
+    for t in times:
+        if t["skip"]:
+            ref = base.get((t["kind"], t["rows"]))
+            if not ref:
+                unmatched += 1
+                continue
+            m = statistics.median(ref)
+            saved += m - t["ms"]
+            ideal += m * share * t["reusing"] / t["active"]
+            matched += 1
+    if not matched:
+        return None
+    total = sum(t["ms"] for t in times)
+    return {"saved_ms": saved, "ideal_ms": ideal, "of_ideal": saved / ideal, "forward_ms": total,
+            "saved_of_forward_time": saved / total, "ideal_of_forward_time": ideal / total,
+            "skipping_forwards": matched, "unmatched_forwards": unmatched}
+
+
+def summarize_times(times: list[dict]) -> dict:
+    """Forward device time by kind and whether layers were skipped: count, total ms."""
+    out: dict = {}
+    for t in times:
+        key = f"{t['kind']}{'+skip' if t['skip'] else ''}"
+        c = out.setdefault(key, {"count": 0, "ms": 0.0})
+        c["count"] += 1
+        c["ms"] += t["ms"]
+    return out
 
 
 def ideal_saving(model: FastDLLM, row: dict) -> float:
@@ -222,6 +267,9 @@ def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw
                 e["saving"] = 1 - e["seconds"] / base["seconds"]
                 e["ideal_saving"] = ideal_saving(model, e)
                 e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
+                share = weight_bytes(model, policy.layers) / small_bytes
+                e["in_situ"] = saving_in_situ(e["forward_times"], share)
+            e["forward_times"] = summarize_times(e["forward_times"])
             row["end_to_end"].append(e)
     return row
 
@@ -296,8 +344,10 @@ def markdown(r: BenchResult) -> str:
     reuse_cfgs = [(x["k"], x["subset"]) for x in r.rows[0]["reuse_forward"]]
     head = (["batch", "full ms", "small ms", "finalize ms", "small x floor", "small GB/s", "full TFLOP/s (of peak)"]
             + [f"tok/s k={k}" + (f" {sub}" if k > 1 else "") for k, sub in configs]
-            + [f"k={k} {sub} saving / ideal: forward" for k, sub in reuse_cfgs]
-            + [f"k={k} {sub} saving / ideal: end to end" for k, sub in configs if k > 1])
+            + [f"k={k} {sub} saving / ideal: forward, every row skips" for k, sub in reuse_cfgs]
+            + [f"k={k} {sub} saving / ideal: in the decode" for k, sub in configs if k > 1]
+            + [f"k={k} {sub} decode time vs k=1 (ideal)" for k, sub in configs if k > 1]
+            + ["first decode s (warm s), k=1"])
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in r.rows:
         ms = {k: v["median"] for k, v in row["forward_ms"].items()}
@@ -306,9 +356,22 @@ def markdown(r: BenchResult) -> str:
                  f"{row['full_block']['tflops']:.0f} ({row['full_block']['of_peak']:.0%})"]
         cells += [f"{e['tokens_per_second']:.1f}" for e in row["end_to_end"]]
         cells += [f"{x['saving']:.1%} / {x['ideal_saving']:.1%} = {x['of_ideal']:.2f}" for x in row["reuse_forward"]]
-        cells += [f"{e['saving']:.1%} / {e['ideal_saving']:.1%} = {e['of_ideal']:.2f}"
-                  for e in row["end_to_end"] if e["k"] > 1]
+        for e in row["end_to_end"]:
+            if e["k"] > 1:
+                i = e.get("in_situ")
+                cells.append(f"{i['saved_of_forward_time']:.1%} / {i['ideal_of_forward_time']:.1%} = {i['of_ideal']:.2f}"
+                             if i else "-")
+        cells += [f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" for e in row["end_to_end"] if e["k"] > 1]
+        k1 = row["end_to_end"][0]
+        cells.append(f"{k1['first_call_seconds']:.1f} ({k1['seconds']:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Saving / ideal, forward: the small-block forward with the policy's layers skipped for every row, "
+              "against the skipped layers' share of its bytes. In the decode: each forward of the timed decode that "
+              "skipped layers, against the median of the same decode's forwards of its kind and row count that "
+              "skipped none (device time, CUDA events), beside the skipped layers' share of those forwards for the "
+              "rows that reused; as fractions of the decode's forward time. Decode time vs k=1: wall time of the "
+              "whole decode (reuse changes the trajectory of random weights, so the forwards differ), beside the "
+              "bytes of the skipped layer evaluations over the bytes of all."]
     if r.path_check:
         c = r.path_check
         lines += ["", f"Eager vs fast path, k=1, first {c['tokens_compared']} tokens: "

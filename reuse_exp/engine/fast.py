@@ -81,14 +81,35 @@ def layer_step(x, w: LayerWeights, k_buf, v_buf, rows: Rows | None, positions, c
 
 @dataclass
 class StaticInputs:
-    """Device buffers a captured graph reads; refreshed in place before each replay."""
+    """Device buffers a captured graph reads; refreshed in place before each replay. Every
+    integer input is a view of `ints`, so one host-to-device copy refreshes them all."""
     tokens: torch.Tensor     # [B, T] long
-    start: torch.Tensor      # [1] long: absolute position of the first token
-    kv_len: torch.Tensor     # [1] long: keys [0, kv_len) are valid
-    offset: torch.Tensor     # [1] long: position of the tokens inside the block (replace_position)
+    ints: torch.Tensor       # start, kv_len, offset, then each Rows' index and canon
     rows: Rows | None        # batch rows this forward computes (None: all)
     sub: Rows | None         # mixed reuse: of `rows`, the entries that compute the reused layers
     sub_rows: Rows | None    # the same as batch rows (for the caches)
+
+    @property
+    def start(self) -> torch.Tensor:   # [1]: absolute position of the first token
+        return self.ints[0:1]
+
+    @property
+    def kv_len(self) -> torch.Tensor:  # [1]: keys [0, kv_len) are valid
+        return self.ints[1:2]
+
+    @property
+    def offset(self) -> torch.Tensor:  # [1]: position of the tokens inside the block (replace_position)
+        return self.ints[2:3]
+
+    @classmethod
+    def allocate(cls, B: int, T: int, n_rows: int | None, n_sub: int | None, device) -> "StaticInputs":
+        sizes = [3] + [n for n in (n_rows, n_rows, n_sub, n_sub, n_sub, n_sub) if n is not None]
+        ints = torch.zeros(sum(sizes), dtype=torch.long, device=device)
+        parts = iter(ints.split(sizes)[1:])
+        rows = Rows(next(parts), next(parts)) if n_rows is not None else None
+        sub = Rows(next(parts), next(parts)) if n_sub is not None else None
+        sub_rows = Rows(next(parts), next(parts)) if n_sub is not None else None
+        return cls(torch.zeros(B, T, dtype=torch.long, device=device), ints, rows, sub, sub_rows)
 
 
 def _store(values: torch.Tensor, new: torch.Tensor, rows: Rows | None, window: torch.Tensor) -> None:
@@ -171,11 +192,17 @@ class FastRunner:
         # torch.compile fuses a layer's small element-wise kernels (norms, RoPE, residuals);
         # its kernels are then captured in the graphs like any other. Dynamic shapes from
         # the start: one compilation serves every row count and token count.
-        self.step = torch.compile(layer_step, dynamic=True) if compile_layers else layer_step
+        # Intermediates are rounded to the model's dtype where eager rounds them, so that the
+        # compiled layer computes what the eager path computes.
+        import torch._inductor.config as inductor
+        options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
+        self.step = torch.compile(layer_step, dynamic=True, options=options) if compile_layers else layer_step
         self.graphs: dict = {}
         self.caches: dict = {}
         self.reuse_caches: dict = {}
         self.stats = {"static": 0, "eager": 0, "captures": 0, "padded": 0}
+        self.pool = None  # one memory pool for every graph: replays never overlap, temporaries are shared
+        self.timings: list | None = None  # a list: each graphed forward's device time is recorded
 
     @property
     def name(self) -> str:
@@ -209,7 +236,7 @@ class FastRunner:
             return self.model(tokens, kind, cache, replace_position, plan, active)
         B, T = tokens.shape
         p0, bs = cache.prefix_len, cache.block_size
-        start = p0 + (replace_position if kind is ForwardKind.SMALL_BLOCK else 0)
+        offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
         if p0 + bs > cache.max_len:
             raise ValueError(f"K/V cache of {cache.max_len} positions cannot hold {p0 + bs}")
         skip = frozenset()
@@ -218,12 +245,9 @@ class FastRunner:
         computing = act
         if plan is not None and plan.reusing.any:
             skip, computing = plan.layers, plan.computing.host
-            if reuse_cache is not None:  # the host-side record the eager path keeps
-                reusing_host = plan.reusing.host
-                for layer in skip:
-                    s = reuse_cache.slot[layer]
-                    if not bool(reuse_cache.filled[s, reusing_host, replace_position:replace_position + T].all()):
-                        raise RuntimeError(f"layer {layer} reused positions never computed in this block")
+            # the host-side record the eager path keeps (every slot of the cache is a skipped layer)
+            if reuse_cache is not None and not bool(reuse_cache.filled[:, plan.reusing.host, offset:offset + T].all()):
+                raise RuntimeError(f"layers {sorted(skip)} reused positions never computed in this block")
         # Which rows compute: every row, or the active ones (padded); for reused layers, of
         # those, the ones that do not reuse (`sub`, as entries of `rows` and as batch rows).
         rows = sub = sub_rows = None
@@ -247,37 +271,45 @@ class FastRunner:
             entry = self._build(key, B, T, shapes, cache, reuse_cache, skip)
         inp, graph, out = entry
         inp.tokens.copy_(tokens)
-        inp.start.fill_(start)
-        inp.kv_len.fill_(p0 + bs)
-        inp.offset.fill_(replace_position if kind is ForwardKind.SMALL_BLOCK else 0)
-        for static, host in ((inp.rows, rows), (inp.sub, sub), (inp.sub_rows, sub_rows)):
-            if static is not None:
-                static.index.copy_(torch.tensor(host[0]))
-                static.canon.copy_(torch.tensor(host[1]))
+        ints = [p0 + offset, p0 + bs, offset]
+        for r in (rows, sub, sub_rows):
+            ints += [] if r is None else r[0] + r[1]
+        inp.ints.copy_(torch.tensor(ints))
+        timing = self.timings is not None and graph is not None
+        if timing:
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
         if graph is not None:
             graph.replay()
             hidden = out
         else:
             hidden = static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
+        if timing:
+            events[1].record()
+            self.timings.append({"kind": kind.value, "rows": shapes[0] or B, "skip": bool(skip),
+                                 "reusing": int(act.sum()) - len(computing_rows) if skip else 0,
+                                 "active": len(active_rows), "events": events})
         if reuse_cache is not None:  # keep the host-side record in step with the device
-            lo = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
-            for layer, s in reuse_cache.slot.items():
-                reuse_cache.filled[s, computing if layer in skip else act, lo:lo + T] = True
+            reuse_cache.filled[:, computing if skip else act, offset:offset + T] = True
         if kind is ForwardKind.FINALIZE:
             cache.prefix_len = p0 + T
         self.stats["static"] += 1
         return hidden
 
-    def _build(self, key, B, T, shapes, cache, reuse_cache, skip):
-        dev = self.model.device
+    def forward_times(self) -> list[dict]:
+        """The timed forwards since timing was switched on (`self.timings = []`), with their
+        device milliseconds; waits for the device."""
+        torch.cuda.synchronize()
+        return [{k: v for k, v in t.items() if k != "events"} | {"ms": t["events"][0].elapsed_time(t["events"][1])}
+                for t in self.timings or []]
 
-        def rows(n):
-            return None if n is None else Rows(torch.arange(n, device=dev), torch.arange(n, device=dev))
-        inp = StaticInputs(tokens=torch.zeros(B, T, dtype=torch.long, device=dev),
-                           start=torch.zeros(1, dtype=torch.long, device=dev),
-                           kv_len=torch.full((1,), T, dtype=torch.long, device=dev),
-                           offset=torch.zeros(1, dtype=torch.long, device=dev),
-                           rows=rows(shapes[0]), sub=rows(shapes[1]), sub_rows=rows(shapes[1]))
+    def _build(self, key, B, T, shapes, cache, reuse_cache, skip):
+        inp = StaticInputs.allocate(B, T, shapes[0], shapes[1], self.model.device)
+        inp.kv_len.fill_(T)
+        for r in (inp.rows, inp.sub, inp.sub_rows):
+            if r is not None:
+                r.index.copy_(torch.arange(len(r.index)))
+                r.canon.copy_(torch.arange(len(r.index)))
         graph = out = None
         if self.use_graphs:
             # Warm up on a side stream (allocator and library handles), then capture. Warm-up
@@ -292,7 +324,8 @@ class FastRunner:
                     static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
                 out = static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
             cache.k[:, :, :, :T].copy_(saved[0])
             cache.v[:, :, :, :T].copy_(saved[1])

@@ -108,7 +108,7 @@ def test_row_counts_are_padded_to_a_power_of_two_and_decode_the_same(model):
     policy = ReusePolicy.create(2, "middle", 8)
     runner = FastRunner(model)
     fast = generate(model, prompts, DEC, policy, runner=runner)
-    assert runner.stats["padded"] > 0
+    assert runner.stats["padded"] > 0 and runner.stats["mixed"] > 0  # rows out of step: some reuse, some compute
     assert fast.tokens == generate(model, prompts, DEC, policy).tokens
 
 

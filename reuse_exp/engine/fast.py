@@ -200,7 +200,7 @@ class FastRunner:
         self.graphs: dict = {}
         self.caches: dict = {}
         self.reuse_caches: dict = {}
-        self.stats = {"static": 0, "eager": 0, "captures": 0, "padded": 0}
+        self.stats = {"static": 0, "eager": 0, "captures": 0, "padded": 0, "mixed": 0}
         self.pool = None  # one memory pool for every graph: replays never overlap, temporaries are shared
         self.timings: list | None = None  # a list: each graphed forward's device time is recorded
 
@@ -260,6 +260,7 @@ class FastRunner:
             sub = padded_rows([where[r] for r in computing_rows], len(rows[0]) if rows else B)
             sub_rows = ([(rows[0] if rows else list(range(B)))[j] for j in sub[0]], sub[1])
         shapes = tuple(None if r is None else len(r[0]) for r in (rows, sub))
+        self.stats["mixed"] += sub is not None
         self.stats["padded"] += (rows is not None and shapes[0] > len(active_rows)) or \
             (sub is not None and shapes[1] > len(computing_rows))
         # A graph bakes in the addresses of every buffer it touches; a buffer freed by a trim

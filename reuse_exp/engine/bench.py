@@ -36,6 +36,8 @@ from .decoding import DecodeConfig, EagerRunner, generate
 from .fast import FastRunner
 from .loading import parse_dtype, random_model
 from .model import FastDLLM, ForwardKind
+from .adaptive import AdaptivePolicy
+from .bench_report import markdown, row_line
 from .reuse import LayerReuse, ReusePolicy, RowMask
 
 
@@ -201,12 +203,24 @@ def summarize_times(times: list[dict]) -> dict:
 
 def ideal_saving(model: FastDLLM, row: dict) -> float:
     """Time a decode would save if each layer evaluation its samples skip were free: the
-    skipped layers' bytes over all the bytes its samples' forwards read."""
+    skipped layers' bytes over all the bytes its samples' forwards read (a replayed step
+    also skips the embedding, the final norm and the LM head)."""
     layer = weight_bytes(model, (0,))
     other = weight_bytes(model) - model.num_layers * layer
     evals = row["layer_evals_run"] + row["layer_evals_skipped"]
     forwards = sum(row["sample_forwards"].values())
-    return row["layer_evals_skipped"] * layer / (evals * layer + forwards * other)
+    replays = row["sample_forwards"].get("replay", 0)
+    return (row["layer_evals_skipped"] * layer + replays * other) / (evals * layer + forwards * other)
+
+
+def extra_policy(spec: str, num_layers: int):
+    """`replay:K` (the replay control every K-th step) or `adaptive-replay:THRESHOLD`."""
+    name, _, value = spec.partition(":")
+    if name == "replay":
+        return ReusePolicy.create(int(value), "first", num_layers, mode="replay")
+    if name == "adaptive-replay":
+        return AdaptivePolicy.create(float(value), 8, "replay", num_layers)
+    raise ValueError(f"unknown policy {spec!r}: use replay:K or adaptive-replay:THRESHOLD")
 
 
 @dataclass
@@ -247,7 +261,7 @@ def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw
            "small_block": {"bytes": small_bytes, "floor_ms": small_bytes / bw * 1e3,
                            "x_floor": small_ms / (small_bytes / bw * 1e3), "gbs": small_bytes / small_ms / 1e6},
            "full_block": {"flops": flops, "tflops": flops / full_ms / 1e9, "of_peak": flops / full_ms / 1e-3 / peak},
-           "reuse_forward": [], "end_to_end": []}
+           "reuse_forward": [], "end_to_end": [], "extra": []}
     for p in policies:
         ms = reused[p]["median"]
         skipped = weight_bytes(model, p.layers)
@@ -271,6 +285,15 @@ def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw
                 e["in_situ"] = saving_in_situ(e["forward_times"], share)
             e["forward_times"] = summarize_times(e["forward_times"])
             row["end_to_end"].append(e)
+    for spec in args.extra:
+        e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens,
+                       extra_policy(spec, model.num_layers), args.repeats, mask_id)
+        e |= {"policy": spec, "forward_times": summarize_times(e["forward_times"])}
+        if base is not None:
+            e["saving"] = 1 - e["seconds"] / base["seconds"]
+            e["ideal_saving"] = ideal_saving(model, e)
+            e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
+        row["extra"].append(e)
     return row
 
 
@@ -319,66 +342,6 @@ def run_bench(args, command: str = "") -> BenchResult:
     return result
 
 
-def row_line(r: dict) -> str:
-    ms = {k: v["median"] for k, v in r["forward_ms"].items()}
-    tps = " / ".join(f"k={e['k']} {e['subset']} {e['tokens_per_second']:.1f}" for e in r["end_to_end"])
-    return (f"batch {r['batch']}: full {ms['full_block']:.2f} ms, small {ms['small_block']:.2f} ms "
-            f"({r['small_block']['x_floor']:.2f}x floor), finalize {ms['finalize']:.2f} ms; tok/s {tps}")
-
-
-def markdown(r: BenchResult) -> str:
-    m, s = r.machine, r.settings
-    w = r.warmup
-    lines = [f"Machine: {m.get('gpu', 'CPU')} · torch {m['torch']} · CUDA {m.get('cuda', '-')} · "
-             f"python {m['python']} · {m['date']} · shape {s['shape']}, {s['dtype']}, {r.path_name} path",
-             f"Command: `{r.command}`" if r.command else "",
-             f"Trajectory: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, stop ignored, one token per "
-             f"step (random weights); reuse mode {s['mode']}. Forwards at a prefix of "
-             f"{(s['prompt_len'] + s['new_tokens'] // 2) // 32 * 32} tokens. Medians.",
-             f"Ceilings measured in this run: copy {r.bandwidth_gbs:.0f} GB/s (read + write), dense "
-             f"{s['dtype']} matrix product {r.peak_tflops:.0f} TFLOP/s. Weights read per forward: {r.weights_gb:.2f} GB.",
-             f"Warm-up: the first decode (batch {w['batch']}, k=1) took {w['first_call_seconds']:.1f} s, a warm one "
-             f"{w['warm_call_seconds']:.2f} s: {w['warmup_seconds']:.1f} s of compilation and graph capture."
-             + (f" Peak GPU memory {r.peak_memory_gb:.1f} GB." if r.peak_memory_gb is not None else ""), ""]
-    configs = [(e["k"], e["subset"]) for e in r.rows[0]["end_to_end"]]
-    reuse_cfgs = [(x["k"], x["subset"]) for x in r.rows[0]["reuse_forward"]]
-    head = (["batch", "full ms", "small ms", "finalize ms", "small x floor", "small GB/s", "full TFLOP/s (of peak)"]
-            + [f"tok/s k={k}" + (f" {sub}" if k > 1 else "") for k, sub in configs]
-            + [f"k={k} {sub} saving / ideal: forward, every row skips" for k, sub in reuse_cfgs]
-            + [f"k={k} {sub} saving / ideal: in the decode" for k, sub in configs if k > 1]
-            + [f"k={k} {sub} decode time vs k=1 (ideal)" for k, sub in configs if k > 1]
-            + ["first decode s (warm s), k=1"])
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in r.rows:
-        ms = {k: v["median"] for k, v in row["forward_ms"].items()}
-        cells = [str(row["batch"]), f"{ms['full_block']:.2f}", f"{ms['small_block']:.2f}", f"{ms['finalize']:.2f}",
-                 f"{row['small_block']['x_floor']:.2f}", f"{row['small_block']['gbs']:.0f}",
-                 f"{row['full_block']['tflops']:.0f} ({row['full_block']['of_peak']:.0%})"]
-        cells += [f"{e['tokens_per_second']:.1f}" for e in row["end_to_end"]]
-        cells += [f"{x['saving']:.1%} / {x['ideal_saving']:.1%} = {x['of_ideal']:.2f}" for x in row["reuse_forward"]]
-        for e in row["end_to_end"]:
-            if e["k"] > 1:
-                i = e.get("in_situ")
-                cells.append(f"{i['saved_of_forward_time']:.1%} / {i['ideal_of_forward_time']:.1%} = {i['of_ideal']:.2f}"
-                             if i else "-")
-        cells += [f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" for e in row["end_to_end"] if e["k"] > 1]
-        k1 = row["end_to_end"][0]
-        cells.append(f"{k1['first_call_seconds']:.1f} ({k1['seconds']:.2f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Saving / ideal, forward: the small-block forward with the policy's layers skipped for every row, "
-              "against the skipped layers' share of its bytes. In the decode: each forward of the timed decode that "
-              "skipped layers, against the median of the same decode's forwards of its kind and row count that "
-              "skipped none (device time, CUDA events), beside the skipped layers' share of those forwards for the "
-              "rows that reused; as fractions of the decode's forward time. Decode time vs k=1: wall time of the "
-              "whole decode (reuse changes the trajectory of random weights, so the forwards differ), beside the "
-              "bytes of the skipped layer evaluations over the bytes of all."]
-    if r.path_check:
-        c = r.path_check
-        lines += ["", f"Eager vs fast path, k=1, first {c['tokens_compared']} tokens: "
-                  + ("identical" if c["equal"] else f"first divergence at token {c['first_divergence']}")]
-    return "\n".join(x for x in lines if x is not None) + "\n"
-
-
 def parse_args(argv=None):
     ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
     ap = argparse.ArgumentParser(prog="python -m reuse_exp.engine.bench", description=__doc__.splitlines()[0])
@@ -393,6 +356,8 @@ def parse_args(argv=None):
     ap.add_argument("--mode", default="output", choices=["output", "delta"])
     ap.add_argument("--path", default="fast", choices=["eager", "fast"],
                     help="fast: static-shape forwards, CUDA graphs on a GPU; eager: plain PyTorch")
+    ap.add_argument("--extra", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    help="more end-to-end policies: replay:K, adaptive-replay:THRESHOLD")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per forward kind")
     ap.add_argument("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
     ap.add_argument("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")

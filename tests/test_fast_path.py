@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from reuse_exp.engine.adaptive import AdaptivePolicy
 from reuse_exp.engine.config import ConfigError, ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.fast import FastRunner
@@ -20,9 +21,13 @@ def model(request):
     return random_model(CFG, "float32", device=request.param, seed=0, std=0.2)
 
 
-@pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta")])
+@pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta"),
+                                         (2, "first", "replay"), "adaptive-replay"])
 def test_fast_path_tokens_equal_eager(model, policy_args):
-    policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
+    if policy_args == "adaptive-replay":
+        policy = AdaptivePolicy.create(0.8, 3, "replay", 8)
+    else:
+        policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
     eager = generate(model, PROMPTS, DEC, policy)
     runner = FastRunner(model)
     fast = generate(model, PROMPTS, DEC, policy, runner=runner)
@@ -150,3 +155,8 @@ def test_reusing_positions_never_computed_is_an_error(model):
         runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)
     runner(tokens, ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(frozenset(policy.layers), no_one, everyone, rc, 0))
     runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)  # computed by the full block: fine
+
+
+def test_adaptive_delta_asks_for_the_eager_path(model):
+    with pytest.raises(ConfigError, match="eager path for now"):
+        generate(model, [PROMPTS[0]], DEC, AdaptivePolicy.create(0.5, 3, "delta", 8), runner=FastRunner(model))

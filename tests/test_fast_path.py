@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from reuse_exp.engine.adaptive import AdaptivePolicy
 from reuse_exp.engine.config import ConfigError, ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.fast import FastRunner
@@ -20,9 +21,13 @@ def model(request):
     return random_model(CFG, "float32", device=request.param, seed=0, std=0.2)
 
 
-@pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta")])
+@pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta"),
+                                         (2, "first", "replay"), "adaptive-replay"])
 def test_fast_path_tokens_equal_eager(model, policy_args):
-    policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
+    if policy_args == "adaptive-replay":
+        policy = AdaptivePolicy.create(0.8, 3, "replay", 8)
+    else:
+        policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
     eager = generate(model, PROMPTS, DEC, policy)
     runner = FastRunner(model)
     fast = generate(model, PROMPTS, DEC, policy, runner=runner)
@@ -77,3 +82,81 @@ def test_random_model_is_built_in_its_dtype():
     m = random_model(CFG, "bfloat16", seed=0)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert float(m.model.norm.weight.float().mean()) == 1.0
+
+
+def test_in_a_batch_only_the_rows_that_compute_a_layer_go_through_it(model):
+    """Rows a forward is not for, and rows that reuse a layer, skip it: the layer computations
+    the static forward runs (rows x layers) are exactly the samples' own layer evaluations."""
+    from reuse_exp.engine.fast import layer_step
+    rows = []
+
+    def counting_step(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return layer_step(x, *args, **kwargs)
+
+    runner = FastRunner(model, use_graphs=False)
+    runner.step = counting_step
+    res = generate(model, PROMPTS, DEC, ReusePolicy.create(2, "first", 8), runner=runner)
+    assert min(len(p) for p in PROMPTS) < DEC.block_size  # no prefill: every forward is static
+    evals = sum(s.layer_evals_run for s in res.report.samples)
+    assert res.report.summary()["layer_evals_skipped"] > 0
+    assert sum(rows) == evals
+    assert sum(rows) < 3 * 8 * sum(res.report.batch_forwards.values())  # less than every row, every layer
+
+
+def test_row_counts_are_padded_to_a_power_of_two_and_decode_the_same(model):
+    from reuse_exp.engine.fast import padded_rows
+    assert padded_rows([3, 5, 6], 8) == ([3, 5, 6, 6], [0, 1, 2, 2])
+    assert padded_rows([3, 5, 6], 3) == ([3, 5, 6], [0, 1, 2])
+    assert padded_rows([2, 4, 5, 7, 9], 6) == ([2, 4, 5, 7, 9, 9], [0, 1, 2, 3, 4, 4])
+    prompts = PROMPTS + [[20, 21, 22] * 9, [30, 31] * 20, [40, 41, 42, 43, 44] * 8]
+    policy = ReusePolicy.create(2, "middle", 8)
+    runner = FastRunner(model)
+    fast = generate(model, prompts, DEC, policy, runner=runner)
+    assert runner.stats["padded"] > 0 and runner.stats["mixed"] > 0  # rows out of step: some reuse, some compute
+    assert fast.tokens == generate(model, prompts, DEC, policy).tokens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_attention_in_bf16_matches_float64(device):
+    """The fast path's attention (SDPA over the static buffer, grouped queries stacked) in bf16
+    against plain attention in float64 over the valid keys."""
+    from reuse_exp.engine.fast import attend_static
+    gen = torch.Generator().manual_seed(0)
+    B, H, KV, T, D, S, kv_len = 2, 8, 2, 8, 64, 256, 160
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+    q, k, v, k_buf, v_buf = rand(B, H, T, D), rand(B, KV, T, D), rand(B, KV, T, D), rand(B, KV, S, D), rand(B, KV, S, D)
+    positions = torch.arange(100, 100 + T, device=device)
+    mask = torch.where(torch.arange(S, device=device) < kv_len, 0.0, float("-inf"))
+    bf = [t.bfloat16() for t in (q, k, v, k_buf, v_buf)]
+    out = attend_static(*bf, positions, mask.bfloat16(), None)
+    K, V = k_buf.double().clone(), v_buf.double().clone()
+    K[:, :, 100:100 + T], V[:, :, 100:100 + T] = k.double(), v.double()
+    K, V = K[:, :, :kv_len].repeat_interleave(H // KV, 1), V[:, :, :kv_len].repeat_interleave(H // KV, 1)
+    ref = torch.softmax(q.double() @ K.transpose(-1, -2) / D ** 0.5, -1) @ V
+    err = float((out.double() - ref).norm() / ref.norm())
+    assert err < 1e-2, err
+    assert torch.equal(bf[3][:, :, 100:100 + T], bf[1])  # this forward's keys were written in place
+
+
+def test_reusing_positions_never_computed_is_an_error(model):
+    from reuse_exp.engine.model import ForwardKind
+    from reuse_exp.engine.reuse import LayerReuse, RowMask
+    dev = model.device
+    runner = FastRunner(model, use_graphs=False)
+    policy = ReusePolicy.create(2, "middle", 8)
+    cache, rc = runner.new_cache(1, 64, 32), runner.new_reuse_cache(policy, 1, 32)
+    tokens = torch.randint(0, 60, (1, 32), device=dev)
+    everyone, no_one = RowMask.of([True], dev), RowMask.of([False], dev)
+    reuse = LayerReuse(frozenset(policy.layers), everyone, no_one, rc, 8)
+    with pytest.raises(RuntimeError, match="never computed in this block"):
+        runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)
+    runner(tokens, ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(frozenset(policy.layers), no_one, everyone, rc, 0))
+    runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)  # computed by the full block: fine
+
+
+def test_adaptive_delta_asks_for_the_eager_path(model):
+    with pytest.raises(ConfigError, match="eager path for now"):
+        generate(model, [PROMPTS[0]], DEC, AdaptivePolicy.create(0.5, 3, "delta", 8), runner=FastRunner(model))

@@ -210,3 +210,36 @@ def test_hub_1p5b_matches_its_remote_code():
     cache = ours.new_cache(1, 64, 32)
     got = ours.logits(ours(tokens, ForwardKind.PREFILL, cache))
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+
+
+def test_projections_load_stacked_and_state_dict_speaks_checkpoint_names(tmp_path):
+    """q/k/v (and gate/up) are one matrix each after loading; state_dict() and save_model still
+    give the checkpoint's separate tensors, in the checkpoint's order, and load back equal."""
+    cfg = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    save_model(random_model(cfg, seed=1), tmp_path / "m")
+    from safetensors.torch import load_file
+    on_disk = load_file(tmp_path / "m" / "model.safetensors")
+    model, _ = load_model(tmp_path / "m", dtype="float32")
+    a, m = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    p = "model.layers.1."
+    assert torch.equal(a.qkv_proj.weight, torch.cat([on_disk[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
+    assert torch.equal(a.qkv_proj.bias, torch.cat([on_disk[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]))
+    assert torch.equal(m.gate_up_proj.weight, torch.cat([on_disk[p + f"mlp.{x}_proj.weight"] for x in ("gate", "up")]))
+    assert not any("q_proj" in n or "gate_proj" in n for n, _ in model.named_parameters())
+    sd = model.state_dict()
+    assert list(sd)[1:13] == ["model.layers.0." + n for n in (  # the checkpoint's (and random_model's) order
+        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
+        "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")]
+    assert set(sd) == set(on_disk)
+    assert all(torch.equal(sd[n], t) for n, t in on_disk.items())
+    fresh = random_model(cfg, seed=2)
+    fresh.load_state_dict(sd)  # the checkpoint's names load into the stacked parameters
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
+
+def test_loaded_and_random_models_need_no_grad(tmp_path):
+    save_model(random_model("tiny", seed=3), tmp_path / "m")
+    for model in (random_model("tiny"), load_model(tmp_path / "m", dtype="float32")[0]):
+        assert not any(p.requires_grad for p in model.parameters())

@@ -1,24 +1,33 @@
 """Benchmark: random weights of a named shape, a fixed trajectory, warm-up, then timing.
 
-    python -m reuse_exp.engine.bench --shape tiny                       # CPU
-    python -m reuse_exp.engine.bench --shape 7b --device cuda --dtype bfloat16 --markdown docs/bench.md
+    python -m reuse_exp.engine.bench --shape tiny                                  # CPU
+    python -m reuse_exp.engine.bench --shape 7b --batch 1,8,32,64 --json b.json --markdown b.md
 
 Random weights never pass the unmasking threshold, so every step unmasks exactly one
-token and the trajectory is fixed; the stop token is ignored. Reported: the device's
-copy bandwidth and the memory-bandwidth floor of one forward (weights read / bandwidth,
-measured in the same run), milliseconds per forward kind (median), the reuse saving
-against the ideal (the bytes of the skipped layers), end-to-end tokens/s (median of
-timed runs after an untimed warm-up), and peak memory.
+token and the trajectory is fixed; the stop token is ignored. Everything runs under
+`torch.inference_mode` with weights that need no grad. One row per batch size, every
+ratio against ceilings measured in the same run (a device-to-device copy for bandwidth,
+a large bf16 matrix product for the dense peak):
+- milliseconds per forward kind (median of timed forwards, min and max kept in the JSON);
+- the small-block forward's bytes (weights but the embedding, plus the K/V it attends
+  to) over the copy bandwidth: its floor, the ratio to it and the bandwidth achieved;
+- the full-block forward's FLOPs over its time, and that as a fraction of the peak;
+- the small-block forward with the policy's layers skipped for every row: its saving
+  against the ideal (the skipped layers' share of the bytes);
+- end to end, tokens/s at each k (median of timed decodes after an untimed one), and
+  the time saved against k=1 beside the ideal (each skipped layer evaluation free);
+- warm-up: the first decode of the run (compilation, graph captures) over a warm one.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -27,6 +36,8 @@ from .decoding import DecodeConfig, EagerRunner, generate
 from .fast import FastRunner
 from .loading import parse_dtype, random_model
 from .model import FastDLLM, ForwardKind
+from .adaptive import AdaptivePolicy
+from .bench_report import markdown, row_line
 from .reuse import LayerReuse, ReusePolicy, RowMask
 
 
@@ -35,7 +46,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn, device, iters: int, warmup: int = 3) -> float:
+def timed_ms(fn, device, iters: int, warmup: int = 3) -> dict:
+    """Median, min and max milliseconds of `fn` (host clock around a device sync)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -45,15 +57,28 @@ def median_ms(fn, device, iters: int, warmup: int = 3) -> float:
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, iters=10)
-    return 2 * nbytes / (ms / 1e3)
+    return 2 * nbytes / (timed_ms(lambda: dst.copy_(src), device, iters=10)["median"] / 1e3)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """FLOP/s of an n x n x n matrix product on random data (two input sets, rotated)."""
+    sets = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+            for _ in range(2)]
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    i = [0]
+
+    def step():
+        a, b = sets[i[0] % 2]
+        i[0] += 1
+        torch.matmul(a, b, out=out)
+    return 2 * n ** 3 / (timed_ms(step, device, iters=10)["median"] / 1e3)
 
 
 def weight_bytes(model: FastDLLM, layers: tuple[int, ...] | None = None) -> int:
@@ -64,36 +89,25 @@ def weight_bytes(model: FastDLLM, layers: tuple[int, ...] | None = None) -> int:
                if not n.startswith("model.embed_tokens"))
 
 
-@dataclass
-class BenchResult:
-    machine: dict
-    settings: dict
-    bandwidth_gbs: float
-    weights_gb: float
-    floor_ms: float
-    forward_ms: dict = field(default_factory=dict)      # kind -> ms
-    reuse: list = field(default_factory=list)           # per config: small-block ms, saving, ideal
-    end_to_end: list = field(default_factory=list)      # per config and batch: tokens/s
-    peak_memory_gb: float | None = None
-    path_check: dict | None = None                      # eager vs fast tokens at k=1
-    path_name: str = ""
+def kv_bytes(model: FastDLLM, batch: int, kv_len: int) -> int:
+    """Bytes of the keys and values one forward attends to, every layer."""
+    c = model.config
+    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * kv_len * c.head_dim * model.lm_head.weight.element_size()
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%d")}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    else:
-        info["cpu_threads"] = torch.get_num_threads()
-    return info
+def forward_flops(model: FastDLLM, batch: int, tokens: int, kv_len: int, logit_positions: int) -> int:
+    """Matrix FLOPs of one forward: the layers' projections, attention, and the logits needed."""
+    c = model.config
+    layer_params = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+    attention = 4 * c.num_hidden_layers * batch * c.num_attention_heads * tokens * kv_len * c.head_dim
+    return 2 * batch * tokens * layer_params + attention + 2 * batch * logit_positions * c.hidden_size * c.vocab_size
 
 
 def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: int, small: int,
                        policies: list[ReusePolicy], iters: int) -> tuple[dict, dict]:
-    """Milliseconds of each forward kind, logits of the 8 needed positions included, at a
-    prefix of `prefix` tokens; and of the small-block forward under each reuse policy."""
+    """Milliseconds of each forward kind, logits of the needed positions included, at a
+    prefix of `prefix` tokens; and of the small-block forward with each policy's layers
+    skipped for every row."""
     dev = model.device
     cache = runner.new_cache(batch, prefix + block, block)
     tokens = torch.randint(0, model.config.vocab_size, (batch, prefix + block), device=dev)
@@ -111,8 +125,8 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
         cache.prefix_len = prefix  # re-commit the same block each time
         model.logits(runner(blk, ForwardKind.FINALIZE, cache)[:, -1:])
 
-    kinds = {"full_block": median_ms(full, dev, iters), "small_block": median_ms(small_block, dev, iters),
-             "finalize": median_ms(finalize, dev, iters)}
+    kinds = {"full_block": timed_ms(full, dev, iters), "small_block": timed_ms(small_block, dev, iters),
+             "finalize": timed_ms(finalize, dev, iters)}
     cache.prefix_len = prefix
     reused = {}
     everyone, no_one = RowMask.of([True] * batch, dev), RowMask.of([False] * batch, dev)
@@ -120,7 +134,7 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
         rc = runner.new_reuse_cache(policy, batch, block)
         runner(blk, ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(frozenset(policy.layers), no_one, everyone, rc, 0))
         plan = LayerReuse(frozenset(policy.layers), everyone, no_one, rc, 8)
-        reused[(policy.k, policy.subset)] = median_ms(lambda: small_block(plan), dev, iters)
+        reused[policy] = timed_ms(lambda: small_block(plan), dev, iters)
     return kinds, reused
 
 
@@ -130,129 +144,224 @@ def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens:
                        threshold=1.0, ignore_stop=True)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).tolist()
-    generate(model, prompts, cfg, policy, runner=runner)  # warm-up: first-call costs (graph capture) are not throughput
+    first = generate(model, prompts, cfg, policy, runner=runner).report  # compiles and captures: not throughput
+    timing = getattr(runner, "timings", False) is None and model.device.type == "cuda"
+    if timing:
+        runner.timings = []  # each graphed forward's device time, for the reuse saving in situ
     runs = [generate(model, prompts, cfg, policy, runner=runner).report for _ in range(repeats)]
-    tps = [r.tokens_per_second for r in runs]
-    return {"tokens_per_second": statistics.median(tps), "tokens": runs[0].generated_tokens,
-            "seconds": statistics.median(r.wall_seconds for r in runs),
-            "forwards": dict(runs[0].batch_forwards), "skipped_fraction": runs[0].skipped_fraction}
+    times = runner.forward_times() if timing else []
+    if timing:
+        runner.timings = None
+    seconds = [r.wall_seconds for r in runs]
+    s = runs[0].summary()
+    return {"tokens_per_second": statistics.median(r.tokens_per_second for r in runs),
+            "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
+            "first_call_seconds": first.wall_seconds, "tokens": runs[0].generated_tokens,
+            "batch_forwards": s["batch_forwards"], "sample_forwards": s["sample_forwards"],
+            "layer_evals_run": s["layer_evals_run"], "layer_evals_skipped": s["layer_evals_skipped"],
+            "skipped_fraction": s["skipped_fraction"], "forward_times": times}
+
+
+def saving_in_situ(times: list[dict], share: float) -> dict | None:
+    """The forwards of one decode that skipped layers, each against the median of the same
+    decode's forwards of its kind and row count that skipped nothing: the time they saved,
+    beside the ideal (the skipped layers' `share` of a forward, for the rows that reused)."""
+    base: dict = {}
+    for t in times:
+        if not t["skip"]:
+            base.setdefault((t["kind"], t["rows"]), []).append(t["ms"])
+    saved = ideal = 0.0
+    matched = unmatched = 0
+    for t in times:
+        if t["skip"]:
+            ref = base.get((t["kind"], t["rows"]))
+            if not ref:
+                unmatched += 1
+                continue
+            m = statistics.median(ref)
+            saved += m - t["ms"]
+            ideal += m * share * t["reusing"] / t["active"]
+            matched += 1
+    if not matched:
+        return None
+    total = sum(t["ms"] for t in times)
+    return {"saved_ms": saved, "ideal_ms": ideal, "of_ideal": saved / ideal, "forward_ms": total,
+            "saved_of_forward_time": saved / total, "ideal_of_forward_time": ideal / total,
+            "skipping_forwards": matched, "unmatched_forwards": unmatched}
+
+
+def summarize_times(times: list[dict]) -> dict:
+    """Forward device time by kind and whether layers were skipped: count, total ms."""
+    out: dict = {}
+    for t in times:
+        key = f"{t['kind']}{'+skip' if t['skip'] else ''}"
+        c = out.setdefault(key, {"count": 0, "ms": 0.0})
+        c["count"] += 1
+        c["ms"] += t["ms"]
+    return out
+
+
+def ideal_saving(model: FastDLLM, row: dict) -> float:
+    """Time a decode would save if each layer evaluation its samples skip were free: the
+    skipped layers' bytes over all the bytes its samples' forwards read (a replayed step
+    also skips the embedding, the final norm and the LM head)."""
+    layer = weight_bytes(model, (0,))
+    other = weight_bytes(model) - model.num_layers * layer
+    evals = row["layer_evals_run"] + row["layer_evals_skipped"]
+    forwards = sum(row["sample_forwards"].values())
+    replays = row["sample_forwards"].get("replay", 0)
+    return (row["layer_evals_skipped"] * layer + replays * other) / (evals * layer + forwards * other)
+
+
+def extra_policy(spec: str, num_layers: int):
+    """`replay:K` (the replay control every K-th step) or `adaptive-replay:THRESHOLD`."""
+    name, _, value = spec.partition(":")
+    if name == "replay":
+        return ReusePolicy.create(int(value), "first", num_layers, mode="replay")
+    if name == "adaptive-replay":
+        return AdaptivePolicy.create(float(value), 8, "replay", num_layers)
+    raise ValueError(f"unknown policy {spec!r}: use replay:K or adaptive-replay:THRESHOLD")
+
+
+@dataclass
+class BenchResult:
+    machine: dict
+    settings: dict
+    command: str
+    bandwidth_gbs: float
+    peak_tflops: float
+    weights_gb: float
+    path_name: str = ""
+    warmup: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)            # one per batch size
+    peak_memory_gb: float | None = None
+    path_check: dict | None = None                      # eager vs fast tokens at k=1
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
+def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw: float, peak: float) -> dict:
+    bs, sbs = 32, 8
+    prefix = (args.prompt_len + args.new_tokens // 2) // bs * bs  # the middle of the trajectory
+    kv_len = prefix + bs
+    kinds, reused = time_forward_kinds(model, runner, batch, prefix, bs, sbs, policies, args.iters)
+    small_ms, full_ms = kinds["small_block"]["median"], kinds["full_block"]["median"]
+    small_bytes = weight_bytes(model) + kv_bytes(model, batch, kv_len)
+    flops = forward_flops(model, batch, bs, kv_len, sbs)
+    row = {"batch": batch, "forward_ms": kinds,
+           "small_block": {"bytes": small_bytes, "floor_ms": small_bytes / bw * 1e3,
+                           "x_floor": small_ms / (small_bytes / bw * 1e3), "gbs": small_bytes / small_ms / 1e6},
+           "full_block": {"flops": flops, "tflops": flops / full_ms / 1e9, "of_peak": flops / full_ms / 1e-3 / peak},
+           "reuse_forward": [], "end_to_end": [], "extra": []}
+    for p in policies:
+        ms = reused[p]["median"]
+        skipped = weight_bytes(model, p.layers)
+        row["reuse_forward"].append({"k": p.k, "subset": p.subset, "ms": reused[p], "saving": 1 - ms / small_ms,
+                                     "ideal_saving": skipped / small_bytes,
+                                     "of_ideal": (1 - ms / small_ms) / (skipped / small_bytes)})
+    mask_id = model.config.vocab_size - 1
+    base = None
+    for k in sorted(set(args.k)):
+        for s in (args.subset if k > 1 else args.subset[:1]):
+            policy = ReusePolicy.create(k, s, model.num_layers, mode=args.mode) if k > 1 else None
+            e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens, policy, args.repeats, mask_id)
+            e |= {"k": k, "subset": s if k > 1 else "-"}
+            if k == 1:
+                base = e
+            elif base is not None:
+                e["saving"] = 1 - e["seconds"] / base["seconds"]
+                e["ideal_saving"] = ideal_saving(model, e)
+                e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
+                share = weight_bytes(model, policy.layers) / small_bytes
+                e["in_situ"] = saving_in_situ(e["forward_times"], share)
+            e["forward_times"] = summarize_times(e["forward_times"])
+            row["end_to_end"].append(e)
+    for spec in args.extra:
+        e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens,
+                       extra_policy(spec, model.num_layers), args.repeats, mask_id)
+        e |= {"policy": spec, "forward_times": summarize_times(e["forward_times"])}
+        if base is not None:
+            e["saving"] = 1 - e["seconds"] / base["seconds"]
+            e["ideal_saving"] = ideal_saving(model, e)
+            e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
+        row["extra"].append(e)
+    return row
 
 
 @torch.no_grad()
-def compare_paths(model: FastDLLM, n_tokens: int, prompt_len: int, compile_layers: bool = False) -> dict:
-    """Tokens of the eager and the fast path at k=1 on the fixed trajectory: equal, or where
-    they first part and how far apart the two paths' logits were at that step's forward."""
+def compare_paths(model: FastDLLM, n_tokens: int, prompt_len: int) -> dict:
+    """Tokens of the eager and the fast path at k=1 on the fixed trajectory: equal, or where they first part."""
     mask_id = model.config.vocab_size - 1
     cfg = DecodeConfig(mask_id=mask_id, stop_id=-1, pad_id=0, max_new_tokens=n_tokens, threshold=1.0, ignore_stop=True)
     prompt = torch.randint(0, mask_id, (1, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
     eager = generate(model, prompt, cfg).tokens[0][:n_tokens]
-    fast = generate(model, prompt, cfg, runner=FastRunner(model, compile_layers=compile_layers)).tokens[0][:n_tokens]
+    fast = generate(model, prompt, cfg, runner=FastRunner(model)).tokens[0][:n_tokens]
     first = next((i for i, (a, b) in enumerate(zip(eager, fast)) if a != b), None)
-    out = {"tokens_compared": len(eager), "equal": eager == fast, "first_divergence": first}
-    # logits of one full-block forward over the same tokens, eager against fast
-    P = prompt_len // 32 * 32
-    if P >= 32:
-        toks = torch.tensor(prompt[0][:P] + (eager + [0] * 32)[:32], device=model.device)[None]
-        runner = FastRunner(model)
-        ce, cf = model.new_cache(1, P + 32, 32), runner.new_cache(1, P + 32, 32)
-        model(toks[:, :P], ForwardKind.PREFILL, ce)
-        runner(toks[:, :P], ForwardKind.PREFILL, cf)
-        le = model.logits(model(toks[:, P:], ForwardKind.FULL_BLOCK, ce)).float()
-        lf = model.logits(runner(toks[:, P:], ForwardKind.FULL_BLOCK, cf)).float()
-        out["full_block_logit_max_abs_diff"] = float((le - lf).abs().max())
-        out["full_block_logit_scale"] = float(le.abs().max())
-    return out
+    return {"tokens_compared": len(eager), "equal": eager == fast, "first_divergence": first}
 
 
-def run_bench(args) -> BenchResult:
+def run_bench(args, command: str = "") -> BenchResult:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = random_model(named_shape(args.shape), args.dtype, device=str(device), seed=0)
-    n = model.num_layers
-    bw = copy_bandwidth(device, args.copy_mb << 20)
-    wbytes = weight_bytes(model)
-    runner = FastRunner(model, compile_layers=args.compile) if args.path == "fast" else EagerRunner(model)
-    result = BenchResult(machine=machine_info(device), settings=vars(args).copy(), bandwidth_gbs=bw / 1e9,
-                         weights_gb=wbytes / 1e9, floor_ms=wbytes / bw * 1e3, path_name=runner.name)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    policies = [ReusePolicy.create(k, s, n, mode=args.mode) for k in args.k if k > 1 for s in args.subset]
-    prefix = (args.prompt_len + args.new_tokens // 2) // 32 * 32  # the middle of the trajectory
-    kinds, reused = time_forward_kinds(model, runner, 1, prefix, 32, 8, policies, args.iters)
-    result.forward_ms = kinds
-    base = kinds["small_block"]
-    for p in policies:
-        skipped = weight_bytes(model, p.layers)
-        ms = reused[(p.k, p.subset)]
-        result.reuse.append({"k": p.k, "subset": p.subset, "small_block_ms": ms,
-                             "saving": 1 - ms / base, "ideal_saving": skipped / wbytes,
-                             "floor_ms": (wbytes - skipped) / bw * 1e3})
-    mask_id = model.config.vocab_size - 1
-    for batch in args.batch:
-        for k in sorted(set(args.k)):
-            for s in (args.subset if k > 1 else args.subset[:1]):
-                policy = ReusePolicy.create(k, s, n, mode=args.mode) if k > 1 else None
-                row = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens, policy, args.repeats, mask_id)
-                result.end_to_end.append({"batch": batch, "k": k, "subset": s if k > 1 else "-", **row})
-    if device.type == "cuda":
-        result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.inference_mode():
+        bw = copy_bandwidth(device, args.copy_mb << 20)
+        peak = matmul_peak(device, model.dtype, args.matmul_n)
+        runner = FastRunner(model, compile_layers=args.compile) if args.path == "fast" else EagerRunner(model)
+        result = BenchResult(machine=machine_info(device), settings=vars(args).copy(), command=command,
+                             bandwidth_gbs=bw / 1e9, peak_tflops=peak / 1e12, weights_gb=weight_bytes(model) / 1e9,
+                             path_name=runner.name)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # Warm-up first, in a fresh process: the first decode pays compilation and captures.
+        mask_id = model.config.vocab_size - 1
+        b0 = args.batch[0]
+        cold = end_to_end(model, runner, b0, args.prompt_len, args.new_tokens, None, 1, mask_id)
+        result.warmup = {"batch": b0, "first_call_seconds": cold["first_call_seconds"],
+                         "warm_call_seconds": cold["seconds"],
+                         "warmup_seconds": cold["first_call_seconds"] - cold["seconds"]}
+        policies = [ReusePolicy.create(k, s, model.num_layers, mode=args.mode)
+                    for k in sorted(set(args.k)) if k > 1 for s in args.subset]
+        for batch in args.batch:
+            result.rows.append(bench_batch(model, runner, args, batch, policies, bw, peak))
+            print(row_line(result.rows[-1]), flush=True)
+        if device.type == "cuda":
+            result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     if args.check_tokens:
-        result.path_check = compare_paths(model, args.check_tokens, args.prompt_len, args.compile)
+        result.path_check = compare_paths(model, args.check_tokens, args.prompt_len)
     return result
 
 
-def markdown(r: BenchResult) -> str:
-    m, s = r.machine, r.settings
-    path = r.path_name
-    lines = [f"# Benchmark: shape {s['shape']}, {s['dtype']}, {s['device']}, {path} path",
-             "", f"Machine: {m.get('gpu', 'CPU')} · torch {m['torch']} · CUDA {m.get('cuda', '-')} · "
-             f"python {m['python']} · {m['date']}",
-             f"Trajectory: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, stop ignored, one token per step "
-             f"(random weights); reuse mode {s['mode']}. Warm-up excluded; medians.",
-             "", "| quantity | value |", "| --- | --- |",
-             f"| copy bandwidth (read + write) | {r.bandwidth_gbs:.0f} GB/s |",
-             f"| weights read per forward (all but the embedding) | {r.weights_gb:.2f} GB |",
-             f"| floor per forward at batch 1 | {r.floor_ms:.2f} ms |"]
-    for kind, ms in r.forward_ms.items():
-        lines.append(f"| {kind} forward, k=1 | {ms:.2f} ms ({ms / r.floor_ms:.2f}x the floor) |")
-    if r.peak_memory_gb is not None:
-        lines.append(f"| peak GPU memory | {r.peak_memory_gb:.1f} GB |")
-    if r.reuse:
-        lines += ["", "| reuse (small-block forward) | ms | x its floor | saving | ideal saving | saving / ideal |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for x in r.reuse:
-            lines.append(f"| k={x['k']} {x['subset']} | {x['small_block_ms']:.2f} | {x['small_block_ms'] / x['floor_ms']:.2f} "
-                         f"| {x['saving']:.1%} | {x['ideal_saving']:.1%} | {x['saving'] / x['ideal_saving']:.2f} |")
-    lines += ["", "| batch | k | subset | tokens/s | tokens | seconds | skipped fraction |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for x in r.end_to_end:
-        lines.append(f"| {x['batch']} | {x['k']} | {x['subset']} | {x['tokens_per_second']:.1f} | {x['tokens']} "
-                     f"| {x['seconds']:.2f} | {x['skipped_fraction']:.3f} |")
-    if r.path_check:
-        c = r.path_check
-        lines += ["", f"Eager vs fast path, k=1, first {c['tokens_compared']} tokens: "
-                  + ("identical" if c["equal"] else f"first divergence at token {c['first_divergence']}")
-                  + (f"; one full-block forward's logits differ by at most {c['full_block_logit_max_abs_diff']:.3g} "
-                     f"(logit scale {c['full_block_logit_scale']:.3g})" if "full_block_logit_max_abs_diff" in c else "")]
-    return "\n".join(lines) + "\n"
-
-
 def parse_args(argv=None):
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
     ap = argparse.ArgumentParser(prog="python -m reuse_exp.engine.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", help="named shape: tiny, 1.5b, 7b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--batch", type=lambda v: [int(x) for x in v.split(",")], default=[1])
-    ap.add_argument("--k", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 3])
-    ap.add_argument("--subset", type=lambda v: v.split(","), default=["first", "middle", "last"])
+    ap.add_argument("--batch", type=ints, default=[1, 8, 32, 64])
+    ap.add_argument("--k", type=ints, default=[1, 2, 3])
+    ap.add_argument("--subset", type=lambda v: v.split(","), default=["first"])
     ap.add_argument("--mode", default="output", choices=["output", "delta"])
     ap.add_argument("--path", default="fast", choices=["eager", "fast"],
                     help="fast: static-shape forwards, CUDA graphs on a GPU; eager: plain PyTorch")
+    ap.add_argument("--extra", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    help="more end-to-end policies: replay:K, adaptive-replay:THRESHOLD")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per forward kind")
-    ap.add_argument("--repeats", type=int, default=3, help="timed end-to-end runs per config")
+    ap.add_argument("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
     ap.add_argument("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")
+    ap.add_argument("--matmul-n", type=int, default=None, help="size of the matrix product for the peak")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="fast path: fuse each layer with torch.compile (default: on a GPU)")
     ap.add_argument("--check-tokens", type=int, default=0,
@@ -260,17 +369,18 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="write the result as JSON here")
     ap.add_argument("--markdown", default=None, help="write the markdown table here")
     args = ap.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    on_gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     parse_dtype(args.dtype)
-    if args.copy_mb is None:
-        args.copy_mb = 2048 if args.device.startswith("cuda") else 256
+    args.copy_mb = args.copy_mb or (2048 if on_gpu else 256)
+    args.matmul_n = args.matmul_n or (8192 if on_gpu else 512)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = run_bench(args)
+    command = "python -m reuse_exp.engine.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    result = run_bench(args, command)
     text = markdown(result)
     print(text)
     if args.markdown:

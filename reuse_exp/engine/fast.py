@@ -3,123 +3,177 @@
 Every denoising forward (full-block, small-block, finalize) is written with shapes that
 do not change during decoding: positions, the K/V length and the replace position are
 device tensors, attention runs over the whole preallocated K/V buffer with a length
-mask, and cache writes are `index_copy_`. So one CUDA graph per (kind, batch, which
-layers skip, whether rows are masked) serves a whole decoding call, and a skipped layer
-is simply absent from its graph: it costs nothing.
+mask (bf16 on the tensor cores, through SDPA), and cache writes are index writes. So one
+CUDA graph per (kind, batch, which layers skip, how many rows compute) serves a whole
+decoding call, and a skipped layer is simply absent from its graph: it costs nothing.
+
+In a batch only the rows that compute a layer go through it: the rows a forward is for
+(`active`), and of those, for a reused layer, the rows that do not reuse it. Their count
+is rounded up to a power of two (so few graphs serve every count) by repeating the last
+row; a repeated row computes exactly what its original does (see `canon`).
 
 On a CPU the same static forward runs eagerly (no graphs): CI checks it against the
 eager path. Prefill (one per call, variable length) always runs eagerly.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from .model import FastDLLM, ForwardKind, KVCache, rope_tables, rotate_half
+from .model import FastDLLM, ForwardKind, KVCache, LayerWeights, decoder_layer, rope_tables
 from .reuse import LayerReuse, ReuseCache
 
 STATIC_KINDS = (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK, ForwardKind.FINALIZE)
 
 
 @dataclass
+class Rows:
+    """Batch rows that go through a layer, padded to a power of two by repeating the last.
+
+    index: [n] long, the rows (of the tensor the layer reads); canon: [n] long, for each
+    entry the first entry holding the same row. Outputs are taken through `canon` before
+    anything is written, so a repeated row writes exactly its original's values."""
+    index: torch.Tensor
+    canon: torch.Tensor
+
+
+def _pick(t: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows.index)
+
+
+def _canonical(t: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows.canon)
+
+
+def attend_static(q, k, v, k_buf, v_buf, positions, key_mask, rows: Rows | None):
+    """The fast path's attention: K/V written at `positions` of the batch rows `rows` (all
+    when None), then attention over the whole static buffer, keys past the valid length
+    masked out. Grouped-query attention without copying K/V per query head: query head h
+    reads K/V head h // (n_heads // n_kv), so the groups stack along the query axis."""
+    B, n_heads, T, D = q.shape
+    n_kv = k_buf.shape[1]
+    k, v = _canonical(k, rows), _canonical(v, rows)
+    if rows is None:
+        k_buf.index_copy_(2, positions, k)
+        v_buf.index_copy_(2, positions, v)
+        keys, values = k_buf, v_buf
+    else:
+        heads = torch.arange(n_kv, device=k.device)
+        at = (rows.index[:, None, None], heads[None, :, None], positions[None, None, :])
+        k_buf.index_put_(at, k)
+        v_buf.index_put_(at, v)
+        keys, values = k_buf.index_select(0, rows.index), v_buf.index_select(0, rows.index)
+    qg = q.reshape(B, n_kv, n_heads // n_kv * T, D)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=key_mask.view(1, 1, 1, -1))
+    return out.view(B, n_heads, T, D)
+
+
+def layer_step(x, w: LayerWeights, k_buf, v_buf, rows: Rows | None, positions, cos, sin, key_mask,
+               n_heads: int, n_kv: int, eps: float):
+    """One decoder layer with static shapes over the batch rows `rows` of the caches (x holds
+    exactly those rows): `decoder_layer` with the static attention."""
+    attend = partial(attend_static, k_buf=k_buf, v_buf=v_buf, positions=positions, key_mask=key_mask, rows=rows)
+    return _canonical(decoder_layer(x, w, cos, sin, attend, n_heads, n_kv, eps), rows)
+
+
+@dataclass
 class StaticInputs:
-    """Device buffers a captured graph reads; refreshed in place before each replay."""
+    """Device buffers a captured graph reads; refreshed in place before each replay. Every
+    integer input is a view of `ints`, so one host-to-device copy refreshes them all."""
     tokens: torch.Tensor     # [B, T] long
-    start: torch.Tensor      # [1] long: absolute position of the first token
-    kv_len: torch.Tensor     # [1] long: keys [0, kv_len) are valid
-    offset: torch.Tensor     # [1] long: position of the tokens inside the block (replace_position)
-    write_rows: torch.Tensor  # [B] bool: rows whose caches this forward writes
-    reusing: torch.Tensor    # [B] bool: rows standing in a cached result for the reused layers
+    ints: torch.Tensor       # start, kv_len, offset, then each Rows' index and canon
+    rows: Rows | None        # batch rows this forward computes (None: all)
+    sub: Rows | None         # mixed reuse: of `rows`, the entries that compute the reused layers
+    sub_rows: Rows | None    # the same as batch rows (for the caches)
+
+    @property
+    def start(self) -> torch.Tensor:   # [1]: absolute position of the first token
+        return self.ints[0:1]
+
+    @property
+    def kv_len(self) -> torch.Tensor:  # [1]: keys [0, kv_len) are valid
+        return self.ints[1:2]
+
+    @property
+    def offset(self) -> torch.Tensor:  # [1]: position of the tokens inside the block (replace_position)
+        return self.ints[2:3]
+
+    @classmethod
+    def allocate(cls, B: int, T: int, n_rows: int | None, n_sub: int | None, device) -> "StaticInputs":
+        sizes = [3] + [n for n in (n_rows, n_rows, n_sub, n_sub, n_sub, n_sub) if n is not None]
+        ints = torch.zeros(sum(sizes), dtype=torch.long, device=device)
+        parts = iter(ints.split(sizes)[1:])
+        rows = Rows(next(parts), next(parts)) if n_rows is not None else None
+        sub = Rows(next(parts), next(parts)) if n_sub is not None else None
+        sub_rows = Rows(next(parts), next(parts)) if n_sub is not None else None
+        return cls(torch.zeros(B, T, dtype=torch.long, device=device), ints, rows, sub, sub_rows)
 
 
-def _rms(x, weight, eps):
-    h = x.float()
-    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def layer_step(x, ln1, wq, bq, wk, bk, wv, bv, wo, ln2, wg, wu, wd, k_buf, v_buf, positions, cos, sin,
-               key_mask, write_rows, n_heads: int, n_kv: int, eps: float):
-    """One decoder layer with static shapes; writes its K/V at `positions` (rows in
-    `write_rows`, or all when None). Weights come in as tensors, not a module, so one
-    compiled version of this function serves every layer."""
-    B, T, _ = x.shape
-    D = wq.shape[0] // n_heads
-    h = _rms(x, ln1, eps)
-    q = F.linear(h, wq, bq).view(B, T, n_heads, D).transpose(1, 2)
-    k = F.linear(h, wk, bk).view(B, T, n_kv, D).transpose(1, 2)
-    v = F.linear(h, wv, bv).view(B, T, n_kv, D).transpose(1, 2)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    if write_rows is not None:
-        rows = write_rows[:, None, None, None]
-        k = torch.where(rows, k, k_buf.index_select(2, positions))
-        v = torch.where(rows, v, v_buf.index_select(2, positions))
-    k_buf.index_copy_(2, positions, k)
-    v_buf.index_copy_(2, positions, v)
-    # Grouped-query attention as two batched matmuls over the whole buffer, in float32
-    # (scores rounded to bf16 would cost accuracy): query head h reads key/value head
-    # h // (n_heads // n_kv), so the groups stack along the query axis.
-    g = n_heads // n_kv
-    qg = q.reshape(B, n_kv, g * T, D).float()
-    scores = torch.matmul(qg, k_buf.float().transpose(-1, -2)) * (1.0 / math.sqrt(D)) + key_mask
-    out = torch.matmul(torch.softmax(scores, dim=-1), v_buf.float()).to(x.dtype)
-    h = x + F.linear(out.reshape(B, n_heads, T, D).transpose(1, 2).reshape(B, T, n_heads * D), wo)
-    m = _rms(h, ln2, eps)
-    return h + F.linear(F.silu(F.linear(m, wg)) * F.linear(m, wu), wd)
-
-
-def _layer_weights(layer) -> tuple:
-    a, mlp = layer.self_attn, layer.mlp
-    return (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-            a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, layer.post_attention_layernorm.weight,
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+def _store(values: torch.Tensor, new: torch.Tensor, rows: Rows | None, window: torch.Tensor) -> None:
+    """Write a layer's result for `rows` (batch rows) into one reused layer's slot [B, block, hidden]."""
+    if rows is None:
+        values.index_copy_(1, window, new)
+    else:
+        values.index_put_((rows.index[:, None], window[None, :]), new)
 
 
 def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cache: ReuseCache | None,
-                   skip: frozenset[int], mixed: bool, masked: bool, step=layer_step) -> torch.Tensor:
-    """One denoising forward with static shapes; returns final-normed hidden states.
+                   skip: frozenset[int], step=layer_step) -> torch.Tensor:
+    """One denoising forward with static shapes; returns final-normed hidden states of every
+    batch row (zeros for the rows this forward is not for).
 
-    skip:  layers that stand in a cached result (for the rows in `inp.reusing`)
-    mixed: some rows reuse and others compute those layers (compute, then select)
-    masked: only `inp.write_rows` write caches
+    skip: layers that stand in a cached result for the rows of `inp.rows` outside `inp.sub`
+          (every row of `inp.rows` when `inp.sub` is None)
     """
     B, T = inp.tokens.shape
     dev = inp.tokens.device
+    cfg = model.config
     steps = torch.arange(T, device=dev)
     positions = inp.start + steps
     window = inp.offset + steps
     cos, sin = rope_tables(model.inv_freq, positions, model.dtype)
     S = cache.k.shape[3]
-    key_mask = torch.where(torch.arange(S, device=dev) < inp.kv_len, 0.0, float("-inf"))
-    write_rows = inp.write_rows if masked else None
-    x = model.model.embed_tokens(inp.tokens)
+    key_mask = torch.where(torch.arange(S, device=dev) < inp.kv_len, 0.0, float("-inf")).to(model.dtype)
+    rows = inp.rows
+    x = model.model.embed_tokens(_pick(inp.tokens, rows))
     for i, layer in enumerate(model.model.layers):
-        reused = i in skip
-        stand_in = None
-        if reused:
-            stand_in = reuse_cache.values[reuse_cache.slot[i]].index_select(1, window)
+        slot = reuse_cache.slot.get(i) if reuse_cache is not None else None
+        if i in skip:
+            stand_in = _pick(reuse_cache.values[slot].index_select(1, window), rows)
             if reuse_cache.mode == "delta":
                 stand_in = x + stand_in
-            if not mixed:
-                x = stand_in
-                continue
-        rows = write_rows
-        if reused:  # mixed: the reusing rows neither write nor keep the fresh result
-            rows = ~inp.reusing if rows is None else rows & ~inp.reusing
-        cfg = model.config
-        y = step(x, *_layer_weights(layer), cache.k[i], cache.v[i], positions, cos, sin, key_mask, rows,
+            if inp.sub is not None:  # mixed: the computing rows alone go through the layer
+                x_in = _pick(x, inp.sub)
+                y = step(x_in, layer.weights(), cache.k[i], cache.v[i], inp.sub_rows, positions, cos, sin, key_mask,
+                         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
+                _store(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x_in, inp.sub_rows, window)
+                stand_in = stand_in.index_copy(0, inp.sub.index, y)
+            x = stand_in
+            continue
+        y = step(x, layer.weights(), cache.k[i], cache.v[i], rows, positions, cos, sin, key_mask,
                  cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
-        if reuse_cache is not None and i in reuse_cache.slot:
-            s = reuse_cache.slot[i]
-            new = y if reuse_cache.mode == "output" else y - x
-            if rows is not None:
-                new = torch.where(rows[:, None, None], new, reuse_cache.values[s].index_select(1, window))
-            reuse_cache.values[s].index_copy_(1, window, new)
-        x = torch.where(inp.reusing[:, None, None], stand_in, y) if reused else y
-    return model.model.norm(x)
+        if slot is not None:
+            _store(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x, rows, window)
+        x = y
+    hidden = model.model.norm(x)
+    if rows is None:
+        return hidden
+    return hidden.new_zeros(B, T, hidden.shape[-1]).index_copy(0, rows.index, hidden)
+
+
+def padded_size(n: int, limit: int) -> int:
+    """n rounded up to a power of two, at most `limit`."""
+    return min(1 << max(n - 1, 0).bit_length(), limit)
+
+
+def padded_rows(entries: list[int], limit: int) -> tuple[list[int], list[int]]:
+    """`entries` padded to `padded_size` by repeating the last; and each entry's first occurrence."""
+    size = padded_size(len(entries), limit)
+    n = len(entries)
+    return entries + [entries[-1]] * (size - n), list(range(n)) + [n - 1] * (size - n)
 
 
 class FastRunner:
@@ -136,12 +190,19 @@ class FastRunner:
         self.use_graphs = on_gpu if use_graphs is None else use_graphs
         compile_layers = on_gpu if compile_layers is None else compile_layers
         # torch.compile fuses a layer's small element-wise kernels (norms, RoPE, residuals);
-        # its kernels are then captured in the graphs like any other.
-        self.step = torch.compile(layer_step) if compile_layers else layer_step
+        # its kernels are then captured in the graphs like any other. Dynamic shapes from
+        # the start: one compilation serves every row count and token count.
+        # Intermediates are rounded to the model's dtype where eager rounds them, so that the
+        # compiled layer computes what the eager path computes.
+        import torch._inductor.config as inductor
+        options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
+        self.step = torch.compile(layer_step, dynamic=True, options=options) if compile_layers else layer_step
         self.graphs: dict = {}
         self.caches: dict = {}
         self.reuse_caches: dict = {}
-        self.stats = {"static": 0, "eager": 0, "captures": 0}
+        self.stats = {"static": 0, "eager": 0, "captures": 0, "padded": 0, "mixed": 0}
+        self.pool = None  # one memory pool for every graph: replays never overlap, temporaries are shared
+        self.timings: list | None = None  # a list: each graphed forward's device time is recorded
 
     @property
     def name(self) -> str:
@@ -175,61 +236,81 @@ class FastRunner:
             return self.model(tokens, kind, cache, replace_position, plan, active)
         B, T = tokens.shape
         p0, bs = cache.prefix_len, cache.block_size
-        start = p0 + (replace_position if kind is ForwardKind.SMALL_BLOCK else 0)
+        offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
         if p0 + bs > cache.max_len:
             raise ValueError(f"K/V cache of {cache.max_len} positions cannot hold {p0 + bs}")
-        skip, mixed = frozenset(), False
+        skip = frozenset()
         reuse_cache = plan.cache if plan is not None else None
-        reusing_host = torch.zeros(B, dtype=torch.bool)
+        act = active.cpu() if active is not None else torch.ones(B, dtype=torch.bool)
+        computing = act
         if plan is not None and plan.reusing.any:
-            skip = plan.layers
-            mixed = plan.computing.any
-            reusing_host = plan.reusing.host
-            if reuse_cache is not None:  # the host-side record the eager path keeps
-                for layer in skip:
-                    s = reuse_cache.slot[layer]
-                    if not bool(reuse_cache.filled[s, reusing_host, replace_position:replace_position + T].all()):
-                        raise RuntimeError(f"layer {layer} reused positions never computed in this block")
-        masked = active is not None
+            skip, computing = plan.layers, plan.computing.host
+            # the host-side record the eager path keeps (every slot of the cache is a skipped layer)
+            if reuse_cache is not None and not bool(reuse_cache.filled[:, plan.reusing.host, offset:offset + T].all()):
+                raise RuntimeError(f"layers {sorted(skip)} reused positions never computed in this block")
+        # Which rows compute: every row, or the active ones (padded); for reused layers, of
+        # those, the ones that do not reuse (`sub`, as entries of `rows` and as batch rows).
+        rows = sub = sub_rows = None
+        active_rows = torch.nonzero(act).flatten().tolist()
+        if len(active_rows) < B:
+            rows = padded_rows(active_rows, B)
+        computing_rows = torch.nonzero(computing).flatten().tolist()
+        if skip and computing_rows:
+            where = {r: j for j, r in enumerate(active_rows)}
+            sub = padded_rows([where[r] for r in computing_rows], len(rows[0]) if rows else B)
+            sub_rows = ([(rows[0] if rows else list(range(B)))[j] for j in sub[0]], sub[1])
+        shapes = tuple(None if r is None else len(r[0]) for r in (rows, sub))
+        self.stats["mixed"] += sub is not None
+        self.stats["padded"] += (rows is not None and shapes[0] > len(active_rows)) or \
+            (sub is not None and shapes[1] > len(computing_rows))
         # A graph bakes in the addresses of every buffer it touches; a buffer freed by a trim
         # can come back at the same address with another shape, so both go in the key.
         buffers = [cache.k, cache.v] + ([reuse_cache.values] if reuse_cache is not None else [])
-        key = (kind, B, T, skip, mixed, masked, tuple((b.data_ptr(), tuple(b.shape)) for b in buffers))
+        key = (kind, B, T, skip, shapes, tuple((b.data_ptr(), tuple(b.shape)) for b in buffers))
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._build(key, B, T, cache, reuse_cache, skip, mixed, masked)
+            entry = self._build(key, B, T, shapes, cache, reuse_cache, skip)
         inp, graph, out = entry
         inp.tokens.copy_(tokens)
-        inp.start.fill_(start)
-        inp.kv_len.fill_(p0 + bs)
-        inp.offset.fill_(replace_position if kind is ForwardKind.SMALL_BLOCK else 0)
-        inp.write_rows.copy_(active if active is not None else torch.ones(B, dtype=torch.bool))
-        inp.reusing.copy_(reusing_host)
+        ints = [p0 + offset, p0 + bs, offset]
+        for r in (rows, sub, sub_rows):
+            ints += [] if r is None else r[0] + r[1]
+        inp.ints.copy_(torch.tensor(ints))
+        timing = self.timings is not None and graph is not None
+        if timing:
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
         if graph is not None:
             graph.replay()
             hidden = out
         else:
-            hidden = static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked, self.step)
+            hidden = static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
+        if timing:
+            events[1].record()
+            self.timings.append({"kind": kind.value, "rows": shapes[0] or B, "skip": bool(skip),
+                                 "reusing": int(act.sum()) - len(computing_rows) if skip else 0,
+                                 "active": len(active_rows), "events": events})
         if reuse_cache is not None:  # keep the host-side record in step with the device
-            rows = (active.cpu() if active is not None else torch.ones(B, dtype=torch.bool))
-            computing = rows & ~reusing_host if skip else rows
-            lo = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
-            for layer, s in reuse_cache.slot.items():
-                if layer not in skip or mixed:
-                    reuse_cache.filled[s, computing, lo:lo + T] = True
+            reuse_cache.filled[:, computing if skip else act, offset:offset + T] = True
         if kind is ForwardKind.FINALIZE:
             cache.prefix_len = p0 + T
         self.stats["static"] += 1
         return hidden
 
-    def _build(self, key, B, T, cache, reuse_cache, skip, mixed, masked):
-        dev = self.model.device
-        inp = StaticInputs(tokens=torch.zeros(B, T, dtype=torch.long, device=dev),
-                           start=torch.zeros(1, dtype=torch.long, device=dev),
-                           kv_len=torch.full((1,), T, dtype=torch.long, device=dev),
-                           offset=torch.zeros(1, dtype=torch.long, device=dev),
-                           write_rows=torch.ones(B, dtype=torch.bool, device=dev),
-                           reusing=torch.zeros(B, dtype=torch.bool, device=dev))
+    def forward_times(self) -> list[dict]:
+        """The timed forwards since timing was switched on (`self.timings = []`), with their
+        device milliseconds; waits for the device."""
+        torch.cuda.synchronize()
+        return [{k: v for k, v in t.items() if k != "events"} | {"ms": t["events"][0].elapsed_time(t["events"][1])}
+                for t in self.timings or []]
+
+    def _build(self, key, B, T, shapes, cache, reuse_cache, skip):
+        inp = StaticInputs.allocate(B, T, shapes[0], shapes[1], self.model.device)
+        inp.kv_len.fill_(T)
+        for r in (inp.rows, inp.sub, inp.sub_rows):
+            if r is not None:
+                r.index.copy_(torch.arange(len(r.index)))
+                r.canon.copy_(torch.arange(len(r.index)))
         graph = out = None
         if self.use_graphs:
             # Warm up on a side stream (allocator and library handles), then capture. Warm-up
@@ -241,11 +322,12 @@ class FastRunner:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked, self.step)
+                    static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = static_forward(self.model, inp, cache, reuse_cache, skip, mixed, masked, self.step)
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
             cache.k[:, :, :, :T].copy_(saved[0])
             cache.v[:, :, :, :T].copy_(saved[1])
             if reuse_cache is not None:

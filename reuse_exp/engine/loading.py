@@ -2,7 +2,10 @@
 
 `load_model` accepts a local directory or a hub id (downloaded with huggingface_hub;
 needs network). The model is built on the meta device and each tensor read once from
-its shard straight into its parameter, so host memory never holds two copies.
+its shard straight into its parameter, so host memory never holds two copies; the
+q/k/v and gate/up projections are stacked as they load (one matrix product each), and
+`state_dict()` still gives the checkpoint's names. Loaded models are for inference:
+their weights need no grad.
 """
 from __future__ import annotations
 
@@ -111,6 +114,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "bfloat16", device
                 if got != shapes[name]:
                     raise CheckpointError(f"tensor {name} has shape {got}, the config implies {shapes[name]}")
                 state[name] = sf.get_tensor(name).to(dtype)
+    model.stack_checkpoint(state)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -120,7 +124,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "bfloat16", device
     else:
         model.load_state_dict(state, strict=True, assign=True)
     model.reset_buffers()
-    return model.eval(), ckpt
+    return model.eval().requires_grad_(False), ckpt
 
 
 def random_model(cfg: ModelConfig | str, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -144,11 +148,11 @@ def random_model(cfg: ModelConfig | str, dtype: str | torch.dtype = "float32", d
         else:
             p.normal_(0.0, std, generator=gen)
         state[name] = p
-    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    model.load_state_dict(model.stack_checkpoint(state), strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def save_model(model: FastDLLM, directory: str | Path, extra_config: dict | None = None) -> Path:
@@ -158,7 +162,8 @@ def save_model(model: FastDLLM, directory: str | Path, extra_config: dict | None
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict() | {"architectures": ["Fast_dLLM_QwenForCausalLM"]} | (extra_config or {})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # The state dict's projections are views of the stacked tensors: one file tensor each.
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, out / SINGLE_WEIGHTS)

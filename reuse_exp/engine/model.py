@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,15 +69,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32, cast back, then scale: the reference (Qwen2) order.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32, cast back, then scale: the reference (Qwen2) order.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -84,71 +94,146 @@ def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dt
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-class Attention(nn.Module):
+class LayerWeights(NamedTuple):
+    """One decoder layer's tensors, as the layer function takes them: tensors rather than a
+    module, so one compiled version of the function serves every layer."""
+    ln1: torch.Tensor
+    wqkv: torch.Tensor  # q, k and v projections stacked: one matrix product reads all three
+    bqkv: torch.Tensor
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wgu: torch.Tensor   # gate and up projections stacked
+    wd: torch.Tensor
+
+
+# `attend(q, k, v) -> out`: writes this forward's K/V wherever the caller keeps them and
+# attends over them. q: [B, heads, T, D] and k, v: [B, kv_heads, T, D] (rotated), out like q.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decoder_layer(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                  n_heads: int, n_kv: int, eps: float) -> torch.Tensor:
+    """The decoder layer's math, the only copy of it: pre-norm attention, then SwiGLU MLP.
+    Where its K/V go and which keys it attends to is `attend`'s business."""
+    B, T, _ = x.shape
+    D = w.wo.shape[1] // n_heads
+    h = rms_norm(x, w.ln1, eps)
+    q, k, v = F.linear(h, w.wqkv, w.bqkv).split((n_heads * D, n_kv * D, n_kv * D), dim=-1)
+    q = q.reshape(B, T, n_heads, D).transpose(1, 2)
+    k = k.reshape(B, T, n_kv, D).transpose(1, 2)
+    v = v.reshape(B, T, n_kv, D).transpose(1, 2)
+    out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    h = x + F.linear(out.transpose(1, 2).reshape(B, T, n_heads * D), w.wo)
+    m = rms_norm(h, w.ln2, eps)
+    gate, up = F.linear(m, w.wgu).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, w.wd)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer: int,
+                  write_kv: bool = True, write_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The eager path's attention: K/V written into the cache by slice, keys [0, kv_len)."""
+    if ctx.cache is None:  # no cache: the keys are this forward's own
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=q.shape[1] != k.shape[1])
+    lo, hi = ctx.write_at, ctx.write_at + k.shape[2]
+    k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
+    if write_kv and write_rows is None:
+        k_buf[:, :, lo:hi] = k
+        v_buf[:, :, lo:hi] = v
+        keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+    elif write_kv:  # only these rows take this step; the others keep their K/V
+        rows = write_rows[:, None, None, None]
+        k_buf[:, :, lo:hi] = torch.where(rows, k, k_buf[:, :, lo:hi])
+        v_buf[:, :, lo:hi] = torch.where(rows, v, v_buf[:, :, lo:hi])
+        keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+    else:  # shadow computation: same keys, buffer left untouched
+        keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
+        values = torch.cat((v_buf[:, :, :lo], v, v_buf[:, :, hi:ctx.kv_len]), dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def stack_projections(state: dict, prefix: str, fused: str, parts: tuple[str, ...], suffixes: tuple[str, ...]) -> None:
+    """Replace the checkpoint's separate projections under `prefix` by their stacked rows, in
+    place (each piece is dropped as soon as it is copied: loading holds one copy)."""
+    for suffix in suffixes:
+        names = [f"{prefix}{part}.{suffix}" for part in parts]
+        if all(n in state for n in names):
+            state[f"{prefix}{fused}.{suffix}"] = torch.cat([state.pop(n) for n in names])
+
+
+class StackedProjections(nn.Module):
+    """A module whose projections run as one matrix product of stacked weights, while its
+    state dict speaks the checkpoint's names: `state_dict()` gives the pieces (views of the
+    stacked tensor) and `load_state_dict()` takes them."""
+    fused: str
+    parts: dict[str, int]       # checkpoint name -> rows, in stacking order
+    order: tuple[str, ...]      # the checkpoint's names under this module, in the checkpoint's order
+    suffixes: tuple[str, ...]
+
+    def __init__(self):
+        super().__init__()
+        self.register_state_dict_post_hook(self._split)
+        self.register_load_state_dict_pre_hook(self._merge)
+
+    @staticmethod
+    def _split(module, state, prefix, local_metadata) -> None:
+        mine = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        for suffix in module.suffixes:
+            stacked = mine.pop(f"{module.fused}.{suffix}")
+            for part, piece in zip(module.parts, stacked.split(tuple(module.parts.values()))):
+                mine[f"{part}.{suffix}"] = piece
+        for name in module.order:
+            state[prefix + name] = mine[name]
+
+    @staticmethod
+    def _merge(module, state, prefix, *args) -> None:
+        stack_projections(state, prefix, module.fused, tuple(module.parts), module.suffixes)
+
+
+class Attention(StackedProjections):
+    """The attention projections; q, k and v stacked in `qkv_proj`. The math is `decoder_layer`'s."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, layer: int, ctx: ForwardContext, write_kv: bool = True,
-                write_rows: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * ctx.cos + rotate_half(q) * ctx.sin
-        k = k * ctx.cos + rotate_half(k) * ctx.sin
-        lo, hi = ctx.write_at, ctx.write_at + T
-        if ctx.cache is None:
-            keys, values = k, v
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
-                                                 enable_gqa=self.n_heads != self.n_kv)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
-        if write_kv and write_rows is None:
-            k_buf[:, :, lo:hi] = k
-            v_buf[:, :, lo:hi] = v
-            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
-        elif write_kv:  # only these rows take this step; the others keep their K/V
-            rows = write_rows[:, None, None, None]
-            k_buf[:, :, lo:hi] = torch.where(rows, k, k_buf[:, :, lo:hi])
-            v_buf[:, :, lo:hi] = torch.where(rows, v, v_buf[:, :, lo:hi])
-            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
-        else:  # shadow computation: same keys, buffer left untouched
-            keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
-            values = torch.cat((v_buf[:, :, :lo], v, v_buf[:, :, hi:ctx.kv_len]), dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
-                                             enable_gqa=self.n_heads != self.n_kv)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        n_heads, n_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.fused, self.suffixes = "qkv_proj", ("weight", "bias")
+        self.parts = {"q_proj": n_heads * d, "k_proj": n_kv * d, "v_proj": n_kv * d}
+        self.order = tuple(f"{p}.{s}" for p in self.parts for s in self.suffixes) + ("o_proj.weight",)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.parts.values()), bias=True)
+        self.o_proj = nn.Linear(n_heads * d, cfg.hidden_size, bias=False)
 
 
-class MLP(nn.Module):
+class MLP(StackedProjections):
+    """The SwiGLU projections; gate and up stacked in `gate_up_proj`. The math is `decoder_layer`'s."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.fused, self.suffixes = "gate_up_proj", ("weight",)
+        self.parts = {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+        self.order = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.index = index
+        self.n_heads, self.n_kv, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def weights(self) -> LayerWeights:
+        a, m = self.self_attn, self.mlp
+        return LayerWeights(self.input_layernorm.weight, a.qkv_proj.weight, a.qkv_proj.bias, a.o_proj.weight,
+                            self.post_attention_layernorm.weight, m.gate_up_proj.weight, m.down_proj.weight)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext, write_kv: bool = True,
                 write_rows: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), self.index, ctx, write_kv, write_rows)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attend = partial(attend_cached, ctx=ctx, layer=self.index, write_kv=write_kv, write_rows=write_rows)
+        return decoder_layer(x, self.weights(), ctx.cos, ctx.sin, attend, self.n_heads, self.n_kv, self.eps)
 
 
 class Backbone(nn.Module):
@@ -181,6 +266,13 @@ class FastDLLM(nn.Module):
     def _inv_freq(self, device=None) -> torch.Tensor:
         d = self.config.head_dim
         return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+
+    def stack_checkpoint(self, state: dict) -> dict:
+        """A checkpoint's tensors (separate q/k/v and gate/up) to this model's stacked ones, in place."""
+        for i, layer in enumerate(self.model.layers):
+            for name, module in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+                module._merge(module, state, f"model.layers.{i}.{name}.")
+        return state
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""

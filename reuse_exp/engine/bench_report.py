@@ -1,0 +1,76 @@
+"""The benchmark's report: one line per batch row while it runs, and the markdown table."""
+from __future__ import annotations
+
+
+def row_line(r: dict) -> str:
+    ms = {k: v["median"] for k, v in r["forward_ms"].items()}
+    tps = " / ".join(f"k={e['k']} {e['subset']} {e['tokens_per_second']:.1f}" for e in r["end_to_end"])
+    return (f"batch {r['batch']}: full {ms['full_block']:.2f} ms, small {ms['small_block']:.2f} ms "
+            f"({r['small_block']['x_floor']:.2f}x floor), finalize {ms['finalize']:.2f} ms; tok/s {tps}")
+
+
+def markdown(r) -> str:
+    """The markdown table of a BenchResult."""
+    m, s = r.machine, r.settings
+    w = r.warmup
+    lines = [f"Machine: {m.get('gpu', 'CPU')} · torch {m['torch']} · CUDA {m.get('cuda', '-')} · "
+             f"python {m['python']} · {m['date']} · shape {s['shape']}, {s['dtype']}, {r.path_name} path",
+             f"Command: `{r.command}`" if r.command else "",
+             f"Trajectory: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, stop ignored, one token per "
+             f"step (random weights); reuse mode {s['mode']}. Forwards at a prefix of "
+             f"{(s['prompt_len'] + s['new_tokens'] // 2) // 32 * 32} tokens. Medians.",
+             f"Ceilings measured in this run: copy {r.bandwidth_gbs:.0f} GB/s (read + write), dense "
+             f"{s['dtype']} matrix product {r.peak_tflops:.0f} TFLOP/s. Weights read per forward: {r.weights_gb:.2f} GB.",
+             f"Warm-up: the first decode (batch {w['batch']}, k=1) took {w['first_call_seconds']:.1f} s, a warm one "
+             f"{w['warm_call_seconds']:.2f} s: {w['warmup_seconds']:.1f} s of compilation and graph capture."
+             + (f" Peak GPU memory {r.peak_memory_gb:.1f} GB." if r.peak_memory_gb is not None else ""), ""]
+    configs = [(e["k"], e["subset"]) for e in r.rows[0]["end_to_end"]]
+    reuse_cfgs = [(x["k"], x["subset"]) for x in r.rows[0]["reuse_forward"]]
+    head = (["batch", "full ms", "small ms", "finalize ms", "small x floor", "small GB/s", "full TFLOP/s (of peak)"]
+            + [f"tok/s k={k}" + (f" {sub}" if k > 1 else "") for k, sub in configs]
+            + [f"k={k} {sub} saving / ideal: forward, every row skips" for k, sub in reuse_cfgs]
+            + [f"k={k} {sub} saving / ideal: in the decode" for k, sub in configs if k > 1]
+            + [f"k={k} {sub} decode time vs k=1 (ideal)" for k, sub in configs if k > 1]
+            + ["first decode s (warm s), k=1"])
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in r.rows:
+        ms = {k: v["median"] for k, v in row["forward_ms"].items()}
+        cells = [str(row["batch"]), f"{ms['full_block']:.2f}", f"{ms['small_block']:.2f}", f"{ms['finalize']:.2f}",
+                 f"{row['small_block']['x_floor']:.2f}", f"{row['small_block']['gbs']:.0f}",
+                 f"{row['full_block']['tflops']:.0f} ({row['full_block']['of_peak']:.0%})"]
+        cells += [f"{e['tokens_per_second']:.1f}" for e in row["end_to_end"]]
+        cells += [f"{x['saving']:.1%} / {x['ideal_saving']:.1%} = {x['of_ideal']:.2f}" for x in row["reuse_forward"]]
+        for e in row["end_to_end"]:
+            if e["k"] > 1:
+                i = e.get("in_situ")
+                cells.append(f"{i['saved_of_forward_time']:.1%} / {i['ideal_of_forward_time']:.1%} = {i['of_ideal']:.2f}"
+                             if i else "-")
+        cells += [f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" for e in row["end_to_end"] if e["k"] > 1]
+        k1 = row["end_to_end"][0]
+        cells.append(f"{k1['first_call_seconds']:.1f} ({k1['seconds']:.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Saving / ideal, forward: the small-block forward with the policy's layers skipped for every row, "
+              "against the skipped layers' share of its bytes. In the decode: each forward of the timed decode that "
+              "skipped layers, against the median of the same decode's forwards of its kind and row count that "
+              "skipped none (device time, CUDA events), beside the skipped layers' share of those forwards for the "
+              "rows that reused; as fractions of the decode's forward time. Decode time vs k=1: wall time of the "
+              "whole decode (reuse changes the trajectory of random weights, so the forwards differ), beside the "
+              "bytes of the skipped layer evaluations over the bytes of all."]
+    extra = [e for row in r.rows for e in row.get("extra", [])]
+    if extra:
+        lines += ["", "| batch | policy | tok/s | skipped fraction | steps replayed | decode time vs k=1 (ideal) "
+                  "| saving / ideal |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in r.rows:
+            for e in row.get("extra", []):
+                fw = e["sample_forwards"]
+                steps = sum(fw.get(k, 0) for k in ("full_block", "small_block", "replay"))
+                cells = [str(row["batch"]), e["policy"], f"{e['tokens_per_second']:.1f}",
+                         f"{e['skipped_fraction']:.3f}", f"{fw.get('replay', 0) / steps:.1%}" if steps else "-",
+                         f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" if "saving" in e else "-",
+                         f"{e['of_ideal']:.2f}" if e.get("of_ideal") is not None else "-"]
+                lines.append("| " + " | ".join(cells) + " |")
+    if r.path_check:
+        c = r.path_check
+        lines += ["", f"Eager vs fast path, k=1, first {c['tokens_compared']} tokens: "
+                  + ("identical" if c["equal"] else f"first divergence at token {c['first_divergence']}")]
+    return "\n".join(x for x in lines if x is not None) + "\n"

@@ -1,0 +1,39 @@
+"""The benchmark's own arithmetic, and one small run of it on the CPU."""
+import json
+
+import pytest
+
+from reuse_exp.engine import bench
+
+
+def test_saving_in_situ_compares_skipping_forwards_with_their_kind_and_row_count():
+    times = [{"kind": "small_block", "rows": 4, "skip": False, "reusing": 0, "active": 4, "ms": 10.0},
+             {"kind": "small_block", "rows": 4, "skip": False, "reusing": 0, "active": 4, "ms": 12.0},
+             {"kind": "small_block", "rows": 4, "skip": True, "reusing": 4, "active": 4, "ms": 7.0},
+             {"kind": "small_block", "rows": 4, "skip": True, "reusing": 2, "active": 4, "ms": 10.0},
+             {"kind": "small_block", "rows": 2, "skip": True, "reusing": 2, "active": 2, "ms": 5.0},  # no match
+             {"kind": "full_block", "rows": 4, "skip": False, "reusing": 0, "active": 4, "ms": 20.0}]
+    r = bench.saving_in_situ(times, share=0.4)
+    # median of the matching plain forwards: 11 ms; saved (11 - 7) + (11 - 10); ideal 11*0.4*(1 + 1/2)
+    assert r["saved_ms"] == pytest.approx(5.0) and r["ideal_ms"] == pytest.approx(6.6)
+    assert r["of_ideal"] == pytest.approx(5.0 / 6.6)
+    assert (r["skipping_forwards"], r["unmatched_forwards"]) == (2, 1)
+    assert r["forward_ms"] == pytest.approx(64.0)
+    assert bench.saving_in_situ([t for t in times if not t["skip"]], 0.4) is None
+
+
+@pytest.mark.slow
+def test_one_run_gives_a_row_per_batch_size(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--shape", "tiny", "--batch", "1,2", "--k", "1,2", "--new-tokens", "32", "--prompt-len", "32",
+                       "--iters", "1", "--repeats", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md")]) == 0
+    r = json.loads(out.read_text())
+    assert [row["batch"] for row in r["rows"]] == [1, 2]
+    assert r["command"].startswith("python -m reuse_exp.engine.bench --shape tiny")
+    assert r["bandwidth_gbs"] > 0 and r["peak_tflops"] > 0 and r["warmup"]["first_call_seconds"] > 0
+    for row in r["rows"]:
+        assert set(row["forward_ms"]) == {"full_block", "small_block", "finalize"}
+        assert row["small_block"]["x_floor"] > 0 and row["full_block"]["of_peak"] > 0
+        assert [(e["k"], e["subset"]) for e in row["end_to_end"]] == [(1, "-"), (2, "first")]
+        assert row["reuse_forward"][0]["ideal_saving"] > 0
+    assert "| batch |" in (tmp_path / "b.md").read_text()

@@ -204,6 +204,9 @@ def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts
             # N concurrent jobs on one machine: torch's default threads per job would fight
             # (seen: a tiny model's warm-up 18 s instead of 0.5 s on 2 cores)
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(len(cells), len(slots or cells))))
+    if opts.cluster == "slurm" and not opts.gpus and cells[0].as_dict().get("device", "auto") != "cpu":
+        echo("warning: no --gpus: Slurm gives the jobs no GPU, so they run on the CPU; give --gpus 1 "
+             "(or -P device=cpu to say the CPU is meant)")
     if opts.cluster == "slurm" and uri.startswith("sqlite"):
         echo(f"warning: {uri} is a sqlite file; jobs on several nodes writing one file over a shared "
              "filesystem can corrupt or lock it: serve it with `mlflow server` (docs/grid.md)")

@@ -270,3 +270,21 @@ def test_lm_eval_under_torchrun_shards_through_the_model(tmp_path):
         outs[n] = {(r["doc_id"], r["filter"]): r["filtered_resps"] for r in rows}
     assert sorted({d for d, _ in outs[2]}) == [0, 1, 2, 3, 4]
     assert outs[1] == outs[2]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_stops_every_rank_and_ends_killed(clean_repo, store):
+    """What scancel or `kill` does to `reuse-exp run --processes 2`: the launcher passes the signal
+    on to the ranks, and the run ends KILLED with what it had."""
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    proc = run_proc(clean_repo, store, "--limit", "40", "--processes", "2")
+    wait_for_progress(client, proc)
+    pids = rank_pids(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM: the ranks were stopped and the run ended KILLED" in err and "Traceback" not in err
+    assert not any(alive(p) for p in pids.values())
+    [run] = client.search_runs(["0"])
+    assert run.info.status == "KILLED" and run.data.metrics["generated_tokens"] > 0

@@ -70,6 +70,7 @@ def test_an_unknown_run_is_refused(client):
 
 # -- for real --------------------------------------------------------------------------------
 RUN = ["--limit", "12", "--max-new-tokens", "128"]
+RUN2 = ["--limit", "24", "--max-new-tokens", "128"]   # two ranks go twice as fast: more to kill mid-way
 
 
 def cli(repo, store, cache_root, *args):
@@ -137,30 +138,32 @@ def test_two_ranks_killed_and_resumed_equal_one_uninterrupted_rank(clean_repo, s
     from test_distributed import rank_pids
     client = mlflow.MlflowClient(store)
     cache_root = tmp_path / "cache"
-    out, err = cli(clean_repo, store, cache_root, *RUN).communicate(timeout=900)
+    out, err = cli(clean_repo, store, cache_root, *RUN2).communicate(timeout=900)
     assert "finished" in out, err[-3000:]
     [whole] = client.search_runs(["0"])
 
-    proc = cli(clean_repo, store, cache_root, *RUN, "--processes", "2")
+    proc = cli(clean_repo, store, cache_root, *RUN2, "--processes", "2")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         runs = [r for r in client.search_runs(["0"]) if r.info.run_id != whole.info.run_id]
         if runs and runs[0].data.metrics.get("generated_tokens", 0) >= whole.data.metrics["generated_tokens"] / 6:
             break
         time.sleep(0.2)
+    pids = rank_pids(proc.pid)
+    assert proc.poll() is None and 1 in pids, "the run ended before it could be killed"
     time.sleep(1)
-    os.kill(rank_pids(proc.pid)[1], signal.SIGKILL)
+    os.kill(pids[1], signal.SIGKILL)
     proc.communicate(timeout=120)
     killed = client.get_run(runs[0].info.run_id)
     assert killed.info.status == "KILLED"
     cache = Path(killed.data.tags["request_cache"])
     assert sorted(p.name for p in cache.glob("requests_rank*.db")) == ["requests_rank0.db", "requests_rank1.db"]
 
-    out, err = cli(clean_repo, store, cache_root, *RUN, "--processes", "2", "--resume",
+    out, err = cli(clean_repo, store, cache_root, *RUN2, "--processes", "2", "--resume",
                    killed.info.run_id).communicate(timeout=900)
     assert "finished" in out, err[-3000:]
     [resumed] = [r for r in client.search_runs(["0"]) if r.data.tags.get("resumed_from") == killed.info.run_id]
     assert resumed.info.status == "FINISHED" and resumed.data.params["world_size"] == "2"
     assert outputs(client, resumed) == outputs(client, whole)
     assert resumed.data.metrics["accuracy"] == whole.data.metrics["accuracy"]
-    assert 0 < resumed.data.metrics["cached_requests"] < 12
+    assert 0 < resumed.data.metrics["cached_requests"] < 24

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,85 @@ def test_gpu_sampler_without_a_gpu_returns_nothing():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert GpuSampler().start().stop() == {}
+
+
+class FakeNVML(types.ModuleType):
+    """`pynvml` with one GPU whose `failing` call raises (NVMLError_NotSupported, as on MIG)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self, failing: str | None, error: type[Exception] | None = None):
+        super().__init__("pynvml")
+        self.failing, self.error = failing, error or self.NVMLError_NotSupported
+        self.calls: dict[str, int] = {}
+        self.energy_mj = 1000
+
+    def _call(self, name: str, value):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name == self.failing:
+            raise self.error("Not Supported")
+        return value
+
+    def nvmlInit(self):
+        return self._call("nvmlInit", None)
+
+    def nvmlShutdown(self):
+        return self._call("nvmlShutdown", None)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self._call("nvmlDeviceGetHandleByIndex", f"handle{i}")
+
+    def nvmlDeviceGetName(self, h):
+        return self._call("nvmlDeviceGetName", "Fake GPU")
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return self._call("nvmlDeviceGetMemoryInfo", types.SimpleNamespace(used=3 * 2**20))
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return self._call("nvmlDeviceGetUtilizationRates", types.SimpleNamespace(gpu=50))
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self._call("nvmlDeviceGetPowerUsage", 100_000)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        self.energy_mj += 500
+        return self._call("nvmlDeviceGetTotalEnergyConsumption", self.energy_mj)
+
+
+ALL_GPU_METRICS = {"gpu_peak_memory_mb", "gpu_util_mean", "gpu_util_max", "gpu_power_mean_w", "gpu_energy_j"}
+LOST_WITH = {  # what each failing call costs: nothing else
+    None: set(), "nvmlDeviceGetName": set(), "nvmlShutdown": set(),
+    "nvmlInit": ALL_GPU_METRICS, "nvmlDeviceGetHandleByIndex": ALL_GPU_METRICS,
+    "nvmlDeviceGetMemoryInfo": {"gpu_peak_memory_mb"},
+    "nvmlDeviceGetUtilizationRates": {"gpu_util_mean", "gpu_util_max"},
+    "nvmlDeviceGetPowerUsage": {"gpu_power_mean_w"},     # energy still comes from the counter
+    "nvmlDeviceGetTotalEnergyConsumption": set(),         # energy integrated from power instead
+}
+
+
+@pytest.mark.parametrize("error", ["NotSupported", "RuntimeError"])
+@pytest.mark.parametrize("failing", list(LOST_WITH))
+def test_gpu_sampler_drops_only_the_field_nvml_cannot_read(monkeypatch, caplog, failing, error):
+    fake = FakeNVML(failing, None if error == "NotSupported" else RuntimeError)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    sampler = GpuSampler(0, interval=0.005).start()
+    time.sleep(0.2)
+    metrics = sampler.stop()
+    assert set(metrics) == ALL_GPU_METRICS - LOST_WITH[failing]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == (failing is not None), [r.getMessage() for r in warnings]
+    if failing in ("nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetPowerUsage",
+                   "nvmlDeviceGetTotalEnergyConsumption"):
+        assert fake.calls[failing] == 1, "a field that failed is not asked again"
+    if metrics:  # the other fields kept coming, sample after sample
+        assert fake.calls["nvmlDeviceGetMemoryInfo" if failing != "nvmlDeviceGetMemoryInfo"
+                          else "nvmlDeviceGetPowerUsage"] > 3
+        assert metrics.get("gpu_peak_memory_mb", 3) == 3 and metrics.get("gpu_util_max", 50) == 50
+        assert metrics["gpu_energy_j"] > 0
 
 
 # -- end to end: `mlflow run` into a temporary store ------------------------------------------

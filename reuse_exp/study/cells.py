@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import click
 
+from ..engine.config import ConfigError
 from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
 from ..settings import SPECS

@@ -14,7 +14,7 @@ from ..engine.config import ConfigError
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.provenance import Provenance, provenance
 from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
-from ..tracking.store_init import absolute_uri
+from ..tracking.store_init import absolute_uri, open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRID_AXES = ("k", "subset", "layers")      # what varies between the cells of one grid
@@ -157,8 +157,8 @@ def tracking_uri() -> str:
 
 
 def client():
-    import mlflow
-    return mlflow.MlflowClient(tracking_uri())
+    """A client of the store; a new sqlite store is created under the runs' lock (store_init)."""
+    return open_client(tracking_uri())
 
 
 def experiment_name(name: str | None) -> str:

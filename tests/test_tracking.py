@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import types
@@ -17,7 +18,7 @@ from reuse_exp.tracking import provenance as provmod
 from reuse_exp.tracking import run as tracked
 from reuse_exp.tracking import schema
 from reuse_exp.tracking.heartbeat import Heartbeat, interval_s, parse_stamp
-from reuse_exp.tracking.schema import HEARTBEAT_TAG
+from reuse_exp.tracking.schema import HEARTBEAT_TAG, REFUSED_TAG
 
 
 # -- provenance and the guard ------------------------------------------------------------------
@@ -274,6 +275,7 @@ def test_dirty_tree_is_refused_before_the_model_loads(clean_repo, store, tmp_pat
     assert latest.info.status == "FAILED" and latest.data.tags["git_dirty"] == "true"
     assert "notes.txt" in latest.data.tags["git_dirty_files"]
     assert "not found" in latest.data.tags["error"]
+    assert latest.data.tags[REFUSED_TAG] == "true", "refused before evaluating: the model is not there"
     diff = Path(client.download_artifacts(latest.info.run_id, "dirty.diff")).read_text()
     assert "+edited" in diff and "+a new file" in diff
     assert all(r.info.status != "RUNNING" for r in runs)
@@ -380,6 +382,8 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
     assert said[-3] == f"run       {run.info.run_id} in experiment 'Default'"
     assert said[-2] == f"store     {store}"
     assert said[-1] == f"open it   mlflow ui --backend-store-uri {store}"
+    done = re.findall(r"^decoding: (\d+)/(\d+) requests \[", out.stderr, re.M)
+    assert done[0][0] == "0" and done[-1][0] == done[-1][1] != "0", out.stderr[-3000:]   # progress, start to end
     for noise in ("instantiate a model of type", "Custom kwargs can be passed", "Skip logging GPU metrics",
                   "Traceback", "Warning", "WARNING"):
         assert noise not in out.stderr, (noise, out.stderr[-3000:])

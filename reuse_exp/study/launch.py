@@ -5,7 +5,7 @@ On SLURM every configuration is one array task running the tracked run; with
 `cluster="local"` submitit runs the same tasks as concurrent local processes (what CI
 uses where no Slurm can be started). Each job gets the tracking URI and experiment
 explicitly, so it writes where the grid reads. A job that dies leaves its run FAILED,
-KILLED, or RUNNING until `--stuck-after`: never FINISHED, so never done.
+KILLED, or RUNNING with a stopped heartbeat (dead after `--stale-after`): never FINISHED, so never done.
 """
 from __future__ import annotations
 

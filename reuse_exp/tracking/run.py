@@ -2,7 +2,11 @@
 and an ending that is always FINISHED, FAILED or KILLED with what was logged so far.
 
 The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
-directly (`reuse-exp run`), opens one. What it logs, by name: tracking/schema.py.
+directly (`reuse-exp run`), opens one. A refusal before evaluating (a dirty tree, an
+unknown task, a model that is not there) opens none; one that `mlflow run` opened is
+tagged refused, so the audit tells it from a failed result. While it runs, a heartbeat
+says it lives (heartbeat.py) and the console shows progress; it ends with a summary
+(console.py). What it logs, by name: tracking/schema.py.
 """
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import json
 import os
 import platform
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -21,8 +24,12 @@ from pathlib import Path
 from ..engine.config import ConfigError
 from ..settings import RunSettings
 from .artifacts import log_artifacts
+from .console import Progress, Summary, quiet_known_noise
+from .heartbeat import Heartbeat, interval_s
+from .lifeline import Lifeline, Terminated
 from .provenance import Provenance, check_clean, dirty_diff, provenance, redact, secret_values
-from .schema import config_key, library_versions, lm_eval_metrics, param_str, same_param
+from .schema import HEARTBEAT_TAG, REFUSED_TAG, config_key, library_versions, lm_eval_metrics, param_str, same_param
+from .store_init import absolute_uri, open_client, store_opening
 
 MAX_DIRTY_FILES_TAG = 50
 
@@ -33,11 +40,6 @@ class RunFailed(Exception):
     def __init__(self, line: str, code: int):
         super().__init__(line)
         self.line, self.code = line, code
-
-
-class Terminated(BaseException):
-    """SIGTERM (scancel, `kill`, a cancelled mlflow run): end the run KILLED."""
-
 
 
 # -- the MLflow run ------------------------------------------------------------------------------
@@ -51,6 +53,9 @@ class Tracker:
     step: int = 0            # of the last metrics logged: per-batch progress, then the final values
     sampler: object = None   # the GpuSampler, once started
     lm: object = None        # the harness model, once loaded: its stats are logged even on failure
+    heartbeat: Heartbeat | None = None
+    console: Progress = field(default_factory=Progress)
+    evaluating: bool = False  # past the refusals: lm-eval has the model
 
     @classmethod
     def start(cls, settings: RunSettings) -> "Tracker":
@@ -58,10 +63,17 @@ class Tracker:
         mlflow.set_system_metrics_sampling_interval(2)
         mlflow.set_system_metrics_samples_before_logging(1)
         run_id = os.environ.get("MLFLOW_RUN_ID") or None
-        if run_id is None and settings.experiment:
-            mlflow.set_experiment(settings.experiment)
-        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-        return cls(run.info.run_id, secret_values())
+        beat_every = interval_s()
+        with store_opening(mlflow.get_tracking_uri()):   # a new sqlite store: one process creates it
+            if run_id is None and settings.experiment:
+                mlflow.set_experiment(settings.experiment)
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        tracker = cls(run.info.run_id, secret_values())
+        tracker.heartbeat = Heartbeat(tracker.beat, beat_every).start()
+        return tracker
+
+    def beat(self, stamp: str) -> None:
+        self.client.set_tag(self.run_id, HEARTBEAT_TAG, stamp)
 
     @property
     def client(self):
@@ -105,12 +117,20 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=clean)
 
     def progress(self, stats) -> None:
-        """Per-batch progress, at most every 2 s: a failed or killed run keeps what it had."""
+        """Per batch: the console's progress; metrics at most every 2 s, so a failed or killed
+        run keeps what it had."""
+        m = stats.metrics()
+        self.console.desc = stats.phase
+        if stats.phase == "scoring":
+            self.console.update(stats.requests_done, stats.requests_total, stats.scoring.scored_tokens,
+                                stats.scoring.seconds, unit="scored tok/s")
+        else:
+            self.console.update(stats.requests_done, stats.requests_total, m.get("generated_tokens", 0),
+                                m.get("seconds", 0.0))
         now = time.monotonic()
         if now - self.last_progress < 2.0:
             return
         self.last_progress = now
-        m = stats.metrics()
         self.step = max(self.step, len(stats.decode) + stats.scoring.batch_forwards)
         self.metrics({k: m[k] for k in ("generated_tokens", "seconds", "scored_tokens") if k in m}, step=self.step)
 
@@ -126,8 +146,11 @@ class Tracker:
         self.artifact_text(name, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
     def end(self, status: str) -> None:
-        """End the run (and MLflow's system-metrics thread with it)."""
+        """End the run (and MLflow's system-metrics thread, the heartbeat and the progress bar)."""
         import mlflow
+        self.console.close()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status=status)
@@ -135,16 +158,28 @@ class Tracker:
             self.client.set_terminated(self.run_id, status)
 
 
-def end_outside_run(status: str, line: str) -> None:
-    """A run `mlflow run` opened, ending before we attached (a refusal): say why, close it."""
+def end_outside_run(status: str, line: str, prov: Provenance | None = None, refused: bool = False) -> None:
+    """A run `mlflow run` opened, ending before we attached (a refusal, a signal): say why and
+    which code refused, and close it. Called directly (`reuse-exp run`) there is no such run."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
-    import mlflow
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, "error", redact(line))
-    client.set_tag(run_id, "end_status", status)
+    from mlflow.entities import RunTag
+    prov = prov or provenance()
+    tags = {"error": redact(line), "end_status": status, "git_commit": prov.commit, "git_branch": prov.branch,
+            "git_dirty": param_str(prov.dirty), "source_hash": prov.source_hash,
+            "git_dirty_files": "\n".join(prov.dirty_files[:MAX_DIRTY_FILES_TAG])}
+    if refused:
+        tags[REFUSED_TAG] = "true"
+    client = open_client()
+    client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
     client.set_terminated(run_id, status)
+
+
+def refuse_outside_run(line: str) -> None:
+    """A value refused before the run began (the command line): the run `mlflow run` opened ends
+    FAILED, tagged refused."""
+    end_outside_run("FAILED", line, refused=True)
 
 
 # -- failure -------------------------------------------------------------------------------------
@@ -164,42 +199,46 @@ def classify(e: BaseException) -> tuple[str, int, str]:
     if re.search(r"gated|401 Client Error|GatedRepo", text, re.I):
         return "FAILED", 2, ("the data set is gated on the hub: accept its terms there, then set HF_TOKEN "
                              "(or run `hf auth login`)")
-    return "FAILED", 1, f"{text.splitlines()[0] if text else type(e).__name__} (traceback: the run's error.txt)"
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
+    return "FAILED", 1, text.splitlines()[0] if text else type(e).__name__
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run(settings: RunSettings) -> str:
-    """Evaluate one configuration, tracked. Returns the run id; raises RunFailed."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    tracker = None
+def run(settings: RunSettings) -> Summary:
+    """Evaluate one configuration, tracked. Returns its summary; raises RunFailed."""
+    lifeline = Lifeline()
+    tracker = prov = None
     try:
+        lifeline.arm()
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
+        quiet_known_noise({p.stem for p in harness.bundled_tasks_dir().glob("*.yaml")})
         prov = provenance()
         check_clean(prov, settings.allow_dirty)       # before anything heavy, and before any model
         harness.check_gated(settings.task)
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
         tracker = Tracker.start(settings)
         _log_start(tracker, settings, prov)
-        _evaluate(tracker, settings, task_manager)
+        summary = _evaluate(tracker, settings, task_manager, prov)
         tracker.end("FINISHED")
-        return tracker.run_id
+        return summary
     except BaseException as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the ending short
+        lifeline.ending()
         status, code, line = classify(e)
         line = redact(line)
+        # A bad value or a missing thing found before lm-eval had the model: nothing was evaluated.
+        refused = code == 2 and (tracker is None or not tracker.evaluating)
         if tracker is None:
-            end_outside_run(status, line)
             if code == 1:  # an unexpected error with no run to keep its traceback: show it
                 traceback.print_exception(e, file=sys.stderr)
+                line += " (traceback above)"
+            end_outside_run(status, line, prov, refused)
         else:
-            _log_failure(tracker, status, line, e)
+            if code == 1:
+                line += " (traceback: the run's error.txt)"
+            _log_failure(tracker, status, line, e, refused)
+        lifeline.release_parent(status)
         raise RunFailed(line, code) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        lifeline.disarm()
 
 
 def run_name(s: RunSettings) -> str:
@@ -219,7 +258,7 @@ def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
         tracker.artifact_text("dirty.diff", dirty_diff(prov))
 
 
-def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
+def _evaluate(tracker: Tracker, s: RunSettings, task_manager, prov: Provenance) -> Summary:
     import torch
 
     from ..evaluation import harness
@@ -241,6 +280,7 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
                   "model_path": lm.loaded.path or "", "device_name": _device_name(device)})
 
     t0 = time.perf_counter()
+    tracker.evaluating = True
     results = harness.evaluate(lm, s.task, task_manager, limit=s.limit, num_fewshot=s.num_fewshot,
                                apply_chat_template=s.apply_chat_template,
                                fewshot_as_multiturn=s.fewshot_as_multiturn, seed=s.seed)
@@ -262,6 +302,22 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager) -> None:
                   "reuse_note": LOGLIKELIHOOD_NOTE if kind == "loglikelihood"
                   else lm.policy.note()})
     log_artifacts(tracker, s, results, samples, lm, metrics, all_params, primary, kind)
+    return _summary(tracker, s, prov, results, task_results, primary, kind, metrics)
+
+
+def _summary(tracker, s, prov, results, task_results, primary, kind, metrics) -> Summary:
+    import mlflow
+    accuracy = None
+    if primary is not None:
+        metric, _, filt = primary[0].partition(",")
+        err = task_results.get(f"{metric}_stderr,{filt}")
+        n = results.get("n-samples", {}).get(s.task, {}).get("effective")
+        accuracy = (primary[0], primary[1], err if isinstance(err, (int, float)) else None, n)
+    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    return Summary(run_id=tracker.run_id, experiment=tracker.client.get_experiment(exp_id).name,
+                   experiment_id=exp_id, store=absolute_uri(mlflow.get_tracking_uri()), commit=prov.commit,
+                   dirty_files=len(prov.dirty_files), dirty=prov.dirty, task=s.task, kind=kind,
+                   accuracy=accuracy, metrics=metrics)
 
 
 def _device_name(device: str) -> str:
@@ -279,10 +335,10 @@ def _gpu_metrics(tracker: Tracker, device: str) -> dict:
     return out
 
 
-def _log_failure(tracker: Tracker, status: str, line: str, e: BaseException) -> None:
-    """Whatever the run had, then its end: a second Ctrl-C or a broken store still ends it."""
+def _log_failure(tracker: Tracker, status: str, line: str, e: BaseException, refused: bool) -> None:
+    """Whatever the run had, then its end: a broken store still ends it."""
     try:
-        tracker.tags({"error": line, "end_status": status})
+        tracker.tags({"error": line, "end_status": status, **({REFUSED_TAG: "true"} if refused else {})})
         lm = tracker.lm
         device = str(lm.device) if lm is not None else "cpu"
         partial = lm.stats.metrics() if lm is not None else {}

@@ -15,6 +15,7 @@ from .settings import SPECS, RunSettings, SettingError, Spec
 from .study.audit import audit_cmd
 from .study.compare import compare_cmd
 from .study.grid import grid
+from .study.runs import runs
 
 
 class SettingType(click.ParamType):
@@ -54,7 +55,24 @@ def main():
     """Layer reuse in Fast-dLLM v2, evaluated with lm-eval and tracked with MLflow."""
 
 
-@main.command()
+def refuse(line: str) -> None:
+    """A value refused on the command line: under `mlflow run`, the run it opened says so."""
+    from .tracking.run import refuse_outside_run
+    refuse_outside_run(line)
+
+
+class RunCommand(click.Command):
+    """`run`, whose usage errors (a bad -P value) also end the run `mlflow run` opened, refused."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            refuse(e.format_message())
+            raise
+
+
+@main.command(cls=RunCommand)
 @setting_options
 def run(**values):
     """Evaluate one configuration and log it to MLflow (the MLproject's entry point)."""
@@ -63,14 +81,15 @@ def run(**values):
     try:
         settings = RunSettings(**values)
     except SettingError as e:
+        refuse(str(e))
         raise click.UsageError(str(e)) from None
     try:
-        run_id = tracked_run(settings)
+        summary = tracked_run(settings)
     except RunFailed as e:
         click.echo(f"reuse-exp: {e.line}", err=True)
         sys.exit(e.code)
-    if run_id is not None:   # None: a rank other than 0, which logs nothing
-        click.echo(f"finished: MLflow run {run_id}")
+    if summary is not None:   # None: a launched rank, whose launching process prints the summary
+        click.echo(summary.text())
 
 
 @main.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -117,6 +136,7 @@ def frontier(limit, delta, replay, out, readme, experiment, no_log):
 main.add_command(grid)
 main.add_command(compare_cmd)
 main.add_command(audit_cmd)
+main.add_command(runs)
 
 if __name__ == "__main__":
     main()

@@ -157,3 +157,21 @@ def subprocess_env(store_uri: str) -> dict[str, str]:
 
 
 SECRET = "hf_SECRETtoken0123456789"
+
+
+def mlflow_run(repo: Path, store_uri: str, params: dict, timeout: int = 900, env: dict | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`mlflow run REPO --env-manager local -P k=v ...`, as a user types it."""
+    args = [sys.executable, "-m", "mlflow", "run", str(repo), "--env-manager", "local"]
+    for k, v in params.items():
+        args += ["-P", f"{k}={v}"]
+    return subprocess.run(args, cwd=cwd or repo, env={**subprocess_env(store_uri), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def runs_of(store_uri: str):
+    """The store's client and every run in it."""
+    import mlflow
+    client = mlflow.MlflowClient(store_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exps)

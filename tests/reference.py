@@ -83,3 +83,83 @@ def small_block(sd, cfg, tokens8, start, kvs):
         x = attend_and_mlp(sd, i, x, q, K, V, allowed, cfg)
     head = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
     return rms(x, sd["model.norm.weight"], cfg.rms_norm_eps) @ head.T
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def window_forward(sd, cfg, tokens, start, kvs):
+    """`tokens` at absolute `start` attending to every position of `kvs` (per-layer K/V) with
+    their own fresh K/V over start..start+T; returns logits and the K/V with those written in."""
+    x = sd["model.embed_tokens.weight"][tokens]
+    T = tokens.shape[1]
+    pos = torch.arange(start, start + T)
+    new = []
+    for i in range(cfg.num_hidden_layers):
+        q, k, v = qkv(sd, i, x, pos, cfg)
+        K, V = kvs[i][0].clone(), kvs[i][1].clone()
+        K[:, :, start:start + T], V[:, :, start:start + T] = k, v
+        new.append((K, V))
+        x = attend_and_mlp(sd, i, x, q, K, V, torch.ones(T, K.shape[2], dtype=torch.bool), cfg)
+    head = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
+    return rms(x, sd["model.norm.weight"], cfg.rms_norm_eps) @ head.T, new
+
+
+def decode(sd, cfg, prompt, dec, num_blocks=None):
+    """Greedy block-diffusion decoding of one prompt, every layer computed, written from the
+    facts doc with the functions above: no engine code, no reuse code, no caches but the
+    block's K/V (which small-block forwards attend to and overwrite in their window).
+
+    `dec` is a DecodeConfig (read as plain fields); `num_blocks` defaults to the engine's
+    budget for this prompt alone. Returns the generated tokens up to and including the stop.
+    """
+    bs, sbs, mask_id = dec.block_size, dec.small_block_size, dec.mask_id
+    n = len(prompt)
+    num_blocks = num_blocks or max(dec.max_new_tokens // bs, 1) + n // bs
+    x = torch.full((1, num_blocks * bs + 1), mask_id, dtype=torch.long)
+    x[0, :n] = torch.tensor(prompt)
+
+    def pick(logits):  # the mask token is never a prediction
+        logits = logits.float().clone()
+        logits[..., mask_id] = -float("inf")
+        return logits
+
+    finished = False
+    if n >= bs and n % bs == 0:  # a prompt of whole blocks takes one autoregressive step
+        logits, _ = full_sequence(sd, cfg, x[:, :n], bs)
+        x[0, n] = pick(logits[0, n - 1]).argmax()
+        finished = int(x[0, n]) == dec.stop_id
+    for block in range(n // bs, num_blocks):
+        if finished:
+            break
+        lo, hi = block * bs, (block + 1) * bs
+        kvs = None
+        for start in range(0, bs, sbs):
+            window = slice(lo + start, lo + start + sbs)
+            while bool((x[0, window] == mask_id).any()):
+                if not dec.use_block_cache or kvs is None or int(x[0, lo + start]) == mask_id:
+                    logits, kvs = full_sequence(sd, cfg, x[:, :hi], bs)
+                    # block position p is predicted at p - 1 (the block's first by itself)
+                    logits = logits[0, [lo + max(p - 1, 0) for p in range(start, start + sbs)]]
+                else:
+                    logits, kvs = window_forward(sd, cfg, x[:, window], lo + start, kvs)
+                    logits = logits[0, [max(p - 1, 0) for p in range(sbs)]]  # shifted inside the window
+                probs = torch.softmax(pick(logits), -1)
+                conf, token = probs.max(-1)
+                masked = x[0, window] == mask_id
+                conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
+                chosen = (conf > dec.threshold) | (torch.arange(sbs) == conf.argmax())
+                chosen &= masked
+                x[0, window] = torch.where(chosen, token, x[0, window])
+                finished |= bool(((token == dec.stop_id) & chosen).any())
+        if finished:
+            break
+        logits, _ = full_sequence(sd, cfg, x[:, :hi], bs)
+        x[0, hi] = pick(logits[0, hi - 1]).argmax()
+        finished = int(x[0, hi]) == dec.stop_id
+    out = []
+    for t in x[0, n:].tolist():
+        if t == mask_id:
+            break
+        out.append(t)
+        if t == dec.stop_id:
+            break
+    return out

@@ -6,8 +6,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from reuse_exp.cli import main
 from reuse_exp.study.audit import audit, audit_cmd
 from reuse_exp.study.store import fetch_runs, git_head
+from reuse_exp.tracking.heartbeat import stamp
+from reuse_exp.tracking.schema import END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
 from services.fabricate import fabricate
 from services.store import new_store
 
@@ -48,14 +51,73 @@ def test_dirty_and_commitless_runs_fail(store):
     assert f"{dirty}  dirty" in out.output and "audit failed: 3 finding(s)" in out.output
 
 
-def test_stuck_running_fails_after_the_timeout(store):
-    now = int(time.time() * 1000)
-    old = fabricate(store.client, store.exp_id, commit=NEW, status="RUNNING", start_ms=now - 3 * 3600_000)
-    fresh = fabricate(store.client, store.exp_id, k=2, commit=NEW, status="RUNNING", start_ms=now - 60_000)
-    found = {f.run_id: f.reason for f in findings(store, stuck_after_s=3600)}
-    assert set(found) == {old} and found[old].startswith("stuck RUNNING for 3.0 h")
-    out = CliRunner(env=store.env).invoke(audit_cmd, ["--stuck-after", "30"])
-    assert out.exit_code == 1 and old in out.output and fresh in out.output
+def test_a_dead_run_fails_naming_its_last_heartbeat(store):
+    """RUNNING with a heartbeat older than --stale-after: a job killed without a word."""
+    now = time.time()
+    dead = fabricate(store.client, store.exp_id, commit=NEW, status="RUNNING", start_ms=int(now * 1000) - 3 * 3600_000,
+                     tags={HEARTBEAT_TAG: stamp(now - 720)})
+    alive = fabricate(store.client, store.exp_id, k=2, commit=NEW, status="RUNNING",
+                      start_ms=int(now * 1000) - 3 * 3600_000, tags={HEARTBEAT_TAG: stamp(now - 20)})
+    silent = fabricate(store.client, store.exp_id, k=3, commit=NEW, status="RUNNING",
+                       start_ms=int(now * 1000) - 400_000)   # never beat: its start is its last sign
+    found = {f.run_id: f.reason for f in findings(store)}   # the default: 5 minutes
+    assert set(found) == {dead, silent}
+    assert found[dead].startswith("dead: RUNNING with last heartbeat ") and "(12m ago)" in found[dead]
+    assert f"`reuse-exp runs end {dead}`" in found[dead]
+    assert found[silent].startswith("dead: RUNNING with no heartbeat, started ")
+    assert {f.run_id for f in findings(store, stale_after_s=900)} == set()
+    for flag, flagged in ((["--stale-after", "90s"], {dead, silent}), (["--stale-after", "10m"], {dead}),
+                          (["--stale-after", "15"], {dead, silent, alive}), (["--stale-after", "15m"], set()),
+                          ([], {dead, silent})):
+        out = CliRunner(env=store.env).invoke(audit_cmd, flag)
+        assert out.exit_code == (1 if flagged else 0), (flag, out.output)
+        assert {line.split()[0] for line in out.output.splitlines() if "  dead:" in line} == flagged, flag
+
+
+def test_stale_after_takes_durations_only(store):
+    out = CliRunner(env=store.env).invoke(audit_cmd, ["--stale-after", "5y"])
+    assert out.exit_code == 2 and "give a duration like 90s, 10m" in out.output
+
+
+def test_refused_runs_are_counted_apart_never_findings(store):
+    """A typo or a dirty tree refused before evaluating holds no result: not a finding."""
+    for why in ("k=0: must be >= 1", "refusing to run from a dirty tree: x.py"):
+        refused = fabricate(store.client, store.exp_id, commit=NEW, status="FAILED", dirty="dirty" in why,
+                            tags={REFUSED_TAG: "true", "error": why})
+    store.client.set_tag(refused, "git_commit", "unknown")           # outside git: no commit, still refused
+    clean_grid(store, NEW)
+    assert findings(store) == []
+    out = CliRunner(env=store.env).invoke(audit_cmd, [])
+    assert out.exit_code == 0, out.output
+    assert "audit ok: 9 run(s)" in out.output and "2 refused run(s), ignored" in out.output
+    # ...while a run that evaluated without a commit, or dirty, still fails it
+    unknown = fabricate(store.client, store.exp_id, k=2, commit="unknown", status="FAILED")
+    out = CliRunner(env=store.env).invoke(audit_cmd, [])
+    assert out.exit_code == 1 and f"{unknown}  no git commit" in out.output
+    assert "1 finding(s) over 10 run(s) in grid; 2 refused run(s), ignored" in out.output
+
+
+def test_runs_end_marks_a_dead_run_killed_with_its_reason(store):
+    now = time.time()
+    dead = fabricate(store.client, store.exp_id, commit=NEW, status="RUNNING", start_ms=int(now * 1000) - 3600_000,
+                     tags={HEARTBEAT_TAG: stamp(now - 600)})
+    alive = fabricate(store.client, store.exp_id, k=2, commit=NEW, status="RUNNING",
+                      tags={HEARTBEAT_TAG: stamp(now - 5)})
+    cli = CliRunner(env=store.env)
+    out = cli.invoke(main, ["runs", "end", alive])
+    assert out.exit_code == 1 and "looks alive" in out.output and "--force" in out.output
+    assert store.client.get_run(alive).info.status == "RUNNING"
+    out = cli.invoke(main, ["runs", "end", dead])
+    assert out.exit_code == 0 and f"ended {dead} KILLED" in out.output
+    run = store.client.get_run(dead)
+    assert run.info.status == "KILLED" and run.data.tags["end_status"] == "KILLED"
+    assert run.data.tags[END_REASON_TAG].startswith("dead: last heartbeat ")
+    out = cli.invoke(main, ["runs", "end", dead])
+    assert out.exit_code == 1 and "already ended KILLED" in out.output
+    out = cli.invoke(main, ["runs", "end", alive, "--force", "--reason", "node rebooted"])
+    assert out.exit_code == 0 and store.client.get_run(alive).data.tags[END_REASON_TAG] == "node rebooted"
+    assert findings(store) == []      # a clean KILLED run at a commit is no finding
+    assert "no run nope" in cli.invoke(main, ["runs", "end", "nope"]).output
 
 
 def test_grid_mixing_commits_fails_naming_every_run(store):

@@ -13,6 +13,7 @@ from conftest import subprocess_env
 from reuse_exp.cli import main
 from reuse_exp.tracking import provenance as provmod
 from reuse_exp.tracking import run as tracked
+from reuse_exp.tracking.schema import REFUSED_TAG
 
 
 @pytest.mark.parametrize("args, says", [
@@ -28,6 +29,24 @@ def test_bad_input_is_one_line_naming_the_fix(args, says):
     assert result.exit_code == 2
     assert says in result.output and "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("args", [["--k", "abc"], ["--subset", "foo"], ["--batch-size", "0"], ["--no-such", "1"],
+                                  ["--block-size", "32", "--small-block-size", "5"]])
+def test_a_refused_value_ends_the_run_mlflow_opened_refused(store, monkeypatch, args):
+    """`mlflow run` opens the run before our code starts: a value refused on the command
+    line ends it FAILED, tagged refused with the commit, so the audit ignores it."""
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    opened = client.create_run("0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_RUN_ID", opened.info.run_id)
+    result = CliRunner().invoke(main, ["run", *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    run = client.get_run(opened.info.run_id)
+    t = run.data.tags
+    assert run.info.status == "FAILED" and t[REFUSED_TAG] == "true" and t["end_status"] == "FAILED"
+    assert t["git_commit"] == provmod.provenance().commit and t["error"]
 
 
 def test_underscore_spellings_reach_the_same_options():

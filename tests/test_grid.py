@@ -7,11 +7,13 @@ import pytest
 from click.testing import CliRunner
 
 from reuse_exp.study.cells import LOGLIKELIHOOD, GridRequest, build_request, run_command, task_kind
-from reuse_exp.study.grid import DONE, FAILED, MISSING, RUNNING, STALE, classify
+from reuse_exp.study.grid import DONE, FAILED, MISSING, RUNNING, STALE, classify, todo
 from reuse_exp.study.store import RunRecord, fetch_runs, git_head, store_error
 from services.fabricate import fabricate
 from services.store import new_store
 from reuse_exp.study import grid
+from reuse_exp.tracking.heartbeat import stamp
+from reuse_exp.tracking.schema import HEARTBEAT_TAG
 from reuse_exp.study import store as store_mod
 
 OLD = "0" * 40
@@ -33,11 +35,11 @@ def request4(**kw) -> GridRequest:
                          None, kw.get("params", ()))
 
 
-def states_of(store, head, req=None, now_ms=None, stuck_after=3600.0):
+def states_of(store, head, req=None, now_ms=None, stale_after=3600.0):
     req = req or request4()
     runs = fetch_runs(store.client, store.exp_id, "tiny_gsm")
     now_ms = now_ms or int(time.time() * 1000)
-    return {c.name: classify(c, runs, head, now_ms, stuck_after) for c in req.cells("generate_until")}
+    return {c.name: classify(c, runs, head, now_ms, stale_after) for c in req.cells("generate_until")}
 
 
 def test_each_state_of_a_cell(store, head):
@@ -48,8 +50,8 @@ def test_each_state_of_a_cell(store, head):
     failed = fabricate(c, e, k=2, subset="first", commit=head, status="FAILED")
     fabricate(c, e, k=2, subset="first", commit=OLD)                             # ...and stale elsewhere
     running = fabricate(c, e, k=2, subset="middle", commit=head, status="RUNNING")
-    stuck = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING",
-                      start_ms=int(time.time() * 1000) - 7200_000)
+    dead = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING",
+                     start_ms=int(time.time() * 1000) - 7200_000)                # no heartbeat for 2 h
     fabricate(c, e, k=3, subset="first", commit=head, limit="8")                # other settings: not this grid
     fabricate(c, e, k=3, subset="middle", commit=head, threshold="0.5")
     st = states_of(store, head)
@@ -62,7 +64,25 @@ def test_each_state_of_a_cell(store, head):
     assert again.state == STALE and stale in [r.run_id for r in again.runs]
     assert st["k2_first"].runs[0].run_id == failed
     assert st["k2_middle"].runs[0].run_id == running
-    assert st["k2_last"].runs[0].run_id == stuck and "stuck" in st["k2_last"].note
+    assert st["k2_last"].runs[0].run_id == dead and "dead" in st["k2_last"].note
+    assert f"reuse-exp runs end {dead}" in st["k2_last"].note
+
+
+def test_a_run_is_alive_while_its_heartbeat_is_recent(store, head):
+    """Age is not death: a 2-hour-old run that beat a minute ago is running; one whose last
+    beat is older than --stale-after is dead, and its configuration is not done."""
+    now = time.time()
+    old_start = int(now * 1000) - 7200_000
+    alive = fabricate(store.client, store.exp_id, k=2, subset="first", commit=head, status="RUNNING",
+                      start_ms=old_start, tags={HEARTBEAT_TAG: stamp(now - 60)})
+    dead = fabricate(store.client, store.exp_id, k=2, subset="middle", commit=head, status="RUNNING",
+                     start_ms=old_start, tags={HEARTBEAT_TAG: stamp(now - 420)})
+    st = states_of(store, head, stale_after=300)
+    assert st["k2_first"].state == RUNNING and st["k2_first"].runs[0].run_id == alive
+    assert st["k2_middle"].state == FAILED and st["k2_middle"].runs[0].run_id == dead
+    assert "last heartbeat" in st["k2_middle"].note and "(7m ago)" in st["k2_middle"].note
+    assert [c.name for c in todo(list(st.values()), force=False)].count("k2_middle") == 1
+    assert "k2_first" not in [c.name for c in todo(list(st.values()), force=False)]
 
 
 def test_threshold_setting_separates_grids(store, head):
@@ -160,7 +180,7 @@ def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, 
     killed = fabricate(c, e, k=2, subset="first", commit=head, status="KILLED")
     fabricate(c, e, k=2, subset="middle", commit=head, status="FAILED")          # an error: run afresh
     dead = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING", start_ms=int(time.time() * 1000) - 7200_000)
-    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "2", "--dry-run", "--stuck-after", "3600"]
+    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "2", "--dry-run", "--stale-after", "3600"]
     out = CliRunner(env=store.env).invoke(grid.grid, args)
     assert out.exit_code == 0, out.output
     plans = {line.split()[2].rstrip(":"): line for line in out.output.splitlines() if line.startswith("would run")}

@@ -63,6 +63,17 @@ def test_resuming_elsewhere_is_refused_in_one_line(client, change, says):
     assert says in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(f"resume {rid}: ")
 
 
+def test_a_run_that_may_still_live_is_not_resumed(client):
+    from reuse_exp.tracking.heartbeat import stamp
+    rid = interrupted(client, status="RUNNING")
+    s = RunSettings(k=2, subset="middle", limit=6, resume=rid)
+    client.set_tag(rid, "reuse_exp.heartbeat", stamp(time.time() - 20))
+    with pytest.raises(ConfigError, match=r"it is RUNNING and its heartbeat is 2\d s old, so it may still run"):
+        resume.check(client, s, COMMIT, False)
+    client.set_tag(rid, "reuse_exp.heartbeat", stamp(time.time() - 3600))   # dead: its process is gone
+    assert resume.check(client, s, COMMIT, False) == resume.cache_dir(s, COMMIT, rid)
+
+
 def test_an_unknown_run_is_refused(client):
     with pytest.raises(ConfigError, match="resume nosuchrun: no such run in this tracking store"):
         resume.check(client, RunSettings(resume="nosuchrun"), COMMIT, False)
@@ -104,6 +115,12 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     killed = runs[0]
+    refused = cli(clean_repo, store, cache_root, *RUN, "--resume", killed.info.run_id)
+    _, err = refused.communicate(timeout=300)   # SIGKILL left it RUNNING, with a fresh heartbeat
+    assert refused.returncode == 2 and "it is RUNNING and its heartbeat is" in err, err[-2000:]
+    ended = subprocess.run([sys.executable, "-m", "reuse_exp.cli", "runs", "end", killed.info.run_id, "--force"],
+                           cwd=clean_repo, env=subprocess_env(store), capture_output=True, text=True, timeout=300)
+    assert ended.returncode == 0, ended.stderr
     cache = Path(client.get_run(killed.info.run_id).data.tags["request_cache"])
     assert cache.is_relative_to(cache_root) and list(cache.glob("requests_rank0.db")), "requests kept as they finished"
 

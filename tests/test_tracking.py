@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import re
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
-from conftest import SECRET, bundled_or, git, subprocess_env
+from conftest import REPO, SECRET, bundled_or, git, mlflow_run, runs_of
 
 from reuse_exp.engine.config import ConfigError
+from reuse_exp.settings import RunSettings
 from reuse_exp.tracking.gpu_stats import GpuSampler
 from reuse_exp.tracking import provenance as provmod
 from reuse_exp.tracking import run as tracked
 from reuse_exp.tracking import schema
+from reuse_exp.tracking.heartbeat import Heartbeat, interval_s, parse_stamp
+from reuse_exp.tracking.schema import HEARTBEAT_TAG, REFUSED_TAG
 
 
 # -- provenance and the guard ------------------------------------------------------------------
@@ -116,22 +121,86 @@ def test_gpu_sampler_without_a_gpu_returns_nothing():
     assert GpuSampler().start().stop() == {}
 
 
+class FakeNVML(types.ModuleType):
+    """`pynvml` with one GPU whose `failing` call raises (NVMLError_NotSupported, as on MIG)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self, failing: str | None, error: type[Exception] | None = None):
+        super().__init__("pynvml")
+        self.failing, self.error = failing, error or self.NVMLError_NotSupported
+        self.calls: dict[str, int] = {}
+        self.energy_mj = 1000
+
+    def _call(self, name: str, value):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name == self.failing:
+            raise self.error("Not Supported")
+        return value
+
+    def nvmlInit(self):
+        return self._call("nvmlInit", None)
+
+    def nvmlShutdown(self):
+        return self._call("nvmlShutdown", None)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return self._call("nvmlDeviceGetHandleByIndex", f"handle{i}")
+
+    def nvmlDeviceGetName(self, h):
+        return self._call("nvmlDeviceGetName", "Fake GPU")
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return self._call("nvmlDeviceGetMemoryInfo", types.SimpleNamespace(used=3 * 2**20))
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return self._call("nvmlDeviceGetUtilizationRates", types.SimpleNamespace(gpu=50))
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self._call("nvmlDeviceGetPowerUsage", 100_000)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        self.energy_mj += 500
+        return self._call("nvmlDeviceGetTotalEnergyConsumption", self.energy_mj)
+
+
+ALL_GPU_METRICS = {"gpu_peak_memory_mb", "gpu_util_mean", "gpu_util_max", "gpu_power_mean_w", "gpu_energy_j"}
+LOST_WITH = {  # what each failing call costs: nothing else
+    None: set(), "nvmlDeviceGetName": set(), "nvmlShutdown": set(),
+    "nvmlInit": ALL_GPU_METRICS, "nvmlDeviceGetHandleByIndex": ALL_GPU_METRICS,
+    "nvmlDeviceGetMemoryInfo": {"gpu_peak_memory_mb"},
+    "nvmlDeviceGetUtilizationRates": {"gpu_util_mean", "gpu_util_max"},
+    "nvmlDeviceGetPowerUsage": {"gpu_power_mean_w"},     # energy still comes from the counter
+    "nvmlDeviceGetTotalEnergyConsumption": set(),         # energy integrated from power instead
+}
+
+
+@pytest.mark.parametrize("error", ["NotSupported", "RuntimeError"])
+@pytest.mark.parametrize("failing", list(LOST_WITH))
+def test_gpu_sampler_drops_only_the_field_nvml_cannot_read(monkeypatch, caplog, failing, error):
+    fake = FakeNVML(failing, None if error == "NotSupported" else RuntimeError)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    sampler = GpuSampler(0, interval=0.005).start()
+    time.sleep(0.2)
+    metrics = sampler.stop()
+    assert set(metrics) == ALL_GPU_METRICS - LOST_WITH[failing]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == (failing is not None), [r.getMessage() for r in warnings]
+    if failing in ("nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetPowerUsage",
+                   "nvmlDeviceGetTotalEnergyConsumption"):
+        assert fake.calls[failing] == 1, "a field that failed is not asked again"
+    if metrics:  # the other fields kept coming, sample after sample
+        assert fake.calls["nvmlDeviceGetMemoryInfo" if failing != "nvmlDeviceGetMemoryInfo"
+                          else "nvmlDeviceGetPowerUsage"] > 3
+        assert metrics.get("gpu_peak_memory_mb", 3) == 3 and metrics.get("gpu_util_max", 50) == 50
+        assert metrics["gpu_energy_j"] > 0
+
+
 # -- end to end: `mlflow run` into a temporary store ------------------------------------------
-def mlflow_run(repo: Path, store: str, params: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "mlflow", "run", str(repo), "--env-manager", "local"]
-    for k, v in params.items():
-        args += ["-P", f"{k}={v}"]
-    return subprocess.run(args, cwd=repo, env=subprocess_env(store), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def runs_of(store: str):
-    import mlflow
-    client = mlflow.MlflowClient(store)
-    exps = [e.experiment_id for e in client.search_experiments()]
-    return client, client.search_runs(exps)
-
-
 SCHEMA_PARAMS = ("k", "subset", "layers", "mode", "scope", "task", "limit", "model", "model_revision", "model_hash",
                  "dtype", "resolved_dtype", "resolved_device", "threshold", "block_size", "small_block_size", "max_new_tokens", "num_fewshot",
                  "apply_chat_template", "fewshot_as_multiturn", "seed", "batch_size", "device", "path",
@@ -214,6 +283,7 @@ def test_dirty_tree_is_refused_before_the_model_loads(clean_repo, store, tmp_pat
     assert latest.info.status == "FAILED" and latest.data.tags["git_dirty"] == "true"
     assert "notes.txt" in latest.data.tags["git_dirty_files"]
     assert "not found" in latest.data.tags["error"]
+    assert latest.data.tags[REFUSED_TAG] == "true", "refused before evaluating: the model is not there"
     diff = Path(client.download_artifacts(latest.info.run_id, "dirty.diff")).read_text()
     assert "+edited" in diff and "+a new file" in diff
     assert all(r.info.status != "RUNNING" for r in runs)
@@ -231,3 +301,97 @@ def test_a_param_the_code_changed_fails_the_run(store, monkeypatch):
     with pytest.raises(ConfigError, match="parameter k: mlflow run logged '2' but the code used '1'"):
         tracker.params({"k": 1})
     assert client.get_run(run.info.run_id).data.params == {"k": "2", "subset": "middle"}
+
+
+# -- the heartbeat -----------------------------------------------------------------------------
+def test_the_heartbeat_beats_without_progress_and_stops_with_the_run(store, monkeypatch):
+    """A tracked run rewrites its heartbeat every interval by itself (here 0.2 s, 30 s in a
+    real run), while the evaluation logs nothing; it stops when the run ends."""
+    import mlflow
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("REUSE_EXP_HEARTBEAT_S", "0.2")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    tracker = tracked.Tracker.start(RunSettings())
+    client = mlflow.MlflowClient(store)
+    seen = []
+    for _ in range(15):      # 1.5 s of nothing but waiting
+        seen.append(client.get_run(tracker.run_id).data.tags.get(HEARTBEAT_TAG))
+        time.sleep(0.1)
+    assert seen[0] is not None, "the run beats from its first moment"
+    assert len(set(seen)) >= 4
+    stamps = sorted(parse_stamp(s) for s in set(seen))
+    assert all(0.1 < b - a < 1.0 for a, b in zip(stamps, stamps[1:]))
+    tracker.end("FINISHED")
+    last = client.get_run(tracker.run_id).data.tags[HEARTBEAT_TAG]
+    time.sleep(0.6)
+    assert client.get_run(tracker.run_id).data.tags[HEARTBEAT_TAG] == last
+
+
+def test_a_failing_heartbeat_is_said_once_and_keeps_beating(caplog):
+    calls = []
+
+    def beat(stamp: str) -> None:
+        calls.append(stamp)
+        if len(calls) <= 3:
+            raise ConnectionError("store unreachable")
+
+    hb = Heartbeat(beat, 0.05).start()
+    time.sleep(0.5)
+    hb.stop()
+    assert len(calls) >= 6
+    assert [r.getMessage()[:30] for r in caplog.records] == ["heartbeat not written (Connect"]
+
+
+def test_a_bad_heartbeat_interval_is_one_line(monkeypatch):
+    monkeypatch.setenv("REUSE_EXP_HEARTBEAT_S", "soon")
+    with pytest.raises(ConfigError, match="REUSE_EXP_HEARTBEAT_S='soon': give the heartbeat interval in seconds"):
+        interval_s()
+
+
+# -- every documented value, through `mlflow run` ---------------------------------------------
+def documented_values(tiny_ckpt, tasks_dir) -> list[dict]:
+    """The README's settings table, spelled as a user types them, over two runs."""
+    return [
+        {"k": "2.0", "subset": "1,3", "dtype": "auto", "device": "auto", "limit": "0.05", "task": "tiny_gsm",
+         "model": "bundled", "mode": "output", "scope": "block", "decode_path": "auto", "use_block_cache": "true",
+         "apply_chat_template": "true", "fewshot_as_multiturn": "true", "revision": "none", "tokenizer": "none",
+         "allow_dirty": "false"},
+        {"k": "3", "subset": "last", "mode": "delta", "scope": "refresh", "dtype": "float32", "device": "cpu",
+         "limit": "none", "task": "t_gen", "include_path": str(tasks_dir), "model": "random:tiny",
+         "tokenizer": str(REPO / "reuse_exp" / "tiny" / "model"), "max_new_tokens": "32", "threshold": "0.8",
+         "block_size": "16", "small_block_size": "4", "decode_path": "eager", "use_block_cache": "false",
+         "apply_chat_template": "false", "fewshot_as_multiturn": "false", "num_fewshot": "0", "batch_size": "4",
+         "seed": "7"},
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", [0, 1])
+def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny_ckpt, tasks_dir, which):
+    """Each value the README documents is taken as written: `-P k=2.0`, `dtype=auto`, `device=auto`,
+    `limit=none` or a fraction, a subset as a layer list, a random model. The run prints its
+    summary, and nothing else that would alarm a newcomer."""
+    values = documented_values(tiny_ckpt, tasks_dir)[which]
+    out = mlflow_run(clean_repo, store, values)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, [run] = runs_of(store)
+    p = run.data.params
+    assert run.info.status == "FINISHED"
+    for name, value in values.items():
+        if name != "include_path":
+            assert schema.same_param(p[name], value), (name, p[name], value)   # as given
+    assert p["resolved_dtype"] == "float32" and p["resolved_device"] == "cpu"
+    assert p["layers"] == ("1,3" if which == 0 else "5,6,7")
+    head = git(["rev-parse", "HEAD"], clean_repo).strip()
+    said = out.stdout.splitlines()
+    assert said[-6].startswith("accuracy  ") and " ± " in said[-6] and "(n=" in said[-6], out.stdout
+    assert said[-5].startswith("speed     ") and "tokens/s" in said[-5] and "s of decoding" in said[-5]
+    assert said[-4] == f"code      {head[:12]} (clean)"
+    assert said[-3] == f"run       {run.info.run_id} in experiment 'Default'"
+    assert said[-2] == f"store     {store}"
+    assert said[-1] == f"open it   mlflow ui --backend-store-uri {store}"
+    done = re.findall(r"^decoding: (\d+)/(\d+) requests \[", out.stderr, re.M)
+    assert done[0][0] == "0" and done[-1][0] == done[-1][1] != "0", out.stderr[-3000:]   # progress, start to end
+    for noise in ("instantiate a model of type", "Custom kwargs can be passed", "Skip logging GPU metrics",
+                  "Traceback", "Warning", "WARNING"):
+        assert noise not in out.stderr, (noise, out.stderr[-3000:])

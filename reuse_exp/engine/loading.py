@@ -194,11 +194,21 @@ MASK_TOKEN = "|<MASK>|"
 
 
 def load_tokenizer(ckpt: str | Path):
-    """The checkpoint's tokenizer through transformers, offline-safe and without remote code."""
+    """The checkpoint's tokenizer through transformers, offline-safe and without remote code.
+
+    The class its tokenizer_config.json names is loaded directly: AutoTokenizer would first
+    read the model's config.json, whose model_type (Fast_dLLM_Qwen) transformers does not
+    know, and warn on every run about instantiating "a model of type ``"."""
     from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
     ckpt = Path(ckpt)
     try:
-        return AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)
+        config = ckpt / "tokenizer_config.json"
+        name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+        cls = tokenizer_class_from_name(name) if name else None
+        if cls is None:
+            return AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False)
+        return cls.from_pretrained(str(ckpt))
     except Exception as e:
         raise ConfigError(f"could not load the tokenizer in {ckpt}: {e}") from e
 

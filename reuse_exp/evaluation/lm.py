@@ -196,6 +196,10 @@ class FastDLLMv2LM(TemplateLM):
             batches += list(_chunks([it for it in items if it.budget == budget], self.batch_size))
         if batches and not self.stats.decode:
             self._warm_up_generate(batches[0])
+        self.stats.requests_total += len(requests)
+        self.stats.phase = "decoding"
+        if self.on_batch is not None:
+            self.on_batch(self.stats)   # progress starts: 0 of them done
         out: list[str | None] = [None] * len(requests)
         for batch in batches:
             cfg = replace(self.decode_config, max_new_tokens=self._decoder_budget(batch))
@@ -268,6 +272,10 @@ class FastDLLMv2LM(TemplateLM):
             t0 = time.perf_counter()
             score(self.model, self.decode_config, [pairs[i] for i in batches[0]])
             self.stats.warmup_seconds += time.perf_counter() - t0
+        self.stats.requests_total += len(pairs)
+        self.stats.phase = "scoring"
+        if self.on_batch is not None:
+            self.on_batch(self.stats)
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         sc = self.stats.scoring
         first_only = self.settings.scoring == "first_token"

@@ -54,6 +54,12 @@ class HarnessStats:
     warmup_seconds: float = 0.0
     truncated_prompts: int = 0
     generations: list[dict] = field(default_factory=list)  # one record per generate_until request
+    requests_total: int = 0   # requests lm-eval handed over so far (progress: done of total)
+    phase: str = ""           # what the model is doing now: decoding or scoring
+
+    @property
+    def requests_done(self) -> int:
+        return len(self.generations) + self.scoring.requests
 
     @property
     def requests(self) -> int:

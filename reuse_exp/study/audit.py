@@ -1,9 +1,11 @@
 """`reuse-exp audit`: the CI guard over a tracking store.
 
 Exits non-zero, one line per run id and reason, when a run cannot be trusted in a
-comparison: it is dirty or names no commit, it is stuck RUNNING past a timeout (a
-job that died without ending its run), or a grid's newest runs come from more than
-one commit (the study's three-commits-in-one-table failure).
+comparison: it is dirty or evaluated without a commit, it is dead (RUNNING, with no
+heartbeat for `--stale-after`: a job killed without a word), or a grid's newest runs
+come from more than one commit (the study's three-commits-in-one-table failure).
+Runs refused before they evaluated (a typo, a dirty tree) are counted apart, never
+findings: they hold no result.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 import click
 
-from .store import STUCK_AFTER_S, RunRecord, client, experiment_name, fetch_runs, tracking_uri
+from .cells import stale_after_option
+from .store import STALE_AFTER_S, RunRecord, client, experiment_name, fetch_runs, format_duration, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,10 @@ def provenance(r: RunRecord) -> list[str]:
     return []
 
 
-def stuck(r: RunRecord, now_ms: int, after_s: float) -> list[str]:
-    age = (now_ms - r.start_ms) / 1000
-    if r.status in ("RUNNING", "SCHEDULED") and age > after_s:
-        return [f"stuck {r.status} for {age / 3600:.1f} h (> {after_s:.0f} s): a dead job; "
-                "end it with `mlflow runs` or MlflowClient.set_terminated(run_id, 'FAILED')"]
+def dead(r: RunRecord, now_ms: int, stale_after_s: float) -> list[str]:
+    if r.is_dead(now_ms, stale_after_s):
+        return [f"dead: {r.status} with {r.last_sign_of_life(now_ms)}, more than {format_duration(stale_after_s)}: "
+                f"its process is gone; end it with `reuse-exp runs end {r.run_id}`"]
     return []
 
 
@@ -64,18 +66,19 @@ def mixed_grids(runs: list[RunRecord]) -> list[Finding]:
     return out
 
 
-def audit(runs: list[RunRecord], now_ms: int | None = None, stuck_after_s: float = STUCK_AFTER_S) -> list[Finding]:
+def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> list[Finding]:
+    """The findings over `runs`; refused runs are none of them."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    found = [Finding(r.run_id, why) for r in runs for why in provenance(r) + stuck(r, now_ms, stuck_after_s)]
-    return found + mixed_grids(runs)
+    kept = [r for r in runs if not r.refused]
+    found = [Finding(r.run_id, why) for r in kept for why in provenance(r) + dead(r, now_ms, stale_after_s)]
+    return found + mixed_grids(kept)
 
 
 @click.command("audit")
 @click.option("--experiment", default=None, help="experiment to check (default: MLFLOW_EXPERIMENT_NAME or Default)")
 @click.option("--all-experiments", is_flag=True, help="check every experiment of the store")
-@click.option("--stuck-after", type=float, default=STUCK_AFTER_S, show_default=True,
-              help="seconds after which a RUNNING run counts as a dead job")
-def audit_cmd(experiment, all_experiments, stuck_after) -> None:
+@stale_after_option()
+def audit_cmd(experiment, all_experiments, stale_after) -> None:
     """Fail, listing run ids and reasons, if any run is untrustworthy (CI guard)."""
     cl = client()
     if all_experiments:
@@ -87,10 +90,13 @@ def audit_cmd(experiment, all_experiments, stuck_after) -> None:
                                        "pass --experiment NAME or set MLFLOW_TRACKING_URI to the store to check")
         exps = [exp]
     runs = [r for e in exps for r in fetch_runs(cl, e.experiment_id)]
-    findings = audit(runs, stuck_after_s=stuck_after)
+    findings = audit(runs, stale_after_s=stale_after)
     names = ", ".join(e.name for e in exps)
+    refused = sum(r.refused for r in runs)
+    apart = f"; {refused} refused run(s), ignored" if refused else ""
     if findings:
         for f in findings:
             click.echo(str(f))
-        raise click.ClickException(f"audit failed: {len(findings)} finding(s) over {len(runs)} run(s) in {names}")
-    click.echo(f"audit ok: {len(runs)} run(s) in {names} ({tracking_uri()})")
+        raise click.ClickException(f"audit failed: {len(findings)} finding(s) over {len(runs) - refused} "
+                                   f"run(s) in {names}{apart}")
+    click.echo(f"audit ok: {len(runs) - refused} run(s) in {names} ({tracking_uri()}){apart}")

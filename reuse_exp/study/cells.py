@@ -14,7 +14,7 @@ from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
 from ..settings import SPECS
 from ..tracking.schema import same_param
-from .store import ANY_SUBSET, STUCK_AFTER_S, RunRecord, norm
+from .store import ANY_SUBSET, STALE_AFTER_S, RunRecord, format_duration, norm, parse_duration
 
 K_VALUES = (1, 2, 3)
 GENERATE, LOGLIKELIHOOD = "generate_until", "loglikelihood"
@@ -199,7 +199,25 @@ def run_defaults() -> dict[str, str]:
     return {s.name: norm(s.text()) for s in SPECS if s.name in PINNED}
 
 
+class Duration(click.ParamType):
+    """`90s`, `10m`, `2h`, `1d` or seconds, as seconds."""
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def stale_after_option(dest: str = "stale_after"):
+    return click.option("--stale-after", dest, type=Duration(), default=format_duration(STALE_AFTER_S),
+                        show_default=True, help="a RUNNING run whose heartbeat (written every 30 s) is older "
+                        "than this is dead, its process gone; e.g. 90s, 10m, 2h")
+
+
 def grid_options(f):
+    f = stale_after_option()(f)
     for opt in reversed([
         click.option("--task", required=True, help="lm-eval task name (or a bundled one: tiny_gsm, tiny_mc)"),
         click.option("--k", "ks", default=",".join(map(str, K_VALUES)), show_default=True,
@@ -213,8 +231,6 @@ def grid_options(f):
                      help="any other setting of the tracked run, for every configuration"),
         click.option("--experiment", default=None, help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME "
                      "or Default)"),
-        click.option("--stuck-after", type=float, default=STUCK_AFTER_S, show_default=True,
-                     help="seconds after which a RUNNING run counts as a dead job"),
     ]):
         f = opt(f)
     return f

@@ -252,7 +252,7 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="also write compare.txt and "
               "compare.png here")
 @click.option("--no-log", is_flag=True, help="print only; log nothing to MLflow")
-def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_after, commit,
+def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, commit,
                 include_other_commits, include_dirty, out, no_log) -> None:
     """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
     interval, outputs changed against k=1; and a plot. From one commit."""

@@ -25,7 +25,7 @@ from ..engine.config import ConfigError
 from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest,
                     build_request, grid_options, resumable, run_command, task_kind)
 from .launch import run_local
-from .store import (STUCK_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
+from .store import (LIVE, STALE_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
                     git_state, tracking_uri)
 
 # -- status ---------------------------------------------------------------------------------
@@ -46,23 +46,27 @@ class CellState:
 
 
 def classify(cell: Cell, runs: list[RunRecord], head: str, now_ms: int,
-             stuck_after_s: float = STUCK_AFTER_S) -> CellState:
-    """done at HEAD > running > failed (or stuck) at HEAD > stale (done elsewhere) > missing."""
+             stale_after_s: float = STALE_AFTER_S) -> CellState:
+    """done at HEAD > running > failed (or dead) at HEAD > stale (done elsewhere) > missing.
+
+    A dead run (RUNNING, its heartbeat older than `stale_after_s`) is a failed one: its
+    configuration is not done and `grid run` runs it again."""
     mine = sorted((r for r in runs if cell.matches(r) and r.role == "run"),
                   key=lambda r: r.start_ms, reverse=True)
     at_head = [r for r in mine if r.commit == head and not r.dirty]
     done = [r for r in at_head if r.status == "FINISHED"]
     if done:
         return CellState(cell, DONE, done)
-    live = [r for r in at_head if r.status in ("RUNNING", "SCHEDULED")]
-    fresh = [r for r in live if now_ms - r.start_ms <= stuck_after_s * 1000]
-    if fresh:
-        return CellState(cell, RUNNING, fresh)
-    bad = [r for r in at_head if r.status in ("FAILED", "KILLED")] + [r for r in live if r not in fresh]
+    live = [r for r in at_head if r.status in LIVE]
+    alive = [r for r in live if not r.is_dead(now_ms, stale_after_s)]
+    if alive:
+        return CellState(cell, RUNNING, alive)
+    dead = [r for r in live if r not in alive]
+    bad = [r for r in at_head if r.status in ("FAILED", "KILLED")] + dead
     if bad:
-        stuck = [r for r in bad if r.status in ("RUNNING", "SCHEDULED")]
-        note = f"{len(stuck)} stuck RUNNING past {stuck_after_s:.0f}s (a dead job)" if stuck else ""
-        return CellState(cell, FAILED, bad, note)
+        note = (f"{len(dead)} dead: RUNNING, {dead[0].last_sign_of_life(now_ms)}; "
+                f"end it with `reuse-exp runs end {dead[0].run_id}`") if dead else ""
+        return CellState(cell, FAILED, sorted(bad, key=lambda r: r.start_ms, reverse=True), note)
     elsewhere = [r for r in mine if r.status == "FINISHED"]
     if elsewhere:
         note = "dirty tree" if all(r.commit == head for r in elsewhere) else ""
@@ -71,9 +75,9 @@ def classify(cell: Cell, runs: list[RunRecord], head: str, now_ms: int,
 
 
 def grid_status(request: GridRequest, runs: list[RunRecord], head: str, kind: str,
-                now_ms: int | None = None, stuck_after_s: float = STUCK_AFTER_S) -> list[CellState]:
+                now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> list[CellState]:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return [classify(c, runs, head, now_ms, stuck_after_s) for c in request.cells(kind)]
+    return [classify(c, runs, head, now_ms, stale_after_s) for c in request.cells(kind)]
 
 
 def format_status(request: GridRequest, states: list[CellState], head: str, kind: str,
@@ -99,7 +103,8 @@ def format_status(request: GridRequest, states: list[CellState], head: str, kind
                  f"running {counts[RUNNING]}, missing {counts[MISSING]}")
     for s in states:
         if s.state != MISSING:
-            runs = ", ".join(r.short() + ("" if s.state != FAILED else f" {r.status}") for r in s.runs[:3])
+            runs = ", ".join(r.short() + ("" if s.state != FAILED else f" {'dead' if r.status in LIVE else r.status}")
+                             for r in s.runs[:3])
             lines.append(f"  {s.cell.name:<10} {s.state:<8} {runs}{'  (' + s.note + ')' if s.note else ''}")
     return "\n".join(lines)
 
@@ -116,7 +121,7 @@ def grid() -> None:
     """The k x subset grid of a task: what is done at this commit, and running the rest."""
 
 
-def _load(task, ks, subsets, mode, limit, model, params, experiment, stuck_after, create=False):
+def _load(task, ks, subsets, mode, limit, model, params, experiment, stale_after, create=False):
     try:
         request = build_request(task, ks, subsets, mode, limit, model, params)
         head = git_head()
@@ -126,15 +131,15 @@ def _load(task, ks, subsets, mode, limit, model, params, experiment, stuck_after
         kind = task_kind(task, runs)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    return request, head, exp_id, runs, kind, grid_status(request, runs, head, kind, None, stuck_after)
+    return request, head, exp_id, runs, kind, grid_status(request, runs, head, kind, None, stale_after)
 
 
 @grid.command("status")
 @grid_options
-def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_after) -> None:
+def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after) -> None:
     """Print the grid: done at HEAD, stale (done only at another commit), failed, running, missing."""
     request, head, _, _, kind, states = _load(task, ks, subsets, mode, limit, model, params, experiment,
-                                               stuck_after)
+                                               stale_after)
     click.echo(format_status(request, states, head, kind, experiment_name(experiment)))
 
 
@@ -157,7 +162,7 @@ def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_
               "~/.cache/reuse_exp/submitit, outside the checkout so the tree stays clean)")
 @click.option("--wait/--no-wait", default=None, help="wait for submitted jobs (default: wait for "
               "submitit-local, not for slurm)")
-def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_after, dry_run, force,
+def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, dry_run, force,
             allow_dirty, executor, partition, gpus, time_min, account, cpus, jobs_dir, wait) -> None:
     """Run the configurations with no FINISHED run at this commit with the same settings."""
     dirty = git_state().dirty_files
@@ -165,7 +170,7 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
         raise click.ClickException(f"uncommitted changes ({', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''}):"
                                    " commit them, or pass --allow-dirty (such runs never count as done)")
     request, head, _, _, kind, states = _load(task, ks, subsets, mode, limit, model, params, experiment,
-                                               stuck_after, create=not dry_run)
+                                               stale_after, create=not dry_run)
     if kind == LOGLIKELIHOOD:
         click.echo(LOGLIKELIHOOD_WHY.format(task=task))
     cells = todo(states, force)
@@ -176,6 +181,9 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stuck_aft
     skipped = [s for s in states if s.cell not in cells]
     for s in skipped:
         click.echo(f"skip {s.cell.name}: {s.state} ({', '.join(r.short() for r in s.runs[:1])})")
+    for s in states:
+        if s.cell in cells and s.state == FAILED and any(r.status in LIVE for r in s.runs):
+            click.echo(f"{s.cell.name}: {s.note}; running it again")
     if not cells:
         click.echo(f"nothing to run: all {len(states)} configuration(s) done at {head[:7]}")
         return

@@ -1,9 +1,11 @@
 """Launching a grid's configurations: local processes, or submitit jobs (Slurm, or local
 processes through submitit).
 
-Each job gets the tracking URI and experiment explicitly, so it writes where the grid reads.
-A job that dies leaves its run FAILED, KILLED, or RUNNING until `--stuck-after`: never
-FINISHED, so never done.
+On SLURM every configuration is one array task running the tracked run; with
+`cluster="local"` submitit runs the same tasks as concurrent local processes (what CI
+uses where no Slurm can be started). Each job gets the tracking URI and experiment
+explicitly, so it writes where the grid reads. A job that dies leaves its run FAILED,
+KILLED, or RUNNING with a stopped heartbeat (dead after `--stale-after`): never FINISHED, so never done.
 
 Snapshots. Jobs run from a clean clone of the commit the grid was started at (shared
 objects, so it takes a moment), never from the live checkout: a job waiting in a queue

@@ -5,17 +5,45 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..engine.config import ConfigError
+from ..tracking.heartbeat import parse_stamp
 from ..tracking.provenance import Provenance, provenance
-from ..tracking.schema import CONFIG_KEY_PARAMS
+from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
+from ..tracking.store_init import absolute_uri, open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRID_AXES = ("k", "subset", "layers")      # what varies between the cells of one grid
-STUCK_AFTER_S = 24 * 3600   # a RUNNING run older than this is a dead job, not a slow one
 ANY_SUBSET = "any"          # the k=1 baseline's subset: it computes every layer, so any run of it will do
+# A RUNNING run whose heartbeat (every 30 s) is older than this has no process behind it.
+STALE_AFTER_S = 300.0
+LIVE = ("RUNNING", "SCHEDULED")
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from `90s`, `10m`, `2h`, `1d` or a plain number of seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r}: give a duration like 90s, 10m, 2h or 1d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def format_time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # -- runs as the store holds them -------------------------------------------------------------
@@ -44,6 +72,30 @@ class RunRecord:
         return self.tags.get("git_dirty", "true").strip().lower() != "false"
 
     @property
+    def refused(self) -> bool:
+        """Refused before it evaluated (a bad value, a dirty tree): never a result, never a finding."""
+        return self.tags.get(REFUSED_TAG, "").strip().lower() == "true"
+
+    @property
+    def last_heartbeat_ms(self) -> int | None:
+        seconds = parse_stamp(self.tags.get(HEARTBEAT_TAG))
+        return None if seconds is None else int(seconds * 1000)
+
+    def is_dead(self, now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> bool:
+        """RUNNING, but no heartbeat (or, without one, no start) for `stale_after_s`: its process
+        is gone (SIGKILL, OOM kill, a lost node) and nothing will ever end the run."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        last = self.last_heartbeat_ms or self.start_ms
+        return self.status in LIVE and now_ms - last > stale_after_s * 1000
+
+    def last_sign_of_life(self, now_ms: int | None = None) -> str:
+        """`last heartbeat <time> (<age> ago)`, or the start time where it never beat."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        hb = self.last_heartbeat_ms
+        what, ms = ("last heartbeat", hb) if hb else ("no heartbeat, started", self.start_ms)
+        return f"{what} {format_time(ms)} ({format_duration((now_ms - ms) / 1000)} ago)"
+
+    @property
     def role(self) -> str:
         return self.tags.get("reuse_exp.role", "run")
 
@@ -65,6 +117,13 @@ class RunRecord:
 
     def short(self) -> str:
         return f"{self.run_id[:8]}@{(self.commit or 'no-commit')[:7]}{'+dirty' if self.dirty else ''}"
+
+
+def end_dead(cl, run: RunRecord, reason: str) -> None:
+    """End a dead run KILLED, saying why (the tracked run's own ending never came)."""
+    from mlflow.entities import RunTag
+    cl.log_batch(run.run_id, tags=[RunTag(END_REASON_TAG, reason[:5000]), RunTag("end_status", "KILLED")])
+    cl.set_terminated(run.run_id, "KILLED")
 
 
 def norm(value) -> str:
@@ -99,19 +158,9 @@ def tracking_uri() -> str:
     return absolute_uri(mlflow.get_tracking_uri())
 
 
-def absolute_uri(uri: str) -> str:
-    """The tracking URI a job elsewhere must use: a relative sqlite path made absolute."""
-    m = re.match(r"^sqlite:///(?!/)(.*)$", uri)
-    if m:
-        return f"sqlite:///{Path(m.group(1)).resolve()}"
-    if "://" not in uri:  # a bare directory is a file store
-        return str(Path(uri).resolve())
-    return uri
-
-
 def client():
-    import mlflow
-    return mlflow.MlflowClient(tracking_uri())
+    """A client of the store; a new sqlite store is created under the runs' lock (store_init)."""
+    return open_client(tracking_uri())
 
 
 def experiment_name(name: str | None) -> str:

@@ -1,22 +1,27 @@
 """GPU statistics of one run, sampled from NVML in a background thread.
 
-`nvidia-ml-py` provides the `pynvml` module (the separate `pynvml` package is
-deprecated). Without a GPU, a driver or the module, the sampler records nothing
-and `stop()` returns an empty dict: CPU runs log no GPU metrics, and no error.
+Statistics never change a run's outcome. Each NVML field is read on its own: one that
+fails (NotSupported, as utilisation on a MIG slice, or any other error) is dropped with
+one warning and no longer read, while the others keep coming. Without a GPU, a driver
+or the module, the sampler records nothing and `stop()` returns an empty dict.
+
+`nvidia-ml-py` provides the `pynvml` module (the separate `pynvml` package is deprecated).
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class _Samples:
-    memory_mb: list[float] = field(default_factory=list)
-    util: list[float] = field(default_factory=list)
-    power_w: list[float] = field(default_factory=list)
+# What is sampled, each by one NVML call: the sampled series' names and how to read them.
+SERIES = {
+    "memory_mb": lambda nv, h: nv.nvmlDeviceGetMemoryInfo(h).used / 2**20,
+    "util": lambda nv, h: float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+    "power_w": lambda nv, h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+}
 
 
 def nvml_index(cuda_index: int = 0) -> int:
@@ -32,37 +37,50 @@ class GpuSampler:
 
     def __init__(self, cuda_index: int = 0, interval: float = 0.2):
         self.interval = interval
-        self.samples = _Samples()
+        self.samples: dict[str, list[float]] = {name: [] for name in SERIES}
+        self.dropped: set[str] = set()   # fields that failed once: not read again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._handle = None
-        self._energy0_mj: int | None = None
+        self._nvml = self._handle = None
+        self._energy0_mj: float | None = None
         self._t0 = 0.0
         self.name: str | None = None
         try:
             import pynvml
             pynvml.nvmlInit()
-            self._nvml = pynvml
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(cuda_index))
-            self.name = pynvml.nvmlDeviceGetName(self._handle)
-        except Exception:  # no module, no driver, no device: this run has no GPU statistics
+            self._nvml = pynvml
+        except Exception as e:  # no module, no driver, no device: this run has no GPU statistics
+            log.warning("GPU statistics off: NVML is not available (%s: %s)", type(e).__name__, e)
             self._handle = None
+            return
+        self.name = self._read("name", lambda nv, h: nv.nvmlDeviceGetName(h))
 
     @property
     def available(self) -> bool:
         return self._handle is not None
 
-    def _energy_mj(self) -> int | None:
+    def _read(self, field: str, reader):
+        """One NVML field, or None once it has failed (said once, then never asked again)."""
+        if field in self.dropped:
+            return None
         try:
-            return int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
-        except self._nvml.NVMLError:  # older than Volta: integrate power instead
+            return reader(self._nvml, self._handle)
+        except Exception as e:
+            self.dropped.add(field)
+            log.warning("GPU statistics: %s dropped, NVML cannot read it here (%s: %s); the others go on",
+                        field, type(e).__name__, e)
             return None
 
+    def _energy_mj(self) -> float | None:
+        # Volta and newer count energy; older GPUs integrate power instead (see stop).
+        return self._read("energy", lambda nv, h: float(nv.nvmlDeviceGetTotalEnergyConsumption(h)))
+
     def _sample(self) -> None:
-        nv, h = self._nvml, self._handle
-        self.samples.memory_mb.append(nv.nvmlDeviceGetMemoryInfo(h).used / 2**20)
-        self.samples.util.append(float(nv.nvmlDeviceGetUtilizationRates(h).gpu))
-        self.samples.power_w.append(nv.nvmlDeviceGetPowerUsage(h) / 1000.0)
+        for name, reader in SERIES.items():
+            value = self._read(name, reader)
+            if value is not None:
+                self.samples[name].append(value)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -78,7 +96,7 @@ class GpuSampler:
         return self
 
     def stop(self) -> dict[str, float]:
-        """Stop sampling; return the run's GPU metrics (empty without a GPU)."""
+        """Stop sampling; return the GPU metrics that could be read (empty without a GPU)."""
         if self._thread is None:
             return {}
         self._stop.set()
@@ -86,19 +104,21 @@ class GpuSampler:
         self._thread = None
         self._sample()
         seconds = time.perf_counter() - self._t0
-        s = self.samples
         energy_mj = self._energy_mj()
+        self._read("shutdown", lambda nv, h: nv.nvmlShutdown())
+        mem, util, power = (self.samples[n] for n in ("memory_mb", "util", "power_w"))
+        out = {}
+        if mem:
+            out["gpu_peak_memory_mb"] = max(mem)
+        if util:
+            out |= {"gpu_util_mean": sum(util) / len(util), "gpu_util_max": max(util)}
+        if power:
+            out["gpu_power_mean_w"] = sum(power) / len(power)
         if energy_mj is not None and self._energy0_mj is not None:
-            energy_j = (energy_mj - self._energy0_mj) / 1000.0
-        else:
-            energy_j = sum(s.power_w) / len(s.power_w) * seconds
-        return {
-            "gpu_peak_memory_mb": max(s.memory_mb),
-            "gpu_util_mean": sum(s.util) / len(s.util),
-            "gpu_util_max": max(s.util),
-            "gpu_power_mean_w": sum(s.power_w) / len(s.power_w),
-            "gpu_energy_j": energy_j,
-        }
+            out["gpu_energy_j"] = (energy_mj - self._energy0_mj) / 1000.0
+        elif power:
+            out["gpu_energy_j"] = out["gpu_power_mean_w"] * seconds
+        return out
 
 
 # How one run's statistics follow from each GPU's: a peak is the highest GPU's, energy and

@@ -56,7 +56,7 @@ def store_paths(tracking_uri: str | None = None) -> list[Path]:
     if uri.startswith("sqlite:///"):
         db = Path(unquote(uri[len("sqlite:///"):]))
         db = db if db.is_absolute() else Path.cwd() / db
-        paths += [db.with_name(db.name + suffix) for suffix in ("", "-journal", "-wal", "-shm")]
+        paths += [db.with_name(db.name + suffix) for suffix in ("", "-journal", "-wal", "-shm", "-lock")]
     elif uri.startswith("file:") or "://" not in uri:
         paths.append(Path(unquote(urlparse(uri).path) if uri.startswith("file:") else uri))
     return [p.resolve() for p in paths]

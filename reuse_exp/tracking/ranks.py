@@ -26,6 +26,7 @@ from .gpu_stats import GpuSampler
 from .resume import CACHE_ENV
 
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"   # where the launcher reads a failed rank's reason
+LAUNCHED_ENV = "REUSE_EXP_LAUNCHED"      # set for the ranks `reuse-exp run --processes N` starts
 
 
 class RankFailed(Exception):
@@ -62,6 +63,7 @@ def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> N
     previous = os.environ.get("MLFLOW_RUN_ID")
     os.environ["MLFLOW_RUN_ID"] = run_id   # the ranks inherit it and attach, as under `mlflow run`
     os.environ[CACHE_ENV] = str(cache)     # and read and write this request cache
+    os.environ[LAUNCHED_ENV] = "1"         # rank 0 leaves the summary to this process
     threads = "OMP_NUM_THREADS" not in os.environ
     if threads:   # N ranks on one machine's cores: torch's default threads per rank would fight (as torchrun)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
@@ -75,6 +77,7 @@ def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> N
                                                "with what it had logged") from None
     finally:
         os.environ.pop(CACHE_ENV, None)
+        os.environ.pop(LAUNCHED_ENV, None)
         if threads:
             os.environ.pop("OMP_NUM_THREADS", None)
         if previous is None:

@@ -16,15 +16,20 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from ..engine.config import ConfigError
 from ..settings import SPECS, RunSettings
-from .schema import same_param
+from .heartbeat import parse_stamp
+from .schema import HEARTBEAT_TAG, same_param
 
 CACHE_ENV = "REUSE_EXP_REQUEST_CACHE"   # the folder of this run's cache, as the launching process chose it
 ROOT_ENV = "REUSE_EXP_CACHE_ROOT"
 NOT_COMPARED = ("resume", "experiment", "allow_dirty", "include_path")   # they do not shape a result
+# A RUNNING run with a heartbeat younger than this may still have its process (the grid's and
+# the audit's default --stale-after): resuming it would decode its requests twice at once.
+ALIVE_WITHIN_S = 300.0
 
 
 def root() -> Path:
@@ -57,6 +62,12 @@ def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
     tags, params = old.data.tags, old.data.params
     if old.info.status == "FINISHED":
         raise ConfigError(f"resume {rid}: that run FINISHED; there is nothing to resume")
+    if old.info.status in ("RUNNING", "SCHEDULED"):
+        age = time.time() - (parse_stamp(tags.get(HEARTBEAT_TAG)) or (old.info.start_time or 0) / 1000)
+        if age < ALIVE_WITHIN_S:
+            raise ConfigError(f"resume {rid}: it is RUNNING and its heartbeat is {age:.0f} s old, so it may still "
+                              f"run; wait until it is dead ({ALIVE_WITHIN_S:.0f} s without one), or, once its process "
+                              f"is gone, end it (`reuse-exp runs end {rid} --force`)")
     if tags.get("git_commit") != commit or tags.get("git_dirty") != "false" or dirty:
         where = tags.get("git_commit", "unknown")[:12] + (" (dirty)" if tags.get("git_dirty") != "false" else "")
         raise ConfigError(f"resume {rid}: it ran at commit {where}, this is {commit[:12]}"

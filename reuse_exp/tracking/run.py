@@ -2,15 +2,18 @@
 and an ending that is always FINISHED, FAILED or KILLED with what was logged so far.
 
 The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
-directly (`reuse-exp run`), opens one. What it logs, by name: tracking/schema.py. With
-`processes` > 1 it launches that many data-parallel ranks instead (tracking/ranks.py).
+directly (`reuse-exp run`), opens one. A refusal before evaluating (a dirty tree, an
+unknown task, a model that is not there) opens none; one that `mlflow run` opened is
+tagged refused, so the audit tells it from a failed result. While it runs, a heartbeat
+says it lives (heartbeat.py) and the console shows progress; it ends with a summary
+(console.py). What it logs, by name: tracking/schema.py. With `processes` > 1 it launches
+that many data-parallel ranks instead (tracking/ranks.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -21,9 +24,13 @@ from pathlib import Path
 from ..engine.config import ConfigError
 from ..settings import RunSettings
 from .artifacts import log_artifacts
+from .console import Progress, Summary, quiet_known_noise
+from .heartbeat import Heartbeat, interval_s
+from .lifeline import Lifeline, Terminated
 from .provenance import Provenance, check_clean, dirty_diff, provenance, redact, secret_values
-from .ranks import RankFailed
-from .schema import config_key, library_versions, lm_eval_metrics, param_str, same_param
+from .ranks import LAUNCHED_ENV, RankFailed
+from .schema import HEARTBEAT_TAG, REFUSED_TAG, config_key, library_versions, lm_eval_metrics, param_str, same_param
+from .store_init import absolute_uri, open_client, store_opening
 
 MAX_DIRTY_FILES_TAG = 50
 
@@ -34,11 +41,6 @@ class RunFailed(Exception):
     def __init__(self, line: str, code: int):
         super().__init__(line)
         self.line, self.code = line, code
-
-
-class Terminated(BaseException):
-    """SIGTERM (scancel, `kill`, a cancelled mlflow run): end the run KILLED."""
-
 
 
 # -- the MLflow run ------------------------------------------------------------------------------
@@ -52,6 +54,9 @@ class Tracker:
     step: int = 0            # of the last metrics logged: per-batch progress, then the final values
     sampler: object = None   # the GpuSampler, once started
     lm: object = None        # the harness model, once loaded: its stats are logged even on failure
+    heartbeat: Heartbeat | None = None
+    console: Progress = field(default_factory=Progress)
+    evaluating: bool = False  # past the refusals: lm-eval has the model
 
     @classmethod
     def start(cls, settings: RunSettings, system_metrics: bool = True) -> "Tracker":
@@ -60,10 +65,17 @@ class Tracker:
         mlflow.set_system_metrics_sampling_interval(2)
         mlflow.set_system_metrics_samples_before_logging(1)
         run_id = os.environ.get("MLFLOW_RUN_ID") or None
-        if run_id is None and settings.experiment:
-            mlflow.set_experiment(settings.experiment)
-        run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
-        return cls(run.info.run_id, secret_values())
+        beat_every = interval_s()
+        with store_opening(mlflow.get_tracking_uri()):   # a new sqlite store: one process creates it
+            if run_id is None and settings.experiment:
+                mlflow.set_experiment(settings.experiment)
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+        tracker = cls(run.info.run_id, secret_values())
+        tracker.heartbeat = Heartbeat(tracker.beat, beat_every).start()
+        return tracker
+
+    def beat(self, stamp: str) -> None:
+        self.client.set_tag(self.run_id, HEARTBEAT_TAG, stamp)
 
     @property
     def client(self):
@@ -107,12 +119,20 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=clean)
 
     def progress(self, stats) -> None:
-        """Per-batch progress, at most every 2 s: a failed or killed run keeps what it had."""
+        """Per batch: the console's progress; metrics at most every 2 s, so a failed or killed
+        run keeps what it had."""
+        m = stats.metrics()
+        self.console.desc = stats.phase
+        if stats.phase == "scoring":
+            self.console.update(stats.requests_done, stats.requests_total, stats.scoring.scored_tokens,
+                                stats.scoring.seconds, unit="scored tok/s")
+        else:
+            self.console.update(stats.requests_done, stats.requests_total, m.get("generated_tokens", 0),
+                                m.get("seconds", 0.0))
         now = time.monotonic()
         if now - self.last_progress < 2.0:
             return
         self.last_progress = now
-        m = stats.metrics()
         self.step = max(self.step, len(stats.decode) + stats.scoring.batch_forwards)
         self.metrics({k: m[k] for k in ("generated_tokens", "seconds", "scored_tokens") if k in m}, step=self.step)
 
@@ -128,8 +148,11 @@ class Tracker:
         self.artifact_text(name, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
     def end(self, status: str) -> None:
-        """End the run (and MLflow's system-metrics thread with it)."""
+        """End the run (and MLflow's system-metrics thread, the heartbeat and the progress bar)."""
         import mlflow
+        self.console.close()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status=status)
@@ -137,16 +160,28 @@ class Tracker:
             self.client.set_terminated(self.run_id, status)
 
 
-def end_outside_run(status: str, line: str) -> None:
-    """A run `mlflow run` opened, ending before we attached (a refusal): say why, close it."""
+def end_outside_run(status: str, line: str, prov: Provenance | None = None, refused: bool = False) -> None:
+    """A run `mlflow run` opened, ending before we attached (a refusal, a signal): say why and
+    which code refused, and close it. Called directly (`reuse-exp run`) there is no such run."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
-    import mlflow
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, "error", redact(line))
-    client.set_tag(run_id, "end_status", status)
+    from mlflow.entities import RunTag
+    prov = prov or provenance()
+    tags = {"error": redact(line), "end_status": status, "git_commit": prov.commit, "git_branch": prov.branch,
+            "git_dirty": param_str(prov.dirty), "source_hash": prov.source_hash,
+            "git_dirty_files": "\n".join(prov.dirty_files[:MAX_DIRTY_FILES_TAG])}
+    if refused:
+        tags[REFUSED_TAG] = "true"
+    client = open_client()
+    client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
     client.set_terminated(run_id, status)
+
+
+def refuse_outside_run(line: str) -> None:
+    """A value refused before the run began (the command line): the run `mlflow run` opened ends
+    FAILED, tagged refused."""
+    end_outside_run("FAILED", line, refused=True)
 
 
 # -- failure -------------------------------------------------------------------------------------
@@ -168,23 +203,21 @@ def classify(e: BaseException) -> tuple[str, int, str]:
     if re.search(r"gated|401 Client Error|GatedRepo", text, re.I):
         return "FAILED", 2, ("the data set is gated on the hub: accept its terms there, then set HF_TOKEN "
                              "(or run `hf auth login`)")
-    return "FAILED", 1, f"{text.splitlines()[0] if text else type(e).__name__} (traceback: the run's error.txt)"
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
+    return "FAILED", 1, text.splitlines()[0] if text else type(e).__name__
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run(settings: RunSettings) -> str | None:
-    """Evaluate one configuration, tracked. Returns the run id (None on a rank other than 0);
-    raises RunFailed."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    tracker = None
+def run(settings: RunSettings) -> Summary | None:
+    """Evaluate one configuration, tracked. Returns its summary (None from a rank our launcher
+    started, or one other than 0); raises RunFailed."""
+    lifeline = Lifeline()
+    tracker = prov = None
     rank = int(os.environ.get("RANK", "0"))   # of a launched world; 0 in a single process
     try:
+        lifeline.arm()
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
         from . import ranks, resume
+        quiet_known_noise({p.stem for p in harness.bundled_tasks_dir().glob("*.yaml")})
         prov = provenance()
         if rank == 0:
             check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
@@ -194,46 +227,51 @@ def run(settings: RunSettings) -> str | None:
         if rank > 0:
             ranks.follow(settings, task_manager, resume.cache_dir(settings, prov.commit, None))
             return None
-        resumed = resume.check(_client(), settings, prov.commit, prov.dirty) if settings.resume else None
+        resumed = resume.check(open_client(), settings, prov.commit, prov.dirty) if settings.resume else None
         tracker = Tracker.start(settings, system_metrics=launching == 1)
         cache = resume.cache_dir(settings, prov.commit, tracker.run_id, resumed)
         if launching > 1:
             ranks.launch(tracker.run_id, settings, launching, tracker.workdir / "ranks", cache)
-            return _launched_end(tracker)
+            return _launched_end(tracker, settings, prov)
         _log_start(tracker, settings, prov)
-        _evaluate(tracker, settings, task_manager, cache)
+        summary = _evaluate(tracker, settings, task_manager, prov, cache)
         tracker.end("FINISHED")
         resume.forget(cache)
-        return tracker.run_id
+        return None if os.environ.get(LAUNCHED_ENV) else summary   # the launching process prints it
     except BaseException as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the ending short
+        lifeline.ending()
         status, code, line = classify(e)
         line = redact(line)
         if os.environ.get("WORLD_SIZE", "1") != "1":   # a launched rank: tell the launcher why
-            ranks.record_failure(line, "".join(traceback.format_exception(e)))
+            from .ranks import record_failure
+            record_failure(line, "".join(traceback.format_exception(e)))
+        # A bad value or a missing thing found before lm-eval had the model: nothing was evaluated.
+        refused = code == 2 and (tracker is None or not tracker.evaluating)
         if tracker is None:
-            end_outside_run(status, line)
             if code == 1:  # an unexpected error with no run to keep its traceback: show it
                 traceback.print_exception(e, file=sys.stderr)
+                line += " (traceback above)"
+            end_outside_run(status, line, prov, refused)
         else:
-            _log_failure(tracker, status, line, e)
+            if code == 1:
+                line += " (traceback: the run's error.txt)"
+            _log_failure(tracker, status, line, e, refused)
+        lifeline.release_parent(status)
         raise RunFailed(line, code) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        lifeline.disarm()
 
 
-def _client():
-    import mlflow
-    return mlflow.MlflowClient()
-
-
-def _launched_end(tracker: Tracker) -> str:
+def _launched_end(tracker: Tracker, s: RunSettings, prov: Provenance) -> Summary:
     """Every rank exited 0: rank 0 has logged the results and ended the run FINISHED."""
-    status = tracker.client.get_run(tracker.run_id).info.status
-    if status != "FINISHED":
-        raise RankFailed("FAILED", 1, f"the ranks exited 0 but rank 0 left the run {status}")
+    run = tracker.client.get_run(tracker.run_id)
+    if run.info.status != "FINISHED":
+        raise RankFailed("FAILED", 1, f"the ranks exited 0 but rank 0 left the run {run.info.status}")
     tracker.end("FINISHED")
-    return tracker.run_id
+    m, tags = run.data.metrics, run.data.tags
+    accuracy = ((tags.get("accuracy_metric", ""), m["accuracy"], m.get("accuracy_stderr"), m.get("n_samples"))
+                if "accuracy" in m else None)
+    return _summary_of(tracker, s, prov, tags.get("task_kind", "none"), accuracy, m)
 
 
 def run_name(s: RunSettings) -> str:
@@ -253,7 +291,7 @@ def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
         tracker.artifact_text("dirty.diff", dirty_diff(prov))
 
 
-def _evaluate(tracker: Tracker, s: RunSettings, task_manager, cache: Path) -> None:
+def _evaluate(tracker: Tracker, s: RunSettings, task_manager, prov: Provenance, cache: Path) -> Summary:
     """Rank 0's (or the only process's) evaluation, logged; the other ranks run ranks.follow."""
     import torch
 
@@ -276,6 +314,7 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager, cache: Path) -> No
     if s.resume:
         tracker.client.set_tag(s.resume, "resumed_by", tracker.run_id)
 
+    tracker.evaluating = True
     results, wall = ranks.evaluate(lm, s, task_manager, cache)
     reports = ranks.gather_reports(lm, tracker.sampler)
     tracker.sampler = None   # stopped: its statistics are in the reports
@@ -302,6 +341,26 @@ def _evaluate(tracker: Tracker, s: RunSettings, task_manager, cache: Path) -> No
                   "reuse_note": LOGLIKELIHOOD_NOTE if kind == "loglikelihood"
                   else lm.policy.note()})
     log_artifacts(tracker, s, results, samples, lm, stats, metrics, all_params, primary, kind)
+    return _summary(tracker, s, prov, results, task_results, primary, kind, metrics)
+
+
+def _summary(tracker, s, prov, results, task_results, primary, kind, metrics) -> Summary:
+    accuracy = None
+    if primary is not None:
+        metric, _, filt = primary[0].partition(",")
+        err = task_results.get(f"{metric}_stderr,{filt}")
+        n = results.get("n-samples", {}).get(s.task, {}).get("effective")
+        accuracy = (primary[0], primary[1], err if isinstance(err, (int, float)) else None, n)
+    return _summary_of(tracker, s, prov, kind, accuracy, metrics)
+
+
+def _summary_of(tracker, s, prov, kind, accuracy, metrics) -> Summary:
+    import mlflow
+    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    return Summary(run_id=tracker.run_id, experiment=tracker.client.get_experiment(exp_id).name,
+                   experiment_id=exp_id, store=absolute_uri(mlflow.get_tracking_uri()), commit=prov.commit,
+                   dirty_files=len(prov.dirty_files), dirty=prov.dirty, task=s.task, kind=kind,
+                   accuracy=accuracy, metrics=metrics)
 
 
 def _requests(samples: dict) -> int:
@@ -315,10 +374,10 @@ def _gpu_metrics(tracker: Tracker, device: str) -> dict:
     return gpu_report(tracker.sampler, device)
 
 
-def _log_failure(tracker: Tracker, status: str, line: str, e: BaseException) -> None:
-    """Whatever the run had, then its end: a second Ctrl-C or a broken store still ends it."""
+def _log_failure(tracker: Tracker, status: str, line: str, e: BaseException, refused: bool) -> None:
+    """Whatever the run had, then its end: a broken store still ends it."""
     try:
-        tracker.tags({"error": line, "end_status": status})
+        tracker.tags({"error": line, "end_status": status, **({REFUSED_TAG: "true"} if refused else {})})
         lm = tracker.lm
         device = str(lm.device) if lm is not None else "cpu"
         partial = lm.stats.metrics() if lm is not None else {}

@@ -23,9 +23,10 @@ tags
     request_cache (the folder of its per-request cache), resumed_from / resumed_by (a
     resumed run and the run it resumed), throughput_scope (a resumed run: what its
     throughput covers), reuse_exp.role ("run"), error (the one line of a failed run),
-    end_status (FAILED or KILLED as this code ended it: under `mlflow run`, MLflow 3.17's
-    wrapper re-marks any run whose command exits non-zero FAILED, KILLED included, because
-    its "already terminated?" check compares a status string with integer codes).
+    end_status (FAILED or KILLED as this code ended it), reuse_exp.heartbeat (UTC time,
+    rewritten every 30 s while the process lives: a RUNNING run with an old one is dead),
+    reuse_exp.refused ("true": refused before evaluating, e.g. a bad value or a dirty tree;
+    the audit counts these apart), reuse_exp.end_reason (why `reuse-exp runs end` ended it).
 metrics
     accuracy (the task's primary metric: exact_match after strict-match, else acc),
     accuracy_stderr (lm-eval's stderr of it), n_samples (documents scored);
@@ -74,6 +75,9 @@ CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "policy", "drift", "max_reu
                      "resolved_dtype", "threshold", "block_size", "small_block_size", "max_new_tokens",
                      "use_block_cache", "scoring", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "seed",
                      "batch_size", "device_type", "path")
+HEARTBEAT_TAG = "reuse_exp.heartbeat"
+REFUSED_TAG = "reuse_exp.refused"
+END_REASON_TAG = "reuse_exp.end_reason"
 VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "reuse_exp")
 
 

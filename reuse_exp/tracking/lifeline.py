@@ -1,0 +1,85 @@
+"""How a tracked run hears that it must stop, and stops alone.
+
+SIGTERM (`kill`, `scancel`, a time limit) raises `Terminated` and Ctrl-C
+KeyboardInterrupt: the run then ends KILLED with what it had. While it ends, further
+signals are ignored, so a second Ctrl-C cannot leave it RUNNING.
+
+Under `mlflow run`, MLflow starts the command as its child and waits for it:
+- killed by SIGTERM, MLflow dies without passing it on, and the child ran on, orphaned,
+  to FINISHED. So the child asks the kernel for SIGTERM when its parent dies
+  (Linux prctl PR_SET_PDEATHSIG);
+- interrupted (SIGINT), MLflow sends the child SIGTERM, waits, then marks the run FAILED
+  whatever the child left: MLflow 3.17's "already ended?" check compares the status
+  string with integer codes, so it never sees KILLED. So a child that has ended its run
+  KILLED stops its waiting parent (SIGTERM) before that parent can overwrite it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM (scancel, `kill`, a cancelled mlflow run): end the run KILLED."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def mlflow_parent() -> int | None:
+    """The pid of the `mlflow run` process waiting for this one, if that is our parent."""
+    if not os.environ.get("MLFLOW_RUN_ID") or not sys.platform.startswith("linux"):
+        return None
+    ppid = os.getppid()
+    try:
+        args = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    names = [os.path.basename(a.decode(errors="replace")) for a in args]
+    return ppid if any(a == "mlflow" and b == "run" for a, b in zip(names, names[1:])) else None
+
+
+def _parent_death_signal(signum: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+class Lifeline:
+    """The signal handling of one tracked run: `arm()` at its start, `ending()` once it
+    ends (whatever ended it), `disarm()` when it is over."""
+
+    def __init__(self):
+        self.parent = mlflow_parent()
+        self._previous: dict[int, object] = {}
+
+    def arm(self) -> "Lifeline":
+        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+                          signal.SIGINT: signal.getsignal(signal.SIGINT)}
+        if self.parent is not None:
+            _parent_death_signal(signal.SIGTERM)
+            if os.getppid() != self.parent:  # it died before the kernel was told
+                raise Terminated()
+        return self
+
+    def ending(self) -> None:
+        """The run is ending: a second signal must not cut its ending short."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def release_parent(self, status: str) -> None:
+        """After a KILLED ending, stop the waiting `mlflow run` before it re-marks the run FAILED."""
+        if status != "KILLED" or self.parent is None or os.getppid() != self.parent:
+            return
+        _parent_death_signal(0)   # its death is ours to cause now, not a reason to stop
+        os.kill(self.parent, signal.SIGTERM)
+
+    def disarm(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

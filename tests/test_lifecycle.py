@@ -1,0 +1,173 @@
+"""A tracked run's life as its user meets it, for real: killed outright (SIGKILL), signalled
+(SIGTERM, SIGINT) directly or through `mlflow run`, or started together with others on a
+new store. Every process here is a real `reuse-exp run` or `mlflow run`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, subprocess_env
+
+from reuse_exp.tracking.schema import END_REASON_TAG, HEARTBEAT_TAG
+
+pytestmark = pytest.mark.slow
+
+
+# -- processes --------------------------------------------------------------------------------
+def parents() -> dict[int, int]:
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            out[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    tree, frontier, family = set(), {pid}, parents()
+    while frontier:
+        frontier = {p for p, pp in family.items() if pp in frontier} - tree
+        tree |= frontier
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie has ended: it waits only for its parent to read its status)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def as_from_a_terminal():
+    """Ctrl-C reaches the child as it would from a shell: not ignored, whatever pytest's parent did."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def launch(launcher: str, repo: Path, store: str, settings: dict, env: dict | None = None) -> subprocess.Popen:
+    if launcher == "mlflow":
+        cmd = [sys.executable, "-m", "mlflow", "run", str(repo), "--env-manager", "local"]
+        cmd += [a for k, v in settings.items() for a in ("-P", f"{k}={v}")]
+    else:
+        cmd = [sys.executable, "-m", "reuse_exp.cli", "run"]
+        cmd += [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return subprocess.Popen(cmd, cwd=repo, env={**subprocess_env(store), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
+
+
+def wait_for(proc: subprocess.Popen, store: str, ready, timeout: float = 400):
+    """The one run in the store, once `ready(run)` says so; fails if the process ends first."""
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}"
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if runs and ready(runs[0]):
+            return client, runs[0]
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"not ready in {timeout} s: {proc.communicate()[1][-3000:]}")
+
+
+def decoding(run) -> bool:
+    return run.data.metrics.get("generated_tokens", 0) > 0
+
+
+# -- SIGTERM and SIGINT -----------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("launcher", ["reuse-exp", "mlflow"])
+def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, tiny_ckpt, tasks_dir, launcher, sig):
+    """SIGTERM (kill, scancel) or SIGINT to the process the user started ends the evaluation:
+    no process is left, and the run ends KILLED with the metrics it had. Under `mlflow run`
+    the signal goes to MLflow's process, which does not pass SIGTERM on and re-marks an
+    interrupted run FAILED by itself."""
+    settings = {"model": tiny_ckpt, "task": "t_gen", "include_path": tasks_dir, "limit": 8,
+                "max_new_tokens": 256}
+    proc = launch(launcher, clean_repo, store, settings)
+    client, run = wait_for(proc, store, decoding)
+    tree = descendants(proc.pid)
+    if launcher == "mlflow":
+        assert tree, "mlflow run runs the entry point as its child"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)   # its pipes close when the last process holding them ends
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [p for p in tree if alive(p)] == [], "no process outlives the one signalled"
+    run = client.get_run(run.info.run_id)
+    assert (run.info.status, run.data.tags.get("end_status")) == ("KILLED", "KILLED"), err[-3000:]
+    assert run.data.metrics["generated_tokens"] > 0 and run.data.metrics["seconds"] > 0
+    said = "terminated (SIGTERM)" if sig == signal.SIGTERM and launcher == "reuse-exp" else "the run ended KILLED"
+    assert said in err and "Traceback" not in err
+    if launcher == "reuse-exp":
+        assert proc.returncode == (143 if sig == signal.SIGTERM else 130)
+
+
+# -- SIGKILL: the heartbeat, the audit, the grid and `runs end` ------------------------------
+def test_a_killed_run_is_dead_to_the_audit_and_the_grid(clean_repo, store):
+    """`kill -KILL` leaves the run RUNNING: no code is left to end it. Its heartbeat stops,
+    so the audit flags it dead once --stale-after has passed, the grid runs it again, and
+    `reuse-exp runs end` (which the audit names) ends it KILLED with the reason."""
+    grid_args = ["--task", "tiny_gsm", "--k", "2", "--subset", "first", "--limit", "50"]
+    env = {"REUSE_EXP_HEARTBEAT_S": "1"}
+    proc = launch("reuse-exp", clean_repo, store, {"task": "tiny_gsm", "k": 2, "subset": "first", "limit": 50},
+                  env=env)
+    beats = set()
+
+    def beating_while_decoding(run) -> bool:
+        beats.add(run.data.tags.get(HEARTBEAT_TAG))
+        return decoding(run) and len(beats - {None}) >= 3
+
+    client, run = wait_for(proc, store, beating_while_decoding)
+    proc.kill()
+    proc.communicate(timeout=60)
+    run_id = run.info.run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    cli_env = {**subprocess_env(store), **env}
+    assert run_cli(["audit"], cli_env, clean_repo).returncode == 0, "5 minutes have not passed: alive for now"
+    time.sleep(4)
+    audit = run_cli(["audit", "--stale-after", "3s"], cli_env, clean_repo)
+    assert audit.returncode == 1, audit.stdout + audit.stderr
+    assert f"{run_id}  dead: RUNNING with last heartbeat " in audit.stdout
+    assert f"end it with `reuse-exp runs end {run_id}`" in audit.stdout
+
+    status = run_cli(["grid", "status", *grid_args, "--stale-after", "3s"], cli_env, clean_repo)
+    assert "k=2   failed" in status.stdout and "1 dead: RUNNING, last heartbeat" in status.stdout, status.stdout
+    plan = run_cli(["grid", "run", *grid_args, "--stale-after", "3s", "--dry-run"], cli_env, clean_repo)
+    assert "would run k2_first" in plan.stdout and "running it again" in plan.stdout, plan.stdout + plan.stderr
+
+    end = run_cli(["runs", "end", run_id, "--stale-after", "3s"], cli_env, clean_repo)
+    assert end.returncode == 0 and f"ended {run_id} KILLED" in end.stdout, end.stderr
+    ended = client.get_run(run_id)
+    assert ended.info.status == "KILLED" and "dead: last heartbeat" in ended.data.tags[END_REASON_TAG]
+    assert run_cli(["audit", "--stale-after", "3s"], cli_env, clean_repo).returncode == 0
+
+
+# -- runs started together ---------------------------------------------------------------------
+def test_four_runs_started_together_on_a_new_store_all_finish(clean_repo, tiny_ckpt, tasks_dir, tmp_path):
+    """The first process to open a new sqlite store migrates it; four at once used to race
+    there (one died in alembic). The store and the experiment are both new."""
+    db = tmp_path / "new_store" / "mlflow.db"
+    db.parent.mkdir()
+    store = f"sqlite:///{db}"
+    settings = {"model": tiny_ckpt, "task": "t_gen", "include_path": tasks_dir, "limit": 2,
+                "max_new_tokens": 32, "experiment": "together"}
+    procs = [launch("reuse-exp", clean_repo, store, {**settings, "k": k}) for k in (1, 2, 3, 4)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n\n".join(err[-2000:] for _, err in outs)
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert sorted(r.data.params["k"] for r in runs) == ["1", "2", "3", "4"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.data.metrics["generated_tokens"] > 0 for r in runs)

@@ -1,0 +1,48 @@
+"""Refusals through a real `mlflow run`: a typo, a dirty tree or a tree outside git leaves the
+run MLflow opened FAILED and tagged refused, with the commit where there is one, and the CI
+guard counts such runs apart instead of failing on them."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import git, mlflow_run, run_cli, runs_of, subprocess_env
+
+from reuse_exp.tracking.schema import REFUSED_TAG
+
+pytestmark = pytest.mark.slow
+
+BAD_VALUES = [("k", "0"), ("k", "abc"), ("subset", "foo"), ("mode", "bar"), ("limit", "-1"), ("threshold", "2"),
+              ("batch_size", "0")]
+
+
+def test_refused_runs_are_tagged_and_the_audit_ignores_them(clean_repo, store, tmp_path):
+    head = git(["rev-parse", "HEAD"], clean_repo).strip()
+    for name, value in BAD_VALUES:
+        out = mlflow_run(clean_repo, store, {name: value})
+        assert out.returncode != 0
+        assert f"{name}={value}" in out.stderr or f"'--{name.replace('_', '-')}'" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+
+    dirty = tmp_path / "dirty"
+    git(["clone", "-q", str(clean_repo), str(dirty)], tmp_path)
+    (dirty / "notes.txt").write_text("a new file can change a result\n")
+    out = mlflow_run(dirty, store, {"limit": 2})
+    assert out.returncode != 0 and "refusing to run from a dirty tree: notes.txt" in out.stderr
+
+    outside = tmp_path / "outside_git"
+    shutil.copytree(clean_repo, outside, ignore=shutil.ignore_patterns(".git"))
+    out = mlflow_run(outside, store, {"limit": 2})
+    assert out.returncode != 0 and "the code is not a git commit" in out.stderr
+
+    _, runs = runs_of(store)
+    assert len(runs) == len(BAD_VALUES) + 2
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all(r.data.tags.get(REFUSED_TAG) == "true" and r.data.tags.get("error") for r in runs)
+    commits = sorted(r.data.tags["git_commit"] for r in runs)
+    assert commits == sorted([head] * (len(BAD_VALUES) + 1) + ["unknown"])   # the dirty clone is at HEAD too
+    assert sum(r.data.tags["git_dirty"] == "true" for r in runs) == 2
+
+    audit = run_cli(["audit"], subprocess_env(store), clean_repo)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "audit ok: 0 run(s) in Default" in audit.stdout and "9 refused run(s), ignored" in audit.stdout

@@ -90,6 +90,11 @@ def cli(repo, store, cache_root, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def finish(proc) -> None:
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+
+
 def outputs(client, run) -> dict:
     path = Path(client.download_artifacts(run.info.run_id, "samples_tiny_gsm.jsonl"))
     return {(r["doc_id"], r["filter"]): r["filtered_resps"] for r in map(json.loads, path.read_text().splitlines())}
@@ -100,8 +105,7 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp
     import mlflow
     client = mlflow.MlflowClient(store)
     cache_root = tmp_path / "cache"
-    out, err = cli(clean_repo, store, cache_root, *RUN).communicate(timeout=900)
-    assert "finished" in out, err[-3000:]
+    finish(cli(clean_repo, store, cache_root, *RUN))
     [whole] = client.search_runs(["0"])
 
     proc = cli(clean_repo, store, cache_root, *RUN)
@@ -124,8 +128,7 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp
     cache = Path(client.get_run(killed.info.run_id).data.tags["request_cache"])
     assert cache.is_relative_to(cache_root) and list(cache.glob("requests_rank0.db")), "requests kept as they finished"
 
-    out, err = cli(clean_repo, store, cache_root, *RUN, "--resume", killed.info.run_id).communicate(timeout=900)
-    assert "finished" in out, err[-3000:]
+    finish(cli(clean_repo, store, cache_root, *RUN, "--resume", killed.info.run_id))
     [resumed] = [r for r in client.search_runs(["0"]) if r.info.run_id not in (whole.info.run_id, killed.info.run_id)]
     m, t = resumed.data.metrics, resumed.data.tags
     assert resumed.info.status == "FINISHED" and t["resumed_from"] == killed.info.run_id
@@ -155,8 +158,7 @@ def test_two_ranks_killed_and_resumed_equal_one_uninterrupted_rank(clean_repo, s
     from test_distributed import rank_pids
     client = mlflow.MlflowClient(store)
     cache_root = tmp_path / "cache"
-    out, err = cli(clean_repo, store, cache_root, *RUN2).communicate(timeout=900)
-    assert "finished" in out, err[-3000:]
+    finish(cli(clean_repo, store, cache_root, *RUN2))
     [whole] = client.search_runs(["0"])
 
     proc = cli(clean_repo, store, cache_root, *RUN2, "--processes", "2")
@@ -176,9 +178,8 @@ def test_two_ranks_killed_and_resumed_equal_one_uninterrupted_rank(clean_repo, s
     cache = Path(killed.data.tags["request_cache"])
     assert sorted(p.name for p in cache.glob("requests_rank*.db")) == ["requests_rank0.db", "requests_rank1.db"]
 
-    out, err = cli(clean_repo, store, cache_root, *RUN2, "--processes", "2", "--resume",
-                   killed.info.run_id).communicate(timeout=900)
-    assert "finished" in out, err[-3000:]
+    finish(cli(clean_repo, store, cache_root, *RUN2, "--processes", "2", "--resume",
+                   killed.info.run_id))
     [resumed] = [r for r in client.search_runs(["0"]) if r.data.tags.get("resumed_from") == killed.info.run_id]
     assert resumed.info.status == "FINISHED" and resumed.data.params["world_size"] == "2"
     assert outputs(client, resumed) == outputs(client, whole)

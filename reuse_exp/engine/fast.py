@@ -68,7 +68,7 @@ def attend_static(q, k, v, k_buf, v_buf, positions, key_mask, rows: Rows | None)
         keys, values = k_buf.index_select(0, rows.index), v_buf.index_select(0, rows.index)
     qg = q.reshape(B, n_kv, n_heads // n_kv * T, D)
     out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=key_mask.view(1, 1, 1, -1))
-    return out.view(B, n_heads, T, D)
+    return out.reshape(B, n_heads, T, D)
 
 
 def layer_step(x, w: LayerWeights, k_buf, v_buf, rows: Rows | None, positions, cos, sin, key_mask,

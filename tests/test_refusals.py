@@ -4,6 +4,7 @@ guard counts such runs apart instead of failing on them."""
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import git, mlflow_run, run_cli, runs_of, subprocess_env
@@ -18,8 +19,10 @@ BAD_VALUES = [("k", "0"), ("k", "abc"), ("subset", "foo"), ("mode", "bar"), ("li
 
 def test_refused_runs_are_tagged_and_the_audit_ignores_them(clean_repo, store, tmp_path):
     head = git(["rev-parse", "HEAD"], clean_repo).strip()
-    for name, value in BAD_VALUES:
-        out = mlflow_run(clean_repo, store, {name: value})
+    # the seven refusals at once: they are independent, and real processes sharing a new store
+    with ThreadPoolExecutor(len(BAD_VALUES)) as pool:
+        outs = list(pool.map(lambda nv: mlflow_run(clean_repo, store, {nv[0]: nv[1]}), BAD_VALUES))
+    for (name, value), out in zip(BAD_VALUES, outs):
         assert out.returncode != 0
         assert f"{name}={value}" in out.stderr or f"'--{name.replace('_', '-')}'" in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr

@@ -1,5 +1,6 @@
-"""A store that outgrows one machine: 9 configurations at once against a real MLflow server
-on PostgreSQL, and the same against the embedded sqlite store (works, or one clear line).
+"""A store that outgrows one machine: a grid's configurations at once (k=1 once, k=2 and 3
+on two subsets: 5 runs) against a real MLflow server on PostgreSQL, and the same against the
+embedded sqlite store (works, or one clear line).
 
 Real services, loopback only, started here and stopped in teardown; skipped, naming the
 package, where a binary is missing (`bash .ci/services.sh` installs them)."""
@@ -13,8 +14,9 @@ from services.postgres import available, start_postgres
 
 pytestmark = pytest.mark.slow
 
-GRID = ["grid", "run", "--task", "tiny_gsm", "--limit", "1", "-P", "max_new_tokens=32",
-        "--executor", "submitit-local"]
+GRID = ["grid", "run", "--task", "tiny_gsm", "--limit", "1", "-P", "max_new_tokens=32", "--k", "1,2,3",
+        "--subset", "first,last", "--executor", "submitit-local"]
+CELLS = {("1", "any"), *((str(k), s) for k in (2, 3) for s in ("first", "last"))}
 METRICS = ("accuracy", "tokens_per_second", "skipped_fraction", "generated_tokens", "seconds")
 
 
@@ -49,34 +51,34 @@ def finished_runs(uri: str):
     return cl.search_runs([exp.experiment_id]) if exp else []
 
 
-def test_nine_concurrent_runs_on_postgres_server(tmp_path, tiny_ckpt, pg_server):
+def test_concurrent_runs_on_postgres_server(tmp_path, tiny_ckpt, pg_server):
     repo, out = concurrent_grid(tmp_path, tiny_ckpt, pg_server.uri)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stdout.count("submitted k") == 9
+    assert out.stdout.count("submitted k") == len(CELLS)
     runs = finished_runs(pg_server.uri)
-    assert len(runs) == 9 and all(r.info.status == "FINISHED" for r in runs)
-    assert {(r.data.params["k"], r.data.params["subset"]) for r in runs} == {
-        (str(k), s) for k in (1, 2, 3) for s in ("first", "middle", "last")}
+    assert len(runs) == len(CELLS) and all(r.info.status == "FINISHED" for r in runs)
+    assert {(r.data.params["k"], r.data.params["subset"] if r.data.params["k"] != "1" else "any")
+            for r in runs} == CELLS
     for r in runs:
         missing = [m for m in METRICS if m not in r.data.metrics]
         assert not missing, f"{r.info.run_id} lacks {missing}"
         assert r.data.tags["git_commit"] == repo.head and r.data.tags["git_dirty"] == "false"
     status = repo.cli(["grid", "status", "--task", "tiny_gsm", "--limit", "1", "-P", "max_new_tokens=32",
-                       "--model", str(tiny_ckpt)], repo.env(MLFLOW_TRACKING_URI=pg_server.uri,
+                       "--k", "1,2,3", "--subset", "first,last", "--model", str(tiny_ckpt)], repo.env(MLFLOW_TRACKING_URI=pg_server.uri,
                                                             MLFLOW_EXPERIMENT_NAME="concurrent"))
-    assert "done at HEAD 9/9" in status.stdout, status.stdout + status.stderr
+    assert f"done at HEAD {len(CELLS)}/{len(CELLS)}" in status.stdout, status.stdout + status.stderr
 
 
-def test_nine_concurrent_runs_on_sqlite_work_or_name_the_server(tmp_path, tiny_ckpt):
+def test_concurrent_runs_on_sqlite_work_or_name_the_server(tmp_path, tiny_ckpt):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     _, out = concurrent_grid(tmp_path, tiny_ckpt, uri)
     runs = finished_runs(uri)
     if out.returncode == 0:
-        print("sqlite took 9 concurrent runs")   # seen here: the grid creates schema and experiment first
-        assert len(runs) == 9 and all(r.info.status == "FINISHED" for r in runs)
+        print(f"sqlite took {len(CELLS)} concurrent runs")   # the grid creates schema and experiment first
+        assert len(runs) == len(CELLS) and all(r.info.status == "FINISHED" for r in runs)
         assert all(m in r.data.metrics for r in runs for m in METRICS)
     else:
         last = out.stderr.strip().splitlines()[-1]
-        print(f"sqlite failed under 9 concurrent runs: {last}")
+        print(f"sqlite failed under {len(CELLS)} concurrent runs: {last}")
         assert last.startswith("Error: the sqlite store") and "mlflow server" in last, out.stdout + out.stderr

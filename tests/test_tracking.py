@@ -97,7 +97,9 @@ def test_config_key_follows_result_shaping_settings_only():
     base = {k: "1" for k in schema.CONFIG_KEY_PARAMS}
     assert schema.config_key(base) == schema.config_key(dict(base, model_path="/elsewhere", git_commit="abc"))
     assert schema.config_key(base) != schema.config_key(dict(base, k="2"))
-    assert schema.config_key(base) != schema.config_key(dict(base, layers="8,9,10"))
+    assert schema.config_key(base) == schema.config_key(dict(base, layers="8,9,10"))   # k=1 computes every layer
+    at_k2 = dict(base, k="2")
+    assert schema.config_key(at_k2) != schema.config_key(dict(at_k2, layers="8,9,10"))
 
 
 def test_param_spellings():

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import subprocess_env
+from conftest import subprocess_env, write_tasks
 
 from reuse_exp.cli import main
 from reuse_exp.tracking import provenance as provmod
@@ -117,11 +117,13 @@ def test_failure_ends_failed_with_the_metrics_so_far(clean_repo, store, tiny_ckp
 
 
 @pytest.mark.slow
-def test_sigterm_ends_killed(clean_repo, store, tiny_ckpt, tasks_dir):
+def test_sigterm_ends_killed(clean_repo, store, tiny_ckpt, tmp_path):
     import mlflow
     client = mlflow.MlflowClient(store)
-    proc = cli_run(clean_repo, store, "--model", str(tiny_ckpt), "--task", "t_gen", "--include-path", str(tasks_dir),
-                   "--limit", "8", "--max-new-tokens", "256", "--batch-size", "1")
+    # 64 requests, one at a time: the signal lands while it decodes, not after the last batch
+    many = write_tasks(tmp_path / "tasks", n=64)
+    proc = cli_run(clean_repo, store, "--model", str(tiny_ckpt), "--task", "t_gen", "--include-path", str(many),
+                   "--max-new-tokens", "256", "--batch-size", "1")
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:  # wait for the first progress metric
         runs = client.search_runs(["0"])

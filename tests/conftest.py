@@ -101,10 +101,10 @@ def run_cli(args: list[str], env: dict, cwd: Path, timeout: int = 600) -> subpro
 
 
 def bundled_or(tiny_ckpt: Path, tasks_dir: Path) -> dict[str, str]:
-    """Run settings for the e2e tests: the bundled model and task where this tree has them,
-    else the random checkpoint and the local tasks."""
+    """Run settings for the e2e tests: the bundled defaults (model and task) where this tree
+    has them, else the random checkpoint and the local tasks."""
     from reuse_exp.evaluation.models import bundled_model_dir
-    if bundled_model_dir() is not None and (REPO / "reuse_exp" / "tasks" / "tiny_gsm.yaml").is_file():
+    if bundled_model_dir() is not None and (REPO / "reuse_exp" / "evaluation" / "tasks" / "tiny_gsm.yaml").is_file():
         return {}
     return {"model": str(tiny_ckpt), "task": "t_gen", "include_path": str(tasks_dir)}
 

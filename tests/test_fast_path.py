@@ -1,4 +1,6 @@
 """The static-shape fast path gives the eager path's tokens (CPU here; CUDA graphs on a GPU)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidd
                   num_attention_heads=4, num_key_value_heads=2)
 DEC = DecodeConfig(mask_id=63, stop_id=62, pad_id=61, max_new_tokens=64, threshold=0.9)
 PROMPTS = [[5, 6, 7, 8] * 10, [9, 10, 11, 12, 13] * 3 + [14] * 4, list(range(1, 26)) * 3]
+# Five rows: the rows a forward runs are padded to a power of two, and they disagree on reuse.
+FIVE = PROMPTS + [[3, 4] * 9, [20, 21, 22] * 12]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -21,16 +25,16 @@ def model(request):
     return random_model(CFG, "float32", device=request.param, seed=0, std=0.2)
 
 
-@pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta"),
-                                         (2, "first", "replay"), "adaptive-replay"])
+@pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (3, "last", "delta"), (2, "last", "output"),
+                                         (2, "first", "delta"), (2, "first", "replay"), "adaptive-replay"])
 def test_fast_path_tokens_equal_eager(model, policy_args):
     if policy_args == "adaptive-replay":
         policy = AdaptivePolicy.create(0.8, 3, "replay", 8)
     else:
         policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
-    eager = generate(model, PROMPTS, DEC, policy)
+    eager = generate(model, FIVE, DEC, policy)
     runner = FastRunner(model)
-    fast = generate(model, PROMPTS, DEC, policy, runner=runner)
+    fast = generate(model, FIVE, DEC, policy, runner=runner)
     assert fast.tokens == eager.tokens
     assert fast.report.path.startswith("cuda-graph" if model.device.type == "cuda" else "static")
     assert runner.stats["static"] > 0
@@ -105,7 +109,7 @@ def test_in_a_batch_only_the_rows_that_compute_a_layer_go_through_it(model):
 
 
 def test_row_counts_are_padded_to_a_power_of_two_and_decode_the_same(model):
-    from reuse_exp.engine.fast import padded_rows
+    from reuse_exp.engine.static_inputs import padded_rows
     assert padded_rows([3, 5, 6], 8) == ([3, 5, 6, 6], [0, 1, 2, 2])
     assert padded_rows([3, 5, 6], 3) == ([3, 5, 6], [0, 1, 2])
     assert padded_rows([2, 4, 5, 7, 9], 6) == ([2, 4, 5, 7, 9, 9], [0, 1, 2, 3, 4, 4])
@@ -157,6 +161,48 @@ def test_reusing_positions_never_computed_is_an_error(model):
     runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)  # computed by the full block: fine
 
 
-def test_adaptive_delta_asks_for_the_eager_path(model):
-    with pytest.raises(ConfigError, match="eager path for now"):
-        generate(model, [PROMPTS[0]], DEC, AdaptivePolicy.create(0.5, 3, "delta", 8), runner=FastRunner(model))
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 2.0])
+def test_adaptive_delta_on_the_fast_path_decodes_the_eager_tokens(model, threshold):
+    """The segmented forward: same tokens, same skips and the same refresh drifts as the eager
+    path, in a batch whose rows disagree (mixed and padded row sets)."""
+    policy = AdaptivePolicy.create(threshold, 3, "delta", 8)
+    eager = generate(model, FIVE, DEC, policy)
+    runner = FastRunner(model)
+    fast = generate(model, FIVE, DEC, policy, runner=runner)
+    assert fast.tokens == eager.tokens
+    assert [s.layer_evals_skipped for s in fast.report.samples] == [s.layer_evals_skipped for s in eager.report.samples]
+    assert fast.report.refresh_drifts == pytest.approx(eager.report.refresh_drifts, rel=1e-4, abs=1e-6)
+    if threshold == 0.0:
+        assert fast.tokens == generate(model, FIVE, DEC, None, runner=runner).tokens  # k=1's
+    if threshold == 0.5:
+        assert runner.stats["mixed"] > 0 and runner.stats["padded"] > 0, runner.stats
+
+
+def test_adaptive_delta_fast_path_batch_equals_solo(model):
+    policy = AdaptivePolicy.create(0.5, 3, "delta", 8)
+    runner = FastRunner(model)
+    batch = generate(model, FIVE, DEC, policy, runner=runner)
+    longest = max(len(p) for p in FIVE) // 32
+    # alone, a prompt gets the blocks it gets in the batch (the budget counts from the longest prompt)
+    solo = [generate(model, [p], replace(DEC, max_new_tokens=DEC.max_new_tokens + 32 * (longest - len(p) // 32)),
+                     policy, runner=runner) for p in FIVE]
+    assert batch.tokens == [s.tokens[0] for s in solo]
+    assert [s.layer_evals_skipped for s in batch.report.samples] == \
+           [s.report.samples[0].layer_evals_skipped for s in solo]
+
+
+def test_a_group_the_adaptive_policy_skips_is_not_computed_on_the_fast_path(model):
+    """Count the layer computations of the segmented forward, as the hooks do for eager."""
+    from reuse_exp.engine.fast import layer_step
+    calls = []
+
+    def counting_step(*args, **kwargs):
+        calls.append(1)
+        return layer_step(*args, **kwargs)
+
+    runner = FastRunner(model, use_graphs=False)
+    runner.step = counting_step
+    res = generate(model, [PROMPTS[0]], DEC, AdaptivePolicy.create(2.0, 3, "delta", 8), runner=runner)
+    assert res.report.samples[0].layer_evals_skipped > 0
+    static_forwards = [r for r in res.report.trace if r["kind"] != "prefill"]
+    assert len(calls) == sum(8 - len(r["skipped"]) for r in static_forwards)

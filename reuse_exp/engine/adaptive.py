@@ -88,11 +88,13 @@ class DriftState:
     """Per row and group: the group's input when it last computed (at every block position),
     its reuses in a row, and the drifts that made it recompute."""
 
-    def __init__(self, policy: AdaptivePolicy, batch: int, block_size: int, hidden: int, dtype, device):
+    def __init__(self, policy: AdaptivePolicy, batch: int, block_size: int, hidden: int, dtype, device,
+                 ref: torch.Tensor | None = None):
         self.policy = policy
         self.first = {g[0]: n for n, g in enumerate(policy.groups)}      # first layer -> group
         self.group_of = {i: n for n, g in enumerate(policy.groups) for i in g}
-        self.ref = torch.zeros(len(policy.groups), batch, block_size, hidden, dtype=dtype, device=device)
+        shape = (len(policy.groups), batch, block_size, hidden)
+        self.ref = torch.zeros(shape, dtype=dtype, device=device) if ref is None else ref.zero_()
         self.in_a_row = [[0] * batch for _ in policy.groups]
         self.refresh_drifts: list[float] = []
 
@@ -143,15 +145,22 @@ class AdaptiveReuse:
         if group is None:
             return None
         if layer in self.state.first:
-            reuse = [False] * len(self.active)
+            drift = None
             if self.decide:
                 window = self.state.ref[group, :, self.offset:self.offset + x.shape[1]]
-                reuse = self.state.decide(group, relative_drift(x, window).tolist(), self.active)
-            self.state.count(group, reuse, self.active)
-            self.reusing[group] = RowMask.of(reuse, self.device)
-            self.computing[group] = RowMask.of([a and not r for a, r in zip(self.active, reuse)], self.device)
+                drift = relative_drift(x, window).tolist()
+            self.choose(group, drift)
         mask = self.reusing[group]
         return mask.device if mask.any else None
+
+    def choose(self, group: int, drift: list[float] | None) -> tuple[RowMask, RowMask]:
+        """Decide `group` from its input's drift per row (None on forwards that do not decide):
+        the rows that reuse it and the rows that compute it."""
+        reuse = self.state.decide(group, drift, self.active) if self.decide else [False] * len(self.active)
+        self.state.count(group, reuse, self.active)
+        self.reusing[group] = RowMask.of(reuse, self.device)
+        self.computing[group] = RowMask.of([a and not r for a, r in zip(self.active, reuse)], self.device)
+        return self.reusing[group], self.computing[group]
 
     def rows_computing(self, layer: int) -> torch.Tensor | None:
         mask = self.computing[self.state.group_of[layer]]

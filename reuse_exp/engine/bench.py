@@ -214,13 +214,16 @@ def ideal_saving(model: FastDLLM, row: dict) -> float:
 
 
 def extra_policy(spec: str, num_layers: int):
-    """`replay:K` (the replay control every K-th step) or `adaptive-replay:THRESHOLD`."""
+    """`replay:K` (the replay control every K-th step), `adaptive-replay:T[:CAP]` or
+    `adaptive-delta:T[:CAP]` (threshold T, at most CAP reuses in a row, 8 unless given; at
+    T=0 nothing is reused: what the adaptive decisions cost against k=1)."""
     name, _, value = spec.partition(":")
     if name == "replay":
         return ReusePolicy.create(int(value), "first", num_layers, mode="replay")
-    if name == "adaptive-replay":
-        return AdaptivePolicy.create(float(value), 8, "replay", num_layers)
-    raise ValueError(f"unknown policy {spec!r}: use replay:K or adaptive-replay:THRESHOLD")
+    if name in ("adaptive-replay", "adaptive-delta"):
+        threshold, _, cap = value.partition(":")
+        return AdaptivePolicy.create(float(threshold), int(cap or 8), name.split("-")[1], num_layers)
+    raise ValueError(f"unknown policy {spec!r}: use replay:K, adaptive-replay:T or adaptive-delta:T")
 
 
 @dataclass
@@ -357,7 +360,7 @@ def parse_args(argv=None):
     ap.add_argument("--path", default="fast", choices=["eager", "fast"],
                     help="fast: static-shape forwards, CUDA graphs on a GPU; eager: plain PyTorch")
     ap.add_argument("--extra", type=lambda v: [x for x in v.split(",") if x], default=[],
-                    help="more end-to-end policies: replay:K, adaptive-replay:THRESHOLD")
+                    help="more end-to-end policies: replay:K, adaptive-replay:T, adaptive-delta:T")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per forward kind")
     ap.add_argument("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
     ap.add_argument("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")

@@ -69,6 +69,9 @@ class EagerRunner:
     def new_cache(self, batch: int, max_len: int, block_size: int):
         return self.model.new_cache(batch, max_len, block_size)
 
+    def buffer(self, key, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.model.device)
+
     def new_reuse_cache(self, policy: ReusePolicy, batch: int, block_size: int) -> ReuseCache:
         m = self.model
         return ReuseCache(policy, batch, block_size, m.config.hidden_size, m.dtype, m.device)
@@ -107,7 +110,7 @@ class _Run:
         reuse_cache = None
         if policy is not None and policy.reuses and policy.mode != "replay":
             reuse_cache = runner.new_reuse_cache(policy, len(prompts), bs)
-        self.schedule = ReuseSchedule(policy, reuse_cache, model, len(prompts), bs, shadow)
+        self.schedule = ReuseSchedule(policy, reuse_cache, model, len(prompts), bs, shadow, runner.buffer)
         self.recorder = DecodeRecorder(len(prompts), model.num_layers, trace_sample)
         self.window_logits = WindowLogits(len(prompts), dev)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
@@ -308,9 +311,6 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     if policy is not None and max(policy.layers) >= model.num_layers:
         raise ConfigError(f"reuse policy names layer {max(policy.layers)}, the model has {model.num_layers}")
     runner = EagerRunner(model) if runner is None else runner
-    if isinstance(policy, AdaptivePolicy) and policy.mode == "delta" and runner.name != "eager":
-        raise ConfigError("the adaptive policy in delta mode decides inside the forward and runs on the "
-                          "eager path for now: pass decode_path=eager")
     if shadow and runner.name != "eager":
         raise ConfigError("shadow mode runs on the eager path: leave the runner out")
     run = _Run(model, prompts, cfg, policy, trace_sample, shadow, runner)

@@ -12,6 +12,9 @@ In a batch only the rows that compute a layer go through it: the rows a forward 
 is rounded up to a power of two (so few graphs serve every count) by repeating the last
 row; a repeated row computes exactly what its original does (see `canon`).
 
+Under the adaptive policy in delta mode a group's decision depends on the layers before it
+in the same forward: that forward runs in segments, a graph each (fast_adaptive.py).
+
 On a CPU the same static forward runs eagerly (no graphs): CI checks it against the
 eager path. Prefill (one per call, variable length) always runs eagerly.
 """
@@ -24,28 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from .model import FastDLLM, ForwardKind, KVCache, LayerWeights, decoder_layer, rope_tables
+from .adaptive import AdaptiveReuse
 from .reuse import LayerReuse, ReuseCache
+from .static_inputs import Rows, StaticInputs, canonical, padded_rows, pick
 
 STATIC_KINDS = (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK, ForwardKind.FINALIZE)
-
-
-@dataclass
-class Rows:
-    """Batch rows that go through a layer, padded to a power of two by repeating the last.
-
-    index: [n] long, the rows (of the tensor the layer reads); canon: [n] long, for each
-    entry the first entry holding the same row. Outputs are taken through `canon` before
-    anything is written, so a repeated row writes exactly its original's values."""
-    index: torch.Tensor
-    canon: torch.Tensor
-
-
-def _pick(t: torch.Tensor, rows: Rows | None) -> torch.Tensor:
-    return t if rows is None else t.index_select(0, rows.index)
-
-
-def _canonical(t: torch.Tensor, rows: Rows | None) -> torch.Tensor:
-    return t if rows is None else t.index_select(0, rows.canon)
 
 
 def attend_static(q, k, v, k_buf, v_buf, positions, key_mask, rows: Rows | None):
@@ -55,7 +41,7 @@ def attend_static(q, k, v, k_buf, v_buf, positions, key_mask, rows: Rows | None)
     reads K/V head h // (n_heads // n_kv), so the groups stack along the query axis."""
     B, n_heads, T, D = q.shape
     n_kv = k_buf.shape[1]
-    k, v = _canonical(k, rows), _canonical(v, rows)
+    k, v = canonical(k, rows), canonical(v, rows)
     if rows is None:
         k_buf.index_copy_(2, positions, k)
         v_buf.index_copy_(2, positions, v)
@@ -76,48 +62,72 @@ def layer_step(x, w: LayerWeights, k_buf, v_buf, rows: Rows | None, positions, c
     """One decoder layer with static shapes over the batch rows `rows` of the caches (x holds
     exactly those rows): `decoder_layer` with the static attention."""
     attend = partial(attend_static, k_buf=k_buf, v_buf=v_buf, positions=positions, key_mask=key_mask, rows=rows)
-    return _canonical(decoder_layer(x, w, cos, sin, attend, n_heads, n_kv, eps), rows)
+    return canonical(decoder_layer(x, w, cos, sin, attend, n_heads, n_kv, eps), rows)
 
 
-@dataclass
-class StaticInputs:
-    """Device buffers a captured graph reads; refreshed in place before each replay. Every
-    integer input is a view of `ints`, so one host-to-device copy refreshes them all."""
-    tokens: torch.Tensor     # [B, T] long
-    ints: torch.Tensor       # start, kv_len, offset, then each Rows' index and canon
-    rows: Rows | None        # batch rows this forward computes (None: all)
-    sub: Rows | None         # mixed reuse: of `rows`, the entries that compute the reused layers
-    sub_rows: Rows | None    # the same as batch rows (for the caches)
-
-    @property
-    def start(self) -> torch.Tensor:   # [1]: absolute position of the first token
-        return self.ints[0:1]
-
-    @property
-    def kv_len(self) -> torch.Tensor:  # [1]: keys [0, kv_len) are valid
-        return self.ints[1:2]
-
-    @property
-    def offset(self) -> torch.Tensor:  # [1]: position of the tokens inside the block (replace_position)
-        return self.ints[2:3]
-
-    @classmethod
-    def allocate(cls, B: int, T: int, n_rows: int | None, n_sub: int | None, device) -> "StaticInputs":
-        sizes = [3] + [n for n in (n_rows, n_rows, n_sub, n_sub, n_sub, n_sub) if n is not None]
-        ints = torch.zeros(sum(sizes), dtype=torch.long, device=device)
-        parts = iter(ints.split(sizes)[1:])
-        rows = Rows(next(parts), next(parts)) if n_rows is not None else None
-        sub = Rows(next(parts), next(parts)) if n_sub is not None else None
-        sub_rows = Rows(next(parts), next(parts)) if n_sub is not None else None
-        return cls(torch.zeros(B, T, dtype=torch.long, device=device), ints, rows, sub, sub_rows)
-
-
-def _store(values: torch.Tensor, new: torch.Tensor, rows: Rows | None, window: torch.Tensor) -> None:
+def store_rows(values: torch.Tensor, new: torch.Tensor, rows: Rows | None, window: torch.Tensor) -> None:
     """Write a layer's result for `rows` (batch rows) into one reused layer's slot [B, block, hidden]."""
     if rows is None:
         values.index_copy_(1, window, new)
     else:
         values.index_put_((rows.index[:, None], window[None, :]), new)
+
+
+@dataclass
+class Frame:
+    """What every layer of one static forward reads, derived on the device from its inputs."""
+    positions: torch.Tensor   # [T] absolute positions of the tokens
+    window: torch.Tensor      # [T] their positions inside the block
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_mask: torch.Tensor    # [S] 0 for valid keys, -inf past kv_len
+
+
+def frame(model: FastDLLM, inp: StaticInputs, cache: KVCache) -> Frame:
+    T, dev = inp.tokens.shape[1], inp.tokens.device
+    steps = torch.arange(T, device=dev)
+    positions = inp.start + steps
+    cos, sin = rope_tables(model.inv_freq, positions, model.dtype)
+    S = cache.k.shape[3]
+    key_mask = torch.where(torch.arange(S, device=dev) < inp.kv_len, 0.0, float("-inf")).to(model.dtype)
+    return Frame(positions, inp.offset + steps, cos, sin, key_mask)
+
+
+def run_layers(model: FastDLLM, x: torch.Tensor, layers, inp: StaticInputs, f: Frame, cache: KVCache,
+               reuse_cache: ReuseCache | None, skip: frozenset[int], step=layer_step) -> torch.Tensor:
+    """The decoder layers `layers` over x (the rows `inp.rows`); see `static_forward`."""
+    cfg = model.config
+    args = (f.positions, f.cos, f.sin, f.key_mask, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.rms_norm_eps)
+    rows = inp.rows
+    for i in layers:
+        layer = model.model.layers[i]
+        slot = reuse_cache.slot.get(i) if reuse_cache is not None else None
+        if i in skip:
+            stand_in = pick(reuse_cache.values[slot].index_select(1, f.window), rows)
+            if reuse_cache.mode == "delta":
+                stand_in = x + stand_in
+            if inp.sub is not None:  # mixed: the computing rows alone go through the layer
+                x_in = pick(x, inp.sub)
+                y = step(x_in, layer.weights(), cache.k[i], cache.v[i], inp.sub_rows, *args)
+                store_rows(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x_in, inp.sub_rows,
+                       f.window)
+                # a repeated row that computes must hold what its original computed, not the stand-in
+                stand_in = canonical(stand_in.index_copy(0, inp.sub.index, y), rows)
+            x = stand_in
+            continue
+        y = step(x, layer.weights(), cache.k[i], cache.v[i], rows, *args)
+        if slot is not None:
+            store_rows(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x, rows, f.window)
+        x = y
+    return x
+
+
+def batch_rows(hidden: torch.Tensor, rows: Rows | None, batch: int) -> torch.Tensor:
+    """Hidden states of `rows` placed in a [batch, ...] tensor (zeros for the other rows)."""
+    if rows is None:
+        return hidden
+    return hidden.new_zeros(batch, *hidden.shape[1:]).index_copy(0, rows.index, hidden)
 
 
 def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cache: ReuseCache | None,
@@ -128,52 +138,10 @@ def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cac
     skip: layers that stand in a cached result for the rows of `inp.rows` outside `inp.sub`
           (every row of `inp.rows` when `inp.sub` is None)
     """
-    B, T = inp.tokens.shape
-    dev = inp.tokens.device
-    cfg = model.config
-    steps = torch.arange(T, device=dev)
-    positions = inp.start + steps
-    window = inp.offset + steps
-    cos, sin = rope_tables(model.inv_freq, positions, model.dtype)
-    S = cache.k.shape[3]
-    key_mask = torch.where(torch.arange(S, device=dev) < inp.kv_len, 0.0, float("-inf")).to(model.dtype)
-    rows = inp.rows
-    x = model.model.embed_tokens(_pick(inp.tokens, rows))
-    for i, layer in enumerate(model.model.layers):
-        slot = reuse_cache.slot.get(i) if reuse_cache is not None else None
-        if i in skip:
-            stand_in = _pick(reuse_cache.values[slot].index_select(1, window), rows)
-            if reuse_cache.mode == "delta":
-                stand_in = x + stand_in
-            if inp.sub is not None:  # mixed: the computing rows alone go through the layer
-                x_in = _pick(x, inp.sub)
-                y = step(x_in, layer.weights(), cache.k[i], cache.v[i], inp.sub_rows, positions, cos, sin, key_mask,
-                         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
-                _store(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x_in, inp.sub_rows, window)
-                stand_in = stand_in.index_copy(0, inp.sub.index, y)
-            x = stand_in
-            continue
-        y = step(x, layer.weights(), cache.k[i], cache.v[i], rows, positions, cos, sin, key_mask,
-                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
-        if slot is not None:
-            _store(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x, rows, window)
-        x = y
-    hidden = model.model.norm(x)
-    if rows is None:
-        return hidden
-    return hidden.new_zeros(B, T, hidden.shape[-1]).index_copy(0, rows.index, hidden)
-
-
-def padded_size(n: int, limit: int) -> int:
-    """n rounded up to a power of two, at most `limit`."""
-    return min(1 << max(n - 1, 0).bit_length(), limit)
-
-
-def padded_rows(entries: list[int], limit: int) -> tuple[list[int], list[int]]:
-    """`entries` padded to `padded_size` by repeating the last; and each entry's first occurrence."""
-    size = padded_size(len(entries), limit)
-    n = len(entries)
-    return entries + [entries[-1]] * (size - n), list(range(n)) + [n - 1] * (size - n)
+    f = frame(model, inp, cache)
+    x = model.model.embed_tokens(pick(inp.tokens, inp.rows))
+    x = run_layers(model, x, range(model.num_layers), inp, f, cache, reuse_cache, skip, step)
+    return batch_rows(model.model.norm(x), inp.rows, inp.tokens.shape[0])
 
 
 class FastRunner:
@@ -198,6 +166,7 @@ class FastRunner:
         options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
         self.step = torch.compile(layer_step, dynamic=True, options=options) if compile_layers else layer_step
         self.graphs: dict = {}
+        self.buffers: dict = {}
         self.caches: dict = {}
         self.reuse_caches: dict = {}
         self.stats = {"static": 0, "eager": 0, "captures": 0, "padded": 0, "mixed": 0}
@@ -220,6 +189,13 @@ class FastRunner:
         cache.prefix_len = 0
         return cache
 
+    def buffer(self, key, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A device buffer kept between calls (graphs point into it); zeros when new."""
+        t = self.buffers.get(key)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            t = self.buffers[key] = torch.zeros(shape, dtype=dtype, device=self.model.device)
+        return t
+
     def new_reuse_cache(self, policy, batch: int, block_size: int) -> ReuseCache:
         key = (policy.layers, policy.mode, batch, block_size)
         rc = self.reuse_caches.get(key)
@@ -239,63 +215,84 @@ class FastRunner:
         offset = replace_position if kind is ForwardKind.SMALL_BLOCK else 0
         if p0 + bs > cache.max_len:
             raise ValueError(f"K/V cache of {cache.max_len} positions cannot hold {p0 + bs}")
+        act = active.cpu() if active is not None else torch.ones(B, dtype=torch.bool)
+        if isinstance(plan, AdaptiveReuse):
+            from .fast_adaptive import segmented_forward
+            hidden = segmented_forward(self, tokens, kind, cache, offset, plan, act)
+        else:
+            hidden = self._forward(tokens, kind, cache, offset, plan, act)
+        if kind is ForwardKind.FINALIZE:
+            cache.prefix_len = p0 + T
+        return hidden
+
+    def _forward(self, tokens, kind, cache, offset: int, plan: LayerReuse | None, act: torch.Tensor):
+        B, T = tokens.shape
         skip = frozenset()
         reuse_cache = plan.cache if plan is not None else None
-        act = active.cpu() if active is not None else torch.ones(B, dtype=torch.bool)
         computing = act
         if plan is not None and plan.reusing.any:
             skip, computing = plan.layers, plan.computing.host
-            # the host-side record the eager path keeps (every slot of the cache is a skipped layer)
-            if reuse_cache is not None and not bool(reuse_cache.filled[:, plan.reusing.host, offset:offset + T].all()):
-                raise RuntimeError(f"layers {sorted(skip)} reused positions never computed in this block")
-        # Which rows compute: every row, or the active ones (padded); for reused layers, of
-        # those, the ones that do not reuse (`sub`, as entries of `rows` and as batch rows).
+            check_filled(reuse_cache, skip, plan.reusing.host, offset, T)
+        rows, sub, sub_rows = self.row_sets(act, computing if skip else None)
+        shapes = tuple(None if r is None else len(r[0]) for r in (rows, sub))
+        buffers = [cache.k, cache.v] + ([reuse_cache.values] if reuse_cache is not None else [])
+        key = (kind, B, T, skip, shapes, addresses(buffers))
+        scratch = [cache.k[:, :, :, :T], cache.v[:, :, :, :T]]
+        scratch += [reuse_cache.values[:, :, :T]] if reuse_cache is not None else []
+        forward = partial(static_forward, self.model, cache=cache, reuse_cache=reuse_cache, skip=skip, step=self.step)
+        timing = self.timings is not None and self.use_graphs
+        if timing:
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
+        hidden = self.run_static(key, tokens, [cache.prefix_len + offset, cache.prefix_len + cache.block_size, offset],
+                                 (rows, sub, sub_rows), forward, scratch)
+        if timing:
+            events[1].record()
+            n_computing = int(computing.sum())
+            self.timings.append({"kind": kind.value, "rows": shapes[0] or B, "skip": bool(skip),
+                                 "reusing": int(act.sum()) - n_computing if skip else 0,
+                                 "active": int(act.sum()), "events": events})
+        if reuse_cache is not None:  # keep the host-side record in step with the device
+            reuse_cache.filled[:, computing, offset:offset + T] = True
+        return hidden
+
+    def row_sets(self, act: torch.Tensor, computing: torch.Tensor | None):
+        """The rows a forward runs (every row, or the active ones, padded) and, when some layers
+        are reused, of those the ones that compute them (`sub`, as entries of the rows and as
+        batch rows); None where that is every row."""
+        B = len(act)
         rows = sub = sub_rows = None
         active_rows = torch.nonzero(act).flatten().tolist()
         if len(active_rows) < B:
             rows = padded_rows(active_rows, B)
-        computing_rows = torch.nonzero(computing).flatten().tolist()
-        if skip and computing_rows:
+        computing_rows = torch.nonzero(computing).flatten().tolist() if computing is not None else []
+        if computing_rows:
             where = {r: j for j, r in enumerate(active_rows)}
             sub = padded_rows([where[r] for r in computing_rows], len(rows[0]) if rows else B)
             sub_rows = ([(rows[0] if rows else list(range(B)))[j] for j in sub[0]], sub[1])
-        shapes = tuple(None if r is None else len(r[0]) for r in (rows, sub))
         self.stats["mixed"] += sub is not None
-        self.stats["padded"] += (rows is not None and shapes[0] > len(active_rows)) or \
-            (sub is not None and shapes[1] > len(computing_rows))
-        # A graph bakes in the addresses of every buffer it touches; a buffer freed by a trim
-        # can come back at the same address with another shape, so both go in the key.
-        buffers = [cache.k, cache.v] + ([reuse_cache.values] if reuse_cache is not None else [])
-        key = (kind, B, T, skip, shapes, tuple((b.data_ptr(), tuple(b.shape)) for b in buffers))
+        self.stats["padded"] += (rows is not None and len(rows[0]) > len(active_rows)) or \
+            (sub is not None and len(sub[0]) > len(computing_rows))
+        return rows, sub, sub_rows
+
+    def run_static(self, key, tokens, head: list[int], row_sets, forward, scratch: list[torch.Tensor]):
+        """`forward(inp)` on static inputs holding `tokens`, the integers `head` (start, kv_len,
+        offset) and `row_sets`: the CUDA graph of `key`, captured on first use, or eagerly."""
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._build(key, B, T, shapes, cache, reuse_cache, skip)
+            shapes = tuple(None if r is None else len(r[0]) for r in row_sets[:2])
+            entry = self._build(key, *tokens.shape, shapes, forward, scratch)
         inp, graph, out = entry
         inp.tokens.copy_(tokens)
-        ints = [p0 + offset, p0 + bs, offset]
-        for r in (rows, sub, sub_rows):
+        ints = list(head)
+        for r in row_sets:
             ints += [] if r is None else r[0] + r[1]
         inp.ints.copy_(torch.tensor(ints))
-        timing = self.timings is not None and graph is not None
-        if timing:
-            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            events[0].record()
-        if graph is not None:
-            graph.replay()
-            hidden = out
-        else:
-            hidden = static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
-        if timing:
-            events[1].record()
-            self.timings.append({"kind": kind.value, "rows": shapes[0] or B, "skip": bool(skip),
-                                 "reusing": int(act.sum()) - len(computing_rows) if skip else 0,
-                                 "active": len(active_rows), "events": events})
-        if reuse_cache is not None:  # keep the host-side record in step with the device
-            reuse_cache.filled[:, computing if skip else act, offset:offset + T] = True
-        if kind is ForwardKind.FINALIZE:
-            cache.prefix_len = p0 + T
         self.stats["static"] += 1
-        return hidden
+        if graph is None:
+            return forward(inp)
+        graph.replay()
+        return out
 
     def forward_times(self) -> list[dict]:
         """The timed forwards since timing was switched on (`self.timings = []`), with their
@@ -304,7 +301,7 @@ class FastRunner:
         return [{k: v for k, v in t.items() if k != "events"} | {"ms": t["events"][0].elapsed_time(t["events"][1])}
                 for t in self.timings or []]
 
-    def _build(self, key, B, T, shapes, cache, reuse_cache, skip):
+    def _build(self, key, B, T, shapes, forward, scratch: list[torch.Tensor]):
         inp = StaticInputs.allocate(B, T, shapes[0], shapes[1], self.model.device)
         inp.kv_len.fill_(T)
         for r in (inp.rows, inp.sub, inp.sub_rows):
@@ -314,25 +311,35 @@ class FastRunner:
         graph = out = None
         if self.use_graphs:
             # Warm up on a side stream (allocator and library handles), then capture. Warm-up
-            # and capture write into the caches at positions [0, T): saved and restored.
-            saved = [cache.k[:, :, :, :T].clone(), cache.v[:, :, :, :T].clone()]
-            if reuse_cache is not None:
-                saved.append(reuse_cache.values[:, :, :T].clone())
+            # and capture write into the caches at positions [0, T) (and into `scratch`): saved
+            # and restored.
+            saved = [t.clone() for t in scratch]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
+                    forward(inp)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = static_forward(self.model, inp, cache, reuse_cache, skip, self.step)
-            cache.k[:, :, :, :T].copy_(saved[0])
-            cache.v[:, :, :, :T].copy_(saved[1])
-            if reuse_cache is not None:
-                reuse_cache.values[:, :, :T].copy_(saved[2])
+                out = forward(inp)
+            for t, s in zip(scratch, saved):
+                t.copy_(s)
             self.stats["captures"] += 1
         entry = (inp, graph, out)
         self.graphs[key] = entry
         return entry
+
+
+def addresses(buffers: list[torch.Tensor]) -> tuple:
+    """A graph bakes in the addresses of every buffer it touches; a buffer freed by a trim
+    can come back at the same address with another shape, so both go in its key."""
+    return tuple((b.data_ptr(), tuple(b.shape)) for b in buffers)
+
+
+def check_filled(reuse_cache: ReuseCache, layers, reusing: torch.Tensor, offset: int, T: int) -> None:
+    """The host-side record the eager path keeps: reused positions were computed in this block."""
+    slots = [reuse_cache.slot[i] for i in sorted(layers)]
+    if not bool(reuse_cache.filled[slots][:, reusing, offset:offset + T].all()):
+        raise RuntimeError(f"layers {sorted(layers)} reused positions never computed in this block")

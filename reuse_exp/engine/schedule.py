@@ -17,7 +17,7 @@ DENOISING = (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK)
 
 class ReuseSchedule:
     def __init__(self, policy: ReusePolicy | AdaptivePolicy | None, cache: ReuseCache | None, model: FastDLLM,
-                 batch: int, block_size: int, shadow: bool = False):
+                 batch: int, block_size: int, shadow: bool = False, buffer=None):
         self.policy, self.cache, self.device = policy, cache, model.device
         self.shadow = ShadowLog() if shadow and cache is not None else None
         self.drift = self.replay_drift = None
@@ -25,8 +25,10 @@ class ReuseSchedule:
             args = (batch, block_size, model.config.hidden_size, model.dtype, model.device)
             if policy.mode == "replay":
                 self.replay_drift = ReplayDrift(policy, model.model.embed_tokens, *args)
-            else:
-                self.drift = DriftState(policy, *args)
+            else:  # the drift reference lives in a buffer of the runner's (graphs point into it)
+                shape = (len(policy.groups), batch, block_size, model.config.hidden_size)
+                ref = buffer(("drift", shape), shape, model.dtype) if buffer is not None else None
+                self.drift = DriftState(policy, *args, ref=ref)
         self.block = 0
         self.step: list[int] = []           # per row: its denoising forwards so far in this block
         self.since_refresh: list[int] = []  # per row: its denoising forwards since its last full-block forward

@@ -108,9 +108,7 @@ class FastDLLMv2LM(TemplateLM):
         self.decode_config: DecodeConfig = decode_config_for(
             self.tokenizer, block_size=s.block_size, small_block_size=s.small_block_size,
             threshold=s.threshold, max_new_tokens=s.max_new_tokens, use_block_cache=s.use_block_cache).validate()
-        # the adaptive policy's delta mode decides inside the forward: the eager path for now
-        eager_only = isinstance(self.policy, AdaptivePolicy) and self.policy.mode == "delta"
-        self.runner = make_runner(self.model, "eager" if eager_only and s.decode_path == "auto" else s.decode_path)
+        self.runner = make_runner(self.model, s.decode_path)
         self.path = self.runner.name  # which decoding path ran: logged as the `path` param
         self.stats = HarnessStats()
         self.on_batch: Callable[[HarnessStats], None] | None = None  # progress, after each batch

@@ -52,7 +52,7 @@ def test_runner_reuses_its_caches_and_graphs_across_calls(model):
 
 def test_skipped_layers_are_absent_from_the_static_forward(model):
     """Count the layer computations the static forward runs, as the hooks do for eager."""
-    from reuse_exp.engine.fast import layer_step
+    from reuse_exp.engine.static_forward import layer_step
     calls = []
 
     def counting_step(*args, **kwargs):
@@ -91,7 +91,7 @@ def test_random_model_is_built_in_its_dtype():
 def test_in_a_batch_only_the_rows_that_compute_a_layer_go_through_it(model):
     """Rows a forward is not for, and rows that reuse a layer, skip it: the layer computations
     the static forward runs (rows x layers) are exactly the samples' own layer evaluations."""
-    from reuse_exp.engine.fast import layer_step
+    from reuse_exp.engine.static_forward import layer_step
     rows = []
 
     def counting_step(x, *args, **kwargs):
@@ -125,7 +125,7 @@ def test_row_counts_are_padded_to_a_power_of_two_and_decode_the_same(model):
 def test_static_attention_in_bf16_matches_float64(device):
     """The fast path's attention (SDPA over the static buffer, grouped queries stacked) in bf16
     against plain attention in float64 over the valid keys."""
-    from reuse_exp.engine.fast import attend_static
+    from reuse_exp.engine.static_forward import attend_static
     gen = torch.Generator().manual_seed(0)
     B, H, KV, T, D, S, kv_len = 2, 8, 2, 8, 64, 256, 160
 
@@ -193,7 +193,7 @@ def test_adaptive_delta_fast_path_batch_equals_solo(model):
 
 def test_a_group_the_adaptive_policy_skips_is_not_computed_on_the_fast_path(model):
     """Count the layer computations of the segmented forward, as the hooks do for eager."""
-    from reuse_exp.engine.fast import layer_step
+    from reuse_exp.engine.static_forward import layer_step
     calls = []
 
     def counting_step(*args, **kwargs):

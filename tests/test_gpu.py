@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO, subprocess_env
+from reuse_exp.engine.adaptive import AdaptivePolicy
 from reuse_exp.engine.config import ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
-from reuse_exp.engine.fast import FastRunner, attend_static
+from reuse_exp.engine.fast import FastRunner
+from reuse_exp.engine.static_forward import attend_static
 from reuse_exp.engine.loading import decode_config_for, load_model, load_tokenizer, random_model
 from reuse_exp.engine.reuse import ReusePolicy
 
@@ -23,7 +25,7 @@ CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidd
                   num_attention_heads=4, num_key_value_heads=2)
 DEC = DecodeConfig(mask_id=63, stop_id=62, pad_id=61, max_new_tokens=64, threshold=0.9)
 PROMPTS = [[5, 6, 7, 8] * 10, [9, 10, 11, 12, 13] * 3 + [14] * 4, list(range(1, 26)) * 3]
-POLICIES = [None, (2, "first"), (2, "middle"), (3, "last")]
+POLICIES = [None, (2, "first"), (2, "middle"), (3, "last"), "adaptive delta"]
 
 
 def bundled_prompts(tok, n: int) -> list[list[int]]:
@@ -53,7 +55,10 @@ def test_fast_path_decodes_the_eager_tokens_in_bf16(which, compile_layers):
         prompts, dec = bundled_prompts(tok, 6), decode_config_for(tok, max_new_tokens=64)
     runner = FastRunner(model, compile_layers=compile_layers)
     for spec in POLICIES if which == "tiny shape" else POLICIES[:2]:
-        policy = ReusePolicy.create(spec[0], spec[1], model.num_layers) if spec else None
+        if spec == "adaptive delta":  # the segmented forward: a graph per group
+            policy = AdaptivePolicy.create(0.5, 3, "delta", model.num_layers)
+        else:
+            policy = ReusePolicy.create(spec[0], spec[1], model.num_layers) if spec else None
         eager = generate(model, prompts, dec, policy)
         fast = generate(model, prompts, dec, policy, runner=runner)
         first = [next((i for i, (a, b) in enumerate(zip(e, f)) if a != b), None)

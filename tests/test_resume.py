@@ -165,12 +165,12 @@ def test_two_ranks_killed_and_resumed_equal_one_uninterrupted_rank(clean_repo, s
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         runs = [r for r in client.search_runs(["0"]) if r.info.run_id != whole.info.run_id]
-        if runs and runs[0].data.metrics.get("generated_tokens", 0) >= whole.data.metrics["generated_tokens"] / 6:
+        # as soon as some requests are done (and cached): progress is logged every few seconds
+        if runs and runs[0].data.metrics.get("generated_tokens", 0) > 0:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     pids = rank_pids(proc.pid)
     assert proc.poll() is None and 1 in pids, "the run ended before it could be killed"
-    time.sleep(1)
     os.kill(pids[1], signal.SIGKILL)
     proc.communicate(timeout=120)
     killed = client.get_run(runs[0].info.run_id)

@@ -17,10 +17,10 @@ from functools import partial
 import torch
 
 from .adaptive import AdaptiveReuse, relative_drift
-from .fast import FastRunner, store_rows, addresses, batch_rows, check_filled, frame, run_layers
 from .model import ForwardKind, KVCache
 from .reuse import ReuseCache
-from .static_inputs import StaticInputs, pick
+from .static_forward import batch_rows, frame, run_layers, store_rows
+from .static_inputs import StaticInputs, addresses, pick
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Carry:
     drift: torch.Tensor   # [rows] float32
 
 
-def carry_for(runner: FastRunner, B: int, T: int, n_rows: int) -> Carry:
+def carry_for(runner, B: int, T: int, n_rows: int) -> Carry:
     """The runner's hand-over buffers for this shape, kept so that its graphs stay valid."""
     m = runner.model
     return Carry(runner.buffer(("carry", B, T, n_rows), (n_rows, T, m.config.hidden_size), m.dtype),
@@ -76,7 +76,7 @@ def run_segment(model, inp: StaticInputs, seg: Segment, carry: Carry, cache: KVC
     return carry.drift
 
 
-def segmented_forward(runner: FastRunner, tokens: torch.Tensor, kind: ForwardKind, cache: KVCache, offset: int,
+def segmented_forward(runner, tokens: torch.Tensor, kind: ForwardKind, cache: KVCache, offset: int,
                       plan: AdaptiveReuse, act: torch.Tensor) -> torch.Tensor:
     """The forward of `plan` (an AdaptiveReuse) for the active rows `act`, segment by segment."""
     B, T = tokens.shape
@@ -99,7 +99,7 @@ def segmented_forward(runner: FastRunner, tokens: torch.Tensor, kind: ForwardKin
             reusing, computing_mask = plan.choose(seg.group, drift)
             if reusing.any:
                 skip, computing = frozenset(seg.layers), computing_mask.host
-                check_filled(reuse_cache, seg.layers, reusing.host, offset, T)
+                reuse_cache.check_filled(seg.layers, reusing.host, offset, T)
         row_sets = runner.row_sets(act, computing if skip else None)
         shapes = tuple(None if r is None else len(r[0]) for r in row_sets[:2])
         key = ("adaptive", kind, B, T, index, skip, shapes, buffers)

@@ -145,6 +145,12 @@ class ReuseCache:
         cached = self.values[s, :, offset:offset + T]
         return cached if self.mode == "output" else x_in + cached
 
+    def check_filled(self, layers, rows: torch.Tensor, offset: int, T: int) -> None:
+        """The fast path's check, on the host record alone: reused positions were computed in this block."""
+        slots = [self.slot[i] for i in sorted(layers)]
+        if not bool(self.filled[slots][:, rows, offset:offset + T].all()):
+            raise RuntimeError(f"layers {sorted(layers)} reused positions never computed in this block")
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)

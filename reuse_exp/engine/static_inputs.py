@@ -69,3 +69,9 @@ class StaticInputs:
         sub = Rows(next(parts), next(parts)) if n_sub is not None else None
         sub_rows = Rows(next(parts), next(parts)) if n_sub is not None else None
         return cls(torch.zeros(B, T, dtype=torch.long, device=device), ints, rows, sub, sub_rows)
+
+
+def addresses(buffers: list[torch.Tensor]) -> tuple:
+    """A graph bakes in the addresses of every buffer it touches; a buffer freed by a trim
+    can come back at the same address with another shape, so both go in its key."""
+    return tuple((b.data_ptr(), tuple(b.shape)) for b in buffers)

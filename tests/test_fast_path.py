@@ -115,7 +115,9 @@ def test_row_counts_are_padded_to_a_power_of_two_and_decode_the_same(model):
     assert padded_rows([2, 4, 5, 7, 9], 6) == ([2, 4, 5, 7, 9, 9], [0, 1, 2, 3, 4, 4])
     prompts = PROMPTS + [[20, 21, 22] * 9, [30, 31] * 20, [40, 41, 42, 43, 44] * 8]
     policy = ReusePolicy.create(2, "middle", 8)
-    runner = FastRunner(model)
+    # graphs without compiled layers: on the H200 a compiled fp32 layer rounds differently from
+    # eager and one of these samples then parts at token 40 (padding aside; see test_gpu.py)
+    runner = FastRunner(model, compile_layers=False)
     fast = generate(model, prompts, DEC, policy, runner=runner)
     assert runner.stats["padded"] > 0 and runner.stats["mixed"] > 0  # rows out of step: some reuse, some compute
     assert fast.tokens == generate(model, prompts, DEC, policy).tokens

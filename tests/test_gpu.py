@@ -82,7 +82,7 @@ def test_graphs_replay_after_the_batch_is_trimmed():
     model = random_model(CFG, "float32", device="cuda", seed=0, std=0.2)
     dec = replace(DEC, stop_id=_early_stop_token(model))
     runner = FastRunner(model, compile_layers=False)  # the graphs are under test here
-    for spec in POLICIES:
+    for spec in POLICIES[:4]:   # the fixed policies
         policy = ReusePolicy.create(spec[0], spec[1], 8) if spec else None
         eager = generate(model, PROMPTS, dec, policy)
         fast = generate(model, PROMPTS, dec, policy, runner=runner)

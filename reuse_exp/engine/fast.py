@@ -173,7 +173,10 @@ class FastRunner:
         ints = list(head)
         for r in row_sets:
             ints += [] if r is None else r[0] + r[1]
-        inp.ints.copy_(torch.tensor(ints))
+        ints = torch.tensor(ints)
+        if inp.ints.is_cuda:  # from pinned memory, without waiting: a plain copy would sync the stream
+            ints = ints.pin_memory()
+        inp.ints.copy_(ints, non_blocking=True)
         self.stats["static"] += 1
         if graph is None:
             return forward(inp)

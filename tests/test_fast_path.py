@@ -50,8 +50,11 @@ def test_runner_reuses_its_caches_and_graphs_across_calls(model):
     assert len(runner.graphs) == built  # a second call of the same shape builds nothing
 
 
-def test_skipped_layers_are_absent_from_the_static_forward(model):
-    """Count the layer computations the static forward runs, as the hooks do for eager."""
+@pytest.mark.parametrize("policy", [ReusePolicy.create(2, "last", 8), AdaptivePolicy.create(2.0, 3, "delta", 8)],
+                         ids=["fixed", "adaptive-delta"])
+def test_skipped_layers_are_absent_from_the_static_forward(model, policy):
+    """Count the layer computations the static forward runs (in segments under the adaptive
+    policy), as the hooks do for eager."""
     from reuse_exp.engine.static_forward import layer_step
     calls = []
 
@@ -61,7 +64,7 @@ def test_skipped_layers_are_absent_from_the_static_forward(model):
 
     runner = FastRunner(model, use_graphs=False)
     runner.step = counting_step
-    res = generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "last", 8), runner=runner)
+    res = generate(model, [PROMPTS[0]], DEC, policy, runner=runner)
     assert res.report.samples[0].layer_evals_skipped > 0
     static_forwards = [r for r in res.report.trace if r["kind"] != "prefill"]
     assert len(calls) == sum(8 - len(r["skipped"]) for r in static_forwards)
@@ -191,20 +194,3 @@ def test_adaptive_delta_fast_path_batch_equals_solo(model):
     assert batch.tokens == [s.tokens[0] for s in solo]
     assert [s.layer_evals_skipped for s in batch.report.samples] == \
            [s.report.samples[0].layer_evals_skipped for s in solo]
-
-
-def test_a_group_the_adaptive_policy_skips_is_not_computed_on_the_fast_path(model):
-    """Count the layer computations of the segmented forward, as the hooks do for eager."""
-    from reuse_exp.engine.static_forward import layer_step
-    calls = []
-
-    def counting_step(*args, **kwargs):
-        calls.append(1)
-        return layer_step(*args, **kwargs)
-
-    runner = FastRunner(model, use_graphs=False)
-    runner.step = counting_step
-    res = generate(model, [PROMPTS[0]], DEC, AdaptivePolicy.create(2.0, 3, "delta", 8), runner=runner)
-    assert res.report.samples[0].layer_evals_skipped > 0
-    static_forwards = [r for r in res.report.trace if r["kind"] != "prefill"]
-    assert len(calls) == sum(8 - len(r["skipped"]) for r in static_forwards)

@@ -5,7 +5,7 @@ import pytest
 
 from reuse_exp.engine.adaptive import AdaptivePolicy, layer_groups
 from reuse_exp.engine.config import ConfigError
-from reuse_exp.engine.decoding import DecodeConfig, generate
+from reuse_exp.engine.decoding import generate
 from reuse_exp.engine.loading import random_model
 from reuse_exp.engine.model import ForwardKind
 from reuse_exp.engine.reuse import ReusePolicy

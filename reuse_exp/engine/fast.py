@@ -1,8 +1,9 @@
 """The fast path: static-shape forwards (static_forward.py), captured as CUDA graphs on a GPU.
 
 Every denoising forward (full-block, small-block, finalize) is written with shapes that
-do not change during decoding, so one CUDA graph per (kind, batch, which layers skip, how many rows compute) serves a whole
-decoding call, and a skipped layer is simply absent from its graph: it costs nothing.
+do not change during decoding, so one CUDA graph per (kind, batch, which layers skip, how
+many rows compute) serves a whole decoding call, and a skipped layer is simply absent from
+its graph: it costs nothing.
 
 In a batch only the rows that compute a layer go through it: the rows a forward is for
 (`active`), and of those, for a reused layer, the rows that do not reuse it. Their count

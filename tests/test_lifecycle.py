@@ -85,13 +85,12 @@ def decoding(run) -> bool:
 # -- SIGTERM and SIGINT -----------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("launcher", ["reuse-exp", "mlflow"])
-def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, tiny_ckpt, tasks_dir, launcher, sig):
+def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, launcher, sig):
     """SIGTERM (kill, scancel) or SIGINT to the process the user started ends the evaluation:
     no process is left, and the run ends KILLED with the metrics it had. Under `mlflow run`
     the signal goes to MLflow's process, which does not pass SIGTERM on and re-marks an
     interrupted run FAILED by itself."""
-    settings = {"model": tiny_ckpt, "task": "t_gen", "include_path": tasks_dir, "limit": 8,
-                "max_new_tokens": 256}
+    settings = {"task": "tiny_gsm", "limit": 200}   # minutes of decoding: the signal lands in it
     proc = launch(launcher, clean_repo, store, settings)
     client, run = wait_for(proc, store, decoding)
     tree = descendants(proc.pid)
@@ -110,6 +109,30 @@ def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, tiny_ckp
     assert said in err and "Traceback" not in err
     if launcher == "reuse-exp":
         assert proc.returncode == (143 if sig == signal.SIGTERM else 130)
+
+
+def test_an_interrupt_after_the_run_finished_leaves_it_finished(clean_repo, store, tiny_ckpt, tasks_dir,
+                                                                tmp_path):
+    """Ctrl-C to `mlflow run` once the run has ended FINISHED, while its process is still
+    exiting: MLflow cancels (SIGTERM to the child) and would then re-mark the run FAILED. The
+    child's exit is held open here by an atexit sleep, as a slow teardown would hold it."""
+    slow_exit = tmp_path / "slow_exit"
+    slow_exit.mkdir()
+    (slow_exit / "sitecustomize.py").write_text("import atexit, time\natexit.register(time.sleep, 8)\n")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(slow_exit), os.environ.get("PYTHONPATH")]))}
+    settings = {"model": tiny_ckpt, "task": "t_gen", "include_path": tasks_dir, "limit": 2}
+    proc = launch("mlflow", clean_repo, store, settings, env=env)
+    client, run = wait_for(proc, store, lambda r: r.info.status != "RUNNING")
+    assert run.info.status == "FINISHED"
+    tree = descendants(proc.pid)
+    assert tree, "the child is still exiting"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [p for p in tree if alive(p)] == [], "no process outlives the one signalled"
+    assert client.get_run(run.info.run_id).info.status == "FINISHED", err[-3000:]
 
 
 # -- SIGKILL: the heartbeat, the audit, the grid and `runs end` ------------------------------

@@ -11,7 +11,9 @@ Under `mlflow run`, MLflow starts the command as its child and waits for it:
 - interrupted (SIGINT), MLflow sends the child SIGTERM, waits, then marks the run FAILED
   whatever the child left: MLflow 3.17's "already ended?" check compares the status
   string with integer codes, so it never sees KILLED. So a child that has ended its run
-  KILLED stops its waiting parent (SIGTERM) before that parent can overwrite it.
+  KILLED stops its waiting parent (SIGTERM) before that parent can overwrite it. The same
+  check re-marks a FINISHED run FAILED when MLflow is interrupted after the run ended but
+  before this process exited; so from the end on, MLflow's SIGTERM stops MLflow instead.
 """
 from __future__ import annotations
 
@@ -52,12 +54,13 @@ def _parent_death_signal(signum: int) -> None:
 
 
 class Lifeline:
-    """The signal handling of one tracked run: `arm()` at its start, `ending()` once it
-    ends (whatever ended it), `disarm()` when it is over."""
+    """The signal handling of one tracked run: `arm()` at its start, `ending()` when a failure
+    or a signal ends it, `finished()` once it ended FINISHED, `disarm()` when it is over."""
 
     def __init__(self):
         self.parent = mlflow_parent()
         self._previous: dict[int, object] = {}
+        self._finished = False
 
     def arm(self) -> "Lifeline":
         self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
@@ -73,13 +76,25 @@ class Lifeline:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    def finished(self) -> None:
+        """The run ended FINISHED: no signal may unmake that, up to this process's exit."""
+        self._finished = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._stop_parent)
+
     def release_parent(self, status: str) -> None:
         """After a KILLED ending, stop the waiting `mlflow run` before it re-marks the run FAILED."""
-        if status != "KILLED" or self.parent is None or os.getppid() != self.parent:
+        if status == "KILLED":
+            self._stop_parent()
+
+    def _stop_parent(self, *signal_args) -> None:
+        if self.parent is None or os.getppid() != self.parent:
             return
         _parent_death_signal(0)   # its death is ours to cause now, not a reason to stop
         os.kill(self.parent, signal.SIGTERM)
 
     def disarm(self) -> None:
+        if self._finished and self.parent is not None:
+            return   # MLflow's cancel can come until the process exits; it must still stop MLflow
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -232,10 +232,13 @@ def run(settings: RunSettings) -> Summary | None:
         cache = resume.cache_dir(settings, prov.commit, tracker.run_id, resumed)
         if launching > 1:
             ranks.launch(tracker.run_id, settings, launching, tracker.workdir / "ranks", cache)
-            return _launched_end(tracker, settings, prov)
+            summary = _launched_end(tracker, settings, prov)
+            lifeline.finished()
+            return summary
         _log_start(tracker, settings, prov)
         summary = _evaluate(tracker, settings, task_manager, prov, cache)
         tracker.end("FINISHED")
+        lifeline.finished()
         resume.forget(cache)
         return None if os.environ.get(LAUNCHED_ENV) else summary   # the launching process prints it
     except BaseException as e:

@@ -286,6 +286,8 @@ def spec(name: str) -> Spec:
 
 
 # -- the files that must agree with the declaration ---------------------------------------------
+MLFLOW_PID_ENV = "REUSE_EXP_MLFLOW_PID"   # the `mlflow run` process, as MLproject's command sees it
+
 def mlproject_parameters() -> str:
     """MLproject's `parameters:` block and command, as MLproject holds them."""
     declared = [s for s in SPECS if s.mlproject]
@@ -295,8 +297,10 @@ def mlproject_parameters() -> str:
         quoted = f'"{default}"' if s.mlproject_type == "string" else default
         lines.append(f"      {s.name}: {{type: {s.mlproject_type}, default: {quoted}}}")
     args = " ".join(f"{s.option} {{{s.name}}}" for s in declared)
-    lines += ["    # Other -P NAME=VALUE reach the command as --NAME VALUE.",
-              "    command: >-", "      python -m reuse_exp.cli run", *_wrap(args, "      ")]
+    lines += ["    # Other -P NAME=VALUE reach the command as --NAME VALUE. `exec`: whatever shell MLflow",
+              "    # starts (and conda's activation in it), the command is MLflow's own child, pid $PPID.",
+              "    command: >-", f"      {MLFLOW_PID_ENV}=$PPID exec python -m reuse_exp.cli run",
+              *_wrap(args, "      ")]
     return "\n".join(lines) + "\n"
 
 

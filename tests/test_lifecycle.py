@@ -39,6 +39,13 @@ def descendants(pid: int) -> set[int]:
     return tree
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie has ended: it waits only for its parent to read its status)."""
     try:
@@ -52,9 +59,26 @@ def as_from_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def fake_conda(directory: Path) -> dict[str, str]:
+    """A conda whose every environment is this Python: `mlflow run` with its conda env manager
+    then runs the entry point as with a real one, behind `source conda.sh && conda activate`.
+    Its conda.sh sets an EXIT trap, so bash stays between MLflow and the command, as bash
+    before 5.1 always did (5.1 and later exec a `-c` list's last command when they can)."""
+    (directory / "bin").mkdir(parents=True)
+    (directory / "etc" / "profile.d").mkdir(parents=True)
+    conda = directory / "bin" / "conda"
+    conda.write_text('#!/bin/sh\n[ "$1 $2" = "env list" ] && echo \'{"envs": []}\'\nexit 0\n')
+    conda.chmod(0o755)
+    (directory / "etc" / "profile.d" / "conda.sh").write_text("conda() { :; }\ntrap : EXIT\n")
+    return {"MLFLOW_CONDA_HOME": str(directory)}
+
+
 def launch(launcher: str, repo: Path, store: str, settings: dict, env: dict | None = None) -> subprocess.Popen:
-    if launcher == "mlflow":
-        cmd = [sys.executable, "-m", "mlflow", "run", str(repo), "--env-manager", "local"]
+    """`reuse-exp run`, `mlflow run --env-manager local` ("mlflow") or `mlflow run` with its
+    conda env manager ("mlflow-conda", a fake conda in env)."""
+    if launcher.startswith("mlflow"):
+        cmd = [sys.executable, "-m", "mlflow", "run", str(repo)]
+        cmd += ["--env-manager", "local"] if launcher == "mlflow" else []
         cmd += [a for k, v in settings.items() for a in ("-P", f"{k}={v}")]
     else:
         cmd = [sys.executable, "-m", "reuse_exp.cli", "run"]
@@ -83,18 +107,21 @@ def decoding(run) -> bool:
 
 
 # -- SIGTERM and SIGINT -----------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-@pytest.mark.parametrize("launcher", ["reuse-exp", "mlflow"])
-def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, launcher, sig):
+@pytest.mark.parametrize("launcher, sig", [
+    ("reuse-exp", signal.SIGTERM), ("reuse-exp", signal.SIGINT), ("mlflow", signal.SIGTERM),
+    ("mlflow", signal.SIGINT), ("mlflow-conda", signal.SIGTERM), ("mlflow-conda", signal.SIGINT)],
+    ids=lambda v: v.name if isinstance(v, signal.Signals) else v)
+def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, tmp_path, launcher, sig):
     """SIGTERM (kill, scancel) or SIGINT to the process the user started ends the evaluation:
     no process is left, and the run ends KILLED with the metrics it had. Under `mlflow run`
     the signal goes to MLflow's process, which does not pass SIGTERM on and re-marks an
     interrupted run FAILED by itself."""
     settings = {"task": "tiny_gsm", "limit": 200}   # minutes of decoding: the signal lands in it
-    proc = launch(launcher, clean_repo, store, settings)
+    env = fake_conda(tmp_path / "conda") if launcher == "mlflow-conda" else None
+    proc = launch(launcher, clean_repo, store, settings, env=env)
     client, run = wait_for(proc, store, decoding)
     tree = descendants(proc.pid)
-    if launcher == "mlflow":
+    if launcher != "reuse-exp":
         assert tree, "mlflow run runs the entry point as its child"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)   # its pipes close when the last process holding them ends
@@ -109,6 +136,33 @@ def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, launcher
     assert said in err and "Traceback" not in err
     if launcher == "reuse-exp":
         assert proc.returncode == (143 if sig == signal.SIGTERM else 130)
+
+
+@pytest.mark.parametrize("launcher", ["mlflow", "mlflow-conda"])
+def test_mlflow_killed_as_the_run_starts_leaves_nothing_running(clean_repo, store, tmp_path, launcher):
+    """SIGTERM to `mlflow run` as soon as its child exists, long before that child has set up
+    its signal handling (it imports torch first): the child, orphaned, must not run on to
+    FINISHED. It ends the run KILLED before evaluating anything."""
+    env = fake_conda(tmp_path / "conda") if launcher == "mlflow-conda" else None
+    proc = launch(launcher, clean_repo, store, {"task": "tiny_gsm", "limit": 200}, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        entry_point = [p for p in descendants(proc.pid) if "reuse_exp.cli" in command_line(p)]
+        if entry_point:
+            break
+        time.sleep(0.02)
+    assert entry_point, "mlflow run started its entry point"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while alive(entry_point[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(entry_point[0]), "the orphaned entry point ended"
+    import mlflow
+    client = mlflow.MlflowClient(store)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert (run.info.status, run.data.tags.get("end_status")) == ("KILLED", "KILLED")
+    assert "generated_tokens" not in run.data.metrics and run.data.tags["git_commit"]
 
 
 def test_an_interrupt_after_the_run_finished_leaves_it_finished(clean_repo, store, tiny_ckpt, tasks_dir,

@@ -4,10 +4,11 @@ SIGTERM (`kill`, `scancel`, a time limit) raises `Terminated` and Ctrl-C
 KeyboardInterrupt: the run then ends KILLED with what it had. While it ends, further
 signals are ignored, so a second Ctrl-C cannot leave it RUNNING.
 
-Under `mlflow run`, MLflow starts the command as its child and waits for it:
+Under `mlflow run`, MLflow starts the command as its child (MLproject's command execs it,
+so no shell stays between them, and tells it MLflow's pid) and waits for it:
 - killed by SIGTERM, MLflow dies without passing it on, and the child ran on, orphaned,
   to FINISHED. So the child asks the kernel for SIGTERM when its parent dies
-  (Linux prctl PR_SET_PDEATHSIG);
+  (Linux prctl PR_SET_PDEATHSIG), and ends at once if MLflow died before that;
 - interrupted (SIGINT), MLflow sends the child SIGTERM, waits, then marks the run FAILED
   whatever the child left: MLflow 3.17's "already ended?" check compares the status
   string with integer codes, so it never sees KILLED. So a child that has ended its run
@@ -21,7 +22,8 @@ import ctypes
 import os
 import signal
 import sys
-from pathlib import Path
+
+from ..settings import MLFLOW_PID_ENV
 
 PR_SET_PDEATHSIG = 1
 
@@ -35,16 +37,12 @@ def _raise_terminated(signum, frame):
 
 
 def mlflow_parent() -> int | None:
-    """The pid of the `mlflow run` process waiting for this one, if that is our parent."""
-    if not os.environ.get("MLFLOW_RUN_ID") or not sys.platform.startswith("linux"):
+    """The pid of the `mlflow run` process that started this one (alive or not), if one did.
+    Taken from the environment, so that processes this one starts do not inherit it."""
+    pid = os.environ.pop(MLFLOW_PID_ENV, None)
+    if pid is None or not sys.platform.startswith("linux"):
         return None
-    ppid = os.getppid()
-    try:
-        args = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    names = [os.path.basename(a.decode(errors="replace")) for a in args]
-    return ppid if any(a == "mlflow" and b == "run" for a, b in zip(names, names[1:])) else None
+    return int(pid)
 
 
 def _parent_death_signal(signum: int) -> None:

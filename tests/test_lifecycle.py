@@ -189,6 +189,30 @@ def test_an_interrupt_after_the_run_finished_leaves_it_finished(clean_repo, stor
     assert client.get_run(run.info.run_id).info.status == "FINISHED", err[-3000:]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_local_grid_reaches_its_job_and_starts_no_other(clean_repo, store, tmp_path, sig):
+    """`kill` (or Ctrl-C) of `reuse-exp grid run` with the local executor: the running job ends
+    its run KILLED, the next configuration never starts, and the grid says so and exits 128+sig."""
+    cmd = [sys.executable, "-m", "reuse_exp.cli", "grid", "run", "--task", "tiny_gsm", "--limit", "200",
+           "--k", "1,2", "--subset", "first", "--jobs-dir", str(tmp_path / "jobs")]
+    proc = subprocess.Popen(cmd, cwd=clean_repo, env=subprocess_env(store), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
+    client, run = wait_for(proc, store, decoding)
+    tree = descendants(proc.pid)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [p for p in tree if alive(p)] == [], "no job outlives the grid"
+    assert proc.returncode == 128 + sig, out + err
+    assert (f"grid stopped by {sig.name}; 1 configuration(s) ended early: k1_any; 1 not started: k2_first"
+            in err), err[-3000:]
+    assert "[2/2]" not in out
+    [only] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert (only.info.status, only.data.tags.get("end_status")) == ("KILLED", "KILLED")
+
+
 # -- SIGKILL: the heartbeat, the audit, the grid and `runs end` ------------------------------
 def test_a_killed_run_is_dead_to_the_audit_and_the_grid(clean_repo, store):
     """`kill -KILL` leaves the run RUNNING: no code is left to end it. Its heartbeat stops,

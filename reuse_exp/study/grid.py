@@ -15,6 +15,7 @@ same result (the run tags say so too).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import click
 from ..engine.config import ConfigError
 from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest,
                     build_request, grid_options, resumable, run_command, task_kind)
-from .launch import run_local
+from .launch import GridStopped, run_local
 from .store import (LIVE, STALE_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
                     git_state, tracking_uri)
 
@@ -207,6 +208,9 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_aft
                                   echo=click.echo, resume=resume)
     except ConfigError as e:   # no GPU for the runs' device, a snapshot git could not make, ...
         raise click.ClickException(str(e)) from None
+    except GridStopped as e:
+        click.echo(f"reuse-exp: {e}", err=True)
+        sys.exit(e.code)
     if hint:
         raise click.ClickException(hint)
     if failed:

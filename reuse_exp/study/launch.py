@@ -18,14 +18,19 @@ job its own GPU, or its own g GPUs (`--gpus g`, or the runs' `processes`), throu
 CUDA_VISIBLE_DEVICES, and run no more jobs at once than that allows. Nothing runs on the
 CPU there unless the grid asks for it (`-P device=cpu`). On Slurm, the scheduler hands out
 GPUs (`--gpus`).
+
+Signals. SIGTERM or Ctrl-C to a local grid goes on to its running jobs, which end their
+runs KILLED, and no further job starts.
 """
 from __future__ import annotations
 
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +157,66 @@ def run_pool(jobs: list, slots: list[str], start: Callable[[object, str], object
 
 
 # -- executors ----------------------------------------------------------------------------------
+class GridStopped(Exception):
+    """A signal stopped a local grid."""
+
+    def __init__(self, signum: int, failed: list[str], not_started: list[str]):
+        self.code = 128 + signum
+        name = signal.Signals(signum).name
+        parts = [f"{len(failed)} configuration(s) ended early: {', '.join(failed)}" if failed else "",
+                 f"{len(not_started)} not started: {', '.join(not_started)}" if not_started else ""]
+        super().__init__(f"grid stopped by {name}; " + "; ".join(filter(None, parts))
+                         + " (they stay failed or missing in `reuse-exp grid status`)")
+
+
+class JobProcesses:
+    """A local grid's running jobs. While `forwarding()`, SIGTERM and SIGINT to the grid go on to
+    them (each ends its run KILLED) and no new job starts."""
+
+    def __init__(self):
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.RLock()   # the handler may run in the thread that holds it
+        self.stopped_by: int | None = None
+
+    def run(self, cmd: list[str], **popen_args) -> int | None:
+        """The job's exit code; None when the grid was stopped before it could start."""
+        with self._lock:
+            if self.stopped_by is not None:
+                return None
+            proc = subprocess.Popen(cmd, **popen_args)
+            self._running.add(proc)
+            if self.stopped_by is not None:   # the handler ran, in this thread, during Popen
+                proc.send_signal(self.stopped_by)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def stop(self, signum: int, frame=None) -> None:
+        with self._lock:
+            self.stopped_by = signum
+            for proc in list(self._running):
+                proc.send_signal(signum)
+
+    def forwarding(self) -> "_Forwarding":
+        return _Forwarding(self)
+
+
+class _Forwarding:
+    def __init__(self, jobs: JobProcesses):
+        self.jobs, self.previous = jobs, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # where Python runs handlers
+            self.previous = {s: signal.signal(s, self.jobs.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self.jobs
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, commit: str, echo=print,
               gpus: int | None = None, folder: Path = DEFAULT_FOLDER, resume: dict | None = None) -> list[str]:
     """One process per configuration: in turn, or one per GPU slot at once; returns the names
@@ -161,20 +226,27 @@ def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, c
     slots = gpu_slots(visible_gpus(), gpus_per_job(cells, gpus), cells[0].as_dict().get("device", "auto"))
     numbered = list(enumerate(cells, 1))
 
-    def start(item, slot: str | None) -> str | None:
+    jobs = JobProcesses()
+
+    def start(item, slot: str | None) -> tuple[str, int | None]:
         i, cell = item
+        if jobs.stopped_by is not None:
+            return cell.name, None
         where = f" on GPU {slot}" if slot is not None else ""
         echo(f"[{i}/{len(cells)}] {cell.name}{where}")
         env = {**os.environ, **job_env(uri, experiment), **({"CUDA_VISIBLE_DEVICES": slot} if slot else {})}
         cmd = run_command(cell, allow_dirty, resume.get(cell))
-        code = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL).returncode
+        code = jobs.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
         if code:
             echo(f"[{i}/{len(cells)}] {cell.name} failed (exit {code})")
-            return cell.name
-        return None
+        return cell.name, code
 
-    done = run_pool(numbered, slots, start) if slots else [start(item, None) for item in numbered]
-    return [name for name in done if name]
+    with jobs.forwarding():
+        done = run_pool(numbered, slots, start) if slots else [start(item, None) for item in numbered]
+    failed = [name for name, code in done if code]
+    if jobs.stopped_by is not None:
+        raise GridStopped(jobs.stopped_by, failed, [name for name, code in done if code is None])
+    return failed
 
 
 class JobFailed(RuntimeError):

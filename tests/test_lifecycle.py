@@ -54,6 +54,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def still_running(pids, timeout: float = 60) -> list[int]:
+    """Those of `pids` still running after up to `timeout` s of waiting for them to end."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return [p for p in pids if alive(p)]
+
+
 def as_from_a_terminal():
     """Ctrl-C reaches the child as it would from a shell: not ignored, whatever pytest's parent did."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -125,10 +133,7 @@ def test_a_signal_ends_the_run_killed_with_no_orphan(clean_repo, store, tmp_path
         assert tree, "mlflow run runs the entry point as its child"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)   # its pipes close when the last process holding them ends
-    deadline = time.monotonic() + 60
-    while any(alive(p) for p in tree) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert [p for p in tree if alive(p)] == [], "no process outlives the one signalled"
+    assert still_running(tree) == [], "no process outlives the one signalled"
     run = client.get_run(run.info.run_id)
     assert (run.info.status, run.data.tags.get("end_status")) == ("KILLED", "KILLED"), err[-3000:]
     assert run.data.metrics["generated_tokens"] > 0 and run.data.metrics["seconds"] > 0
@@ -154,10 +159,7 @@ def test_mlflow_killed_as_the_run_starts_leaves_nothing_running(clean_repo, stor
     assert entry_point, "mlflow run started its entry point"
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
-    deadline = time.monotonic() + 120
-    while alive(entry_point[0]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not alive(entry_point[0]), "the orphaned entry point ended"
+    assert still_running(entry_point, timeout=120) == [], "the orphaned entry point ended"
     import mlflow
     client = mlflow.MlflowClient(store)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -182,10 +184,7 @@ def test_an_interrupt_after_the_run_finished_leaves_it_finished(clean_repo, stor
     assert tree, "the child is still exiting"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    deadline = time.monotonic() + 60
-    while any(alive(p) for p in tree) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert [p for p in tree if alive(p)] == [], "no process outlives the one signalled"
+    assert still_running(tree) == [], "no process outlives the one signalled"
     assert client.get_run(run.info.run_id).info.status == "FINISHED", err[-3000:]
 
 
@@ -201,10 +200,7 @@ def test_a_signal_to_a_local_grid_reaches_its_job_and_starts_no_other(clean_repo
     tree = descendants(proc.pid)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    deadline = time.monotonic() + 60
-    while any(alive(p) for p in tree) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert [p for p in tree if alive(p)] == [], "no job outlives the grid"
+    assert still_running(tree) == [], "no job outlives the grid"
     assert proc.returncode == 128 + sig, out + err
     assert (f"grid stopped by {sig.name}; 1 configuration(s) ended early: k1_any; 1 not started: k2_first"
             in err), err[-3000:]

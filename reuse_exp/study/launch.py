@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -199,22 +200,16 @@ class JobProcesses:
             for proc in list(self._running):
                 proc.send_signal(signum)
 
-    def forwarding(self) -> "_Forwarding":
-        return _Forwarding(self)
-
-
-class _Forwarding:
-    def __init__(self, jobs: JobProcesses):
-        self.jobs, self.previous = jobs, {}
-
-    def __enter__(self):
+    @contextmanager
+    def forwarding(self):
+        previous = {}
         if threading.current_thread() is threading.main_thread():   # where Python runs handlers
-            self.previous = {s: signal.signal(s, self.jobs.stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self.jobs
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, commit: str, echo=print,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
-from .engine.config import ConfigError
+from .errors import SettingError
 from .engine.reuse import MODES, SCOPES, SUBSETS
 
 # Who reads a setting: the model (an lm-eval model argument), the evaluation (lm-eval's
@@ -21,10 +21,6 @@ DECODE_PATHS = ("auto", "eager", "fast")
 POLICIES = ("fixed", "adaptive")
 SCORINGS = ("continuation", "first_token")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-class SettingError(ConfigError):
-    """A value a setting cannot take; the message names the setting and the fix."""
 
 
 def setting(default, help: str, *, kind: str, role: str, choices: tuple = (), minimum: float | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 # the threads' barriers cost ten times the work (measured: 17 s against 1.6 s for one decode).
 # Set before torch is imported here or in any subprocess a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Every run keeps its requests' results for a resume (tracking/resume.py): not in the home folder.
+# Every run keeps its requests' results for a resume (runner/resume.py): not in the home folder.
 os.environ.setdefault("REUSE_EXP_CACHE_ROOT", tempfile.mkdtemp(prefix="reuse_exp_requests_"))
 
 import pytest  # noqa: E402

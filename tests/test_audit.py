@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from reuse_exp.cli import main
-from reuse_exp.study.audit import audit, audit_cmd
+from reuse_exp.cli.study import audit_cmd
+from reuse_exp.study.audit import audit
 from reuse_exp.study.store import fetch_runs, git_head
 from reuse_exp.tracking.heartbeat import stamp
 from reuse_exp.tracking.schema import END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG

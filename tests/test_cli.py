@@ -12,7 +12,8 @@ from conftest import subprocess_env, write_tasks
 
 from reuse_exp.cli import main
 from reuse_exp.tracking import provenance as provmod
-from reuse_exp.tracking import run as tracked
+from reuse_exp.errors import DirtyTree, Terminated
+from reuse_exp.runner import run as tracked
 from reuse_exp.tracking.schema import REFUSED_TAG
 
 
@@ -58,10 +59,10 @@ def test_underscore_spellings_reach_the_same_options():
 def test_classify_failures():
     import torch
     assert tracked.classify(KeyboardInterrupt())[:2] == ("KILLED", 130)
-    assert tracked.classify(tracked.Terminated())[:2] == ("KILLED", 143)
+    assert tracked.classify(Terminated())[:2] == ("KILLED", 143)
     status, code, line = tracked.classify(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
     assert (status, code) == ("FAILED", 3) and "--batch-size" in line
-    assert tracked.classify(provmod.DirtyTree("refusing"))[:2] == ("FAILED", 2)
+    assert tracked.classify(DirtyTree("refusing"))[:2] == ("FAILED", 2)
     _, _, line = tracked.classify(RuntimeError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub"))
     assert "HF_TOKEN" in line
 
@@ -144,7 +145,7 @@ def test_sigterm_ends_killed(clean_repo, store, tiny_ckpt, tmp_path):
                                          (["--allow_dirty", "true"], True), ([], False)])
 def test_allow_dirty_is_a_flag_or_takes_a_value(args, allow):
     """The grid passes a bare flag, MLproject a value."""
-    from reuse_exp.cli import run
+    from reuse_exp.cli.run import run
     assert run.make_context("run", list(args)).params["allow_dirty"] is allow
 
 

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from reuse_exp.evaluation.stats import sample_records
+from reuse_exp.cli.study import compare_cmd
 from reuse_exp.study import compare as cmp
 from reuse_exp.study.cells import build_request
 from reuse_exp.study.measures import MIN_TIMINGS, pair, speed_ratio
@@ -217,13 +218,13 @@ def test_refuses_other_commits_and_dirty_runs_naming_them(store, head):
     picks = {p.cell.name: p for p in cmp.pick(cells(), runs, head, True, True)}
     assert picks["k2_middle"].starred and picks["k2_middle"].run.run_id == stale
     assert picks["k3_last"].starred and not picks["k1_any"].starred
-    out = CliRunner(env=store.env).invoke(cmp.compare_cmd, ["--task", "tiny_gsm", "--limit", "4"])
+    out = CliRunner(env=store.env).invoke(compare_cmd, ["--task", "tiny_gsm", "--limit", "4"])
     assert out.exit_code == 1 and "refusing runs not from clean" in out.output and stale[:8] in out.output
 
 
 def test_compare_logs_text_png_and_metrics_and_nests_the_runs(store, head, tmp_path):
     ids = grid_at(store, head)
-    out = CliRunner(env=store.env).invoke(cmp.compare_cmd, ["--task", "tiny_gsm", "--limit", "4",
+    out = CliRunner(env=store.env).invoke(compare_cmd, ["--task", "tiny_gsm", "--limit", "4",
                                                            "--out", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert "n = 8 documents per configuration" in out.output and "k1_any is the baseline of every subset" in out.output
@@ -240,7 +241,7 @@ def test_compare_logs_text_png_and_metrics_and_nests_the_runs(store, head, tmp_p
     assert m["tokens_per_second_median.k1_any"] == pytest.approx(99.0)
     assert {a.path for a in store.client.list_artifacts(parent)} == {"compare.png", "compare.txt", "compare.json"}
     assert all(store.client.get_run(r).data.tags["mlflow.parentRunId"] == parent for r in ids.values())
-    again = CliRunner(env=store.env).invoke(cmp.compare_cmd, ["--task", "tiny_gsm", "--limit", "4"])
+    again = CliRunner(env=store.env).invoke(compare_cmd, ["--task", "tiny_gsm", "--limit", "4"])
     assert again.output.strip().split()[-1] == parent   # same runs, same parent
 
 
@@ -282,11 +283,11 @@ def test_refuses_runs_that_differ_in_unpinned_settings(store, head):
 
 def test_loglikelihood_compare_is_one_cell(store, head):
     fabricate(store.client, store.exp_id, task="tiny_mc", commit=head, kind="loglikelihood", skipped=0.0)
-    out = CliRunner(env=store.env).invoke(cmp.compare_cmd, ["--task", "tiny_mc", "--limit", "4", "--no-log"])
+    out = CliRunner(env=store.env).invoke(compare_cmd, ["--task", "tiny_mc", "--limit", "4", "--no-log"])
     assert out.exit_code == 0, out.output
     assert "grid is one run" in out.output and "k2" not in out.output and "k1_any" in out.output
 
 
 def test_nothing_to_compare_says_what_to_run(store):
-    out = CliRunner(env=store.env).invoke(cmp.compare_cmd, ["--task", "tiny_gsm", "--no-log"])
+    out = CliRunner(env=store.env).invoke(compare_cmd, ["--task", "tiny_gsm", "--no-log"])
     assert out.exit_code == 1 and "run `reuse-exp grid run` first" in out.output

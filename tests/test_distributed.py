@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-from reuse_exp.engine.config import ConfigError
+from reuse_exp.errors import ConfigError
 from reuse_exp.engine.instrument import DecodeReport, LayerCounts, SampleStats
 from reuse_exp.evaluation.distributed import Ranks, rank_device, resolve_processes
 from reuse_exp.evaluation.stats import HarnessStats, world_metrics
 from reuse_exp.settings import RunSettings
-from reuse_exp.tracking import ranks
+from reuse_exp.runner import ranks
 from reuse_exp.tracking.gpu_stats import combine
 
 # The bundled model and task; 5 documents over 2 ranks: rank 1's shard is padded by lm-eval.

@@ -11,7 +11,7 @@ from reuse_exp.study.grid import DONE, FAILED, MISSING, RUNNING, STALE, classify
 from reuse_exp.study.store import RunRecord, fetch_runs, git_head, store_error
 from services.fabricate import fabricate
 from services.store import new_store
-from reuse_exp.study import grid
+from reuse_exp.cli import study as cli_study
 from reuse_exp.tracking.heartbeat import stamp
 from reuse_exp.tracking.schema import HEARTBEAT_TAG
 from reuse_exp.study import store as store_mod
@@ -99,7 +99,7 @@ def test_threshold_setting_separates_grids(store, head):
 def test_status_command_prints_the_grid(store, head):
     fabricate(store.client, store.exp_id, k=1, subset="first", commit=head)
     fabricate(store.client, store.exp_id, k=2, subset="last", commit=OLD)
-    out = CliRunner(env=store.env).invoke(grid.grid, ["status", "--task", "tiny_gsm", "--limit", "4"])
+    out = CliRunner(env=store.env).invoke(cli_study.grid, ["status", "--task", "tiny_gsm", "--limit", "4"])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
     assert lines[0].startswith("grid tiny_gsm") and head[:7] in lines[0]
@@ -113,12 +113,12 @@ def test_dry_run_plans_only_what_is_not_done(store, head):
     fabricate(store.client, store.exp_id, k=1, subset="middle", commit=head)
     fabricate(store.client, store.exp_id, k=2, subset="middle", commit=OLD)
     args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "1,2", "--dry-run"]
-    out = CliRunner(env=store.env).invoke(grid.grid, args)
+    out = CliRunner(env=store.env).invoke(cli_study.grid, args)
     assert out.exit_code == 0, out.output
     assert "skip k1_any: done" in out.output      # k=1 runs once, whatever the subsets
     planned = [line.split()[2].rstrip(":") for line in out.output.splitlines() if line.startswith("would run")]
     assert planned == ["k2_first", "k2_middle", "k2_last"]
-    forced = CliRunner(env=store.env).invoke(grid.grid, args + ["--force"])
+    forced = CliRunner(env=store.env).invoke(cli_study.grid, args + ["--force"])
     assert forced.output.count("would run") == 4
     k1 = next(line for line in forced.output.splitlines() if line.startswith("would run k1_any"))
     assert "--k 1" in k1 and "--subset" not in k1
@@ -126,11 +126,11 @@ def test_dry_run_plans_only_what_is_not_done(store, head):
 
 def test_loglikelihood_grid_is_one_run_and_says_why(store, head):
     assert task_kind("tiny_mc") == LOGLIKELIHOOD
-    out = CliRunner(env=store.env).invoke(grid.grid, ["status", "--task", "tiny_mc", "--limit", "4"])
+    out = CliRunner(env=store.env).invoke(cli_study.grid, ["status", "--task", "tiny_mc", "--limit", "4"])
     assert out.exit_code == 0, out.output
     assert "loglikelihood task" in out.output and "grid is one run (k=1)" in out.output
     assert "done at HEAD 0/1" in out.output
-    plan = CliRunner(env=store.env).invoke(grid.grid, ["run", "--task", "tiny_mc", "--dry-run"])
+    plan = CliRunner(env=store.env).invoke(cli_study.grid, ["run", "--task", "tiny_mc", "--dry-run"])
     assert plan.output.count("would run") == 1
 
 
@@ -144,7 +144,7 @@ def test_task_kind_prefers_what_runs_recorded():
                                       (["--subset", "top"], "comma list of first, middle, last"),
                                       (["-P", "threshold"], "NAME=VALUE"), (["-P", "k=2"], "use --k")])
 def test_bad_input_is_one_line_naming_the_fix(store, args, fix):
-    out = CliRunner(env=store.env).invoke(grid.grid, ["status", "--task", "tiny_gsm", *args])
+    out = CliRunner(env=store.env).invoke(cli_study.grid, ["status", "--task", "tiny_gsm", *args])
     assert out.exit_code == 2 and fix in out.output
 
 
@@ -181,10 +181,10 @@ def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, 
     fabricate(c, e, k=2, subset="middle", commit=head, status="FAILED")          # an error: run afresh
     dead = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING", start_ms=int(time.time() * 1000) - 7200_000)
     args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "2", "--dry-run", "--stale-after", "3600"]
-    out = CliRunner(env=store.env).invoke(grid.grid, args)
+    out = CliRunner(env=store.env).invoke(cli_study.grid, args)
     assert out.exit_code == 0, out.output
     plans = {line.split()[2].rstrip(":"): line for line in out.output.splitlines() if line.startswith("would run")}
     assert plans["k2_first"].endswith(f"--resume {killed}") and plans["k2_last"].endswith(f"--resume {dead}")
     assert "--resume" not in plans["k2_middle"]
-    forced = CliRunner(env=store.env).invoke(grid.grid, args + ["--force"])
+    forced = CliRunner(env=store.env).invoke(cli_study.grid, args + ["--force"])
     assert "--resume" not in forced.output

@@ -31,7 +31,7 @@ def test_grid_runs_only_what_is_not_done_at_head(tmp_path, tiny_ckpt):
     runs = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
         [mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("e2e").experiment_id])
     snap = tmp_path / "jobs" / "snapshots" / first_head
-    assert {r.data.tags["mlflow.source.name"] for r in runs} == {str(snap / "reuse_exp" / "cli.py")}, \
+    assert {r.data.tags["mlflow.source.name"] for r in runs} == {str(snap / "reuse_exp" / "cli" / "__main__.py")}, \
         "the jobs ran from a snapshot of HEAD, not from the checkout"
 
     status = repo.cli(args(tiny_ckpt, "grid", "status"), env)

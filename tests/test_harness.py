@@ -11,7 +11,7 @@ from conftest import REPO
 from lm_eval.api.instance import Instance
 
 from reuse_exp.engine.model import block_causal_mask
-from reuse_exp.evaluation.prompts import REASONING_INSTRUCTION
+from reuse_exp.engine.prompts import REASONING_INSTRUCTION
 from reuse_exp.engine.reuse import resolve_subset
 from reuse_exp.evaluation import harness
 from reuse_exp.evaluation import lm as lm_mod

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from services.checkout import clean_checkout
-from reuse_exp.engine.config import ConfigError
+from reuse_exp.errors import ConfigError
 from reuse_exp.study.cells import Cell
 from reuse_exp.study.launch import gpu_slots, gpus_per_job, run_pool, snapshot
 
@@ -82,9 +82,9 @@ def test_a_snapshot_is_the_submitted_commit_clean_whatever_the_checkout_does(tmp
     assert git(["rev-parse", "HEAD"], snap) == submitted and git(["status", "--porcelain"], snap) == ""
     # The checkout moves on and gets dirty; the snapshot does not.
     repo.commit("NOTES.txt", "another commit\n")
-    (repo.root / "reuse_exp" / "cli.py").write_text("# edited in the live tree\n")
+    (repo.root / "reuse_exp" / "cli" / "__init__.py").write_text("# edited in the live tree\n")
     assert git(["rev-parse", "HEAD"], snap) == submitted and git(["status", "--porcelain"], snap) == ""
-    assert "edited" not in (snap / "reuse_exp" / "cli.py").read_text()
+    assert "edited" not in (snap / "reuse_exp" / "cli" / "__init__.py").read_text()
     # A second grid at that commit reuses it; a touched one is made again.
     assert snapshot(submitted, tmp_path / "jobs", repo.root) == snap
     (snap / "reuse_exp" / "settings.py").write_text("# touched\n")
@@ -92,7 +92,7 @@ def test_a_snapshot_is_the_submitted_commit_clean_whatever_the_checkout_does(tmp
     assert git(["status", "--porcelain"], snap) == "" and "touched" not in (snap / "reuse_exp" / "settings.py").read_text()
     # A commit that is on no branch (a detached HEAD) snapshots too.
     git(["checkout", "-q", "--detach"], repo.root)
-    (repo.root / "reuse_exp" / "cli.py").write_text("# detached\n")
+    (repo.root / "reuse_exp" / "cli" / "__init__.py").write_text("# detached\n")
     git(["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qam", "detached"], repo.root)
     detached = repo.head
     assert git(["rev-parse", "HEAD"], snapshot(detached, tmp_path / "jobs", repo.root)) == detached
@@ -113,7 +113,8 @@ def test_submitit_local_hands_each_gpu_its_next_job(tmp_path, monkeypatch, store
     import mlflow
     from click.testing import CliRunner
 
-    from reuse_exp.study import grid, launch
+    from reuse_exp.cli.study import grid
+    from reuse_exp.study import launch
     monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1"])
     extra, probes = tmp_path / "extra", tmp_path / "probes"
     extra.mkdir(), probes.mkdir()
@@ -124,7 +125,7 @@ def test_submitit_local_hands_each_gpu_its_next_job(tmp_path, monkeypatch, store
     args = ["run", "--task", "tiny_gsm", "--limit", "1", "-P", "max_new_tokens=16", "--k", "1,2",
             "--subset", "first,last", "--experiment", "slots", "--executor", "submitit-local", "--allow-dirty",
             "--jobs-dir", str(tmp_path / "jobs")]
-    out = CliRunner().invoke(grid.grid, args)
+    out = CliRunner().invoke(grid, args)
     assert out.exit_code == 0, out.output
     slots = [line.split("GPU ")[1][0] for line in out.output.splitlines() if line.startswith("submitted")]
     assert len(slots) == 3 and set(slots) == {"0", "1"}

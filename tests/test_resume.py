@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-from reuse_exp.engine.config import ConfigError
+from reuse_exp.errors import ConfigError
 from reuse_exp.settings import RunSettings
-from reuse_exp.tracking import resume
+from reuse_exp.runner import resume
 
 COMMIT = "a" * 40
 

@@ -96,7 +96,7 @@ def test_a_queued_job_runs_the_commit_it_was_submitted_at(tmp_path, repo_env, sl
         queued = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
         assert queued.stdout.strip() == "PENDING", queued.stdout + queued.stderr
         later = repo.commit("NOTES.txt", "a commit made while the job waits\n")
-        with open(repo.root / "reuse_exp" / "cli.py", "a") as f:
+        with open(repo.root / "reuse_exp" / "cli" / "__init__.py", "a") as f:
             f.write("# an edit made while the job waits\n")
     finally:
         subprocess.run([*node, "state=resume"], env=env, check=True, timeout=30)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SECRET, bundled_or, git, mlflow_run, runs_of
 
-from reuse_exp.engine.config import ConfigError
+from reuse_exp.errors import ConfigError
 from reuse_exp.settings import RunSettings
 from reuse_exp.tracking.gpu_stats import GpuSampler
 from reuse_exp.tracking import provenance as provmod
-from reuse_exp.tracking import run as tracked
+from reuse_exp.tracking import lifecycle as tracked
 from reuse_exp.tracking import schema
 from reuse_exp.tracking.heartbeat import Heartbeat, interval_s, parse_stamp
 from reuse_exp.tracking.schema import HEARTBEAT_TAG, REFUSED_TAG

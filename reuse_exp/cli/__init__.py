@@ -1,53 +1,16 @@
-"""`reuse-exp`: the tracked run, lm-eval's CLI with the model registered, and the study's commands.
+"""`reuse-exp`: the tracked run, lm-eval's CLI with the model registered, the study's commands
+and the tools. The only click code of the package.
 
-Bad input ends in one line naming the fix (click's usage errors), never a traceback.
-Options also take underscore spellings (`--max_new_tokens`), because `mlflow run` passes
-an -P parameter that MLproject does not declare as `--NAME VALUE`.
+Bad input ends in one line naming the fix (click's usage errors), never a traceback: the
+layers below raise the package's errors (reuse_exp/errors.py) and the commands print them.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import click
 
-from .settings import SPECS, RunSettings, SettingError, Spec
-from .study.audit import audit_cmd
-from .study.compare import compare_cmd
-from .study.grid import grid
-from .study.runs import runs
-
-
-class SettingType(click.ParamType):
-    """Parses a value the way the setting's declaration says; its error is the usage error."""
-
-    def __init__(self, spec: Spec):
-        self.spec = spec
-        self.name = spec.kind
-
-    def convert(self, value, param, ctx):
-        try:
-            return self.spec.parse(value)
-        except SettingError as e:
-            self.fail(str(e), param, ctx)
-
-
-def setting_option(spec: Spec):
-    names = [spec.option]
-    if "-" in spec.option[2:]:
-        names.append("--" + spec.name)
-    kw = dict(type=SettingType(spec), help=spec.help.replace("`", ""), show_default=spec.text())
-    if spec.kind == "paths":
-        return click.option(*names, multiple=True, **kw)
-    if spec.kind == "bool":  # `--allow-dirty` alone, or `--allow-dirty true`
-        return click.option(*names, is_flag=False, flag_value="true", default=spec.text(), **kw)
-    return click.option(*names, default=spec.text(), **kw)
-
-
-def setting_options(f):
-    for spec in reversed(SPECS):
-        f = setting_option(spec)(f)
-    return f
+from .run import lm_eval_cli, run
+from .study import audit_cmd, compare_cmd, grid, runs
+from .tools import frontier
 
 
 @click.group()
@@ -55,88 +18,5 @@ def main():
     """Layer reuse in Fast-dLLM v2, evaluated with lm-eval and tracked with MLflow."""
 
 
-def refuse(line: str) -> None:
-    """A value refused on the command line: under `mlflow run`, the run it opened says so."""
-    from .tracking.run import refuse_outside_run
-    refuse_outside_run(line)
-
-
-class RunCommand(click.Command):
-    """`run`, whose usage errors (a bad -P value) also end the run `mlflow run` opened, refused."""
-
-    def parse_args(self, ctx, args):
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as e:
-            refuse(e.format_message())
-            raise
-
-
-@main.command(cls=RunCommand)
-@setting_options
-def run(**values):
-    """Evaluate one configuration and log it to MLflow (the MLproject's entry point)."""
-    from .tracking.run import RunFailed, run as tracked_run
-    values["include_path"] = tuple(p for group in values["include_path"] for p in group)
-    try:
-        settings = RunSettings(**values)
-    except SettingError as e:
-        refuse(str(e))
-        raise click.UsageError(str(e)) from None
-    try:
-        summary = tracked_run(settings)
-    except RunFailed as e:
-        click.echo(f"reuse-exp: {e.line}", err=True)
-        sys.exit(e.code)
-    if summary is not None:   # None: a launched rank, whose launching process prints the summary
-        click.echo(summary.text())
-
-
-@main.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                           "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def lm_eval_cli(args):
-    """lm-eval's own CLI with the `fast_dllm_v2` model registered: reuse-exp lm-eval run --model fast_dllm_v2 ..."""
-    from lm_eval.__main__ import cli_evaluate
-
-    from .evaluation import lm  # noqa: F401  registers fast_dllm_v2
-    args = list(args)
-    if args[:1] == ["run"] and "--device" not in args:
-        args += ["--device", "auto"]  # lm-eval's default is cuda:0, even without a GPU
-    sys.argv = ["lm-eval", *args]
-    cli_evaluate()
-
-
-@main.command()
-@click.option("--limit", type=click.IntRange(min=2), default=200, show_default=True, help="tiny_gsm items")
-@click.option("--delta", default="0.5,0.75,1,1.25", show_default=True, help="adaptive delta-mode drift thresholds")
-@click.option("--replay", default="0.5,0.75,1,1.1", show_default=True, help="adaptive replay drift thresholds")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("frontier_out"),
-              show_default=True, help="where frontier.md, .json and .png go")
-@click.option("--readme", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="also write the README's frontier and tiny_table sections")
-@click.option("--experiment", default=None, help="MLflow experiment of the report run (default: Default)")
-@click.option("--no-log", is_flag=True, help="write the files only; log nothing to MLflow")
-def frontier(limit, delta, replay, out, readme, experiment, no_log):
-    """Accuracy against skipped layer compute on the bundled tiny model: every fixed
-    configuration and the adaptive policy at several thresholds (table, JSON, plot)."""
-    from .tiny.frontier import floats, run as run_frontier
-    result = run_frontier(limit, floats(delta), floats(replay), out, readme)
-    if no_log:
-        return
-    from .tracking.report import log_report
-    metrics = {f"{m}.{name.replace(' ', '_').replace('=', '')}": v for name, r in result["results"].items()
-               for m, v in (("accuracy", r.accuracy), ("skipped_fraction", r.skipped_fraction))}
-    run_id = log_report("frontier", f"frontier tiny_gsm n={limit}", [out / "frontier.md", out / "frontier.json",
-                        out / "frontier.png"], metrics, {"limit": limit, "delta": delta, "replay": replay},
-                        experiment)
-    click.echo(f"logged to MLflow run {run_id}")
-
-
-main.add_command(grid)
-main.add_command(compare_cmd)
-main.add_command(audit_cmd)
-main.add_command(runs)
-
-if __name__ == "__main__":
-    main()
+for command in (run, lm_eval_cli, grid, compare_cmd, audit_cmd, runs, frontier):
+    main.add_command(command)

@@ -8,8 +8,8 @@ from pathlib import Path
 SUPPORTED_MODEL_TYPES = ("Fast_dLLM_Qwen", "qwen2")
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the fix."""
+# The engine's policy modules import ConfigError from here; it is defined in errors.py.
+from ..errors import ConfigError  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from ..errors import ConfigError
 from .instrument import DecodeRecorder, DecodeReport
 from .model import FastDLLM, ForwardKind
 from .replay import WindowLogits

@@ -16,20 +16,19 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig, shape
+from ..errors import CheckpointError, ConfigError
+from .config import ModelConfig, shape
 from .decoding import DecodeConfig
 from .model import FastDLLM
 
+# The checkpoint the package ships (tiny/ makes it); `--model bundled` loads it.
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "tiny" / "model"
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 WEIGHT_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
 HUB_FILES = ["config.json", "*.safetensors", WEIGHT_INDEX, "tokenizer*", "vocab.json", "merges.txt",
              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the architecture; the message names the tensor."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

@@ -1,4 +1,5 @@
-"""Prompt handling shared by the evaluation harness and the tiny model's training data.
+"""The prompt as the model is given it, shared by the evaluation harness and the tiny model's
+training data (which is why it lives below both).
 
 The public harness replaces the task's answer cue with an instruction before
 generating; the bundled tiny task is GSM8K-shaped and gets the same rewrite, so the

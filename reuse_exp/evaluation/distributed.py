@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError
 
 # A rank that waits longer than this in a collective fails, so no rank waits forever on one
 # that hangs; a rank that dies is caught sooner, by the launcher, which stops the others.

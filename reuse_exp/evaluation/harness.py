@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError
 
 GATED_TASKS = {"gpqa": "Idavidrein/gpqa"}
 

@@ -28,7 +28,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError
 from ..engine.decoding import DecodeConfig, generate
 from ..engine.loading import decode_config_for
 from ..engine.adaptive import AdaptivePolicy
@@ -37,7 +37,7 @@ from ..settings import MODEL, SPECS, RunSettings, to_text
 from . import distributed
 from .distributed import Ranks, rank_device
 from .models import load, make_runner, resolve_device, resolve_dtype
-from .prompts import rewrite_prompt
+from ..engine.prompts import rewrite_prompt
 from .scoring import SCORERS
 from .stats import HarnessStats
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import ConfigError, shape as named_shape
+from ..engine.config import shape as named_shape
 from ..engine.decoding import EagerRunner
 from ..engine.fast import FastRunner
-from ..engine.loading import checkpoint_hash, load_model, load_tokenizer, parse_dtype, random_model, resolve_checkpoint
+from ..engine.loading import BUNDLED_MODEL_DIR, checkpoint_hash, load_model, load_tokenizer, parse_dtype, random_model, resolve_checkpoint
 from ..engine.model import FastDLLM
-from ..tiny import MODEL_DIR as TINY_MODEL_DIR
+from ..errors import ConfigError
 
 BUNDLED = "bundled"
 RANDOM_PREFIX = "random:"
@@ -21,7 +21,7 @@ RANDOM_PREFIX = "random:"
 
 def bundled_model_dir() -> Path | None:
     """The bundled tiny model's directory, or None where this checkout has none."""
-    return Path(TINY_MODEL_DIR) if (Path(TINY_MODEL_DIR) / "config.json").is_file() else None
+    return BUNDLED_MODEL_DIR if (BUNDLED_MODEL_DIR / "config.json").is_file() else None
 
 
 def _bundled() -> Path:

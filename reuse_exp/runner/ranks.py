@@ -20,21 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError, RankFailed
 from ..settings import RunSettings
-from .gpu_stats import GpuSampler
+from ..tracking.gpu_stats import GpuSampler
 from .resume import CACHE_ENV
 
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"   # where the launcher reads a failed rank's reason
 LAUNCHED_ENV = "REUSE_EXP_LAUNCHED"      # set for the ranks `reuse-exp run --processes N` starts
-
-
-class RankFailed(Exception):
-    """A rank failed or was killed, or the launcher was stopped: how the run ends, and why."""
-
-    def __init__(self, status: str, code: int, line: str, traceback: str = ""):
-        super().__init__(line)
-        self.status, self.code, self.line, self.traceback = status, code, line, traceback
 
 
 # -- how many ranks ----------------------------------------------------------------------------

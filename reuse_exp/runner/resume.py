@@ -19,10 +19,10 @@ import shutil
 import time
 from pathlib import Path
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError
 from ..settings import SPECS, RunSettings
-from .heartbeat import parse_stamp
-from .schema import HEARTBEAT_TAG, same_param
+from ..tracking.heartbeat import parse_stamp
+from ..tracking.schema import HEARTBEAT_TAG, same_param
 
 CACHE_ENV = "REUSE_EXP_REQUEST_CACHE"   # the folder of this run's cache, as the launching process chose it
 ROOT_ENV = "REUSE_EXP_CACHE_ROOT"

@@ -12,10 +12,9 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
-import click
-
-from .cells import stale_after_option
+from ..errors import AuditFailed, ConfigError
 from .store import STALE_AFTER_S, RunRecord, client, experiment_name, fetch_runs, format_duration, tracking_uri
 
 
@@ -74,29 +73,26 @@ def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float
     return found + mixed_grids(kept)
 
 
-@click.command("audit")
-@click.option("--experiment", default=None, help="experiment to check (default: MLFLOW_EXPERIMENT_NAME or Default)")
-@click.option("--all-experiments", is_flag=True, help="check every experiment of the store")
-@stale_after_option()
-def audit_cmd(experiment, all_experiments, stale_after) -> None:
-    """Fail, listing run ids and reasons, if any run is untrustworthy (CI guard)."""
+def audit_store(experiment: str | None = None, all_experiments: bool = False,
+                stale_after_s: float = STALE_AFTER_S, echo: Callable[[str], None] = print) -> None:
+    """Echo a line per finding and raise AuditFailed when there is one; else echo that all is well."""
     cl = client()
     if all_experiments:
         exps = cl.search_experiments()
     else:
         exp = cl.get_experiment_by_name(experiment_name(experiment))
         if exp is None:
-            raise click.ClickException(f"no experiment {experiment_name(experiment)!r} in {tracking_uri()}: "
-                                       "pass --experiment NAME or set MLFLOW_TRACKING_URI to the store to check")
+            raise ConfigError(f"no experiment {experiment_name(experiment)!r} in {tracking_uri()}: "
+                              "pass --experiment NAME or set MLFLOW_TRACKING_URI to the store to check")
         exps = [exp]
     runs = [r for e in exps for r in fetch_runs(cl, e.experiment_id)]
-    findings = audit(runs, stale_after_s=stale_after)
+    findings = audit(runs, stale_after_s=stale_after_s)
     names = ", ".join(e.name for e in exps)
     refused = sum(r.refused for r in runs)
     apart = f"; {refused} refused run(s), ignored" if refused else ""
     if findings:
         for f in findings:
-            click.echo(str(f))
-        raise click.ClickException(f"audit failed: {len(findings)} finding(s) over {len(runs) - refused} "
-                                   f"run(s) in {names}{apart}")
-    click.echo(f"audit ok: {len(runs) - refused} run(s) in {names} ({tracking_uri()}){apart}")
+            echo(str(f))
+        raise AuditFailed(f"audit failed: {len(findings)} finding(s) over {len(runs) - refused} "
+                          f"run(s) in {names}{apart}")
+    echo(f"audit ok: {len(runs) - refused} run(s) in {names} ({tracking_uri()}){apart}")

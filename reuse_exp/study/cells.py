@@ -7,14 +7,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
-from ..engine.config import ConfigError
+from ..errors import ConfigError, SettingError
 from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
 from ..settings import SPECS
 from ..tracking.schema import same_param
-from .store import ANY_SUBSET, STALE_AFTER_S, RunRecord, format_duration, norm, parse_duration
+from .store import ANY_SUBSET, RunRecord, norm
 
 K_VALUES = (1, 2, 3)
 GENERATE, LOGLIKELIHOOD = "generate_until", "loglikelihood"
@@ -146,14 +144,14 @@ def resumable(runs: list[RunRecord]) -> str | None:
     return newest.run_id
 
 
-# -- command line ---------------------------------------------------------------------------
+# -- the grid's options, parsed ---------------------------------------------------------------------------
 def parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r}: give integers like 1,2,3") from None
+        raise SettingError(f"{text!r}: give integers like 1,2,3") from None
     if not ks or any(k < 1 for k in ks):
-        raise click.BadParameter(f"{text!r}: give integers >= 1 like 1,2,3")
+        raise SettingError(f"{text!r}: give integers >= 1 like 1,2,3")
     return ks
 
 
@@ -161,7 +159,7 @@ def parse_subsets(text: str) -> tuple[str, ...]:
     subsets = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in subsets if s not in SUBSETS]
     if not subsets or bad:
-        raise click.BadParameter(f"{text!r}: give a comma list of {', '.join(SUBSETS)}")
+        raise SettingError(f"{text!r}: give a comma list of {', '.join(SUBSETS)}")
     return subsets
 
 
@@ -170,7 +168,7 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
     for p in pairs:
         name, sep, value = p.partition("=")
         if not sep or not name.strip():
-            raise click.BadParameter(f"{p!r}: write NAME=VALUE, e.g. -P threshold=0.8")
+            raise SettingError(f"{p!r}: write NAME=VALUE, e.g. -P threshold=0.8")
         out[name.strip()] = value.strip()
     return out
 
@@ -183,8 +181,8 @@ def build_request(task: str, ks: str, subsets: str, mode: str | None, limit: int
             settings[name] = str(value)
     for axis in ("task", "k", "subset", "resume"):
         if axis in settings:
-            raise click.BadParameter(f"-P {axis}=... : use --{axis} instead" if axis != "resume" else
-                                     "-P resume=...: the grid resumes interrupted runs itself")
+            raise SettingError(f"-P {axis}=... : use --{axis} instead" if axis != "resume" else
+                               "-P resume=...: the grid resumes interrupted runs itself")
     for name in PATHS:
         value = settings.get(name)
         if value and not Path(value).is_absolute() and Path(value).exists():
@@ -197,40 +195,3 @@ def run_defaults() -> dict[str, str]:
     """The tracked run's own defaults for the settings a grid does not name, so an omitted
     setting matches what a run logs (a grid without --limit is the whole task, not limit 4)."""
     return {s.name: norm(s.text()) for s in SPECS if s.name in PINNED}
-
-
-class Duration(click.ParamType):
-    """`90s`, `10m`, `2h`, `1d` or seconds, as seconds."""
-    name = "duration"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_duration(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-def stale_after_option(dest: str = "stale_after"):
-    return click.option("--stale-after", dest, type=Duration(), default=format_duration(STALE_AFTER_S),
-                        show_default=True, help="a RUNNING run whose heartbeat (written every 30 s) is older "
-                        "than this is dead, its process gone; e.g. 90s, 10m, 2h")
-
-
-def grid_options(f):
-    f = stale_after_option()(f)
-    for opt in reversed([
-        click.option("--task", required=True, help="lm-eval task name (or a bundled one: tiny_gsm, tiny_mc)"),
-        click.option("--k", "ks", default=",".join(map(str, K_VALUES)), show_default=True,
-                     help="comma list of k values"),
-        click.option("--subset", "subsets", default=",".join(SUBSETS), show_default=True,
-                     help="comma list of layer subsets"),
-        click.option("--mode", default=None, help="reuse mode (output or delta); default: the run's"),
-        click.option("--limit", type=int, default=None, help="samples per task; default: all"),
-        click.option("--model", default=None, help="model for every run; default: the run's"),
-        click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-                     help="any other setting of the tracked run, for every configuration"),
-        click.option("--experiment", default=None, help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME "
-                     "or Default)"),
-    ]):
-        f = opt(f)
-    return f

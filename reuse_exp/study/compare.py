@@ -20,13 +20,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import click
-
-from ..engine.config import ConfigError
+from ..errors import Refused
 from ..evaluation.stats import quantile
-from .cells import (BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, build_request, grid_options,
-                    task_kind)
+from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, task_kind
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
 from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head
@@ -42,10 +40,6 @@ class Pick:
     @property
     def runs(self) -> tuple[RunRecord, ...]:
         return self.repeats or ((self.run,) if self.run else ())
-
-
-class Refused(ConfigError):
-    """The comparison would mix code; the message names the runs and the flags."""
 
 
 def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: bool, dirty: bool) -> list[Pick]:
@@ -243,44 +237,33 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
     return run_id
 
 
-@click.command("compare")
-@grid_options
-@click.option("--commit", default=None, help="compare runs of this commit (default: HEAD)")
-@click.option("--include-other-commits", is_flag=True, help="fill configurations missing at the commit "
-              "with their newest run from another commit (starred)")
-@click.option("--include-dirty", is_flag=True, help="allow runs from uncommitted changes (starred)")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="also write compare.txt and "
-              "compare.png here")
-@click.option("--no-log", is_flag=True, help="print only; log nothing to MLflow")
-def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, commit,
-                include_other_commits, include_dirty, out, no_log) -> None:
+def compare(request: GridRequest, experiment: str | None, commit: str | None = None, *,
+            include_other_commits: bool = False, include_dirty: bool = False, out: Path | None = None,
+            log: bool = True, echo: Callable[[str], None] = print) -> str | None:
     """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
-    interval, outputs changed against k=1; and a plot. From one commit."""
-    try:
-        request = build_request(task, ks, subsets, mode, limit, model, params)
-        commit = commit or git_head()
-        cl = client()
-        exp_id = experiment_id(cl, experiment)
-        runs = fetch_runs(cl, exp_id, task)
-        kind = task_kind(task, runs)
-        cells = request.cells(kind)
-        picks = pick(cells, runs, commit, include_other_commits, include_dirty)
-        rows_ = rows(cl, picks)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    header = f"compare {task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
+    interval, outputs changed against k=1; and a plot. From one commit. Echoes the table; returns
+    the parent run it logged to (None with `log` off). Raises Refused when it would mix code."""
+    commit = commit or git_head()
+    cl = client()
+    exp_id = experiment_id(cl, experiment)
+    runs = fetch_runs(cl, exp_id, request.task)
+    kind = task_kind(request.task, runs)
+    cells = request.cells(kind)
+    picks = pick(cells, runs, commit, include_other_commits, include_dirty)
+    rows_ = rows(cl, picks)
+    header = f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
     if kind == LOGLIKELIHOOD:
-        header += "\n" + LOGLIKELIHOOD_WHY.format(task=task)
+        header += "\n" + LOGLIKELIHOOD_WHY.format(task=request.task)
     elif any(c.baseline for c in cells):
         header += f"\nk1_any is the baseline of every subset ({BASELINE_WHY})"
     text = "\n".join([header, legend(rows_), "", format_rows(rows_)]) + "\n" + describe(picks)
-    click.echo(text)
+    echo(text)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out) if out else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        png = plot(rows_, folder / "compare.png", f"{task}: accuracy vs tokens/s at {commit[:7]}")
+        png = plot(rows_, folder / "compare.png", f"{request.task}: accuracy vs tokens/s at {commit[:7]}")
         if out:
             (folder / "compare.txt").write_text(text + "\n")
-        if not no_log:
-            parent = log_parent(cl, exp_id, request, picks, commit, text, png, rows_)
-            click.echo(f"\nlogged to parent run {parent}")
+        if log:
+            return log_parent(cl, exp_id, request, picks, commit, text, png, rows_)
+    return None

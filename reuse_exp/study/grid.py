@@ -15,17 +15,14 @@ same result (the run tags say so too).
 """
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
-import click
-
-from ..engine.config import ConfigError
-from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest,
-                    build_request, grid_options, resumable, run_command, task_kind)
-from .launch import GridStopped, run_local
+from ..errors import DirtyTree, GridFailed
+from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable,
+                    run_command, task_kind)
+from .launch import SubmititOptions, run_local, submit
 from .store import (LIVE, STALE_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
                     git_state, tracking_uri)
 
@@ -117,102 +114,93 @@ def todo(states: list[CellState], force: bool) -> list[Cell]:
     return [s.cell for s in states if s.state not in (DONE, RUNNING)]
 
 
-@click.group("grid")
-def grid() -> None:
-    """The k x subset grid of a task: what is done at this commit, and running the rest."""
+# -- the grid's commands, as functions: they raise the package's errors, the CLI prints them ---------
+@dataclass(frozen=True)
+class GridView:
+    """A grid request against the store: its runs, the task's kind and each cell's state."""
+    request: GridRequest
+    head: str
+    experiment_id: str
+    kind: str
+    states: list[CellState]
 
 
-def _load(task, ks, subsets, mode, limit, model, params, experiment, stale_after, create=False):
-    try:
-        request = build_request(task, ks, subsets, mode, limit, model, params)
-        head = git_head()
-        cl = client()
-        exp_id = experiment_id(cl, experiment, create=create)
-        runs = fetch_runs(cl, exp_id, task)
-        kind = task_kind(task, runs)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    return request, head, exp_id, runs, kind, grid_status(request, runs, head, kind, None, stale_after)
+def load(request: GridRequest, experiment: str | None, stale_after_s: float = STALE_AFTER_S,
+         create: bool = False) -> GridView:
+    """The grid's state at HEAD; `create`: make the experiment when it does not exist yet."""
+    head = git_head()
+    cl = client()
+    exp_id = experiment_id(cl, experiment, create=create)
+    runs = fetch_runs(cl, exp_id, request.task)
+    kind = task_kind(request.task, runs)
+    return GridView(request, head, exp_id, kind, grid_status(request, runs, head, kind, None, stale_after_s))
 
 
-@grid.command("status")
-@grid_options
-def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after) -> None:
-    """Print the grid: done at HEAD, stale (done only at another commit), failed, running, missing."""
-    request, head, _, _, kind, states = _load(task, ks, subsets, mode, limit, model, params, experiment,
-                                               stale_after)
-    click.echo(format_status(request, states, head, kind, experiment_name(experiment)))
+def status(request: GridRequest, experiment: str | None, stale_after_s: float = STALE_AFTER_S) -> str:
+    """The grid as text: done at HEAD, stale, failed, running, missing."""
+    view = load(request, experiment, stale_after_s)
+    return format_status(request, view.states, view.head, view.kind, experiment_name(experiment))
 
 
-@grid.command("run")
-@grid_options
-@click.option("--dry-run", is_flag=True, help="print what would run, run nothing")
-@click.option("--force", is_flag=True, help="run every configuration, done or not")
-@click.option("--allow-dirty", is_flag=True, help="pass allow_dirty to the runs (they never count as done)")
-@click.option("--executor", type=click.Choice(["local", "slurm", "submitit-local"]), default="local",
-              show_default=True, help="local: one process per configuration, in turn; slurm: an array job "
-              "through submitit; submitit-local: the same array as local processes, concurrently")
-@click.option("--partition", default=None, help="slurm: partition")
-@click.option("--gpus", type=int, default=None, help="GPUs per job (default: the runs' processes, else 1); "
-              "local and submitit-local run one job per GPU (or per g GPUs) at a time, each on its own")
-@click.option("--time", "time_min", type=int, default=240, show_default=True, help="slurm: minutes per job")
-@click.option("--account", default=None, help="slurm: account")
-@click.option("--cpus", type=int, default=None, help="slurm: CPUs per job")
-@click.option("--jobs-dir", type=click.Path(file_okay=False), default=None,
-              help="folder for job scripts, logs and the snapshots jobs run from (default "
-              "~/.cache/reuse_exp/submitit, outside the checkout so the tree stays clean)")
-@click.option("--wait/--no-wait", default=None, help="wait for submitted jobs (default: wait for "
-              "submitit-local, not for slurm)")
-def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, dry_run, force,
-            allow_dirty, executor, partition, gpus, time_min, account, cpus, jobs_dir, wait) -> None:
-    """Run the configurations with no FINISHED run at this commit with the same settings."""
+@dataclass(frozen=True)
+class Launch:
+    """Where a grid's jobs run: `local` (one process per configuration, in turn or one per GPU),
+    `slurm` (a submitit array job) or `submitit-local` (the same array as local processes)."""
+    executor: str = "local"
+    options: SubmititOptions = SubmititOptions()   # cluster is set from the executor
+    wait: bool | None = None                       # None: wait for submitit-local, not for slurm
+
+    EXECUTORS = ("local", "slurm", "submitit-local")
+
+
+def check_tree(allow_dirty: bool, dry_run: bool) -> None:
+    """A grid runs committed code: its runs count as done only then."""
     dirty = git_state().dirty_files
     if dirty and not allow_dirty and not dry_run:
-        raise click.ClickException(f"uncommitted changes ({', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''}):"
-                                   " commit them, or pass --allow-dirty (such runs never count as done)")
-    request, head, _, _, kind, states = _load(task, ks, subsets, mode, limit, model, params, experiment,
-                                               stale_after, create=not dry_run)
-    if kind == LOGLIKELIHOOD:
-        click.echo(LOGLIKELIHOOD_WHY.format(task=task))
+        raise DirtyTree(f"uncommitted changes ({', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''}):"
+                        " commit them, or pass --allow-dirty (such runs never count as done)")
+
+
+def run(request: GridRequest, experiment: str | None, launch: Launch = Launch(), *, force: bool = False,
+        allow_dirty: bool = False, dry_run: bool = False, stale_after_s: float = STALE_AFTER_S,
+        echo: Callable[[str], None] = print) -> None:
+    """Run the configurations with no FINISHED run at this commit with the same settings.
+    Raises GridFailed when some failed, GridStopped when a signal stopped a local grid."""
+    check_tree(allow_dirty, dry_run)
+    view = load(request, experiment, stale_after_s, create=not dry_run)
+    states, head = view.states, view.head
+    if view.kind == LOGLIKELIHOOD:
+        echo(LOGLIKELIHOOD_WHY.format(task=request.task))
     cells = todo(states, force)
     # A cell whose run was killed or died resumes it, at this commit with these settings.
     resume = {} if force else {s.cell: rid for s in states if s.state == FAILED and (rid := resumable(s.runs))}
     for cell, rid in resume.items():
-        click.echo(f"resume {cell.name}: run {rid[:8]} was interrupted; its finished requests are kept")
-    skipped = [s for s in states if s.cell not in cells]
-    for s in skipped:
-        click.echo(f"skip {s.cell.name}: {s.state} ({', '.join(r.short() for r in s.runs[:1])})")
+        echo(f"resume {cell.name}: run {rid[:8]} was interrupted; its finished requests are kept")
+    for s in states:
+        if s.cell not in cells:
+            echo(f"skip {s.cell.name}: {s.state} ({', '.join(r.short() for r in s.runs[:1])})")
     for s in states:
         if s.cell in cells and s.state == FAILED and any(r.status in LIVE for r in s.runs):
-            click.echo(f"{s.cell.name}: {s.note}; running it again")
+            echo(f"{s.cell.name}: {s.note}; running it again")
     if not cells:
-        click.echo(f"nothing to run: all {len(states)} configuration(s) done at {head[:7]}")
+        echo(f"nothing to run: all {len(states)} configuration(s) done at {head[:7]}")
         return
     uri, exp = tracking_uri(), experiment_name(experiment)
     if dry_run:
         for c in cells:
-            click.echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty, resume.get(c))[3:])}")
+            echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty, resume.get(c))[3:])}")
         return
     hint = None
-    try:
-        if executor == "local":
-            failed = run_local(cells, uri, exp, allow_dirty, head, echo=click.echo, gpus=gpus, resume=resume,
-                               **({"folder": Path(jobs_dir)} if jobs_dir else {}))
-        else:
-            from .launch import SubmititOptions, submit
-            opts = SubmititOptions(cluster="local" if executor == "submitit-local" else "slurm",
-                                   partition=partition, gpus=gpus, time_min=time_min, account=account, cpus=cpus,
-                                   **({"folder": Path(jobs_dir)} if jobs_dir else {}))
-            failed, hint = submit(cells, uri, exp, allow_dirty, opts,
-                                  wait=(executor == "submitit-local") if wait is None else wait, commit=head,
-                                  echo=click.echo, resume=resume)
-    except ConfigError as e:   # no GPU for the runs' device, a snapshot git could not make, ...
-        raise click.ClickException(str(e)) from None
-    except GridStopped as e:
-        click.echo(f"reuse-exp: {e}", err=True)
-        sys.exit(e.code)
+    opts = launch.options
+    if launch.executor == "local":
+        failed = run_local(cells, uri, exp, allow_dirty, head, echo=echo, gpus=opts.gpus, resume=resume,
+                           folder=opts.folder)
+    else:
+        opts = replace(opts, cluster="local" if launch.executor == "submitit-local" else "slurm")
+        wait = (launch.executor == "submitit-local") if launch.wait is None else launch.wait
+        failed, hint = submit(cells, uri, exp, allow_dirty, opts, wait=wait, commit=head, echo=echo, resume=resume)
     if hint:
-        raise click.ClickException(hint)
+        raise GridFailed(hint)
     if failed:
-        raise click.ClickException(f"{len(failed)} of {len(cells)} configuration(s) failed: {', '.join(failed)}"
-                                   " (they stay failed or missing in `reuse-exp grid status`)")
+        raise GridFailed(f"{len(failed)} of {len(cells)} configuration(s) failed: {', '.join(failed)}"
+                         " (they stay failed or missing in `reuse-exp grid status`)")

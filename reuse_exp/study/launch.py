@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError, GridStopped, JobFailed
 from .cells import Cell, run_command
 from .store import REPO_ROOT, store_error
 
@@ -158,18 +158,6 @@ def run_pool(jobs: list, slots: list[str], start: Callable[[object, str], object
 
 
 # -- executors ----------------------------------------------------------------------------------
-class GridStopped(Exception):
-    """A signal stopped a local grid."""
-
-    def __init__(self, signum: int, failed: list[str], not_started: list[str]):
-        self.code = 128 + signum
-        name = signal.Signals(signum).name
-        parts = [f"{len(failed)} configuration(s) ended early: {', '.join(failed)}" if failed else "",
-                 f"{len(not_started)} not started: {', '.join(not_started)}" if not_started else ""]
-        super().__init__(f"grid stopped by {name}; " + "; ".join(filter(None, parts))
-                         + " (they stay failed or missing in `reuse-exp grid status`)")
-
-
 class JobProcesses:
     """A local grid's running jobs. While `forwarding()`, SIGTERM and SIGINT to the grid go on to
     them (each ends its run KILLED) and no new job starts."""
@@ -242,10 +230,6 @@ def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, c
     if jobs.stopped_by is not None:
         raise GridStopped(jobs.stopped_by, failed, [name for name, code in done if code is None])
     return failed
-
-
-class JobFailed(RuntimeError):
-    """The tracked run of one configuration exited non-zero."""
 
 
 def run_job(cmd: list[str], env: dict[str, str], cwd: str) -> int:

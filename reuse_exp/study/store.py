@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.provenance import Provenance, provenance
 from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG

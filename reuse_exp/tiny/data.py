@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-from ..evaluation.prompts import rewrite_prompt
+from ..engine.prompts import rewrite_prompt
 
 NAMES = ["Tom", "Anna", "Ben", "Sara", "Leo", "Mia", "Sam", "Lily", "Max", "Emma", "Jack", "Nora",
          "Paul", "Ruth", "Omar", "Ivy", "Carl", "Zoe", "Dan", "Eva"]

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from ..engine.config import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,10 @@ import os
 import signal
 import sys
 
+from ..errors import Terminated
 from ..settings import MLFLOW_PID_ENV
 
 PR_SET_PDEATHSIG = 1
-
-
-class Terminated(BaseException):
-    """SIGTERM (scancel, `kill`, a cancelled mlflow run): end the run KILLED."""
 
 
 def _raise_terminated(signum, frame):

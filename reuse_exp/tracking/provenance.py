@@ -10,14 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..engine.config import ConfigError
+from ..errors import DirtyTree
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH", re.I)
-
-
-class DirtyTree(ConfigError):
-    pass
 
 
 @dataclass(frozen=True)

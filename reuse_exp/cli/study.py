@@ -1,0 +1,133 @@
+"""The study's commands: `grid status|run`, `compare`, `audit`, `runs end`. Each parses its
+options and calls study/, which raises the package's errors; they end as one line here."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import GridStopped
+from ..study import audit as audit_mod, compare as compare_mod, grid as grid_mod, runs as runs_mod
+from ..study.cells import K_VALUES, SUBSETS, build_request
+
+from ..study.launch import DEFAULT_FOLDER, SubmititOptions
+from .options import one_line, stale_after_option
+
+
+def grid_options(f):
+    f = stale_after_option()(f)
+    for opt in reversed([
+        click.option("--task", required=True, help="lm-eval task name (or a bundled one: tiny_gsm, tiny_mc)"),
+        click.option("--k", "ks", default=",".join(map(str, K_VALUES)), show_default=True,
+                     help="comma list of k values"),
+        click.option("--subset", "subsets", default=",".join(SUBSETS), show_default=True,
+                     help="comma list of layer subsets"),
+        click.option("--mode", default=None, help="reuse mode (output or delta); default: the run's"),
+        click.option("--limit", type=int, default=None, help="samples per task; default: all"),
+        click.option("--model", default=None, help="model for every run; default: the run's"),
+        click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
+                     help="any other setting of the tracked run, for every configuration"),
+        click.option("--experiment", default=None, help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME "
+                     "or Default)"),
+    ]):
+        f = opt(f)
+    return f
+
+
+# -- grid -----------------------------------------------------------------------------------
+@click.group("grid")
+def grid() -> None:
+    """The k x subset grid of a task: what is done at this commit, and running the rest."""
+
+
+@grid.command("status")
+@grid_options
+def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after) -> None:
+    """Print the grid: done at HEAD, stale (done only at another commit), failed, running, missing."""
+    with one_line():
+        request = build_request(task, ks, subsets, mode, limit, model, params)
+        click.echo(grid_mod.status(request, experiment, stale_after))
+
+
+@grid.command("run")
+@grid_options
+@click.option("--dry-run", is_flag=True, help="print what would run, run nothing")
+@click.option("--force", is_flag=True, help="run every configuration, done or not")
+@click.option("--allow-dirty", is_flag=True, help="pass allow_dirty to the runs (they never count as done)")
+@click.option("--executor", type=click.Choice(grid_mod.Launch.EXECUTORS), default="local",
+              show_default=True, help="local: one process per configuration, in turn; slurm: an array job "
+              "through submitit; submitit-local: the same array as local processes, concurrently")
+@click.option("--partition", default=None, help="slurm: partition")
+@click.option("--gpus", type=int, default=None, help="GPUs per job (default: the runs' processes, else 1); "
+              "local and submitit-local run one job per GPU (or per g GPUs) at a time, each on its own")
+@click.option("--time", "time_min", type=int, default=240, show_default=True, help="slurm: minutes per job")
+@click.option("--account", default=None, help="slurm: account")
+@click.option("--cpus", type=int, default=None, help="slurm: CPUs per job")
+@click.option("--jobs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for job scripts, logs and the snapshots jobs run from (default "
+              "~/.cache/reuse_exp/submitit, outside the checkout so the tree stays clean)")
+@click.option("--wait/--no-wait", default=None, help="wait for submitted jobs (default: wait for "
+              "submitit-local, not for slurm)")
+def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, dry_run, force,
+            allow_dirty, executor, partition, gpus, time_min, account, cpus, jobs_dir, wait) -> None:
+    """Run the configurations with no FINISHED run at this commit with the same settings."""
+    options = SubmititOptions(folder=jobs_dir or DEFAULT_FOLDER, partition=partition, gpus=gpus,
+                              time_min=time_min, account=account, cpus=cpus)
+    try:
+        with one_line():
+            request = build_request(task, ks, subsets, mode, limit, model, params)
+            grid_mod.run(request, experiment, grid_mod.Launch(executor, options, wait), force=force,
+                         allow_dirty=allow_dirty, dry_run=dry_run, stale_after_s=stale_after, echo=click.echo)
+    except GridStopped as e:
+        click.echo(f"reuse-exp: {e}", err=True)
+        sys.exit(e.code)
+
+
+# -- compare, audit, runs ---------------------------------------------------------------------
+@click.command("compare")
+@grid_options
+@click.option("--commit", default=None, help="compare runs of this commit (default: HEAD)")
+@click.option("--include-other-commits", is_flag=True, help="fill configurations missing at the commit "
+              "with their newest run from another commit (starred)")
+@click.option("--include-dirty", is_flag=True, help="allow runs from uncommitted changes (starred)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="also write compare.txt and compare.png here")
+@click.option("--no-log", is_flag=True, help="print only; log nothing to MLflow")
+def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, commit,
+                include_other_commits, include_dirty, out, no_log) -> None:
+    """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
+    interval, outputs changed against k=1; and a plot. From one commit."""
+    with one_line():
+        request = build_request(task, ks, subsets, mode, limit, model, params)
+        parent = compare_mod.compare(request, experiment, commit, include_other_commits=include_other_commits,
+                                     include_dirty=include_dirty, out=out, log=not no_log, echo=click.echo)
+    if parent:
+        click.echo(f"\nlogged to parent run {parent}")
+
+
+@click.command("audit")
+@click.option("--experiment", default=None, help="experiment to check (default: MLFLOW_EXPERIMENT_NAME or Default)")
+@click.option("--all-experiments", is_flag=True, help="check every experiment of the store")
+@stale_after_option()
+def audit_cmd(experiment, all_experiments, stale_after) -> None:
+    """Fail, listing run ids and reasons, if any run is untrustworthy (CI guard)."""
+    with one_line():
+        audit_mod.audit_store(experiment, all_experiments, stale_after, echo=click.echo)
+
+
+@click.group("runs")
+def runs() -> None:
+    """Tracked runs one at a time."""
+
+
+@runs.command("end")
+@click.argument("run_id")
+@click.option("--reason", default=None, help="why it ended (tag reuse_exp.end_reason); default: its last heartbeat")
+@stale_after_option()
+@click.option("--force", is_flag=True, help="end it even though its heartbeat is recent")
+def end_cmd(run_id, reason, stale_after, force) -> None:
+    """Mark a dead RUNNING run KILLED, with a reason tag."""
+    with one_line():
+        reason = runs_mod.end(run_id, reason, stale_after, force)
+    click.echo(f"ended {run_id} KILLED: {reason}")

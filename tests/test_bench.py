@@ -1,8 +1,13 @@
 """The benchmark's own arithmetic, and one small run of it on the CPU."""
 import json
+import shlex
 
 import pytest
+from click.testing import CliRunner
 
+from reuse_exp.cli import main
+from reuse_exp.cli.tools import bench as bench_cmd
+from reuse_exp.cli.tools import bench_command
 from reuse_exp.engine import bench
 
 
@@ -25,11 +30,13 @@ def test_saving_in_situ_compares_skipping_forwards_with_their_kind_and_row_count
 @pytest.mark.slow
 def test_one_run_gives_a_row_per_batch_size(tmp_path):
     out = tmp_path / "b.json"
-    assert bench.main(["--shape", "tiny", "--batch", "1,2", "--k", "1,2", "--new-tokens", "32", "--prompt-len", "32",
-                       "--iters", "1", "--repeats", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md")]) == 0
+    done = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--batch", "1,2", "--k", "1,2", "--new-tokens", "32",
+                                     "--prompt-len", "32", "--iters", "1", "--repeats", "1", "--json", str(out),
+                                     "--markdown", str(tmp_path / "b.md")])
+    assert done.exit_code == 0, done.output
     r = json.loads(out.read_text())
     assert [row["batch"] for row in r["rows"]] == [1, 2]
-    assert r["command"].startswith("python -m reuse_exp.engine.bench --shape tiny")
+    assert r["command"].startswith("reuse-exp bench --prompt-len 32 --new-tokens 32 --batch 1,2 --k 1,2")
     assert r["bandwidth_gbs"] > 0 and r["peak_tflops"] > 0 and r["warmup"]["first_call_seconds"] > 0
     for row in r["rows"]:
         assert set(row["forward_ms"]) == {"full_block", "small_block", "finalize"}
@@ -37,3 +44,20 @@ def test_one_run_gives_a_row_per_batch_size(tmp_path):
         assert [(e["k"], e["subset"]) for e in row["end_to_end"]] == [(1, "-"), (2, "first")]
         assert row["reuse_forward"][0]["ideal_saving"] > 0
     assert "| batch |" in (tmp_path / "b.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [[], ["--shape", "7b", "--batch", "1,8", "--subset", "first,last", "--no-compile"],
+                                  ["--extra", "replay:2,adaptive-delta:0.5", "--compile", "--dtype", "float32",
+                                   "--json", "b.json"]])
+def test_the_recorded_command_repeats_the_benchmark(argv):
+    """The command a result records parses back to the same benchmark."""
+    params = bench_cmd.make_context("bench", list(argv)).params
+    json_out, markdown = params.pop("json_out"), params.pop("markdown")
+    command = bench_command(bench.BenchArgs(**params), json_out, markdown)
+    again = bench_cmd.make_context("bench", shlex.split(command)[2:]).params
+    assert again == {**params, "json_out": json_out, "markdown": markdown}
+
+
+def test_a_bad_list_is_one_line():
+    out = CliRunner().invoke(main, ["bench", "--batch", "1,x"])
+    assert out.exit_code == 2 and "comma list of int" in out.output and "Traceback" not in out.output

@@ -116,9 +116,13 @@ def test_fast_encoder_matches_tokenizer(tokenizer):
 
 
 def test_train_script_writes_the_shipped_files(tmp_path):
-    from reuse_exp.tiny.train import main
-    main(["--out", str(tmp_path), "--steps", "2", "--pool", "64", "--batch", "2", "--hidden", "32",
-          "--intermediate", "64", "--warmup", "1", "--eval-limit", "0"])
+    from click.testing import CliRunner
+
+    from reuse_exp.cli import main
+    done = CliRunner().invoke(main, ["tiny", "train", "--out", str(tmp_path), "--steps", "2", "--pool", "64",
+                                     "--batch", "2", "--hidden", "32", "--intermediate", "64", "--warmup", "1",
+                                     "--eval-limit", "0"])
+    assert done.exit_code == 0, done.output
     assert {p.name for p in tmp_path.iterdir()} == {p.name for p in TINY_MODEL_DIR.iterdir()}
     model, _ = load_model(tmp_path, dtype="float32")
     assert model.num_layers == 8

@@ -10,7 +10,7 @@ import click
 
 from .run import lm_eval_cli, run
 from .study import audit_cmd, compare_cmd, grid, runs
-from .tools import frontier
+from .tools import bench, frontier, pathcheck, tiny
 
 
 @click.group()
@@ -18,5 +18,5 @@ def main():
     """Layer reuse in Fast-dLLM v2, evaluated with lm-eval and tracked with MLflow."""
 
 
-for command in (run, lm_eval_cli, grid, compare_cmd, audit_cmd, runs, frontier):
+for command in (run, lm_eval_cli, grid, compare_cmd, audit_cmd, runs, frontier, bench, pathcheck, tiny):
     main.add_command(command)

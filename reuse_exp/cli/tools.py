@@ -1,9 +1,139 @@
-"""Tools beside the study: the frontier of the bundled tiny model."""
+"""Tools beside the study: the benchmark, the path check, the bundled tiny model's data and
+training, and its frontier. Each parses its options into the typed values the module below takes."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
+
+from .options import one_line
+
+
+def comma_list(kind):
+    """A comma list (`1,8,32`) as a tuple of `kind`."""
+    class CommaList(click.ParamType):
+        name = f"{kind.__name__},..."
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, tuple):
+                return value
+            try:
+                return tuple(kind(x) for x in str(value).split(",") if x.strip())
+            except ValueError:
+                self.fail(f"{value!r}: give a comma list of {kind.__name__} values", param, ctx)
+    return CommaList()
+
+
+# -- the benchmark and the path check -----------------------------------------------------------
+@click.command(context_settings={"show_default": True})
+@click.option("--shape", default="tiny", help="named shape: tiny, 1.5b, 7b")
+@click.option("--device", default=None, help="default: cuda when there is one, else cpu")
+@click.option("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+@click.option("--prompt-len", type=int, default=256)
+@click.option("--new-tokens", type=int, default=256)
+@click.option("--batch", type=comma_list(int), default="1,8,32,64")
+@click.option("--k", type=comma_list(int), default="1,2,3")
+@click.option("--subset", type=comma_list(str), default="first")
+@click.option("--mode", type=click.Choice(["output", "delta"]), default="output")
+@click.option("--path", type=click.Choice(["eager", "fast"]), default="fast",
+              help="fast: static-shape forwards, CUDA graphs on a GPU; eager: plain PyTorch")
+@click.option("--extra", type=comma_list(str), default="",
+              help="more end-to-end policies: replay:K, adaptive-replay:T, adaptive-delta:T")
+@click.option("--iters", type=int, default=20, help="timed iterations per forward kind")
+@click.option("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
+@click.option("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")
+@click.option("--matmul-n", type=int, default=None, help="size of the matrix product for the peak")
+@click.option("--compile/--no-compile", default=None, help="fast path: fuse each layer with torch.compile "
+              "(default: on a GPU)")
+@click.option("--check-tokens", type=int, default=0, help="also compare the eager and fast paths' first N "
+              "tokens at k=1")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the result as JSON here")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the markdown table here")
+def bench(json_out, markdown, **options):
+    """Benchmark random weights of a named shape on a fixed trajectory (docs/bench.md)."""
+    from ..engine.bench import BenchArgs, run_bench
+    from ..engine.bench_report import markdown as report
+    args = BenchArgs(**options)
+    with one_line():
+        result = run_bench(args, bench_command(args, json_out, markdown))
+    text = report(result)
+    click.echo(text)
+    if markdown:
+        markdown.write_text(text)
+    if json_out:
+        json_out.write_text(json.dumps(dataclasses.asdict(result), indent=2))
+
+
+def bench_command(args, json_out: Path | None, markdown: Path | None) -> str:
+    """The command line that repeats this benchmark (the result records it): the options that
+    differ from their defaults."""
+    from ..engine.bench import BenchArgs
+    words = ["reuse-exp", "bench"]
+    for field in dataclasses.fields(BenchArgs):
+        value, option = getattr(args, field.name), "--" + field.name.replace("_", "-")
+        if value == field.default:
+            continue
+        if isinstance(value, bool):
+            words.append(option if value else "--no-" + option[2:])
+        else:
+            words += [option, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    for option, path in (("--json", json_out), ("--markdown", markdown)):
+        if path:
+            words += [option, str(path)]
+    return shlex.join(words)
+
+
+@click.command()
+@click.option("--device", default=None, help="default: cuda when there is one, else cpu")
+def pathcheck(device):
+    """Check that the fast path decodes the eager path's tokens on the tiny shape (fp32); exit 1 if not."""
+    from ..engine.pathcheck import check_paths
+    if not check_paths(device, echo=click.echo):
+        sys.exit(1)
+
+
+# -- the bundled tiny model ---------------------------------------------------------------------
+@click.group()
+def tiny():
+    """The bundled tiny model: its task data and its training."""
+
+
+@tiny.command("data")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="default: the shipped task data, reuse_exp/evaluation/tasks/data")
+def tiny_data(out):
+    """Write the bundled tasks' data (tiny_gsm, tiny_mc): the same files every time."""
+    from ..tiny.data import TASKS_DATA, write_task_data
+    write_task_data(out or TASKS_DATA)
+
+
+def train_options(f):
+    """One option per TrainConfig field, with its default."""
+    from ..tiny.train import TrainConfig
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        f = click.option("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
+                         show_default=True)(f)
+    return f
+
+
+@tiny.command("train")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--eval-limit", type=int, default=200, show_default=True,
+              help="held-out tiny_gsm items scored at the end (0: none)")
+@click.option("--eval-batch", type=int, default=200, show_default=True)
+@click.option("--log-every", type=int, default=100, show_default=True)
+@train_options
+def tiny_train(out, device, eval_limit, eval_batch, log_every, **config):
+    """Train the bundled tiny Fast-dLLM v2 model and write the files reuse_exp/tiny/model ships."""
+    from ..tiny.train import TrainConfig, train_and_save
+    train_and_save(TrainConfig(**config), out, device, eval_limit, eval_batch, log_every)
 
 
 @click.command()

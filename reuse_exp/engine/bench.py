@@ -1,7 +1,7 @@
 """Benchmark: random weights of a named shape, a fixed trajectory, warm-up, then timing.
 
-    python -m reuse_exp.engine.bench --shape tiny                                  # CPU
-    python -m reuse_exp.engine.bench --shape 7b --batch 1,8,32,64 --json b.json --markdown b.md
+    reuse-exp bench --shape tiny                                  # CPU
+    reuse-exp bench --shape 7b --batch 1,8,32,64 --json b.json --markdown b.md
 
 Random weights never pass the unmasking threshold, so every step unmasks exactly one
 token and the trajectory is fixed; the stop token is ignored. Everything runs under
@@ -20,14 +20,10 @@ a large bf16 matrix product for the dense peak):
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
-import shlex
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -312,7 +308,39 @@ def compare_paths(model: FastDLLM, n_tokens: int, prompt_len: int) -> dict:
     return {"tokens_compared": len(eager), "equal": eager == fast, "first_divergence": first}
 
 
-def run_bench(args, command: str = "") -> BenchResult:
+@dataclass(frozen=True)
+class BenchArgs:
+    """What one benchmark run measures (`reuse-exp bench`'s options); None: the device's default."""
+    shape: str = "tiny"                       # named shape: tiny, 1.5b, 7b
+    device: str | None = None                 # cuda when there is one, else cpu
+    dtype: str | None = None                  # bfloat16 on a GPU, float32 on the CPU
+    prompt_len: int = 256
+    new_tokens: int = 256
+    batch: tuple[int, ...] = (1, 8, 32, 64)
+    k: tuple[int, ...] = (1, 2, 3)
+    subset: tuple[str, ...] = ("first",)
+    mode: str = "output"
+    path: str = "fast"                        # fast: static shapes, CUDA graphs on a GPU; eager: plain PyTorch
+    extra: tuple[str, ...] = ()               # more policies end to end: replay:K, adaptive-replay:T, ...
+    iters: int = 20                           # timed iterations per forward kind
+    repeats: int = 2                          # timed end-to-end decodes per configuration
+    copy_mb: int | None = None                # bytes copied to measure the bandwidth
+    matmul_n: int | None = None               # size of the matrix product for the peak
+    compile: bool | None = None               # fast path: fuse each layer with torch.compile (default: on a GPU)
+    check_tokens: int = 0                     # also compare the eager and fast paths' first N tokens at k=1
+
+    def resolved(self) -> "BenchArgs":
+        """Every None filled with the device's default; an unknown dtype refused."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = device.startswith("cuda")
+        dtype = self.dtype or ("bfloat16" if on_gpu else "float32")
+        parse_dtype(dtype)
+        return replace(self, device=device, dtype=dtype, copy_mb=self.copy_mb or (2048 if on_gpu else 256),
+                       matmul_n=self.matmul_n or (8192 if on_gpu else 512))
+
+
+def run_bench(args: BenchArgs, command: str = "") -> BenchResult:
+    args = args.resolved()
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = random_model(named_shape(args.shape), args.dtype, device=str(device), seed=0)
@@ -343,57 +371,3 @@ def run_bench(args, command: str = "") -> BenchResult:
     if args.check_tokens:
         result.path_check = compare_paths(model, args.check_tokens, args.prompt_len)
     return result
-
-
-def parse_args(argv=None):
-    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
-    ap = argparse.ArgumentParser(prog="python -m reuse_exp.engine.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="tiny", help="named shape: tiny, 1.5b, 7b")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--batch", type=ints, default=[1, 8, 32, 64])
-    ap.add_argument("--k", type=ints, default=[1, 2, 3])
-    ap.add_argument("--subset", type=lambda v: v.split(","), default=["first"])
-    ap.add_argument("--mode", default="output", choices=["output", "delta"])
-    ap.add_argument("--path", default="fast", choices=["eager", "fast"],
-                    help="fast: static-shape forwards, CUDA graphs on a GPU; eager: plain PyTorch")
-    ap.add_argument("--extra", type=lambda v: [x for x in v.split(",") if x], default=[],
-                    help="more end-to-end policies: replay:K, adaptive-replay:T, adaptive-delta:T")
-    ap.add_argument("--iters", type=int, default=20, help="timed iterations per forward kind")
-    ap.add_argument("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
-    ap.add_argument("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")
-    ap.add_argument("--matmul-n", type=int, default=None, help="size of the matrix product for the peak")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="fast path: fuse each layer with torch.compile (default: on a GPU)")
-    ap.add_argument("--check-tokens", type=int, default=0,
-                    help="also compare the eager and fast paths' first N tokens at k=1")
-    ap.add_argument("--json", default=None, help="write the result as JSON here")
-    ap.add_argument("--markdown", default=None, help="write the markdown table here")
-    args = ap.parse_args(argv)
-    on_gpu = args.device.startswith("cuda")
-    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    parse_dtype(args.dtype)
-    args.copy_mb = args.copy_mb or (2048 if on_gpu else 256)
-    args.matmul_n = args.matmul_n or (8192 if on_gpu else 512)
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    command = "python -m reuse_exp.engine.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    result = run_bench(args, command)
-    text = markdown(result)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(result), f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,12 @@
 """Check that the fast path decodes the eager path's tokens on the tiny shape (fp32).
 
-    python -m reuse_exp.engine.pathcheck [--device cuda]
+    reuse-exp pathcheck [--device cuda]
 
 Random tiny weights with peaked predictions (several tokens unmask per step), a batch
 of three prompts of different lengths, no reuse and three reuse policies. Exits 1 on
 any difference. (tests/test_fast_path.py does the same on CPU, and on CUDA when present.)
 """
-import argparse
-import sys
+from typing import Callable
 
 import torch
 
@@ -23,11 +22,10 @@ DEC = DecodeConfig(mask_id=63, stop_id=62, pad_id=61, max_new_tokens=64, thresho
 PROMPTS = [[5, 6, 7, 8] * 10, [9, 10, 11, 12, 13] * 3 + [14] * 4, list(range(1, 26)) * 3]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
-    model = random_model(CFG, "float32", device=args.device, seed=0, std=0.2)
+def check_paths(device: str | None = None, echo: Callable[[str], None] = print) -> bool:
+    """Eager against fast for no reuse and three policies, a line each; True when all agree."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(CFG, "float32", device=device, seed=0, std=0.2)
     runner = FastRunner(model)
     ok = True
     for spec in [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta")]:
@@ -36,10 +34,6 @@ def main(argv=None) -> int:
         fast = generate(model, PROMPTS, DEC, policy, runner=runner)
         same = eager.tokens == fast.tokens
         ok &= same
-        print(f"{args.device} {fast.report.path:20s} policy={spec}: {'identical' if same else 'DIFFERENT'} "
-              f"({sum(map(len, eager.tokens))} tokens)")
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        echo(f"{device} {fast.report.path:20s} policy={spec}: {'identical' if same else 'DIFFERENT'} "
+             f"({sum(map(len, eager.tokens))} tokens)")
+    return ok

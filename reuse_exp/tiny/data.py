@@ -8,11 +8,10 @@ belongs to the test pool iff a hash of its question says so (`in_test_pool`), an
 the training stream rejects every such problem, so no test item is ever trained on,
 whatever the seed or the stream's length.
 
-`python -m reuse_exp.tiny.data` rewrites the shipped task data under reuse_exp/evaluation/tasks/data.
+`reuse-exp tiny data` rewrites the shipped task data under reuse_exp/evaluation/tasks/data.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -229,8 +228,3 @@ def write_task_data(out: Path = TASKS_DATA) -> None:
         (out / name).write_text("".join(json.dumps(d) + "\n" for d in docs))
         print(f"wrote {len(docs)} items to {out / name}")
 
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=TASKS_DATA)
-    write_task_data(ap.parse_args().out)

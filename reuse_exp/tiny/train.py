@@ -1,4 +1,4 @@
-"""Train the bundled tiny Fast-dLLM v2 model: `python -m reuse_exp.tiny.train --out DIR [--device cuda]`.
+"""Train the bundled tiny Fast-dLLM v2 model: `reuse-exp tiny train --out DIR [--device cuda]`.
 
 Writes exactly the files that reuse_exp/tiny/model ships: config.json, model.safetensors
 (bfloat16), tokenizer.json, tokenizer_config.json, training.json (settings, loss curve,
@@ -53,7 +53,6 @@ with a smaller --hidden/--steps.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -321,7 +320,7 @@ and the Qwen chat template. Trained with the block-diffusion objective (blocks o
 complementary masks, token shift) on the GSM8K-shaped problems of `reuse_exp/tiny_data.py`,
 for the bundled lm-eval tasks `tiny_gsm` and `tiny_mc` (reuse_exp/evaluation/tasks).
 
-Regenerate: `python -m reuse_exp.tiny.train --out reuse_exp/tiny/model --device cuda --steps {cfg.steps}`
+Regenerate: `reuse-exp tiny train --out reuse_exp/tiny/model --device cuda --steps {cfg.steps}`
 (then `python -m reuse_exp.tiny.table --readme reuse_exp/tiny/model/README.md`).
 Training: {cfg.steps} steps of {cfg.batch} problems (+ complements) in {meta['train_seconds']:.0f} s on
 {meta['device_name']}; settings and loss curve in `training.json`.
@@ -347,38 +346,27 @@ def heldout_accuracy(model: FastDLLM, tokenizer, limit: int, batch_size: int) ->
     return evaluate_gsm(model, tokenizer, docs, batch_size=batch_size).accuracy
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train the bundled tiny Fast-dLLM v2 model.")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--eval-limit", type=int, default=200, help="held-out tiny_gsm items scored at the end (0: none)")
-    ap.add_argument("--eval-batch", type=int, default=200)
-    ap.add_argument("--log-every", type=int, default=100)
-    for name, field in TrainConfig.__dataclass_fields__.items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
-    args = ap.parse_args(argv)
-    cfg = TrainConfig(**{n: getattr(args, n) for n in TrainConfig.__dataclass_fields__})
+def train_and_save(cfg: TrainConfig, out: Path, device: str = "cpu", eval_limit: int = 200, eval_batch: int = 200,
+                   log_every: int = 100) -> None:
+    """Train, then write the files reuse_exp/tiny/model ships into `out`; `eval_limit` held-out
+    tiny_gsm items are scored at the end (0: none)."""
     torch.backends.cuda.matmul.allow_tf32 = True
-    result = train(cfg, args.out, args.device, args.log_every)
+    result = train(cfg, out, device, log_every)
     model, tokenizer = result["model"], result["tokenizer"]
     model = model.to(torch.bfloat16)   # what ships; the held-out score below is of these weights
     meta = {"config": asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
             "seq_len": result["seq_len"], "curve": result["curve"],
             "train_seconds": round(result["train_seconds"], 1), "total_seconds": round(result["total_seconds"], 1),
-            "device": args.device, "torch": torch.__version__,
-            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
+            "device": device, "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "CPU",
             "subsets": {s: list(resolve_subset(s, cfg.layers)) for s in SUBSETS},
             "data": {"templates": [t.__name__ for t in tiny_data.TEMPLATES],
                      "test_pool": f"sha256(question) % {tiny_data.TEST_FRACTION} == 0"}}
-    save_model(model, args.out, {"torch_dtype": "bfloat16"})   # first: a failing evaluation loses no weights
-    if args.eval_limit:
-        meta["heldout_exact_match"] = heldout_accuracy(model, tokenizer, args.eval_limit, args.eval_batch)
-        meta["heldout_items"] = args.eval_limit
+    save_model(model, out, {"torch_dtype": "bfloat16"})   # first: a failing evaluation loses no weights
+    if eval_limit:
+        meta["heldout_exact_match"] = heldout_accuracy(model, tokenizer, eval_limit, eval_batch)
+        meta["heldout_items"] = eval_limit
         print(f"held-out tiny_gsm strict exact match: {meta['heldout_exact_match']:.3f}", flush=True)
-    (args.out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
-    write_readme(args.out, cfg, meta)
-    print(f"wrote {sorted(p.name for p in args.out.iterdir())}", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_readme(out, cfg, meta)
+    print(f"wrote {sorted(p.name for p in out.iterdir())}", flush=True)

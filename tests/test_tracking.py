@@ -397,3 +397,26 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
     for noise in ("instantiate a model of type", "Custom kwargs can be passed", "Skip logging GPU metrics",
                   "Traceback", "Warning", "WARNING"):
         assert noise not in out.stderr, (noise, out.stderr[-3000:])
+
+
+def test_the_store_lock_lets_one_process_open_a_new_store_at_a_time(tmp_path):
+    """While one opener holds a sqlite store's lock, another waits for it; other stores take none."""
+    import threading
+
+    from reuse_exp.tracking.store_init import store_opening
+    uri, order = f"sqlite:///{tmp_path}/mlflow.db", []
+
+    def second():
+        with store_opening(uri):
+            order.append("second")
+
+    with store_opening(uri):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()
+        order.append("first")
+    waiter.join(10)
+    assert order == ["first", "second"]
+    with store_opening("http://localhost:5000"), store_opening("http://localhost:5000"):
+        pass

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator
 
 from ..errors import ConfigError
 from ..engine.decoding import DecodeConfig, generate
@@ -54,11 +55,6 @@ class _GenItem:
     ids: list[int]
     until: list[str]
     budget: int           # tokens the request may return
-
-
-def _chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def _cut_at(text: str, until: list[str]) -> str:
@@ -187,11 +183,10 @@ class FastDLLMv2LM(TemplateLM):
                          self.decode_config.max_new_tokens)
             prompt, ids = self._prompt_ids(getattr(req, "task_name", None), context, budget)
             items.append(_GenItem(i, req, prompt, ids, until, budget))
-        # One budget per batch (the decoder's max_new_tokens); longest prompts first.
-        items.sort(key=lambda it: (-it.budget, -len(it.ids)))
-        batches = []
-        for budget in dict.fromkeys(it.budget for it in items):
-            batches += list(_chunks([it for it in items if it.budget == budget], self.batch_size))
+        # One budget per batch (the decoder's max_new_tokens), largest first; longest prompts first.
+        items.sort(key=lambda it: -it.budget)
+        batches = list(Collator(items, sort_fn=lambda it: -len(it.ids), group_fn=lambda it: {"budget": it.budget},
+                                group_by="gen_kwargs").get_batched(n=self.batch_size))
         if batches and not self.stats.decode:
             self._warm_up_generate(batches[0])
         self.stats.requests_total += len(requests)
@@ -265,7 +260,7 @@ class FastDLLMv2LM(TemplateLM):
             first.append(seen.setdefault((tuple(ctx), tuple(cont)), i))
         order = sorted((i for i in range(len(pairs)) if first[i] == i),
                        key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        batches = list(_chunks(order, self.batch_size))
+        batches = list(Collator.get_chunks(order, n=self.batch_size))
         if batches and self.stats.scoring.requests == 0:  # warm-up, untimed
             t0 = time.perf_counter()
             score(self.model, self.decode_config, [pairs[i] for i in batches[0]])

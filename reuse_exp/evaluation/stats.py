@@ -7,6 +7,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 from ..engine.instrument import DecodeReport
 
 SCORING_KIND = "masked"  # the forward kind of loglikelihood scoring (FastDLLM.forward_masked)
@@ -28,23 +30,15 @@ class ScoringStats:
     batches: list[tuple[int, float]] = field(default_factory=list)  # (scored tokens, seconds) per batch
 
 
-def quantile(xs: list[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default method)."""
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def rate_metrics(timings: list[tuple[float, float]]) -> dict[str, float]:
     """The median of per-batch tokens/s with its quartiles and the number of timed batches:
     the spread a comparison needs (one aggregate rate has none)."""
     rates = [t / s for t, s in timings if s > 0]
     if not rates:
         return {"timed_batches": 0}
-    return {"timed_batches": len(rates), "tokens_per_second_median": quantile(rates, 0.5),
-            "tokens_per_second_p25": quantile(rates, 0.25), "tokens_per_second_p75": quantile(rates, 0.75)}
+    p25, median, p75 = (float(q) for q in np.quantile(rates, [0.25, 0.5, 0.75]))
+    return {"timed_batches": len(rates), "tokens_per_second_median": median,
+            "tokens_per_second_p25": p25, "tokens_per_second_p75": p75}
 
 
 @dataclass

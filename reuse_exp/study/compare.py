@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..errors import Refused
-from ..evaluation.stats import quantile
 from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, task_kind
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
@@ -112,7 +113,8 @@ class Row:
         rates = [r for run in self.rates for r in run]
         if rates:
             out |= {"runs": len(self.rates), "timed_batches": len(rates), "tokens_per_second_median": median(rates),
-                    "tokens_per_second_p25": quantile(rates, 0.25), "tokens_per_second_p75": quantile(rates, 0.75)}
+                    "tokens_per_second_p25": float(np.quantile(rates, 0.25)),
+                    "tokens_per_second_p75": float(np.quantile(rates, 0.75))}
         if self.ratio is not None:
             out["speedup"] = self.ratio.point
             if self.ratio.has_interval:   # without one, whether it is noise is unknown: no metric says either

@@ -31,7 +31,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..evaluation.stats import quantile, sample_records
+import numpy as np
+
+from ..evaluation.stats import sample_records
 from .store import RunRecord
 
 MIN_TIMINGS = 6   # a distribution-free 95% interval of a median needs 6 values: 2 * 0.5**6 < 0.05
@@ -67,13 +69,12 @@ class Ratio:
 
 
 def median(xs: list[float]) -> float:
-    return quantile(xs, 0.5)
+    return float(np.quantile(xs, 0.5))
 
 
 def speed_ratio(base: list[list[float]], other: list[list[float]], draws: int = DRAWS, seed: int = 0) -> Ratio:
     """Ratio of median per-batch rates, `other` over `base`, each given as one list of rates per
     run, with a percentile bootstrap interval (fixed seed: the same runs give the same table)."""
-    import numpy as np
     point = median([r for run in other for r in run]) / median([r for run in base for r in run])
     n = min(sum(map(len, base)), sum(map(len, other)))
     if n < MIN_TIMINGS:

@@ -7,11 +7,12 @@ the store and create their experiment. Other stores (a server) need no lock.
 """
 from __future__ import annotations
 
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote
+
+from filelock import FileLock
 
 LOCK_SUFFIX = "-lock"   # mlflow.db-lock: beside the database, and ignored with it (.gitignore)
 
@@ -37,20 +38,12 @@ def sqlite_file(uri: str) -> Path | None:
 def store_opening(uri: str):
     """Hold the store's lock (a sqlite store's; nothing for others) for the body."""
     db = sqlite_file(uri)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as before
-        fcntl = None
-    if db is None or fcntl is None:
+    if db is None:
         yield
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(db.with_name(db.name + LOCK_SUFFIX), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with FileLock(db.with_name(db.name + LOCK_SUFFIX)):
         yield
-    finally:
-        os.close(fd)   # closing releases the lock
 
 
 def open_client(uri: str | None = None):

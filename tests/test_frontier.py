@@ -46,6 +46,7 @@ def ran(tmp_path_factory):
     return {"uri": uri, "head": repo.head, "first": first.stdout, "again": again.stdout}
 
 
+@pytest.mark.slow
 def test_the_grid_ends_finished_runs_at_the_commit(ran):
     import mlflow
     cl = mlflow.MlflowClient(ran["uri"])
@@ -63,6 +64,7 @@ def per_sample(cl, run_id: str, tmp_path) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
+@pytest.mark.slow
 def test_the_report_is_the_runs_figures(ran, tmp_path, monkeypatch):
     import mlflow
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ran["uri"])

@@ -87,9 +87,8 @@ CONFIGS: tuple[Config, ...] = (
     config("adaptive replay", "1", policy="adaptive", mode="replay", drift=1.0, **ADAPTIVE),
     config("adaptive replay", "1.1", policy="adaptive", mode="replay", drift=1.1, **ADAPTIVE),
 )
-# Loglikelihood: one forward per request, so no policy can act; measured once, at k=1, every
-# item, scoring the first token as the public harness does.
-MC = config("tiny_mc", task="tiny_mc", k=1, limit=None, scoring="first_token")
+# Loglikelihood: one forward per request, so no policy can act; measured once, at k=1, every item.
+MC = config("tiny_mc", task="tiny_mc", k=1, limit=None)
 
 
 # -- configurations as the grid's cells --------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..engine.config import ConfigError
 from .cells import Cell, resumable, run_defaults
-from .grid import DONE, FAILED, CellState, classify, todo
+from .grid import FAILED, CellState, classify, todo
 from .launch import DEFAULT_FOLDER, run_local
 from .store import ANY_SUBSET, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_state, norm, \
     tracking_uri
@@ -131,17 +131,6 @@ def status(cells_: list[FrontierCell], runs: list[RunRecord], head: str) -> list
     import time
     now = int(time.time() * 1000)
     return [classify(c, runs, head, now) for c in cells_]
-
-
-def format_status(states: list[CellState], head: str, experiment: str) -> str:
-    lines = [f"frontier in experiment {experiment!r} at HEAD {head[:7]}"]
-    width = max(len(s.cell.name) for s in states) + 2
-    for s in states:
-        runs = ", ".join(r.short() for r in s.runs[:2])
-        lines.append(f"  {s.cell.name:<{width}}{s.label():<14}{runs}")
-    done = sum(s.state == DONE for s in states)
-    lines.append(f"done at HEAD {done}/{len(states)}")
-    return "\n".join(lines)
 
 
 @contextmanager

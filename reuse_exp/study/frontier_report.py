@@ -12,82 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.config import ConfigError
 from .compare import Refused
 from .frontier import BASELINE, CONFIGS, EXPERIMENT, LIMIT, MC, Config, FrontierCell, cells, frontier_runs
-from .frontier_tables import frontier_table, plot, tiny_table
-from .measures import Accuracy, Paired, accuracy, measured, pair
+from .frontier_tables import Report, Row, frontier_table, plot, tiny_table
+from .measures import accuracy, measured, pair
 from .store import RunRecord
 
 RUN_COMMAND = "reuse-exp frontier run --limit {limit} --experiment {experiment}"
 REPORT_COMMAND = "reuse-exp frontier report --limit {limit} --experiment {experiment} --out {out}"
-
-
-@dataclass(frozen=True)
-class Row:
-    """One configuration: its run and what the run measured."""
-    config: Config
-    run: RunRecord
-    accuracy: Accuracy
-    records: list[dict]
-    paired: Paired | None = None     # against k=1; None for k=1 itself and tiny_mc
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def commit(self) -> str:
-        return (self.run.commit or "unknown")[:7]
-
-    def metric(self, name: str) -> float:
-        return self.run.metrics.get(name, 0.0)
-
-    @property
-    def skipped(self) -> float:
-        return self.metric("skipped_fraction")
-
-    @property
-    def replayed(self) -> float:
-        return self.metric("replayed_fraction")
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.metric("tokens_per_second")
-
-    def figures(self) -> dict:
-        p = self.paired
-        return {"run_id": self.run.run_id, "commit": self.run.commit, "settings": dict(self.config.settings),
-                "n": self.accuracy.n, "accuracy": self.accuracy.mean, "stderr": self.accuracy.stderr,
-                "skipped_fraction": self.skipped, "replayed_fraction": self.replayed,
-                "tokens_per_second": self.tokens_per_second,
-                "paired_vs_k1": None if p is None else [p.changed, p.correct_to_wrong, p.wrong_to_correct],
-                "correct": {str(r["doc_id"]): r["correct"] for r in self.records}}
-
-
-@dataclass(frozen=True)
-class Report:
-    rows: list[Row]                  # the tiny_gsm configurations, in the declaration's order
-    mc: Row | None
-    limit: int | None
-    experiment: str
-
-    @property
-    def commits(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.rows + ([self.mc] if self.mc else []):
-            out[r.commit] = out.get(r.commit, 0) + 1
-        return out
-
-    @property
-    def mixed(self) -> bool:
-        return len(self.commits) > 1
-
-    def row(self, name: str) -> Row:
-        return next(r for r in self.rows if r.name == name)
 
 
 def newest_finished(cell: FrontierCell, runs: list[RunRecord]) -> RunRecord | None:

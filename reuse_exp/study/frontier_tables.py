@@ -1,36 +1,99 @@
-"""The frontier report's text and plot: the table sorted by skip with the goal and dominance
+"""The frontier report's rows, text and plot: the table sorted by skip with the goal and dominance
 lines, the k x subset tables of the README, and accuracy against the skipped fraction."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..engine.reuse import SUBSETS
-from .frontier import ADAPTIVE, BASELINE, THREADS
-
-if TYPE_CHECKING:
-    from .frontier_report import Report, Row
+from .frontier import ADAPTIVE, BASELINE, THREADS, Config
+from .measures import Accuracy, Paired
+from .store import RunRecord
 
 GOAL_SKIP, GOAL_POINTS = 0.30, 0.01   # a learned policy skipping 30% within a point of k=1
 LAYER_MODES = ("output", "delta")
 
 
-def paired_text(r: "Row") -> str:
+@dataclass(frozen=True)
+class Row:
+    """One configuration: its run and what the run measured."""
+    config: Config
+    run: RunRecord
+    accuracy: Accuracy
+    records: list[dict]
+    paired: Paired | None = None     # against k=1; None for k=1 itself and tiny_mc
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def commit(self) -> str:
+        return (self.run.commit or "unknown")[:7]
+
+    def metric(self, name: str) -> float:
+        return self.run.metrics.get(name, 0.0)
+
+    @property
+    def skipped(self) -> float:
+        return self.metric("skipped_fraction")
+
+    @property
+    def replayed(self) -> float:
+        return self.metric("replayed_fraction")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.metric("tokens_per_second")
+
+    def figures(self) -> dict:
+        p = self.paired
+        return {"run_id": self.run.run_id, "commit": self.run.commit, "settings": dict(self.config.settings),
+                "n": self.accuracy.n, "accuracy": self.accuracy.mean, "stderr": self.accuracy.stderr,
+                "skipped_fraction": self.skipped, "replayed_fraction": self.replayed,
+                "tokens_per_second": self.tokens_per_second,
+                "paired_vs_k1": None if p is None else [p.changed, p.correct_to_wrong, p.wrong_to_correct],
+                "correct": {str(r["doc_id"]): r["correct"] for r in self.records}}
+
+
+@dataclass(frozen=True)
+class Report:
+    rows: list[Row]                  # the tiny_gsm configurations, in the declaration's order
+    mc: Row | None
+    limit: int | None
+    experiment: str
+
+    @property
+    def commits(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows + ([self.mc] if self.mc else []):
+            out[r.commit] = out.get(r.commit, 0) + 1
+        return out
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.commits) > 1
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+
+def paired_text(r: Row) -> str:
     p = r.paired
     return "0 / 0 / 0" if p is None else f"{p.changed} / {p.correct_to_wrong} / {p.wrong_to_correct}"
 
 
-def accuracy_text(r: "Row") -> str:
+def accuracy_text(r: Row) -> str:
     return f"{r.accuracy.mean:.1%} ± {r.accuracy.stderr:.1%}"
 
 
-def dominated_by(rows: list["Row"], name: str) -> list[str]:
+def dominated_by(rows: list[Row], name: str) -> list[str]:
     """Learned-policy rows that skip at least as much as `name` and are more accurate."""
     r = next(x for x in rows if x.name == name)
     return [x.name for x in rows if x.config.learned and x.skipped >= r.skipped and x.accuracy.mean > r.accuracy.mean]
 
 
-def commits_line(report: "Report") -> str:
+def commits_line(report: Report) -> str:
     if not report.mixed:
         return f"Every row is a FINISHED run of commit {next(iter(report.commits))}."
     listed = ", ".join(f"{c} ({n} run{'s' if n > 1 else ''})" for c, n in report.commits.items())
@@ -38,7 +101,7 @@ def commits_line(report: "Report") -> str:
             "`reuse-exp frontier run` at one commit before reading them together.")
 
 
-def frontier_table(report: "Report") -> str:
+def frontier_table(report: Report) -> str:
     rows, base = report.rows, report.row(BASELINE)
     n = base.accuracy.n
     lines = [f"tiny_gsm, {n} items: accuracy ± stderr against the fraction of layer evaluations skipped, "
@@ -66,13 +129,13 @@ def frontier_table(report: "Report") -> str:
     return "\n".join(lines)
 
 
-def machine(report: "Report") -> str:
+def machine(report: Report) -> str:
     r = report.row(BASELINE).run
     return (f"{r.tags.get('device_name', r.params.get('resolved_device', '?'))}, {THREADS} torch thread(s) "
             f"(OMP_NUM_THREADS), torch {r.params.get('version_torch', '?')}, {r.params.get('resolved_dtype', '?')}")
 
 
-def fixed_row(report: "Report", mode: str, k: int, subset: str | None) -> "Row | None":
+def fixed_row(report: Report, mode: str, k: int, subset: str | None) -> Row | None:
     for r in report.rows:
         c = r.config
         if not c.learned and c.get("mode") == mode and c.get("k") == k and c.get("subset") == subset:
@@ -80,16 +143,16 @@ def fixed_row(report: "Report", mode: str, k: int, subset: str | None) -> "Row |
     return None
 
 
-def cell(r: "Row | None") -> str:
+def cell(r: Row | None) -> str:
     return "—" if r is None else f"{r.accuracy.mean:.1%} / {r.tokens_per_second:.0f} / {r.skipped:.3f}"
 
 
-def subset_layers(report: "Report", subset: str) -> str:
+def subset_layers(report: Report, subset: str) -> str:
     found = [r.run.params.get("layers", "?") for r in report.rows if r.config.get("subset") == subset]
     return found[0].replace(",", ", ") if found else "?"
 
 
-def tiny_table(report: "Report") -> str:
+def tiny_table(report: Report) -> str:
     base = report.row(BASELINE)
     batch = base.config.get("batch_size") or base.run.params.get("batch_size")
     lines = [f"tiny_gsm test split, {base.accuracy.n} items, batches of {batch}, strict-match exact match; cell = "
@@ -120,11 +183,11 @@ def tiny_table(report: "Report") -> str:
     return "\n".join(lines).rstrip()
 
 
-def outputs(r: "Row") -> list:
+def outputs(r: Row) -> list:
     return [x["output"] for x in sorted(r.records, key=lambda x: (x["task"], str(x["doc_id"])))]
 
 
-def same_text_lines(report: "Report") -> list[str]:
+def same_text_lines(report: Report) -> list[str]:
     """Observed, not assumed: do the subsets decode alike, and as replay does? (output hashes)"""
     out = []
     for k in (2, 3):
@@ -141,7 +204,7 @@ def same_text_lines(report: "Report") -> list[str]:
     return out
 
 
-def plot(report: "Report", path: Path) -> Path:
+def plot(report: Report, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -10,8 +10,7 @@ import torch
 from reuse_exp.tiny import data as tiny_data
 from reuse_exp.tiny import MODEL_DIR as TINY_MODEL_DIR
 from reuse_exp.engine.loading import load_model, load_tokenizer, token_ids
-from reuse_exp.engine.reuse import SUBSETS, ReusePolicy, resolve_subset
-from reuse_exp.tiny.table import evaluate_gsm, is_correct
+from reuse_exp.engine.reuse import SUBSETS, resolve_subset
 
 SLICE = 40   # first items of the held-out test split
 
@@ -28,13 +27,30 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def docs():
-    return tiny_data.read_task_docs("tiny_gsm_test.jsonl")[:SLICE]
+def tracked(tmp_path_factory):
+    """Tracked runs of the bundled model on the first SLICE held-out items (the package's one
+    evaluation: lm-eval scores them); returns run(**settings) -> (metrics, per-document records)."""
+    import mlflow
+    from conftest import REPO, run_cli, subprocess_env
+    from reuse_exp.study.measures import measured
+    from reuse_exp.study.store import RunRecord
+    uri = f"sqlite:///{tmp_path_factory.mktemp('tiny_runs') / 'mlflow.db'}"
+
+    def run(**settings):
+        args = ["run", "--task", "tiny_gsm", "--limit", str(SLICE), "--batch-size", str(SLICE), "--device", "cpu",
+                "--dtype", "float32", "--allow-dirty", "--experiment", "tiny"]
+        args += [a for n, v in settings.items() for a in (f"--{n.replace('_', '-')}", str(v))]
+        done = run_cli(args, {**subprocess_env(uri), "OMP_NUM_THREADS": "1"}, REPO)
+        assert done.returncode == 0, done.stdout + done.stderr
+        cl = mlflow.MlflowClient(uri)
+        last = cl.search_runs([cl.get_experiment_by_name("tiny").experiment_id], order_by=["start_time DESC"])[0]
+        return last.data.metrics, measured(cl, RunRecord.from_run(last)).records
+    return run
 
 
 @pytest.fixture(scope="module")
-def baseline(model, tokenizer, docs):
-    return evaluate_gsm(model, tokenizer, docs, batch_size=SLICE)
+def baseline(tracked):
+    return tracked(k=1)
 
 
 def test_shipped_files_and_size():
@@ -68,16 +84,17 @@ def test_tokenizer_special_tokens_and_chat_template(tokenizer):
     assert encoded[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
 
 
-def test_accuracy_on_heldout_slice(baseline, docs):
-    assert baseline.accuracy >= 0.9, [t for t, d in zip(baseline.texts, docs) if not is_correct(t, d)][:3]
-    assert baseline.skipped_fraction == 0.0
+def test_accuracy_on_heldout_slice(baseline):
+    metrics, records = baseline
+    assert metrics["accuracy"] >= 0.9 and len(records) == SLICE
+    assert metrics["skipped_fraction"] == 0.0
 
 
-def test_reuse_k3_last_output_mode_changes_outputs(model, tokenizer, docs, baseline):
-    policy = ReusePolicy.create(3, "last", model.num_layers, mode="output")
-    reused = evaluate_gsm(model, tokenizer, docs, policy, batch_size=SLICE)
-    assert reused.skipped_fraction > 0.0
-    assert sum(a != b for a, b in zip(reused.texts, baseline.texts)) >= 1
+def test_reuse_k3_last_output_mode_changes_outputs(tracked, baseline):
+    from reuse_exp.study.measures import pair
+    metrics, records = tracked(k=3, subset="last", mode="output")
+    assert metrics["skipped_fraction"] > 0.0
+    assert pair(baseline[1], records).changed >= 1
 
 
 # -- the training script ------------------------------------------------------------------------
@@ -120,8 +137,7 @@ def test_train_script_writes_the_shipped_files(tmp_path):
 
     from reuse_exp.cli import main
     done = CliRunner().invoke(main, ["tiny", "train", "--out", str(tmp_path), "--steps", "2", "--pool", "64",
-                                     "--batch", "2", "--hidden", "32", "--intermediate", "64", "--warmup", "1",
-                                     "--eval-limit", "0"])
+                                     "--batch", "2", "--hidden", "32", "--intermediate", "64", "--warmup", "1"])
     assert done.exit_code == 0, done.output
     assert {p.name for p in tmp_path.iterdir()} == {p.name for p in TINY_MODEL_DIR.iterdir()}
     model, _ = load_model(tmp_path, dtype="float32")

@@ -125,38 +125,64 @@ def train_options(f):
 @tiny.command("train")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--eval-limit", type=int, default=200, show_default=True,
-              help="held-out tiny_gsm items scored at the end (0: none)")
-@click.option("--eval-batch", type=int, default=200, show_default=True)
 @click.option("--log-every", type=int, default=100, show_default=True)
 @train_options
-def tiny_train(out, device, eval_limit, eval_batch, log_every, **config):
+def tiny_train(out, device, log_every, **config):
     """Train the bundled tiny Fast-dLLM v2 model and write the files reuse_exp/tiny/model ships."""
     from ..tiny.train import TrainConfig, train_and_save
-    train_and_save(TrainConfig(**config), out, device, eval_limit, eval_batch, log_every)
+    train_and_save(TrainConfig(**config), out, device, log_every)
 
 
-@click.command()
-@click.option("--limit", type=click.IntRange(min=2), default=200, show_default=True, help="tiny_gsm items")
-@click.option("--delta", default="0.5,0.75,1,1.25", show_default=True, help="adaptive delta-mode drift thresholds")
-@click.option("--replay", default="0.5,0.75,1,1.1", show_default=True, help="adaptive replay drift thresholds")
+def frontier_options(f):
+    from ..settings import spec
+    from ..study.frontier import EXPERIMENT, LIMIT
+    from .options import SettingType
+    f = click.option("--experiment", default=EXPERIMENT, show_default=True, help="MLflow experiment of the runs")(f)
+    return click.option("--limit", type=SettingType(spec("limit")), default=str(LIMIT), show_default=True,
+                        help="tiny_gsm items per configuration (tiny_mc: every item)")(f)
+
+
+@click.group()
+def frontier():
+    """Accuracy against skipped layer compute on the bundled tiny model, from tracked runs:
+    `frontier run` runs the declared configurations (study/frontier.py), `frontier report`
+    reads them back from the store (table, JSON, plot, README sections)."""
+
+
+@frontier.command("run")
+@frontier_options
+@click.option("--force", is_flag=True, help="run every configuration, done at HEAD or not")
+@click.option("--dry-run", is_flag=True, help="print what would run, run nothing")
+@click.option("--jobs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for the snapshot of HEAD the runs use (default ~/.cache/reuse_exp/submitit)")
+def frontier_run(limit, experiment, force, dry_run, jobs_dir):
+    """One tracked run per configuration not yet FINISHED at HEAD (CPU, one thread, in turn)."""
+    from ..errors import GridStopped
+    from ..study import frontier as fr
+    try:
+        with one_line():
+            failed = fr.run(limit, experiment, force, dry_run, click.echo,
+                            **({"folder": jobs_dir} if jobs_dir else {}))
+    except GridStopped as e:
+        click.echo(f"reuse-exp: {e}", err=True)
+        sys.exit(e.code)
+    if failed:
+        raise click.ClickException(f"{len(failed)} configuration(s) failed: {', '.join(failed)}")
+
+
+@frontier.command("report")
+@frontier_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("frontier_out"),
               show_default=True, help="where frontier.md, .json and .png go")
 @click.option("--readme", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the README's frontier and tiny_table sections")
-@click.option("--experiment", default=None, help="MLflow experiment of the report run (default: Default)")
-@click.option("--no-log", is_flag=True, help="write the files only; log nothing to MLflow")
-def frontier(limit, delta, replay, out, readme, experiment, no_log):
-    """Accuracy against skipped layer compute on the bundled tiny model: every fixed
-    configuration and the adaptive policy at several thresholds (table, JSON, plot)."""
-    from ..tiny.frontier import floats, run as run_frontier
-    result = run_frontier(limit, floats(delta), floats(replay), out, readme)
-    if no_log:
-        return
-    from ..tracking.report import log_report
-    metrics = {f"{m}.{name.replace(' ', '_').replace('=', '')}": v for name, r in result["results"].items()
-               for m, v in (("accuracy", r.accuracy), ("skipped_fraction", r.skipped_fraction))}
-    run_id = log_report("frontier", f"frontier tiny_gsm n={limit}", [out / "frontier.md", out / "frontier.json",
-                        out / "frontier.png"], metrics, {"limit": limit, "delta": delta, "replay": replay},
-                        experiment)
-    click.echo(f"logged to MLflow run {run_id}")
+@click.option("--allow-mixed-commits", is_flag=True, help="write the report from runs of several commits, "
+              "flagged (by default refused)")
+def frontier_report(limit, experiment, out, readme, allow_mixed_commits):
+    """The frontier from its FINISHED runs: every row names its run and commit."""
+    from ..study import frontier_report as report
+    with one_line():
+        built = report.build(limit, experiment, allow_mixed_commits)
+        paths = report.write(built, out, readme)
+    click.echo(paths["md"].read_text())
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}" + (f" and {readme}" if readme else ""))

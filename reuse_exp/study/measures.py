@@ -164,3 +164,23 @@ def measured(cl, run: RunRecord) -> Measured:
             if samples:
                 records = sample_records(samples, None if primary in (None, "none") else primary)
     return Measured(run, rates, records)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """A run's accuracy from its per-document records, with lm-eval's standard error of it."""
+    n: int
+    correct: int
+    mean: float
+    stderr: float
+
+
+def accuracy(records: list[dict]) -> Accuracy:
+    """Over the documents with a score (lm-eval's per-sample value of the primary metric); the
+    stderr is lm-eval's own (`mean_stderr`: sample standard deviation / sqrt(n))."""
+    from lm_eval.api.metrics import mean_stderr
+    scores = [r["score"] for r in records if r["score"] is not None]
+    if not scores:
+        raise ValueError("no scored documents")
+    return Accuracy(len(scores), sum(r["correct"] is True for r in records), sum(scores) / len(scores),
+                    mean_stderr(scores) if len(scores) > 1 else 0.0)

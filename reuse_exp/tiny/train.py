@@ -1,9 +1,9 @@
 """Train the bundled tiny Fast-dLLM v2 model: `reuse-exp tiny train --out DIR [--device cuda]`.
 
 Writes exactly the files that reuse_exp/tiny/model ships: config.json, model.safetensors
-(bfloat16), tokenizer.json, tokenizer_config.json, training.json (settings, loss curve,
-held-out accuracy) and README.md (model card; `python -m reuse_exp.tiny.table --readme`
-fills in its reuse table).
+(bfloat16), tokenizer.json, tokenizer_config.json, training.json (settings, loss curve)
+and README.md (model card). Its accuracy is measured by tracked runs (`reuse-exp run`,
+`reuse-exp frontier`), never here.
 
 Data (reuse_exp/tiny_data.py). A stream of GSM8K-shaped word problems from five
 templates (buy/give, bags x size + found, shop sells twice, pages per week x weeks,
@@ -310,7 +310,6 @@ def train(cfg: TrainConfig, out: Path, device: str, log_every: int = 100) -> dic
 
 def write_readme(out: Path, cfg: TrainConfig, meta: dict) -> None:
     subsets = "\n".join(f"| {s} | {list(resolve_subset(s, cfg.layers))} |" for s in SUBSETS)
-    acc = meta.get("heldout_exact_match")
     (out / "README.md").write_text(f"""# Tiny Fast-dLLM v2 model (bundled)
 
 A model of the Fast-dLLM v2 architecture (`model_type: Fast_dLLM_Qwen`: Qwen2 layers, GQA
@@ -321,10 +320,11 @@ complementary masks, token shift) on the GSM8K-shaped problems of `reuse_exp/tin
 for the bundled lm-eval tasks `tiny_gsm` and `tiny_mc` (reuse_exp/evaluation/tasks).
 
 Regenerate: `reuse-exp tiny train --out reuse_exp/tiny/model --device cuda --steps {cfg.steps}`
-(then `python -m reuse_exp.tiny.table --readme reuse_exp/tiny/model/README.md`).
+(then `reuse-exp frontier run && reuse-exp frontier report --out docs/frontier --readme README.md`).
 Training: {cfg.steps} steps of {cfg.batch} problems (+ complements) in {meta['train_seconds']:.0f} s on
 {meta['device_name']}; settings and loss curve in `training.json`.
-Held-out tiny_gsm (strict match, k=1, threshold 0.9, on the training device): {acc if acc is None else f'{acc:.1%}'}.
+Held-out tiny_gsm accuracy is a tracked run's: `reuse-exp run --model {out} --task tiny_gsm --limit 200`
+(the bundled model's is the k=1 row of the README's frontier).
 
 ## Layer subsets on {cfg.layers} layers (the study's 12-of-28 rule, scaled)
 
@@ -334,26 +334,16 @@ Held-out tiny_gsm (strict match, k=1, threshold 0.9, on the training device): {a
 
 ## Reuse table
 
-<!-- tiny_table:start -->
-(not measured yet: `python -m reuse_exp.tiny.table --readme reuse_exp/tiny/model/README.md`)
-<!-- tiny_table:end -->
+The reuse table of this model is in the project's README (section "What the tiny model shows"),
+read from tracked runs by `reuse-exp frontier report --readme README.md`.
 """)
 
 
-def heldout_accuracy(model: FastDLLM, tokenizer, limit: int, batch_size: int) -> float:
-    from .table import evaluate_gsm
-    docs = tiny_data.read_task_docs("tiny_gsm_test.jsonl")[:limit]
-    return evaluate_gsm(model, tokenizer, docs, batch_size=batch_size).accuracy
-
-
-def train_and_save(cfg: TrainConfig, out: Path, device: str = "cpu", eval_limit: int = 200, eval_batch: int = 200,
-                   log_every: int = 100) -> None:
-    """Train, then write the files reuse_exp/tiny/model ships into `out`; `eval_limit` held-out
-    tiny_gsm items are scored at the end (0: none)."""
+def train_and_save(cfg: TrainConfig, out: Path, device: str = "cpu", log_every: int = 100) -> None:
+    """Train, then write the files reuse_exp/tiny/model ships into `out`."""
     torch.backends.cuda.matmul.allow_tf32 = True
     result = train(cfg, out, device, log_every)
-    model, tokenizer = result["model"], result["tokenizer"]
-    model = model.to(torch.bfloat16)   # what ships; the held-out score below is of these weights
+    model = result["model"].to(torch.bfloat16)   # what ships
     meta = {"config": asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
             "seq_len": result["seq_len"], "curve": result["curve"],
             "train_seconds": round(result["train_seconds"], 1), "total_seconds": round(result["total_seconds"], 1),
@@ -362,11 +352,7 @@ def train_and_save(cfg: TrainConfig, out: Path, device: str = "cpu", eval_limit:
             "subsets": {s: list(resolve_subset(s, cfg.layers)) for s in SUBSETS},
             "data": {"templates": [t.__name__ for t in tiny_data.TEMPLATES],
                      "test_pool": f"sha256(question) % {tiny_data.TEST_FRACTION} == 0"}}
-    save_model(model, out, {"torch_dtype": "bfloat16"})   # first: a failing evaluation loses no weights
-    if eval_limit:
-        meta["heldout_exact_match"] = heldout_accuracy(model, tokenizer, eval_limit, eval_batch)
-        meta["heldout_items"] = eval_limit
-        print(f"held-out tiny_gsm strict exact match: {meta['heldout_exact_match']:.3f}", flush=True)
+    save_model(model, out, {"torch_dtype": "bfloat16"})
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     write_readme(out, cfg, meta)
     print(f"wrote {sorted(p.name for p in out.iterdir())}", flush=True)

@@ -10,7 +10,8 @@ import torch
 from reuse_exp.tiny import data as tiny_data
 from reuse_exp.tiny import MODEL_DIR as TINY_MODEL_DIR
 from reuse_exp.engine.loading import load_model, load_tokenizer, token_ids
-from reuse_exp.engine.reuse import SUBSETS, ReusePolicy, resolve_subset
+from reuse_exp.engine.policies.fixed import FixedPolicy
+from reuse_exp.engine.reuse import SUBSETS, resolve_subset
 from reuse_exp.tiny.table import evaluate_gsm, is_correct
 
 SLICE = 40   # first items of the held-out test split
@@ -74,7 +75,7 @@ def test_accuracy_on_heldout_slice(baseline, docs):
 
 
 def test_reuse_k3_last_output_mode_changes_outputs(model, tokenizer, docs, baseline):
-    policy = ReusePolicy.create(3, "last", model.num_layers, mode="output")
+    policy = FixedPolicy.create(model.num_layers, k=3, subset="last", mode="output")
     reused = evaluate_gsm(model, tokenizer, docs, policy, batch_size=SLICE)
     assert reused.skipped_fraction > 0.0
     assert sum(a != b for a, b in zip(reused.texts, baseline.texts)) >= 1

@@ -21,7 +21,7 @@ import torch
 
 from . import MODEL_DIR
 from . import data as tiny_data
-from ..engine.adaptive import AdaptivePolicy
+from ..engine.policies.drift import DriftPolicy
 from ..engine.loading import load_model, load_tokenizer
 from .table import (EvalResult, fixed_policies, machine_description, markdown, mc_accuracy, measure,
                     update_readme)
@@ -29,9 +29,9 @@ from .table import (EvalResult, fixed_policies, machine_description, markdown, m
 MAX_REUSE = 8
 
 
-def adaptive_policies(num_layers: int, delta: list[float], replay: list[float]) -> dict[str, AdaptivePolicy]:
-    out = {f"adaptive delta {t:g}": AdaptivePolicy.create(t, MAX_REUSE, "delta", num_layers) for t in delta}
-    out |= {f"adaptive replay {t:g}": AdaptivePolicy.create(t, MAX_REUSE, "replay", num_layers) for t in replay}
+def adaptive_policies(num_layers: int, delta: list[float], replay: list[float]) -> dict[str, DriftPolicy]:
+    out = {f"adaptive delta {t:g}": DriftPolicy.create(num_layers, drift=t, max_reuse=MAX_REUSE, mode="delta") for t in delta}
+    out |= {f"adaptive replay {t:g}": DriftPolicy.create(num_layers, drift=t, max_reuse=MAX_REUSE, mode="replay") for t in replay}
     return out
 
 

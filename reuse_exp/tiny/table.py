@@ -25,7 +25,8 @@ from . import data as tiny_data
 from . import MODEL_DIR as TINY_MODEL_DIR
 from ..engine.decoding import generate
 from ..engine.loading import decode_config_for, load_model, load_tokenizer, token_ids
-from ..engine.reuse import SUBSETS, ReusePolicy
+from ..engine.policies.fixed import FixedPolicy
+from ..engine.reuse import SUBSETS
 
 MAX_GEN_TOKS = 192   # tiny_gsm.yaml's max_gen_toks
 LAYER_MODES = ("output", "delta")
@@ -116,15 +117,15 @@ def mc_accuracy(model, tokenizer, docs: list[dict]) -> float:
     return correct / len(docs)
 
 
-def fixed_policies(num_layers: int) -> dict[str, ReusePolicy | None]:
+def fixed_policies(num_layers: int) -> dict[str, FixedPolicy | None]:
     """The study's grid (k x subset, output and delta mode) and the replay control, by name."""
-    out: dict[str, ReusePolicy | None] = {"k=1": None}
+    out: dict[str, FixedPolicy | None] = {"k=1": None}
     for mode in LAYER_MODES:
         for k in (2, 3):
             for subset in SUBSETS:
-                out[f"{mode} k={k} {subset}"] = ReusePolicy.create(k, subset, num_layers, mode=mode)
+                out[f"{mode} k={k} {subset}"] = FixedPolicy.create(num_layers, k=k, subset=subset, mode=mode)
     for k in (2, 3):
-        out[f"replay k={k}"] = ReusePolicy.create(k, "first", num_layers, mode="replay")
+        out[f"replay k={k}"] = FixedPolicy.create(num_layers, k=k, subset="first", mode="replay")
     return out
 
 

@@ -29,7 +29,7 @@ from .heartbeat import Heartbeat, interval_s
 from .lifeline import Lifeline, Terminated
 from .provenance import Provenance, check_clean, dirty_diff, provenance, redact, secret_values
 from .ranks import LAUNCHED_ENV, RankFailed
-from .schema import HEARTBEAT_TAG, REFUSED_TAG, config_key, library_versions, lm_eval_metrics, param_str, same_param
+from .schema import HEARTBEAT_TAG, REFUSED_TAG, config_key, config_name, library_versions, lm_eval_metrics, param_str, same_param
 from .store_init import absolute_uri, open_client, store_opening
 
 MAX_DIRTY_FILES_TAG = 50
@@ -278,9 +278,7 @@ def _launched_end(tracker: Tracker, s: RunSettings, prov: Provenance) -> Summary
 
 
 def run_name(s: RunSettings) -> str:
-    if s.policy == "adaptive":
-        return f"adaptive_{s.mode}_drift{s.drift}_{s.task}"
-    return f"k{s.k}_{s.subset if isinstance(s.subset, str) else 'custom'}_{s.task}"
+    return f"{config_name(s)}_{s.task}"
 
 
 def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:

@@ -8,15 +8,11 @@ policy's memory, group by group in layer order, as the layer loop reaches each g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ConfigError
 from .model import ForwardKind
-
-if TYPE_CHECKING:
-    from .policies import Memory
 
 SUBSETS = ("first", "middle", "last")
 MODES = ("output", "delta", "replay")
@@ -176,7 +172,7 @@ class Plan:
     rows agree, one of the two sets is empty and a skipped group is not computed at all.
     """
     groups: tuple[tuple[int, ...], ...]
-    memory: "Memory"
+    memory: object                    # the policy's Memory (policies/__init__.py): it decides
     kind: ForwardKind
     clock: Clock
     active: list[bool]

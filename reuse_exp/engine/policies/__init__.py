@@ -117,10 +117,10 @@ def _load() -> None:
 def get(name: str) -> type[ReusePolicy]:
     _load()
     if name not in _registry:
-        raise ConfigError(f"unknown policy {name!r}; use one of {', '.join(_registry)}")
+        raise ConfigError(f"unknown policy {name!r}; use one of {', '.join(names())}")
     return _registry[name]
 
 
 def names() -> tuple[str, ...]:
     _load()
-    return tuple(_registry)
+    return tuple(sorted(_registry))

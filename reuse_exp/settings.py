@@ -11,6 +11,7 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import SettingError
+from .engine.policies import names as policy_names
 from .engine.reuse import MODES, SCOPES, SUBSETS
 
 # Who reads a setting: the model (an lm-eval model argument), the evaluation (lm-eval's
@@ -18,7 +19,6 @@ from .engine.reuse import MODES, SCOPES, SUBSETS
 MODEL, TASK, RUN = "model", "task", "run"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DECODE_PATHS = ("auto", "eager", "fast")
-POLICIES = ("fixed", "adaptive")
 SCORINGS = ("continuation", "first_token")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -45,11 +45,12 @@ class RunSettings:
     scope: str = setting("block", "`block`: the block's step counter (the study's); "
                          "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES)
     policy: str = setting("fixed", "`fixed`: reuse on the k clock (the study's); `adaptive`: per sample and group "
-                          "of layers, reuse while the input's drift stays under `drift` (mode delta or replay)",
-                          kind="choice", role=MODEL, choices=POLICIES)
-    drift: float = setting(0.1, "adaptive: relative drift of a group's input above which it recomputes "
+                          "of layers, reuse while the input's drift stays under `drift` (mode delta or replay); "
+                          "`depth`: recompute from the first group that drifts (mode delta); or a registered "
+                          "plug-in (engine/policies)", kind="choice", role=MODEL, choices=policy_names())
+    drift: float = setting(0.1, "adaptive, depth: relative drift of a group's input at which it recomputes "
                            "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0)
-    max_reuse: int = setting(4, "adaptive: most reuses in a row before a group recomputes", kind="int",
+    max_reuse: int = setting(4, "adaptive, depth: most reuses in a row before a group recomputes", kind="int",
                              role=MODEL, minimum=1)
     task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "
                         "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK)

@@ -3,12 +3,12 @@ from dataclasses import replace
 
 import pytest
 
-from reuse_exp.engine.adaptive import AdaptivePolicy, layer_groups
+from reuse_exp.engine.policies.drift import DriftPolicy, layer_groups
 from reuse_exp.engine.config import ConfigError
 from reuse_exp.engine.decoding import generate
 from reuse_exp.engine.loading import random_model
 from reuse_exp.engine.model import ForwardKind
-from reuse_exp.engine.reuse import ReusePolicy
+from reuse_exp.engine.policies.fixed import FixedPolicy
 from test_reuse import CFG, DEC, PROMPTS, LayerCalls
 
 UNEVEN = PROMPTS + [[3, 4, 5] * 25]   # 75 tokens: a prompt two blocks past the others
@@ -27,10 +27,10 @@ def test_groups_are_contiguous_and_leave_layer_0():
 @pytest.mark.parametrize("mode", ["delta", "replay"])
 def test_a_threshold_that_never_triggers_decodes_what_k1_decodes(model, mode):
     base = generate(model, UNEVEN, DEC)
-    never = generate(model, UNEVEN, DEC, AdaptivePolicy.create(0.0, 4, mode, 8))
+    never = generate(model, UNEVEN, DEC, DriftPolicy.create(8, drift=0.0, max_reuse=4, mode=mode))
     assert never.tokens == base.tokens
     assert never.report.skipped_fraction == 0.0
-    loose = generate(model, UNEVEN, DEC, AdaptivePolicy.create(10.0, 4, mode, 8))
+    loose = generate(model, UNEVEN, DEC, DriftPolicy.create(8, drift=10.0, max_reuse=4, mode=mode))
     assert loose.report.skipped_fraction > 0.1, "a loose threshold must reuse: the test would prove nothing"
 
 
@@ -38,7 +38,7 @@ def test_a_threshold_that_never_triggers_decodes_what_k1_decodes(model, mode):
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
 def test_batch_equals_solo(model, mode, threshold):
     cfg = replace(DEC, ignore_stop=True)
-    policy = AdaptivePolicy.create(threshold, 3, mode, 8)
+    policy = DriftPolicy.create(8, drift=threshold, max_reuse=3, mode=mode)
     batch = generate(model, UNEVEN, cfg, policy)
     for i, p in enumerate(UNEVEN):
         solo = generate(model, [p], replace(cfg, max_new_tokens=cfg.max_new_tokens + 32 * (75 // 32 - len(p) // 32)),
@@ -49,7 +49,7 @@ def test_batch_equals_solo(model, mode, threshold):
 
 
 def test_logged_skip_counts_match_what_ran(model):
-    policy = AdaptivePolicy.create(0.6, 3, "delta", 8)
+    policy = DriftPolicy.create(8, drift=0.6, max_reuse=3, mode="delta")
     calls = LayerCalls(model)
     try:
         res = generate(model, [PROMPTS[0]], DEC, policy, trace_sample=0)
@@ -71,7 +71,7 @@ def test_logged_skip_counts_match_what_ran(model):
 
 @pytest.mark.parametrize("cap", [1, 2])
 def test_no_group_reuses_more_than_max_reuse_times_in_a_row(model, cap):
-    res = generate(model, [PROMPTS[1]], DEC, AdaptivePolicy.create(10.0, cap, "delta", 8), trace_sample=0)
+    res = generate(model, [PROMPTS[1]], DEC, DriftPolicy.create(8, drift=10.0, max_reuse=cap, mode="delta"), trace_sample=0)
     run, longest = {}, 0
     for rec in res.report.trace:
         if rec["kind"] == "full_block":
@@ -83,16 +83,16 @@ def test_no_group_reuses_more_than_max_reuse_times_in_a_row(model, cap):
 
 
 def test_the_drift_that_made_a_group_recompute_is_recorded(model):
-    policy = AdaptivePolicy.create(0.5, 100, "delta", 8)
+    policy = DriftPolicy.create(8, drift=0.5, max_reuse=100, mode="delta")
     res = generate(model, UNEVEN, DEC, policy)
     assert res.report.refresh_drifts and min(res.report.refresh_drifts) >= 0.5
 
 
 def test_adaptive_delta_differs_from_fixed_and_asks_for_delta_or_replay(model):
     with pytest.raises(ConfigError, match="use mode=replay"):
-        AdaptivePolicy.create(0.1, 4, "output", 8)
-    with pytest.raises(ConfigError, match="drift threshold must be >= 0"):
-        AdaptivePolicy.create(-1, 4, "delta", 8)
-    fixed = generate(model, UNEVEN, DEC, ReusePolicy.create(2, "middle", 8, mode="delta"))
-    adaptive = generate(model, UNEVEN, DEC, AdaptivePolicy.create(0.6, 1, "delta", 8))
+        DriftPolicy.create(8, drift=0.1, max_reuse=4, mode="output")
+    with pytest.raises(ConfigError, match="drift must be >= 0"):
+        DriftPolicy.create(8, drift=-1, max_reuse=4, mode="delta")
+    fixed = generate(model, UNEVEN, DEC, FixedPolicy.create(8, k=2, subset="middle", mode="delta"))
+    adaptive = generate(model, UNEVEN, DEC, DriftPolicy.create(8, drift=0.6, max_reuse=1, mode="delta"))
     assert adaptive.report.skipped_fraction != fixed.report.skipped_fraction

@@ -6,7 +6,7 @@ import pytest
 from reuse_exp.engine.config import ConfigError, ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.loading import random_model
-from reuse_exp.engine.reuse import ReusePolicy
+from reuse_exp.engine.policies.fixed import FixedPolicy
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -42,7 +42,7 @@ def _solo_budget(cfg, prompt, batch_prompts):
 @pytest.mark.parametrize("policy_args", [None, (2, "middle", "output"), (2, "last", "delta"), (3, "first", "output")])
 def test_batch_with_an_early_finisher_equals_each_sample_alone(model, policy_args):
     cfg = replace(BASE, stop_id=_early_stop_token(model))
-    policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
+    policy = FixedPolicy.create(8, k=policy_args[0], subset=policy_args[1], mode=policy_args[2]) if policy_args else None
     batch = generate(model, PROMPTS, cfg, policy)
     alone = [generate(model, [p], replace(cfg, max_new_tokens=_solo_budget(cfg, p, PROMPTS)), policy)
              for p in PROMPTS]
@@ -74,7 +74,7 @@ def test_generated_tokens_stop_at_the_stop_token_and_never_count_pad(model):
 
 def test_finished_samples_are_trimmed_from_every_cache(model):
     cfg = replace(BASE, stop_id=_early_stop_token(model))
-    res = generate(model, PROMPTS, cfg, ReusePolicy.create(2, "middle", 8))
+    res = generate(model, PROMPTS, cfg, FixedPolicy.create(8, k=2, subset="middle"))
     shapes = sorted(res.report.cache_shapes)
     assert {s[1] for s in shapes} == {3, 2}  # the reuse cache shrank with the batch
 

@@ -4,12 +4,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from reuse_exp.engine.adaptive import AdaptivePolicy
+from reuse_exp.engine.policies.drift import DriftPolicy
 from reuse_exp.engine.config import ConfigError, ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.fast import FastRunner
 from reuse_exp.engine.loading import random_model
-from reuse_exp.engine.reuse import ReusePolicy
+from reuse_exp.engine.policies.fixed import FixedPolicy
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -29,9 +29,9 @@ def model(request):
                                          (2, "first", "delta"), (2, "first", "replay"), "adaptive-replay"])
 def test_fast_path_tokens_equal_eager(model, policy_args):
     if policy_args == "adaptive-replay":
-        policy = AdaptivePolicy.create(0.8, 3, "replay", 8)
+        policy = DriftPolicy.create(8, drift=0.8, max_reuse=3, mode="replay")
     else:
-        policy = ReusePolicy.create(policy_args[0], policy_args[1], 8, mode=policy_args[2]) if policy_args else None
+        policy = FixedPolicy.create(8, k=policy_args[0], subset=policy_args[1], mode=policy_args[2]) if policy_args else None
     eager = generate(model, FIVE, DEC, policy)
     runner = FastRunner(model)
     fast = generate(model, FIVE, DEC, policy, runner=runner)
@@ -43,14 +43,14 @@ def test_fast_path_tokens_equal_eager(model, policy_args):
 
 def test_runner_reuses_its_caches_and_graphs_across_calls(model):
     runner = FastRunner(model)
-    first = generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "middle", 8), runner=runner)
+    first = generate(model, [PROMPTS[0]], DEC, FixedPolicy.create(8, k=2, subset="middle"), runner=runner)
     built = len(runner.graphs)
-    again = generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "middle", 8), runner=runner)
+    again = generate(model, [PROMPTS[0]], DEC, FixedPolicy.create(8, k=2, subset="middle"), runner=runner)
     assert again.tokens == first.tokens
     assert len(runner.graphs) == built  # a second call of the same shape builds nothing
 
 
-@pytest.mark.parametrize("policy", [ReusePolicy.create(2, "last", 8), AdaptivePolicy.create(2.0, 3, "delta", 8)],
+@pytest.mark.parametrize("policy", [FixedPolicy.create(8, k=2, subset="last"), DriftPolicy.create(8, drift=2.0, max_reuse=3, mode="delta")],
                          ids=["fixed", "adaptive-delta"])
 def test_skipped_layers_are_absent_from_the_static_forward(model, policy):
     """Count the layer computations the static forward runs (in segments under the adaptive
@@ -72,7 +72,7 @@ def test_skipped_layers_are_absent_from_the_static_forward(model, policy):
 
 def test_shadow_mode_needs_the_eager_path(model):
     with pytest.raises(ConfigError, match="shadow mode runs on the eager path"):
-        generate(model, [PROMPTS[0]], DEC, ReusePolicy.create(2, "last", 8), shadow=True, runner=FastRunner(model))
+        generate(model, [PROMPTS[0]], DEC, FixedPolicy.create(8, k=2, subset="last"), shadow=True, runner=FastRunner(model))
 
 
 def test_harness_picks_the_fast_path_on_a_gpu_only(model):
@@ -103,7 +103,7 @@ def test_in_a_batch_only_the_rows_that_compute_a_layer_go_through_it(model):
 
     runner = FastRunner(model, use_graphs=False)
     runner.step = counting_step
-    res = generate(model, PROMPTS, DEC, ReusePolicy.create(2, "first", 8), runner=runner)
+    res = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=2, subset="first"), runner=runner)
     assert min(len(p) for p in PROMPTS) < DEC.block_size  # no prefill: every forward is static
     evals = sum(s.layer_evals_run for s in res.report.samples)
     assert res.report.summary()["layer_evals_skipped"] > 0
@@ -117,7 +117,7 @@ def test_row_counts_are_padded_to_a_power_of_two_and_decode_the_same(model):
     assert padded_rows([3, 5, 6], 3) == ([3, 5, 6], [0, 1, 2])
     assert padded_rows([2, 4, 5, 7, 9], 6) == ([2, 4, 5, 7, 9, 9], [0, 1, 2, 3, 4, 4])
     prompts = PROMPTS + [[20, 21, 22] * 9, [30, 31] * 20, [40, 41, 42, 43, 44] * 8]
-    policy = ReusePolicy.create(2, "middle", 8)
+    policy = FixedPolicy.create(8, k=2, subset="middle")
     # graphs without compiled layers: on the H200 a compiled fp32 layer rounds differently from
     # eager and one of these samples then parts at token 40 (padding aside; see test_gpu.py)
     runner = FastRunner(model, compile_layers=False)
@@ -152,17 +152,16 @@ def test_static_attention_in_bf16_matches_float64(device):
 
 def test_reusing_positions_never_computed_is_an_error(model):
     from reuse_exp.engine.model import ForwardKind
-    from reuse_exp.engine.reuse import LayerReuse, RowMask
+    from reuse_exp.engine.reuse import told_plan
     dev = model.device
     runner = FastRunner(model, use_graphs=False)
-    policy = ReusePolicy.create(2, "middle", 8)
+    policy = FixedPolicy.create(8, k=2, subset="middle")
     cache, rc = runner.new_cache(1, 64, 32), runner.new_reuse_cache(policy, 1, 32)
     tokens = torch.randint(0, 60, (1, 32), device=dev)
-    everyone, no_one = RowMask.of([True], dev), RowMask.of([False], dev)
-    reuse = LayerReuse(frozenset(policy.layers), everyone, no_one, rc, 8)
+    reuse = told_plan(policy.layers, [True], rc, 8, dev)
     with pytest.raises(RuntimeError, match="never computed in this block"):
         runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)
-    runner(tokens, ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(frozenset(policy.layers), no_one, everyone, rc, 0))
+    runner(tokens, ForwardKind.FULL_BLOCK, cache, 0, told_plan(policy.layers, [False], rc, 0, dev))
     runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)  # computed by the full block: fine
 
 
@@ -170,7 +169,7 @@ def test_reusing_positions_never_computed_is_an_error(model):
 def test_adaptive_delta_on_the_fast_path_decodes_the_eager_tokens(model, threshold):
     """The segmented forward: same tokens, same skips and the same refresh drifts as the eager
     path, in a batch whose rows disagree (mixed and padded row sets)."""
-    policy = AdaptivePolicy.create(threshold, 3, "delta", 8)
+    policy = DriftPolicy.create(8, drift=threshold, max_reuse=3, mode="delta")
     eager = generate(model, FIVE, DEC, policy)
     runner = FastRunner(model)
     fast = generate(model, FIVE, DEC, policy, runner=runner)
@@ -184,7 +183,7 @@ def test_adaptive_delta_on_the_fast_path_decodes_the_eager_tokens(model, thresho
 
 
 def test_adaptive_delta_fast_path_batch_equals_solo(model):
-    policy = AdaptivePolicy.create(0.5, 3, "delta", 8)
+    policy = DriftPolicy.create(8, drift=0.5, max_reuse=3, mode="delta")
     runner = FastRunner(model)
     batch = generate(model, FIVE, DEC, policy, runner=runner)
     longest = max(len(p) for p in FIVE) // 32

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import REPO, subprocess_env
-from reuse_exp.engine.adaptive import AdaptivePolicy
+from reuse_exp.engine.policies.drift import DriftPolicy
 from reuse_exp.engine.config import ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.fast import FastRunner
 from reuse_exp.engine.static_forward import attend_static
 from reuse_exp.engine.loading import decode_config_for, load_model, load_tokenizer, random_model
-from reuse_exp.engine.reuse import ReusePolicy
+from reuse_exp.engine.policies.fixed import FixedPolicy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -55,9 +55,9 @@ def test_fast_path_decodes_the_eager_tokens_in_bf16(which, compile_layers):
     runner = FastRunner(model, compile_layers=compile_layers)
     for spec in POLICIES if which == "tiny shape" else POLICIES[:2]:
         if spec == "adaptive delta":  # the segmented forward: a graph per group
-            policy = AdaptivePolicy.create(0.5, 3, "delta", model.num_layers)
+            policy = DriftPolicy.create(model.num_layers, drift=0.5, max_reuse=3, mode="delta")
         else:
-            policy = ReusePolicy.create(spec[0], spec[1], model.num_layers) if spec else None
+            policy = FixedPolicy.create(model.num_layers, k=spec[0], subset=spec[1]) if spec else None
         eager = generate(model, prompts, dec, policy)
         fast = generate(model, prompts, dec, policy, runner=runner)
         first = [next((i for i, (a, b) in enumerate(zip(e, f)) if a != b), None)
@@ -83,7 +83,7 @@ def test_graphs_replay_after_the_batch_is_trimmed():
     dec = replace(DEC, stop_id=_early_stop_token(model))
     runner = FastRunner(model, compile_layers=False)  # the graphs are under test here
     for spec in POLICIES[:4]:   # the fixed policies
-        policy = ReusePolicy.create(spec[0], spec[1], 8) if spec else None
+        policy = FixedPolicy.create(8, k=spec[0], subset=spec[1]) if spec else None
         eager = generate(model, PROMPTS, dec, policy)
         fast = generate(model, PROMPTS, dec, policy, runner=runner)
         assert fast.tokens == eager.tokens, spec

@@ -11,7 +11,8 @@ import torch
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.loading import decode_config_for, load_model, load_tokenizer, random_model
 from reuse_exp.engine.model import ForwardKind
-from reuse_exp.engine.reuse import LayerReuse, ReuseCache, ReusePolicy, RowMask
+from reuse_exp.engine.policies.fixed import FixedPolicy
+from reuse_exp.engine.reuse import ReuseCache, told_plan
 from reuse_exp.tiny import MODEL_DIR
 from reuse_exp.tiny import data as tiny_data
 from test_reuse import CFG, PROMPTS, LayerCalls
@@ -45,20 +46,18 @@ def test_a_reuse_steps_logits_against_the_full_block_step_before(random_tiny, su
     full-block step's bit for bit (but the window's first position, predicted from itself); in
     delta mode, and without reuse, they change."""
     model, mask = random_tiny, 63
-    policy = ReusePolicy.create(2, subset, 8, mode=mode)
+    policy = FixedPolicy.create(8, k=2, subset=subset, mode=mode)
     prefix = torch.arange(1, 33)[None]
     block = torch.full((1, 32), mask)
     block[0, :8] = torch.tensor([7, 9, 11, 13, 15, 17, 19, 21])
     cache = model.new_cache(1, 64, 32)
     model(prefix, ForwardKind.PREFILL, cache)
-    rc = ReuseCache(policy, 1, 32, CFG.hidden_size, model.dtype, model.device)
-    everyone, no_one = RowMask.of([True], "cpu"), RowMask.of([False], "cpu")
-    layers = frozenset(policy.layers)
-    full = model(block, ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(layers, no_one, everyone, rc, 0))
+    rc = ReuseCache(policy.layers, policy.mode, 1, 32, CFG.hidden_size, model.dtype, model.device)
+    full = model(block, ForwardKind.FULL_BLOCK, cache, 0, told_plan(policy.layers, [False], rc, 0, "cpu"))
     before = window_logits(model, full, [max(p - 1, 0) for p in range(8, 16)])
     block[0, 8:10] = torch.tensor([23, 25])   # unmasked by that step
     saved = cache.k.clone(), cache.v.clone()
-    small = model(block[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, LayerReuse(layers, everyone, no_one, rc, 8))
+    small = model(block[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, told_plan(policy.layers, [True], rc, 8, "cpu"))
     after = window_logits(model, small, [max(p - 1, 0) for p in range(8)])
     cache.k, cache.v = saved
     fresh = window_logits(model, model(block[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8), [max(p - 1, 0) for p in range(8)])
@@ -69,8 +68,8 @@ def test_a_reuse_steps_logits_against_the_full_block_step_before(random_tiny, su
 @pytest.mark.parametrize("subset", SUBSETS)
 def test_every_output_mode_reuse_step_replays_unchanged_logits(bundled, subset):
     model, cfg, prompts = bundled
-    out = generate(model, prompts, cfg, ReusePolicy.create(2, subset, 8, mode="output")).report.summary()
-    delta = generate(model, prompts, cfg, ReusePolicy.create(2, subset, 8, mode="delta")).report.summary()
+    out = generate(model, prompts, cfg, FixedPolicy.create(8, k=2, subset=subset, mode="output")).report.summary()
+    delta = generate(model, prompts, cfg, FixedPolicy.create(8, k=2, subset=subset, mode="delta")).report.summary()
     assert out["reuse_steps"] > 20
     assert out["unchanged_reuse_steps"] == out["reuse_steps"]
     assert delta["reuse_steps"] > 20 and delta["unchanged_reuse_steps"] == 0
@@ -79,10 +78,10 @@ def test_every_output_mode_reuse_step_replays_unchanged_logits(bundled, subset):
 @pytest.mark.parametrize("k", [2, 3])
 def test_replay_decodes_output_modes_tokens_without_running_the_model(bundled, k):
     model, cfg, prompts = bundled
-    output = generate(model, prompts, cfg, ReusePolicy.create(k, "middle", 8, mode="output"))
+    output = generate(model, prompts, cfg, FixedPolicy.create(8, k=k, subset="middle", mode="output"))
     calls = LayerCalls(model)
     try:
-        replay = generate(model, prompts, cfg, ReusePolicy.create(k, "middle", 8, mode="replay"))
+        replay = generate(model, prompts, cfg, FixedPolicy.create(8, k=k, subset="middle", mode="replay"))
     finally:
         calls.close()
     assert replay.tokens == output.tokens
@@ -96,7 +95,7 @@ def test_replay_decodes_output_modes_tokens_without_running_the_model(bundled, k
 def test_replay_in_a_batch_equals_each_sample_alone(random_tiny):
     cfg = replace(DecodeConfig(mask_id=63, stop_id=62, pad_id=61, max_new_tokens=64, threshold=0.9),
                   ignore_stop=True)
-    policy = ReusePolicy.create(2, "first", 8, mode="replay")
+    policy = FixedPolicy.create(8, k=2, subset="first", mode="replay")
     batch = generate(random_tiny, PROMPTS, cfg, policy)
     assert batch.report.summary()["sample_forwards"].get("replay", 0) > 0
     for i, p in enumerate(PROMPTS):

@@ -7,7 +7,8 @@ from reuse_exp.engine.config import ConfigError, ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.loading import random_model
 from reuse_exp.engine.model import ForwardKind
-from reuse_exp.engine.reuse import ReusePolicy, resolve_subset
+from reuse_exp.engine.policies.fixed import FixedPolicy
+from reuse_exp.engine.reuse import resolve_subset
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -63,7 +64,7 @@ def test_subsets_scale_and_differ_on_8_layers():
 ])
 def test_bad_policies_are_clear_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        ReusePolicy.create(num_layers=8, **kwargs)
+        FixedPolicy.create(num_layers=8, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_no_policy_decodes_as_the_reference(model, no_reuse):
 def test_k1_decodes_as_the_reference_without_reuse(model, no_reuse, subset, mode):
     """k=1 is no reuse: the same tokens as a decoder that has no reuse code at all (a shared
     bug in the engine's no-reuse path would hide from a comparison with policy=None)."""
-    got = generate(model, PROMPTS, DEC, ReusePolicy.create(1, subset, 8, mode=mode))
+    got = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=1, subset=subset, mode=mode))
     assert got.tokens == no_reuse
     assert got.report.skipped_fraction == 0.0
     assert all(rec["skipped"] == [] for rec in got.report.trace)
@@ -92,7 +93,7 @@ def test_k1_decodes_as_the_reference_without_reuse(model, no_reuse, subset, mode
 @pytest.mark.parametrize("subset", ["first", "middle", "last"])
 @pytest.mark.parametrize("scope", ["block", "refresh"])
 def test_skipped_layers_are_not_computed_on_the_named_steps(model, k, subset, scope):
-    policy = ReusePolicy.create(k, subset, 8, scope=scope)
+    policy = FixedPolicy.create(8, k=k, subset=subset, scope=scope)
     calls = LayerCalls(model)
     try:
         res = generate(model, [PROMPTS[0]], DEC, policy, trace_sample=0)
@@ -124,13 +125,13 @@ def test_skipped_layers_are_not_computed_on_the_named_steps(model, k, subset, sc
 @pytest.mark.parametrize("subset", ["first", "middle", "last"])
 def test_reuse_changes_outputs_of_a_random_model(model, k, subset):
     base = generate(model, PROMPTS, DEC)
-    got = generate(model, PROMPTS, DEC, ReusePolicy.create(k, subset, 8))
+    got = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=k, subset=subset))
     assert got.report.skipped_fraction > 0
     assert got.tokens != base.tokens
 
 
 def test_full_block_forwards_compute_every_layer(model):
-    res = generate(model, PROMPTS, DEC, ReusePolicy.create(2, "middle", 8))
+    res = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=2, subset="middle"))
     for rec in res.report.trace:
         if rec["kind"] != "small_block":
             assert rec["skipped"] == []
@@ -139,31 +140,29 @@ def test_full_block_forwards_compute_every_layer(model):
 def test_delta_mode_right_after_refresh_equals_recomputation(model):
     """A full-block forward refreshes every cache; a small-block forward over the same
     tokens that reuses in delta mode then gives the fresh logits."""
-    from reuse_exp.engine.reuse import LayerReuse, ReuseCache, RowMask
-    policy = ReusePolicy.create(2, "middle", 8, mode="delta")
+    from reuse_exp.engine.reuse import ReuseCache, told_plan
+    policy = FixedPolicy.create(8, k=2, subset="middle", mode="delta")
     tokens = torch.randint(0, 60, (2, 64))
     logits = {}
     for reuse_now in (False, True):
         cache = model.new_cache(2, 64, 32)
-        rc = ReuseCache(policy, 2, 32, CFG.hidden_size, model.dtype, model.device)
+        rc = ReuseCache(policy.layers, policy.mode, 2, 32, CFG.hidden_size, model.dtype, model.device)
         model(tokens[:, :32], ForwardKind.PREFILL, cache)
-        layers = frozenset(policy.layers)
-        everyone, no_one = RowMask.of([True, True], "cpu"), RowMask.of([False, False], "cpu")
-        model(tokens[:, 32:], ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(layers, no_one, everyone, rc, 0))
-        reusing, computing = (everyone, no_one) if reuse_now else (no_one, everyone)
-        h = model(tokens[:, 48:56], ForwardKind.SMALL_BLOCK, cache, 16, LayerReuse(layers, reusing, computing, rc, 16))
+        model(tokens[:, 32:], ForwardKind.FULL_BLOCK, cache, 0, told_plan(policy.layers, [False] * 2, rc, 0, "cpu"))
+        h = model(tokens[:, 48:56], ForwardKind.SMALL_BLOCK, cache, 16,
+                  told_plan(policy.layers, [reuse_now] * 2, rc, 16, "cpu"))
         logits[reuse_now] = model.logits(h)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
 
 
 def test_output_and_delta_modes_differ(model):
-    out = generate(model, PROMPTS, DEC, ReusePolicy.create(2, "first", 8, mode="output"))
-    delta = generate(model, PROMPTS, DEC, ReusePolicy.create(2, "first", 8, mode="delta"))
+    out = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=2, subset="first", mode="output"))
+    delta = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=2, subset="first", mode="delta"))
     assert out.tokens != delta.tokens
 
 
 def test_shadow_mode_reports_error_and_changes_nothing(model):
-    policy = ReusePolicy.create(3, "last", 8)
+    policy = FixedPolicy.create(8, k=3, subset="last")
     plain = generate(model, PROMPTS, DEC, policy)
     shadow = generate(model, PROMPTS, DEC, policy, shadow=True)
     assert shadow.tokens == plain.tokens
@@ -174,7 +173,7 @@ def test_shadow_mode_reports_error_and_changes_nothing(model):
 
 
 def test_reuse_cache_shapes_and_replace_positions_are_recorded(model):
-    res = generate(model, PROMPTS, DEC, ReusePolicy.create(2, "middle", 8))
+    res = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=2, subset="middle"))
     # 3 reused layers (middle of 8), 2 samples, 32 block positions, hidden size
     assert res.report.cache_shapes == {(3, 2, 32, CFG.hidden_size)}
     assert set(res.report.replace_positions) <= {0, 8, 16, 24}

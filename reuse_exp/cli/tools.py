@@ -42,7 +42,7 @@ def comma_list(kind):
 @click.option("--path", type=click.Choice(["eager", "fast"]), default="fast",
               help="fast: static-shape forwards, CUDA graphs on a GPU; eager: plain PyTorch")
 @click.option("--extra", type=comma_list(str), default="",
-              help="more end-to-end policies: replay:K, adaptive-replay:T, adaptive-delta:T")
+              help="more end-to-end policies: replay:K, adaptive-replay:T, adaptive-delta:T, depth-delta:T")
 @click.option("--iters", type=int, default=20, help="timed iterations per forward kind")
 @click.option("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
 @click.option("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")

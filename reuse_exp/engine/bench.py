@@ -32,9 +32,10 @@ from .decoding import DecodeConfig, EagerRunner, generate
 from .fast import FastRunner
 from .loading import parse_dtype, random_model
 from .model import FastDLLM, ForwardKind
-from .adaptive import AdaptivePolicy
 from .bench_report import markdown, row_line
-from .reuse import LayerReuse, ReusePolicy, RowMask
+from .policies import ReusePolicy, get as get_policy
+from .policies.fixed import FixedPolicy
+from .reuse import told_plan
 
 
 def _sync(device: torch.device) -> None:
@@ -125,12 +126,11 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
              "finalize": timed_ms(finalize, dev, iters)}
     cache.prefix_len = prefix
     reused = {}
-    everyone, no_one = RowMask.of([True] * batch, dev), RowMask.of([False] * batch, dev)
     for policy in policies:
         rc = runner.new_reuse_cache(policy, batch, block)
-        runner(blk, ForwardKind.FULL_BLOCK, cache, 0, LayerReuse(frozenset(policy.layers), no_one, everyone, rc, 0))
-        plan = LayerReuse(frozenset(policy.layers), everyone, no_one, rc, 8)
-        reused[policy] = timed_ms(lambda: small_block(plan), dev, iters)
+        runner(blk, ForwardKind.FULL_BLOCK, cache, 0,
+               told_plan(policy.layers, [False] * batch, rc, 0, dev, ForwardKind.FULL_BLOCK))
+        reused[policy] = timed_ms(lambda: small_block(told_plan(policy.layers, [True] * batch, rc, 8, dev)), dev, iters)
     return kinds, reused
 
 
@@ -210,16 +210,17 @@ def ideal_saving(model: FastDLLM, row: dict) -> float:
 
 
 def extra_policy(spec: str, num_layers: int):
-    """`replay:K` (the replay control every K-th step), `adaptive-replay:T[:CAP]` or
-    `adaptive-delta:T[:CAP]` (threshold T, at most CAP reuses in a row, 8 unless given; at
-    T=0 nothing is reused: what the adaptive decisions cost against k=1)."""
+    """`replay:K` (the replay control every K-th step), or POLICY-MODE:T[:CAP] for a policy that
+    reads drift (`adaptive-replay:T`, `adaptive-delta:T`, `depth-delta:T`: drift T, at most CAP
+    reuses in a row, 8 unless given; at T=0 nothing is reused: what the decisions cost against k=1)."""
     name, _, value = spec.partition(":")
     if name == "replay":
-        return ReusePolicy.create(int(value), "first", num_layers, mode="replay")
-    if name in ("adaptive-replay", "adaptive-delta"):
-        threshold, _, cap = value.partition(":")
-        return AdaptivePolicy.create(float(threshold), int(cap or 8), name.split("-")[1], num_layers)
-    raise ValueError(f"unknown policy {spec!r}: use replay:K, adaptive-replay:T or adaptive-delta:T")
+        return FixedPolicy.create(num_layers, k=int(value), subset="first", mode="replay")
+    policy, _, mode = name.rpartition("-")
+    if not policy or "drift" not in (cls := get_policy(policy)).reads:
+        raise ValueError(f"unknown policy {spec!r}: use replay:K, adaptive-replay:T, adaptive-delta:T or depth-delta:T")
+    drift, _, cap = value.partition(":")
+    return cls.create(num_layers, drift=float(drift), max_reuse=int(cap or 8), mode=mode)
 
 
 @dataclass
@@ -271,7 +272,7 @@ def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw
     base = None
     for k in sorted(set(args.k)):
         for s in (args.subset if k > 1 else args.subset[:1]):
-            policy = ReusePolicy.create(k, s, model.num_layers, mode=args.mode) if k > 1 else None
+            policy = FixedPolicy.create(model.num_layers, k=k, subset=s, mode=args.mode) if k > 1 else None
             e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens, policy, args.repeats, mask_id)
             e |= {"k": k, "subset": s if k > 1 else "-"}
             if k == 1:
@@ -361,7 +362,7 @@ def run_bench(args: BenchArgs, command: str = "") -> BenchResult:
         result.warmup = {"batch": b0, "first_call_seconds": cold["first_call_seconds"],
                          "warm_call_seconds": cold["seconds"],
                          "warmup_seconds": cold["first_call_seconds"] - cold["seconds"]}
-        policies = [ReusePolicy.create(k, s, model.num_layers, mode=args.mode)
+        policies = [FixedPolicy.create(model.num_layers, k=k, subset=s, mode=args.mode)
                     for k in sorted(set(args.k)) if k > 1 for s in args.subset]
         for batch in args.batch:
             result.rows.append(bench_batch(model, runner, args, batch, policies, bw, peak))

@@ -5,11 +5,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("Fast_dLLM_Qwen", "qwen2")
-
-
-# The engine's policy modules import ConfigError from here; it is defined in errors.py.
-from ..errors import ConfigError  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

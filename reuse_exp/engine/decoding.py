@@ -18,8 +18,8 @@ from ..errors import ConfigError
 from .instrument import DecodeRecorder, DecodeReport
 from .model import FastDLLM, ForwardKind
 from .replay import WindowLogits
-from .adaptive import AdaptivePolicy
-from .reuse import ReuseCache, ReusePolicy, RowMask
+from .policies import ReusePolicy
+from .reuse import ReuseCache, RowMask
 from .schedule import ReuseSchedule
 
 REPLAY = "replay"  # a per-sample step that ran no forward (mode=replay)
@@ -74,7 +74,7 @@ class EagerRunner:
 
     def new_reuse_cache(self, policy: ReusePolicy, batch: int, block_size: int) -> ReuseCache:
         m = self.model
-        return ReuseCache(policy, batch, block_size, m.config.hidden_size, m.dtype, m.device)
+        return ReuseCache(policy.layers, policy.mode, batch, block_size, m.config.hidden_size, m.dtype, m.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -94,7 +94,7 @@ class _Run:
     """
 
     def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
-                 policy: ReusePolicy | AdaptivePolicy | None, trace_sample: int | None, shadow: bool, runner):
+                 policy: ReusePolicy | None, trace_sample: int | None, shadow: bool, runner):
         self.model, self.cfg, self.runner = model, cfg, runner
         dev = model.device
         bs = cfg.block_size
@@ -296,7 +296,7 @@ class _Run:
 
 @torch.no_grad()
 def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
-             policy: ReusePolicy | AdaptivePolicy | None = None, trace_sample: int | None = 0,
+             policy: ReusePolicy | None = None, trace_sample: int | None = 0,
              shadow: bool = False, runner=None) -> DecodeResult:
     """Decode a batch of prompts (token id lists, any lengths).
 

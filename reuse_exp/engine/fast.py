@@ -10,8 +10,12 @@ In a batch only the rows that compute a layer go through it: the rows a forward 
 is rounded up to a power of two (so few graphs serve every count) by repeating the last
 row; a repeated row computes exactly what its original does (see `canon`).
 
-Under the adaptive policy in delta mode a group's decision depends on the layers before it
-in the same forward: that forward runs in segments, a graph each (fast_adaptive.py).
+Under a policy that measures drift (adaptive, depth) a group's decision depends on the layers
+before it in the same forward: that forward runs in segments, a graph each, and between two
+segments one host read of the next group's drift per row (one sync per group, none per
+layer) lets the policy decide and picks the next segment's graph: every row computes the
+group, none does (it is absent from the graph), or only the rows that do not reuse it.
+Full-block forwards compute every group and read nothing back.
 
 On a CPU the same static forward runs eagerly (no graphs): CI checks it against the
 eager path. Prefill (one per call, variable length) always runs eagerly.
@@ -22,11 +26,9 @@ from functools import partial
 
 import torch
 
-from .adaptive import AdaptiveReuse
-from .fast_adaptive import segmented_forward
 from .model import FastDLLM, ForwardKind, KVCache
-from .reuse import LayerReuse, ReuseCache
-from .static_forward import layer_step, static_forward
+from .reuse import Plan, ReuseCache
+from .static_forward import Carry, layer_step, run_segment, segments
 from .static_inputs import StaticInputs, addresses, padded_rows
 
 STATIC_KINDS = (ForwardKind.FULL_BLOCK, ForwardKind.SMALL_BLOCK, ForwardKind.FINALIZE)
@@ -88,13 +90,13 @@ class FastRunner:
         key = (policy.layers, policy.mode, batch, block_size)
         rc = self.reuse_caches.get(key)
         if rc is None or rc.values.shape[1] != batch:
-            rc = ReuseCache(policy, batch, block_size, self.model.config.hidden_size, self.model.dtype,
-                            self.model.device)
+            rc = ReuseCache(policy.layers, policy.mode, batch, block_size, self.model.config.hidden_size,
+                            self.model.dtype, self.model.device)
             self.reuse_caches[key] = rc
         rc.filled.zero_()
         return rc
 
-    def __call__(self, tokens, kind, cache, replace_position=0, plan: LayerReuse | None = None, active=None):
+    def __call__(self, tokens, kind, cache, replace_position=0, plan: Plan | None = None, active=None):
         if kind not in STATIC_KINDS:
             self.stats["eager"] += 1
             return self.model(tokens, kind, cache, replace_position, plan, active)
@@ -104,44 +106,72 @@ class FastRunner:
         if p0 + bs > cache.max_len:
             raise ValueError(f"K/V cache of {cache.max_len} positions cannot hold {p0 + bs}")
         act = active.cpu() if active is not None else torch.ones(B, dtype=torch.bool)
-        if isinstance(plan, AdaptiveReuse):
-            hidden = segmented_forward(self, tokens, kind, cache, offset, plan, act)
-        else:
-            hidden = self._forward(tokens, kind, cache, offset, plan, act)
+        hidden = self._forward(tokens, kind, cache, offset, plan, act)
         if kind is ForwardKind.FINALIZE:
             cache.prefix_len = p0 + T
         return hidden
 
-    def _forward(self, tokens, kind, cache, offset: int, plan: LayerReuse | None, act: torch.Tensor):
+    def _forward(self, tokens, kind, cache, offset: int, plan: Plan | None, act: torch.Tensor):
+        """The static forward of `plan` for the active rows `act`, segment by segment."""
         B, T = tokens.shape
-        skip = frozenset()
         reuse_cache = plan.cache if plan is not None else None
-        computing = act
-        if plan is not None and plan.reusing.any:
-            skip, computing = plan.layers, plan.computing.host
-            reuse_cache.check_filled(skip, plan.reusing.host, offset, T)
-        rows, sub, sub_rows = self.row_sets(act, computing if skip else None)
-        shapes = tuple(None if r is None else len(r[0]) for r in (rows, sub))
-        buffers = [cache.k, cache.v] + ([reuse_cache.values] if reuse_cache is not None else [])
-        key = (kind, B, T, skip, shapes, addresses(buffers))
-        scratch = [cache.k[:, :, :, :T], cache.v[:, :, :, :T]]
-        scratch += [reuse_cache.values[:, :, :T]] if reuse_cache is not None else []
-        forward = partial(static_forward, self.model, cache=cache, reuse_cache=reuse_cache, skip=skip, step=self.step)
+        ref = plan.ref if plan is not None else None
+        parts = segments(plan.groups if plan is not None else (), self.model.num_layers, ref is not None)
+        rows = self.row_sets(act, None)[0]
+        entries = rows[0][:int(act.sum())] if rows is not None else list(range(B))
+        carry = self._carry(B, T, len(rows[0]) if rows is not None else B) if len(parts) > 1 else None
+        head = [cache.prefix_len + offset, cache.prefix_len + cache.block_size, offset]
+        buffers, scratch = [cache.k, cache.v], [cache.k[:, :, :, :T], cache.v[:, :, :, :T]]
+        if reuse_cache is not None:
+            buffers, scratch = buffers + [reuse_cache.values], scratch + [reuse_cache.values[:, :, :T]]
+        if ref is not None:
+            buffers, scratch = buffers + [ref], scratch + [ref[:, :, :T]]
+        if carry is not None:
+            buffers, scratch = buffers + [carry.x, carry.drift], scratch + [carry.x, carry.drift]
+        buffers = addresses(buffers)
         timing = self.timings is not None and self.use_graphs
         if timing:
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
-        hidden = self.run_static(key, tokens, [cache.prefix_len + offset, cache.prefix_len + cache.block_size, offset],
-                                 (rows, sub, sub_rows), forward, scratch)
+        reused_rows, out = torch.zeros(B, dtype=torch.bool), None
+        for seg in parts:
+            skip, computing = frozenset(), act
+            for g in (seg.groups if plan is not None else ()):
+                drift = None
+                if plan.measure:
+                    drift = [0.0] * B
+                    for row, d in zip(entries, carry.drift.tolist()):   # the host read: one per group
+                        drift[row] = d
+                reusing, computing_g = plan.choose(g, drift)
+                if reusing.any:
+                    if skip and not torch.equal(computing_g.host, computing):
+                        raise RuntimeError("the static path runs one set of computing rows per segment; "
+                                           f"the groups of {seg.layers} disagree")
+                    skip, computing = skip | frozenset(plan.groups[g]), computing_g.host
+                    reuse_cache.check_filled(plan.groups[g], reusing.host, offset, T)
+                    reused_rows |= reusing.host
+            row_sets = self.row_sets(act, computing if skip else None)
+            shapes = tuple(None if r is None else len(r[0]) for r in row_sets[:2])
+            key = (kind, B, T, seg.layers, skip, shapes, buffers)
+            forward = partial(run_segment, self.model, seg=seg, carry=carry, cache=cache, reuse_cache=reuse_cache,
+                              ref=ref, skip=skip, step=self.step)
+            out = self.run_static(key, tokens, head, row_sets, forward, scratch)
+            for g in (seg.groups if plan is not None else ()):   # the host record of what this block computed
+                slots = [reuse_cache.slot[i] for i in plan.groups[g]]
+                reuse_cache.filled[slots, :, offset:offset + T] |= plan.computing[g].host[None, :, None]
         if timing:
             events[1].record()
-            n_computing = int(computing.sum())
-            self.timings.append({"kind": kind.value, "rows": shapes[0] or B, "skip": bool(skip),
-                                 "reusing": int(act.sum()) - n_computing if skip else 0,
-                                 "active": int(act.sum()), "events": events})
-        if reuse_cache is not None:  # keep the host-side record in step with the device
-            reuse_cache.filled[:, computing, offset:offset + T] = True
-        return hidden
+            n_reusing = int(reused_rows.sum())
+            self.timings.append({"kind": kind.value, "rows": len(rows[0]) if rows is not None else B,
+                                 "skip": bool(n_reusing), "reusing": n_reusing, "active": int(act.sum()),
+                                 "events": events})
+        return out
+
+    def _carry(self, B: int, T: int, n_rows: int) -> Carry:
+        """The hand-over buffers between segments for this shape, kept so that graphs stay valid."""
+        m = self.model
+        return Carry(self.buffer(("carry", B, T, n_rows), (n_rows, T, m.config.hidden_size), m.dtype),
+                     self.buffer(("carry-drift", B, T, n_rows), (n_rows,), torch.float32))
 
     def row_sets(self, act: torch.Tensor, computing: torch.Tensor | None):
         """The rows a forward runs (every row, or the active ones, padded) and, when some layers

@@ -6,8 +6,8 @@ small-block forward overwrites its 8 positions, a finalize forward rewrites it a
 commits it to the prefix. Nothing is concatenated per step, and every forward kind
 after the prefill has a static shape.
 
-Layer reuse is not known here: a forward takes an optional `LayerReuse` that names
-the layers to skip and the cache that stands in for them (see reuse.py).
+Layer reuse is not known here: a forward takes an optional `Plan` (reuse.py) that says,
+layer by layer, which rows stand in a cached result and which compute.
 """
 from __future__ import annotations
 
@@ -297,7 +297,7 @@ class FastDLLM(nn.Module):
                 replace_position: int = 0, reuse=None, active: torch.Tensor | None = None) -> torch.Tensor:
         """Run one forward of `kind`; return the final-normed hidden states [B, T, hidden].
 
-        `reuse` (a reuse.LayerReuse) names the layers and rows that stand in a cached
+        `reuse` (a reuse.Plan) names the layers and rows that stand in a cached
         result instead of computing; None computes every layer. `active` (bool [B]) limits
         the rows whose caches this forward may write: the other rows are along for the
         batch only, and their outputs are meaningless. None: every row.

@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .decoding import DecodeConfig, generate
 from .fast import FastRunner
 from .loading import random_model
-from .reuse import ReusePolicy
+from .policies.fixed import FixedPolicy
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -29,7 +29,7 @@ def check_paths(device: str | None = None, echo: Callable[[str], None] = print) 
     runner = FastRunner(model)
     ok = True
     for spec in [None, (2, "middle", "output"), (3, "last", "delta"), (2, "first", "delta")]:
-        policy = ReusePolicy.create(spec[0], spec[1], 8, mode=spec[2]) if spec else None
+        policy = FixedPolicy.create(8, k=spec[0], subset=spec[1], mode=spec[2]) if spec else None
         eager = generate(model, PROMPTS, DEC, policy)
         fast = generate(model, PROMPTS, DEC, policy, runner=runner)
         same = eager.tokens == fast.tokens

@@ -1,8 +1,9 @@
-"""Layer reuse as a policy: which layers skip, on which steps, and what stands in for them.
+"""The machinery every reuse policy shares: the cached results that stand in for skipped
+layers (`ReuseCache`, the only place that knows what output and delta mode mean), the plan
+of one forward that the layer loops consult (`Plan`), and the subsets of the study.
 
-The policy is data (`ReusePolicy`); the decoder asks it, once per forward, for a
-`LayerReuse` plan that the model's layer loop consults. The cached results live
-in a `ReuseCache` owned by one decoding call and trimmed with the batch.
+Which rows skip which layers is the policy's decision (policies/); the plan asks the
+policy's memory, group by group in layer order, as the layer loop reaches each group.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError
+from ..errors import ConfigError
 from .model import ForwardKind
 
 SUBSETS = ("first", "middle", "last")
@@ -54,70 +55,29 @@ def resolve_subset(subset: str | tuple[int, ...] | list[int], num_layers: int,
     return tuple(range(start, start + n))
 
 
-@dataclass(frozen=True)
-class ReusePolicy:
-    """Skip `layers` on small-block forwards except every k-th step of the counter.
-
-    mode   output: a skipped layer's cached output stands in (the study's semantics)
-           delta:  a skipped layer adds its cached residual contribution (output - input)
-           replay: the whole forward is skipped and the step unmasks from the logits of the
-                   row's last computed forward: what output mode amounts to (docs/engine.md),
-                   as a control; its layers are all of them, whatever the subset
-    scope  block:   the counter is the block's step counter (the study's description)
-           refresh: the counter restarts at every full-block forward
-    """
-    k: int
-    layers: tuple[int, ...]
-    mode: str = "output"
-    scope: str = "block"
-    subset: str = "custom"
-
-    @classmethod
-    def create(cls, k: int, subset: str | tuple[int, ...] | list[int], num_layers: int,
-               mode: str = "output", scope: str = "block", size: int | None = None) -> "ReusePolicy":
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"k must be an integer >= 1 (1 = no reuse), got {k!r}")
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        if scope not in SCOPES:
-            raise ConfigError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
-        layers = resolve_subset(subset, num_layers, size)
-        name = subset if isinstance(subset, str) else "custom"
-        if mode == "replay":
-            layers, name = tuple(range(num_layers)), "all"
-        return cls(k=k, layers=layers, mode=mode, scope=scope, subset=name)
-
-    @property
-    def reuses(self) -> bool:
-        return self.k > 1
-
-    def skipped(self, kind: ForwardKind, counter: int) -> tuple[int, ...]:
-        """Layers that reuse on this forward. Only small-block forwards ever skip."""
-        if self.k == 1 or kind is not ForwardKind.SMALL_BLOCK or counter % self.k == 0:
-            return ()
-        return self.layers
-
-    def describe(self) -> dict:
-        return {"k": self.k, "subset": self.subset, "layers": list(self.layers),
-                "mode": self.mode, "scope": self.scope}
-
-    def note(self) -> str:
-        if self.mode == "replay":
-            return f"replay: every k={self.k}-th small-block step computes, the others reuse the last logits"
-        return f"reuse k={self.k} on layers {list(self.layers)} of small-block forwards ({self.mode} mode)"
-
-
 class ReuseCache:
-    """Per reused layer, its last computed result at every position of the current block."""
+    """Per reused layer, its last computed result at every position of the current block.
 
-    def __init__(self, policy: ReusePolicy, batch: int, block_size: int, hidden: int,
+    mode output: a skipped layer's cached output stands in (the study's semantics)
+         delta:  a skipped layer adds its cached residual contribution (output - input)
+    """
+
+    def __init__(self, layers: tuple[int, ...], mode: str, batch: int, block_size: int, hidden: int,
                  dtype: torch.dtype, device):
-        self.mode = policy.mode
-        self.slot = {layer: s for s, layer in enumerate(policy.layers)}
-        self.values = torch.zeros(len(policy.layers), batch, block_size, hidden, dtype=dtype, device=device)
+        self.mode = mode
+        self.slot = {layer: s for s, layer in enumerate(layers)}
+        self.values = torch.zeros(len(layers), batch, block_size, hidden, dtype=dtype, device=device)
         # Host-side record of which (row, position) hold a result computed in this block:
         # reusing anything else would be a bug, so it is checked, without a device sync.
-        self.filled = torch.zeros(len(policy.layers), batch, block_size, dtype=torch.bool)
+        self.filled = torch.zeros(len(layers), batch, block_size, dtype=torch.bool)
+
+    # The stand-in arithmetic, for every path: what is kept of a computed layer, and what
+    # stands in for the layer when it is skipped.
+    def kept(self, x_in: torch.Tensor, y_out: torch.Tensor) -> torch.Tensor:
+        return y_out if self.mode == "output" else y_out - x_in
+
+    def standing_in(self, x_in: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        return cached if self.mode == "output" else x_in + cached
 
     def new_block(self) -> None:
         self.filled.zero_()
@@ -128,7 +88,7 @@ class ReuseCache:
         if s is None:
             return
         T = y_out.shape[1]
-        new = y_out if self.mode == "output" else y_out - x_in
+        new = self.kept(x_in, y_out)
         window = self.values[s, :, offset:offset + T]
         if rows is None:
             window.copy_(new)
@@ -139,17 +99,15 @@ class ReuseCache:
 
     def stand_in(self, layer: int, x_in: torch.Tensor, offset: int, rows: "RowMask") -> torch.Tensor:
         s, T = self.slot[layer], x_in.shape[1]
-        if not bool(self.filled[s, rows.host, offset:offset + T].all()):
-            raise RuntimeError(f"layer {layer} reused positions {offset}..{offset + T - 1} "
-                               "that were never computed in this block")
-        cached = self.values[s, :, offset:offset + T]
-        return cached if self.mode == "output" else x_in + cached
+        self.check_filled((layer,), rows.host, offset, T)
+        return self.standing_in(x_in, self.values[s, :, offset:offset + T])
 
     def check_filled(self, layers, rows: torch.Tensor, offset: int, T: int) -> None:
-        """The fast path's check, on the host record alone: reused positions were computed in this block."""
+        """On the host record alone: the positions `rows` reuse were computed in this block."""
         slots = [self.slot[i] for i in sorted(layers)]
         if not bool(self.filled[slots][:, rows, offset:offset + T].all()):
-            raise RuntimeError(f"layers {sorted(layers)} reused positions never computed in this block")
+            raise RuntimeError(f"layers {sorted(layers)} reused positions {offset}..{offset + T - 1} "
+                               "that were never computed in this block")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -180,6 +138,19 @@ class RowMask:
         return bool(self.host.all())
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Per row: its denoising forwards so far in this block, and since its last full-block forward."""
+    step: list[int]
+    since_refresh: list[int]
+
+
+def relative_drift(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per row: ||x - ref|| / ||ref|| over positions and features, in float32."""
+    x, ref = x.float().flatten(1), ref.float().flatten(1)
+    return (x - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+
+
 @dataclass
 class ShadowLog:
     """Diagnostic: ||reused - fresh|| / ||fresh|| for every skipped layer evaluation."""
@@ -192,42 +163,109 @@ class ShadowLog:
 
 
 @dataclass
-class LayerReuse:
-    """The plan for one forward, handed to the model's layer loop.
+class Plan:
+    """The reuse of one forward, handed to the layer loop (eager: model.py; static: fast.py).
 
-    `reusing`: rows that stand in a cached result for the policy's layers on this forward;
-    `computing`: rows that compute them (and may write caches). At batch 1, and whenever
-    the rows agree, one of the two is empty and a skipped layer is not computed at all.
+    A group is decided when the loop reaches its first layer (`choose`): the policy's memory
+    says which active rows reuse it; the others compute it and, where the policy measures
+    drift, renew the group's reference `ref` with its input. At batch 1, and whenever the
+    rows agree, one of the two sets is empty and a skipped group is not computed at all.
     """
-    layers: frozenset[int]
-    reusing: RowMask
-    computing: RowMask
+    groups: tuple[tuple[int, ...], ...]
+    memory: object                    # the policy's Memory (policies/__init__.py): it decides
+    kind: ForwardKind
+    clock: Clock
+    active: list[bool]
     cache: ReuseCache
     offset: int
+    device: object
+    ref: torch.Tensor | None = None   # [groups, B, block, hidden]: each group's input when it last computed
+    measure: bool = False             # decide from drift (the small-block forwards of a policy that measures)
     shadow: ShadowLog | None = None
+    reusing: dict = field(default_factory=dict)    # group -> RowMask of rows reusing it
+    computing: dict = field(default_factory=dict)  # group -> RowMask of rows computing it
 
-    def rows_reusing(self, layer: int, x: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Device mask of rows that reuse `layer`, or None when every computing row computes it.
-        (`x`, the layer's input, is for policies that decide from it.)"""
-        if layer in self.layers and self.reusing.any:
-            return self.reusing.device
-        return None
+    def __post_init__(self):
+        self.first = {min(g): n for n, g in enumerate(self.groups)}   # first layer -> group
+        self.group_of = {i: n for n, g in enumerate(self.groups) for i in g}
+
+    def drift(self, group: int, x: torch.Tensor) -> torch.Tensor:
+        """Per row, on the device: how far `x`, the group's input, is from its reference."""
+        return relative_drift(x, self.ref[group, :, self.offset:self.offset + x.shape[1]])
+
+    def choose(self, group: int, drift: list[float] | None) -> tuple[RowMask, RowMask]:
+        """Decide `group` (from its input's drift per row, where measured): the rows that
+        reuse it and the rows that compute it."""
+        reuse = self.memory.decide(self.kind, group, list(self.active), self.clock, drift)
+        reuse = [bool(r) and a for r, a in zip(reuse, self.active)]
+        self.reusing[group] = RowMask.of(reuse, self.device)
+        self.computing[group] = RowMask.of([a and not r for a, r in zip(self.active, reuse)], self.device)
+        return self.reusing[group], self.computing[group]
+
+    def rows_reusing(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Device mask of rows that reuse `layer` (x: its input), or None when every active row computes it."""
+        group = self.group_of.get(layer)
+        if group is None:
+            return None
+        if layer in self.first:
+            self.choose(group, self.drift(group, x).tolist() if self.measure else None)
+        mask = self.reusing[group]
+        return mask.device if mask.any else None
 
     def rows_computing(self, layer: int) -> torch.Tensor | None:
-        return self.computing.device if self.computing.any else None
+        mask = self.computing[self.group_of[layer]]
+        return mask.device if mask.any else None
 
     def stand_in(self, layer: int, x_in: torch.Tensor) -> torch.Tensor:
-        return self.cache.stand_in(layer, x_in, self.offset, self.reusing)
+        return self.cache.stand_in(layer, x_in, self.offset, self.reusing[self.group_of[layer]])
 
-    def remember(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor,
-                 rows: torch.Tensor | None) -> None:
-        # `rows` (a device mask from the model) is always this plan's computing rows or None
-        self.cache.store(layer, x_in, y_out, self.offset, None if rows is None else self.computing)
+    def remember(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """`layer` computed `y_out` from `x_in` for its group's computing rows (`rows` is the
+        model's device mask of them, or None for every row)."""
+        group = self.group_of.get(layer)
+        if group is None:
+            return
+        computing = self.computing[group]
+        whole = computing.all
+        self.cache.store(layer, x_in, y_out, self.offset, None if whole else computing)
+        if self.ref is not None and layer in self.first:
+            window = self.ref[group, :, self.offset:self.offset + x_in.shape[1]]
+            window.copy_(x_in if whole else torch.where(computing.device[:, None, None], x_in, window))
 
     def skipped_layers_per_row(self) -> list[tuple[int, ...]]:
-        layers = tuple(sorted(self.layers))
-        return [layers if r else () for r in self.reusing.host.tolist()]
+        """The layers each row stood in on this forward."""
+        out = [() for _ in self.active]
+        for group, mask in sorted(self.reusing.items()):
+            out = [o + self.groups[group] if r else o for o, r in zip(out, mask.host.tolist())]
+        return [tuple(sorted(o)) for o in out]
 
     def batch_skipped(self) -> tuple[int, ...]:
         """Layers no row computed: what the batched forward really saved."""
-        return tuple(sorted(self.layers)) if self.reusing.any and not self.computing.any else ()
+        return tuple(sorted(i for g, mask in self.reusing.items() if mask.any and not self.computing[g].any
+                            for i in self.groups[g]))
+
+
+class Told:
+    """A memory that answers the same rows for every group: a plan decided by the caller
+    (benchmarks and tests time or check one forward with every row reusing, or none)."""
+
+    def __init__(self, reusing: list[bool]):
+        self.reusing = list(reusing)
+        self.refresh_drifts: list[float] = []
+
+    def decide(self, kind, group, active, clock, drift) -> list[bool]:
+        return list(self.reusing)
+
+    def new_block(self) -> None:
+        pass
+
+    def trim(self, keep: list[bool]) -> None:
+        pass
+
+
+def told_plan(layers: tuple[int, ...], reusing: list[bool], cache: ReuseCache, offset: int, device,
+              kind: ForwardKind = ForwardKind.SMALL_BLOCK) -> Plan:
+    """The plan of one forward in which the rows `reusing` stand in for `layers` and the others compute them."""
+    n = len(reusing)
+    return Plan((tuple(sorted(layers)),), Told(reusing), kind, Clock([0] * n, [0] * n), [True] * n, cache,
+                offset, device)

@@ -3,7 +3,8 @@
 Positions, the K/V length and the replace position are device tensors, attention runs over
 the whole preallocated K/V buffer with a length mask (bf16 on the tensor cores, through
 SDPA), and cache writes are index writes, so nothing in a forward's shapes depends on where
-decoding stands. Only the batch rows that compute a layer go through it (`Rows`).
+decoding stands. Only the batch rows that compute a layer go through it (`Rows`). A forward
+runs as one segment, or, when its policy measures drift, one per layer group (`segments`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import FastDLLM, KVCache, LayerWeights, decoder_layer, rope_tables
-from .reuse import ReuseCache
+from .reuse import ReuseCache, relative_drift
 from .static_inputs import Rows, StaticInputs, canonical, pick
 
 
@@ -79,7 +80,9 @@ def frame(model: FastDLLM, inp: StaticInputs, cache: KVCache) -> Frame:
 
 def run_layers(model: FastDLLM, x: torch.Tensor, layers, inp: StaticInputs, f: Frame, cache: KVCache,
                reuse_cache: ReuseCache | None, skip: frozenset[int], step=layer_step) -> torch.Tensor:
-    """The decoder layers `layers` over x (the rows `inp.rows`); see `static_forward`."""
+    """The decoder layers `layers` over x (the rows `inp.rows`): the static path's layer loop.
+    It is not the eager loop (model.py) because its rows are index sets fixed when a graph is
+    captured, where the eager loop masks rows decided as it goes (docs/architecture.md)."""
     cfg = model.config
     args = (f.positions, f.cos, f.sin, f.key_mask, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.rms_norm_eps)
@@ -88,21 +91,18 @@ def run_layers(model: FastDLLM, x: torch.Tensor, layers, inp: StaticInputs, f: F
         layer = model.model.layers[i]
         slot = reuse_cache.slot.get(i) if reuse_cache is not None else None
         if i in skip:
-            stand_in = pick(reuse_cache.values[slot].index_select(1, f.window), rows)
-            if reuse_cache.mode == "delta":
-                stand_in = x + stand_in
+            x_in = x
+            x = reuse_cache.standing_in(x_in, pick(reuse_cache.values[slot].index_select(1, f.window), rows))
             if inp.sub is not None:  # mixed: the computing rows alone go through the layer
-                x_in = pick(x, inp.sub)
-                y = step(x_in, layer.weights(), cache.k[i], cache.v[i], inp.sub_rows, *args)
-                store_rows(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x_in, inp.sub_rows,
-                       f.window)
+                x_sub = pick(x_in, inp.sub)
+                y = step(x_sub, layer.weights(), cache.k[i], cache.v[i], inp.sub_rows, *args)
+                store_rows(reuse_cache.values[slot], reuse_cache.kept(x_sub, y), inp.sub_rows, f.window)
                 # a repeated row that computes must hold what its original computed, not the stand-in
-                stand_in = canonical(stand_in.index_copy(0, inp.sub.index, y), rows)
-            x = stand_in
+                x = canonical(x.index_copy(0, inp.sub.index, y), rows)
             continue
         y = step(x, layer.weights(), cache.k[i], cache.v[i], rows, *args)
         if slot is not None:
-            store_rows(reuse_cache.values[slot], y if reuse_cache.mode == "output" else y - x, rows, f.window)
+            store_rows(reuse_cache.values[slot], reuse_cache.kept(x, y), rows, f.window)
         x = y
     return x
 
@@ -114,15 +114,64 @@ def batch_rows(hidden: torch.Tensor, rows: Rows | None, batch: int) -> torch.Ten
     return hidden.new_zeros(batch, *hidden.shape[1:]).index_copy(0, rows.index, hidden)
 
 
-def static_forward(model: FastDLLM, inp: StaticInputs, cache: KVCache, reuse_cache: ReuseCache | None,
-                   skip: frozenset[int], step=layer_step) -> torch.Tensor:
-    """One denoising forward with static shapes; returns final-normed hidden states of every
-    batch row (zeros for the rows this forward is not for).
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive layers of one static forward, a graph of their own on a GPU. A forward is
+    one segment unless its policy measures drift: a group's decision needs its input, which
+    the layers before it compute, so the forward is cut at each group's first layer."""
+    layers: tuple[int, ...]
+    groups: tuple[int, ...]      # groups decided at its start
+    measures: int | None         # the group whose drift it measures at its end (None: none)
+    last: bool                   # it ends with the final norm
+
+
+def segments(groups: tuple[tuple[int, ...], ...], num_layers: int, measured: bool) -> list[Segment]:
+    if not measured:
+        return [Segment(tuple(range(num_layers)), tuple(range(len(groups))), None, True)]
+    cuts = [min(g) for g in groups]
+    bounds = ([0] if cuts[0] > 0 else []) + cuts + [num_layers]
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        layers = tuple(range(lo, hi))
+        mine = tuple(n for n, g in enumerate(groups) if min(g) == lo)
+        if any(i not in layers for n in mine for i in groups[n]):
+            raise RuntimeError(f"the static path measures drift of contiguous layer groups; {groups} are not")
+        nxt = next((n for n, g in enumerate(groups) if min(g) == hi), None)
+        out.append(Segment(layers, mine, nxt, hi == num_layers))
+    return out
+
+
+@dataclass
+class Carry:
+    """What one segment hands the next, in place: the hidden states of the forward's rows
+    and the next group's drift per row."""
+    x: torch.Tensor       # [rows, T, hidden]
+    drift: torch.Tensor   # [rows] float32
+
+
+def run_segment(model: FastDLLM, inp: StaticInputs, seg: Segment, carry: Carry | None, cache: KVCache,
+                reuse_cache: ReuseCache | None, ref: torch.Tensor | None, skip: frozenset[int],
+                step=layer_step) -> torch.Tensor:
+    """One segment with static shapes. The last returns the final-normed hidden states of every
+    batch row (zeros for the rows this forward is not for); the others hand on their hidden
+    states and the next group's drift (a view of `carry.drift`, returned).
 
     skip: layers that stand in a cached result for the rows of `inp.rows` outside `inp.sub`
           (every row of `inp.rows` when `inp.sub` is None)
     """
     f = frame(model, inp, cache)
-    x = model.model.embed_tokens(pick(inp.tokens, inp.rows))
-    x = run_layers(model, x, range(model.num_layers), inp, f, cache, reuse_cache, skip, step)
-    return batch_rows(model.model.norm(x), inp.rows, inp.tokens.shape[0])
+    rows = inp.rows
+    x = model.model.embed_tokens(pick(inp.tokens, rows)) if seg.layers[0] == 0 else carry.x
+    if ref is not None:   # the rows that compute a group renew its reference: its input as they computed it
+        for g in seg.groups:
+            if not skip:
+                store_rows(ref[g], x, rows, f.window)
+            elif inp.sub is not None:
+                store_rows(ref[g], pick(x, inp.sub), inp.sub_rows, f.window)
+    x = run_layers(model, x, seg.layers, inp, f, cache, reuse_cache, skip, step)
+    if seg.last:
+        return batch_rows(model.model.norm(x), rows, inp.tokens.shape[0])
+    carry.x.copy_(x)
+    if seg.measures is not None:
+        carry.drift.copy_(relative_drift(x, pick(ref[seg.measures], rows).index_select(1, f.window)))
+    return carry.drift

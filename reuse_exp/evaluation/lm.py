@@ -32,8 +32,7 @@ from lm_eval.models.utils import Collator
 from ..errors import ConfigError
 from ..engine.decoding import DecodeConfig, generate
 from ..engine.loading import decode_config_for
-from ..engine.adaptive import AdaptivePolicy
-from ..engine.reuse import ReusePolicy
+from ..engine.policies import ReusePolicy, get as get_policy
 from ..settings import MODEL, SPECS, RunSettings, to_text
 from . import distributed
 from .distributed import Ranks, rank_device
@@ -70,15 +69,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_policy(s: RunSettings, num_layers: int) -> ReusePolicy | AdaptivePolicy:
-    if s.policy == "adaptive":
-        return AdaptivePolicy.create(s.drift, s.max_reuse, s.mode, num_layers)
-    return ReusePolicy.create(s.k, s.subset, num_layers, mode=s.mode, scope=s.scope)
+def make_policy(s: RunSettings, num_layers: int) -> ReusePolicy:
+    """The policy the settings name (engine/policies), built from the settings it reads."""
+    cls = get_policy(s.policy)
+    return cls.create(num_layers, **{name: getattr(s, name) for name in cls.reads})
 
 
 @register_model("fast_dllm_v2")
 class FastDLLMv2LM(TemplateLM):
-    """Fast-dLLM v2 for lm-eval, with a layer-reuse policy (k, subset, mode, scope)."""
+    """Fast-dLLM v2 for lm-eval, with a layer-reuse policy (`policy` and the settings it reads)."""
 
     def __init__(self, pretrained: str | None = None, max_batch_size: int | None = None, **model_args):
         """`model_args`: settings of role `model` (strings from lm-eval's --model_args, or values).

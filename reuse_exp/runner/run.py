@@ -25,7 +25,7 @@ from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
 from ..tracking.provenance import Provenance, check_clean, dirty_diff, provenance, redact
-from ..tracking.schema import config_key, library_versions, lm_eval_metrics, param_str
+from ..tracking.schema import config_key, config_name, library_versions, lm_eval_metrics, param_str
 from ..tracking.store_init import absolute_uri, open_client
 from .ranks import LAUNCHED_ENV
 
@@ -124,9 +124,7 @@ def _launched_end(tracker: Tracker, s: RunSettings, prov: Provenance) -> Summary
 
 
 def run_name(s: RunSettings) -> str:
-    if s.policy == "adaptive":
-        return f"adaptive_{s.mode}_drift{s.drift}_{s.task}"
-    return f"k{s.k}_{s.subset if isinstance(s.subset, str) else 'custom'}_{s.task}"
+    return f"{config_name(s)}_{s.task}"
 
 
 def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:

@@ -86,6 +86,10 @@ CONFIGS: tuple[Config, ...] = (
     config("adaptive replay", "0.75", policy="adaptive", mode="replay", drift=0.75, **ADAPTIVE),
     config("adaptive replay", "1", policy="adaptive", mode="replay", drift=1.0, **ADAPTIVE),
     config("adaptive replay", "1.1", policy="adaptive", mode="replay", drift=1.1, **ADAPTIVE),
+    config("depth delta", "0.5", policy="depth", mode="delta", drift=0.5, **ADAPTIVE),
+    config("depth delta", "0.75", policy="depth", mode="delta", drift=0.75, **ADAPTIVE),
+    config("depth delta", "1", policy="depth", mode="delta", drift=1.0, **ADAPTIVE),
+    config("depth delta", "1.25", policy="depth", mode="delta", drift=1.25, **ADAPTIVE),
 )
 # Loglikelihood: one forward per request, so no policy can act; measured once, at k=1, every item.
 MC = config("tiny_mc", task="tiny_mc", k=1, limit=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .schema import param_str, pip_freeze
+from .schema import config_name, param_str, pip_freeze
 
 
 def log_artifacts(tracker, s, results, samples, lm, stats, metrics, params, primary, kind) -> None:
@@ -23,11 +23,12 @@ def log_artifacts(tracker, s, results, samples, lm, stats, metrics, params, prim
     # what `compare` pairs by document and bootstraps over, without parsing lm-eval's samples
     tracker.artifact_jsonl("per_sample.jsonl", sample_records(samples, primary[0] if primary else None))
     tracker.artifact_json("timings.json", stats.timings())
-    tracker.artifact_json("reuse_trace.json", {"policy": lm.policy.describe(), **stats.trace()})
+    policy = {"policy": lm.policy.name, **lm.policy.describe()}
+    tracker.artifact_json("reuse_trace.json", {"policy": policy, **stats.trace()})
     tracker.artifact_text("pip_freeze.txt", pip_freeze())
     tracker.artifact_json("summary.json", {
-        "config": f"k{s.k}_{lm.policy.subset}" if s.policy == "fixed" else f"adaptive_{s.mode}_drift{s.drift}",
-        "task": s.task, "task_kind": kind, "k": s.k, "subset": lm.policy.subset, "policy": s.policy,
+        "config": config_name(s),
+        "task": s.task, "task_kind": kind, "k": s.k, "subset": policy.get("subset"), "policy": s.policy,
         "layers": list(lm.policy.layers), "mode": lm.policy.mode,
         "accuracy": metrics.get("accuracy"), "accuracy_metric": primary[0] if primary else None,
         "tokens_per_second": metrics.get("tokens_per_second"), "generated_tokens": metrics.get("generated_tokens"),

@@ -16,8 +16,9 @@ params
 tags
     git_commit (sha, or "unknown" outside git), git_branch, git_dirty ("true"/"false"),
     git_dirty_files (newline-separated, capped), source_hash (the package's files),
-    config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS, layers left out at
-    k=1; the grid groups by config_key + git_commit), task_kind (generate_until |
+    config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS, less the reuse
+    params its policy does not read, layers left out at k=1; the grid groups by
+    config_key + git_commit), task_kind (generate_until |
     loglikelihood), reuse_note, accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
     device_name, rank_devices (`0: cuda:0 (NVIDIA H200); ...`), cuda_visible_devices,
     request_cache (the folder of its per-request cache), resumed_from / resumed_by (a
@@ -69,6 +70,8 @@ import importlib.metadata as md
 import json
 import platform
 
+from ..errors import ConfigError
+from ..engine.policies import get as get_policy
 from ..settings import to_text as param_str
 
 CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "policy", "drift", "max_reuse", "task", "limit", "model_hash", "model_revision",
@@ -78,6 +81,9 @@ CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "policy", "drift", "max_reu
 HEARTBEAT_TAG = "reuse_exp.heartbeat"
 REFUSED_TAG = "reuse_exp.refused"
 END_REASON_TAG = "reuse_exp.end_reason"
+# Reuse params that shape a result only under a policy that reads them (`layers`: the subset's).
+POLICY_PARAMS = {"k": "k", "layers": "subset", "mode": "mode", "scope": "scope", "drift": "drift",
+                 "max_reuse": "max_reuse"}
 VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "reuse_exp")
 
 
@@ -95,9 +101,22 @@ def same_param(a: str, b: str) -> bool:
 def config_key(params: dict) -> str:
     """Hash of the settings that shape a result; commit, seed-free noise and paths excluded."""
     shaping = {k: param_str(params.get(k)) for k in CONFIG_KEY_PARAMS}
+    try:
+        reads = get_policy(params.get("policy") or "fixed").reads
+    except ConfigError:   # a plug-in this process has not imported: every reuse param counts
+        reads = tuple(POLICY_PARAMS.values())
+    for param, setting in POLICY_PARAMS.items():
+        if setting not in reads:
+            shaping[param] = "-"
     if shaping["k"] == "1":   # k=1 computes every layer: the subset's layers shape nothing
         shaping["layers"] = "all"
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_name(s) -> str:
+    """The configuration's short name, from its policy (a run's name is it and the task)."""
+    cls = get_policy(s.policy)
+    return cls.run_name(**{n: getattr(s, n) for n in cls.reads})
 
 
 def library_versions() -> dict[str, str]:

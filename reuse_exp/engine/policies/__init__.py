@@ -1,0 +1,126 @@
+"""Reuse policies behind one interface, and their registry (keyed by the `policy` setting).
+
+A policy is data: which layers it may skip, in groups decided together, and what stands in
+for a skipped layer (`mode`: output, delta or replay; the arithmetic is reuse.ReuseCache's).
+Per decoding call it keeps a `Memory`; the engine asks that memory, per forward and group
+in layer order, which rows reuse the group. The eager, static and segmented paths ask
+nothing else, so a new policy is one module here (or anywhere: REUSE_EXP_POLICY_MODULES)
+with a class that `register`s itself, and one line in BUILTIN for this package's own.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import ClassVar, Protocol
+
+from ...errors import ConfigError
+from ..model import ForwardKind
+from ..reuse import Clock
+
+POLICY_MODULES_ENV = "REUSE_EXP_POLICY_MODULES"   # comma-separated modules that register more policies
+BUILTIN = ("fixed", "drift", "depth")              # this package's policies: one module each
+
+
+class Memory(Protocol):
+    """What a policy remembers during one decoding call (host side, per batch row)."""
+    refresh_drifts: list[float]   # drifts that made a group recompute (policies that measure)
+
+    def decide(self, kind: ForwardKind, group: int, active: list[bool], clock: Clock,
+               drift: list[float] | None) -> list[bool]:
+        """Which `active` rows reuse `group` on this forward (the others compute it). Called for
+        every denoising forward and every group, in layer order; `drift` (per row: relative
+        change of the group's input since the row last computed it) on the small-block
+        forwards of a policy that `measures`, else None. Replay mode: group 0 is the whole
+        forward and the input the window's token embeddings."""
+
+    def new_block(self) -> None: ...
+
+    def trim(self, keep: list[bool]) -> None:
+        """Finished rows leave the batch: keep the rows where `keep` is True."""
+
+
+class ReusePolicy:
+    """The interface every policy implements; subclasses are frozen dataclasses.
+
+    name      the `policy` setting's value that selects it
+    reads     the run settings `create` takes, by name (the caller passes their values)
+    groups    layers decided together, in layer order (layer 0 is best left computing)
+    mode      what stands in for a skipped layer: output, delta or replay (whole forward)
+    measures  True: groups are decided from their input's drift, which the engine measures
+    """
+    name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]]
+    measures: ClassVar[bool] = False
+    groups: tuple[tuple[int, ...], ...]
+    mode: str
+
+    @classmethod
+    def create(cls, num_layers: int, **settings) -> "ReusePolicy":
+        """The policy for a model of `num_layers` from the settings it `reads`; ConfigError names a bad value."""
+        raise NotImplementedError
+
+    @classmethod
+    def run_name(cls, **settings) -> str:
+        """A short name of the configuration, from the settings it reads (the run's name, before the task)."""
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(i for g in self.groups for i in g))
+
+    @property
+    def reuses(self) -> bool:
+        """False: it never skips (k=1), so no cache is kept."""
+        return True
+
+    def memory(self, batch: int) -> Memory:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What it resolved to: logged with the run (reuse_trace.json)."""
+        raise NotImplementedError
+
+    def note(self) -> str:
+        """One line for the run's `reuse_note` tag."""
+        raise NotImplementedError
+
+
+_registry: dict[str, type[ReusePolicy]] = {}
+_loaded = False
+
+
+def register(cls: type[ReusePolicy]) -> type[ReusePolicy]:
+    """Make `cls` the policy of `policy=cls.name` (a class decorator)."""
+    known = _registry.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ConfigError(f"two policies are named {cls.name!r}: {known.__module__} and {cls.__module__}")
+    _registry[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    """Import this package's policies and the modules REUSE_EXP_POLICY_MODULES names, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN:
+        importlib.import_module(f"{__name__}.{module}")
+    for module in filter(None, (m.strip() for m in os.environ.get(POLICY_MODULES_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"{POLICY_MODULES_ENV}: cannot import {module!r} ({e}); "
+                              "put its directory on PYTHONPATH") from None
+
+
+def get(name: str) -> type[ReusePolicy]:
+    _load()
+    if name not in _registry:
+        raise ConfigError(f"unknown policy {name!r}; use one of {', '.join(names())}")
+    return _registry[name]
+
+
+def names() -> tuple[str, ...]:
+    _load()
+    return tuple(sorted(_registry))

@@ -170,11 +170,11 @@ def test_tiny_mc_row_states_its_n_and_the_readme_sections(store, monkeypatch, tm
 
 def test_the_declaration_adds_a_row_in_one_line():
     """A new policy's row is one `config(...)` in CONFIGS: its cell passes its settings to the run."""
-    depth = fr.config("depth delta", "1", policy="depth", mode="delta", drift=1.0, max_reuse=8)
-    cell = fr.cells(200, (*fr.CONFIGS, depth))[-2]
-    assert cell.name == "depth delta 1" and {("policy", "depth"), ("drift", "1.0"), ("limit", "200"),
+    toy = fr.config("toy delta", "1", policy="depth", mode="delta", drift=1.5, max_reuse=8)
+    cell = fr.cells(200, (*fr.CONFIGS, toy))[-2]
+    assert cell.name == "toy delta 1" and {("policy", "depth"), ("drift", "1.5"), ("limit", "200"),
                                              ("batch_size", "200"), ("device", "cpu")} <= set(cell.settings)
-    assert depth.learned and len(fr.cells()) == len(fr.CONFIGS) + 1
+    assert toy.learned and len(fr.cells()) == len(fr.CONFIGS) + 1
     with pytest.raises(Exception, match="twice"):
         fr.cells(4, (*fr.CONFIGS, fr.CONFIGS[3]))
 

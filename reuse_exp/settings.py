@@ -27,77 +27,90 @@ class SettingError(ConfigError):
     """A value a setting cannot take; the message names the setting and the fix."""
 
 
+# How a grid treats a setting: its cells vary it (an axis), the grid sets it itself (own), or it
+# is the same in every cell: pinned to the run's default when not given (so an omitted setting
+# matches what a run logs), or free (given with -P, else left to the run).
+AXIS, OWN, PINNED, FREE = "axis", "own", "pinned", "free"
+
+
 def setting(default, help: str, *, kind: str, role: str, choices: tuple = (), minimum: float | None = None,
-            maximum: float | None = None, mlproject: bool = True):
-    """A field of RunSettings with what the CLI, MLproject and the lm-eval model need to know."""
+            maximum: float | None = None, mlproject: bool = True, key: bool | tuple[str, ...] = False,
+            grid: str = PINNED):
+    """A field of RunSettings with what the CLI, MLproject, the lm-eval model and the grid need to know.
+
+    `key`: the setting shapes the result, so it is part of the config key: True for its own value,
+    or the names of the resolved params that carry it (`subset` shapes through the `layers` it
+    picks, `dtype` through the dtype it resolved to). `grid`: AXIS, OWN, PINNED or FREE (above).
+    """
     return field(default=default, metadata={"help": help, "kind": kind, "role": role, "choices": choices,
-                                            "minimum": minimum, "maximum": maximum, "mlproject": mlproject})
+                                            "minimum": minimum, "maximum": maximum, "mlproject": mlproject,
+                                            "key": key, "grid": grid})
 
 
 @dataclass(frozen=True)
 class RunSettings:
     """One configuration of a tracked run: what `reuse-exp run` and `mlflow run` take."""
     k: int = setting(1, "recompute the reused layers every k-th step of a block; 1 = no reuse",
-                     kind="int", role=MODEL, minimum=1)
+                     kind="int", role=MODEL, minimum=1, key=True, grid=AXIS)
     subset: str | tuple[int, ...] = setting(
         "first", "`first`, `middle`, `last` (12 of 28 layers, scaled to the depth) or indices `8,9,10`",
-        kind="subset", role=MODEL)
+        kind="subset", role=MODEL, key=("layers",), grid=AXIS)
     mode: str = setting("output", "`output`: the cached output stands in (the study's); "
                         "`delta`: the cached residual is added; `replay`: reuse steps skip the whole "
                         "forward and reuse the last logits (what output mode amounts to)",
-                        kind="choice", role=MODEL, choices=MODES)
+                        kind="choice", role=MODEL, choices=MODES, key=True)
     scope: str = setting("block", "`block`: the block's step counter (the study's); "
-                         "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES)
+                         "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES, key=True)
     policy: str = setting("fixed", "`fixed`: reuse on the k clock (the study's); `adaptive`: per sample and group "
                           "of layers, reuse while the input's drift stays under `drift` (mode delta or replay)",
-                          kind="choice", role=MODEL, choices=POLICIES)
+                          kind="choice", role=MODEL, choices=POLICIES, key=True)
     drift: float = setting(0.1, "adaptive: relative drift of a group's input above which it recomputes "
-                           "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0)
+                           "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0, key=True)
     max_reuse: int = setting(4, "adaptive: most reuses in a row before a group recomputes", kind="int",
-                             role=MODEL, minimum=1)
+                             role=MODEL, minimum=1, key=True)
     task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "
-                        "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK)
+                        "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK, key=True, grid=OWN)
     limit: int | float | None = setting(None, "samples per task (`none` = all; a fraction below 1 of them)",
-                                        kind="limit", role=TASK)
+                                        kind="limit", role=TASK, key=True)
     model: str = setting("bundled", "the bundled tiny model, a checkpoint directory, a hub id "
-                         "(`Efficient-Large-Model/Fast_dLLM_v2_7B`), or `random:<shape>`", kind="str", role=MODEL)
+                         "(`Efficient-Large-Model/Fast_dLLM_v2_7B`), or `random:<shape>`", kind="str", role=MODEL, key=("model_hash", "model_revision"))
     threshold: float = setting(0.9, "unmasking confidence (what the study's runs used)",
-                               kind="float", role=MODEL, minimum=0.0, maximum=1.0)
-    block_size: int = setting(32, "tokens per diffusion block", kind="int", role=MODEL, minimum=1)
+                               kind="float", role=MODEL, minimum=0.0, maximum=1.0, key=True)
+    block_size: int = setting(32, "tokens per diffusion block", kind="int", role=MODEL, minimum=1, key=True)
     small_block_size: int = setting(8, "tokens per small block; divides block_size", kind="int", role=MODEL,
-                                    minimum=1)
-    max_new_tokens: int = setting(256, "cap on each request's `max_gen_toks`", kind="int", role=MODEL, minimum=1)
+                                    minimum=1, key=True)
+    max_new_tokens: int = setting(256, "cap on each request's `max_gen_toks`", kind="int", role=MODEL, minimum=1, key=True)
     use_block_cache: bool = setting(True, "small-block forwards over the block cache (the study's)",
-                                    kind="bool", role=MODEL)
+                                    kind="bool", role=MODEL, key=True)
     decode_path: str = setting("auto", "`auto`: CUDA graphs + compiled layers on a GPU, plain PyTorch on CPU; "
-                               "`eager`; `fast`", kind="choice", role=MODEL, choices=DECODE_PATHS)
+                               "`eager`; `fast`", kind="choice", role=MODEL, choices=DECODE_PATHS, key=("path",))
     scoring: str = setting("continuation", "loglikelihood tasks: `continuation` scores every answer token, left "
                            "to right; `first_token`: the public harness's first token only",
-                           kind="choice", role=MODEL, choices=SCORINGS)
-    num_fewshot: int = setting(0, "few-shot examples (the study's: 0)", kind="int", role=TASK, minimum=0)
-    apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK)
+                           kind="choice", role=MODEL, choices=SCORINGS, key=True)
+    num_fewshot: int = setting(0, "few-shot examples (the study's: 0)", kind="int", role=TASK, minimum=0, key=True)
+    apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK, key=True)
     fewshot_as_multiturn: bool = setting(True, "few-shot examples as chat turns (the study's)",
-                                         kind="bool", role=TASK)
-    batch_size: int = setting(1, "requests decoded together (the study's: 1)", kind="int", role=MODEL, minimum=1)
-    seed: int = setting(1234, "seed of lm-eval's sampling and of random weights", kind="int", role=MODEL)
+                                         kind="bool", role=TASK, key=True)
+    batch_size: int = setting(1, "requests decoded together (the study's: 1)", kind="int", role=MODEL, minimum=1, key=True)
+    seed: int = setting(1234, "seed of lm-eval's sampling and of random weights", kind="int", role=MODEL, key=True)
     dtype: str = setting("auto", "`auto` = bfloat16 on a GPU, float32 on CPU", kind="choice", role=MODEL,
-                         choices=DTYPES)
+                         choices=DTYPES, key=("resolved_dtype",))
     device: str = setting("auto", "`auto` (a GPU if there is one), `cpu`, `cuda` or `cuda:N`",
-                          kind="str", role=MODEL)
-    revision: str | None = setting(None, "hub revision of `model`", kind="optional", role=MODEL)
+                          kind="str", role=MODEL, key=("device_type",))
+    revision: str | None = setting(None, "hub revision of `model`", kind="optional", role=MODEL, grid=FREE)
     tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's; "
-                                    "`random:<shape>`: the bundled one)", kind="optional", role=MODEL)
+                                    "`random:<shape>`: the bundled one)", kind="optional", role=MODEL, grid=FREE)
     include_path: tuple[str, ...] = setting((), "extra lm-eval task directory (repeatable)",
-                                            kind="paths", role=TASK, mlproject=False)
+                                            kind="paths", role=TASK, mlproject=False, grid=FREE)
     experiment: str | None = setting(None, "MLflow experiment when not started by `mlflow run`",
-                                     kind="optional", role=RUN, mlproject=False)
+                                     kind="optional", role=RUN, mlproject=False, grid=OWN)
     allow_dirty: bool = setting(False, "run from a tree with uncommitted changes (tagged dirty, diff logged)",
-                                kind="bool", role=RUN)
+                                kind="bool", role=RUN, grid=OWN)
     processes: int | str = setting(1, "data-parallel ranks, each on its own GPU (`auto` = one per visible GPU); "
                                    "documents are sharded, one MLflow run", kind="processes", role=RUN,
                                    minimum=1)
     resume: str | None = setting(None, "MLflow run id of an interrupted run to finish (same commit and settings)",
-                                 kind="optional", role=RUN)
+                                 kind="optional", role=RUN, grid=OWN)
 
     def __post_init__(self):
         if self.block_size % self.small_block_size:
@@ -145,6 +158,13 @@ class Spec:
     minimum: float | None
     maximum: float | None
     mlproject: bool
+    key: bool | tuple[str, ...]
+    grid: str
+
+    @property
+    def key_params(self) -> tuple[str, ...]:
+        """The params that carry this setting into the config key (none if it shapes nothing)."""
+        return (self.name,) if self.key is True else tuple(self.key or ())
 
     @property
     def option(self) -> str:
@@ -276,17 +296,71 @@ def to_text(value) -> str:
 
 SPECS: tuple[Spec, ...] = tuple(
     Spec(name=f.name, default=f.default, **{k: f.metadata[k] for k in
-                                           ("kind", "role", "help", "choices", "minimum", "maximum", "mlproject")})
+                                           ("kind", "role", "help", "choices", "minimum", "maximum", "mlproject",
+                                            "key", "grid")})
     for f in fields(RunSettings))
 DEFAULTS = RunSettings()
 
 
 def spec(name: str) -> Spec:
-    return next(s for s in SPECS if s.name == name)
+    found = next((s for s in SPECS if s.name == name), None)
+    if found is None:
+        raise SettingError(f"unknown setting {name!r}; the settings are: {', '.join(s.name for s in SPECS)}")
+    return found
+
+
+def key_params() -> tuple[str, ...]:
+    """The params whose values make the config key: what shapes a result (`key` on the declaration)."""
+    return tuple(p for s in SPECS for p in s.key_params)
+
+
+def grid_settings(kind: str) -> tuple[str, ...]:
+    """The settings a grid treats as `kind` (AXIS, OWN, PINNED or FREE)."""
+    return tuple(s.name for s in SPECS if s.grid == kind)
+
+
+# -- environment knobs: what the package reads from the environment, declared once ---------------
+@dataclass(frozen=True)
+class Knob:
+    """A REUSE_EXP_* environment variable: its name, what it means, its default and its type."""
+    name: str
+    help: str
+    default: object = None
+    kind: type = str
+
+    def read(self, env=None):
+        """Its typed value from `env` (os.environ by default); SettingError names the fix."""
+        import os
+        text = (os.environ if env is None else env).get(self.name, "").strip()
+        if not text:
+            return self.default
+        if self.kind is bool:
+            return text.lower() not in FALSE
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise SettingError(f"{self.name}={text!r}: {self.help}") from None
+        if self.kind in (int, float) and not value > 0:
+            raise SettingError(f"{self.name}={text!r}: must be positive; {self.help}")
+        return value
+
+
+MLFLOW_PID = Knob("REUSE_EXP_MLFLOW_PID", "the `mlflow run` process's pid, as MLproject's command sees it", None, int)
+HEARTBEAT_S = Knob("REUSE_EXP_HEARTBEAT_S", "seconds between a run's heartbeats, e.g. 30 (tests shorten it)",
+                   30.0, float)
+COLLECTIVE_TIMEOUT_S = Knob("REUSE_EXP_COLLECTIVE_TIMEOUT_S", "seconds a rank waits in a collective before it "
+                            "fails, e.g. 1800", 1800.0, float)
+REQUEST_CACHE = Knob("REUSE_EXP_REQUEST_CACHE", "the folder of this run's request cache, as the process that "
+                     "launched the ranks chose it")
+CACHE_ROOT = Knob("REUSE_EXP_CACHE_ROOT", "the folder under which runs keep their request caches "
+                  "(default ~/.cache/reuse_exp/requests)")
+LAUNCHED = Knob("REUSE_EXP_LAUNCHED", "set (1) for the ranks `reuse-exp run --processes N` starts: rank 0 leaves "
+                "the summary to the launching process", False, bool)
+KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUEST_CACHE, CACHE_ROOT, LAUNCHED)
 
 
 # -- the files that must agree with the declaration ---------------------------------------------
-MLFLOW_PID_ENV = "REUSE_EXP_MLFLOW_PID"   # the `mlflow run` process, as MLproject's command sees it
+MLFLOW_PID_ENV = MLFLOW_PID.name
 
 def mlproject_parameters() -> str:
     """MLproject's `parameters:` block and command, as MLproject holds them."""

@@ -339,17 +339,17 @@ class Knob:
         try:
             value = self.kind(text)
         except ValueError:
-            raise SettingError(f"{self.name}={text!r}: {self.help}") from None
+            raise SettingError(f"{self.name}={text!r}: give {self.help}") from None
         if self.kind in (int, float) and not value > 0:
-            raise SettingError(f"{self.name}={text!r}: must be positive; {self.help}")
+            raise SettingError(f"{self.name}={text!r}: give {self.help} (positive)")
         return value
 
 
-MLFLOW_PID = Knob("REUSE_EXP_MLFLOW_PID", "the `mlflow run` process's pid, as MLproject's command sees it", None, int)
-HEARTBEAT_S = Knob("REUSE_EXP_HEARTBEAT_S", "seconds between a run's heartbeats, e.g. 30 (tests shorten it)",
+MLFLOW_PID = Knob("REUSE_EXP_MLFLOW_PID", "the pid of the `mlflow run` process, as MLproject's command sees it", None, int)
+HEARTBEAT_S = Knob("REUSE_EXP_HEARTBEAT_S", "the heartbeat interval in seconds, e.g. 30 (tests shorten it)",
                    30.0, float)
-COLLECTIVE_TIMEOUT_S = Knob("REUSE_EXP_COLLECTIVE_TIMEOUT_S", "seconds a rank waits in a collective before it "
-                            "fails, e.g. 1800", 1800.0, float)
+COLLECTIVE_TIMEOUT_S = Knob("REUSE_EXP_COLLECTIVE_TIMEOUT_S", "the seconds a rank waits in a collective before "
+                            "it fails, e.g. 1800", 1800.0, float)
 REQUEST_CACHE = Knob("REUSE_EXP_REQUEST_CACHE", "the folder of this run's request cache, as the process that "
                      "launched the ranks chose it")
 CACHE_ROOT = Knob("REUSE_EXP_CACHE_ROOT", "the folder under which runs keep their request caches "

@@ -75,11 +75,50 @@ def test_cli_options_are_the_settings_with_their_defaults():
 
 def test_lm_eval_model_takes_the_model_settings_with_the_same_defaults():
     import inspect
-    from reuse_exp.evaluation.lm import FastDLLMv2LM
+    from reuse_exp.evaluation.lm import FastDLLMv2LM, model_settings
     assert set(MODEL_ARGS) == {s.name for s in SPECS if s.role == MODEL}
-    # no defaults of its own: every model argument's default is the setting's
+    # it takes typed settings, nothing else: no defaults of its own to drift from the declaration's
     sig = inspect.signature(FastDLLMv2LM.__init__)
-    assert [p for p in sig.parameters if p not in ("self", "pretrained", "max_batch_size", "model_args")] == []
+    assert list(sig.parameters) == ["self", "settings", "placement"]
+    assert model_settings({}) == DEFAULTS
+    # lm-eval's --model_args, parsed by the declaration; a layer list needs no quoting
+    got = model_settings({"pretrained": "DIR", "k": "2"}, {"batch_size": "4", "device": "cpu", "max_batch_size": None})
+    assert (got.model, got.k, got.batch_size, got.device) == ("DIR", 2, 4, "cpu")
+    with pytest.raises(SettingError, match="k=0: must be >= 1"):
+        model_settings({"k": "0"})
+
+
+def test_lm_eval_model_args_are_parsed_once_into_run_settings(monkeypatch):
+    """create_from_arg_string hands __init__ a RunSettings; nothing is flattened and parsed back."""
+    from reuse_exp.evaluation import lm as lm_mod
+    made = []
+    monkeypatch.setattr(lm_mod.FastDLLMv2LM, "__init__", lambda self, settings, placement=None: made.append(settings))
+    lm_mod.FastDLLMv2LM.create_from_arg_string("pretrained=DIR,k=2.0,subset=8,9,10,threshold=0.75",
+                                               {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
+    assert made == [RunSettings(model="DIR", k=2, subset=(8, 9, 10), threshold=0.75, batch_size=1, device="cpu")]
+    with pytest.raises(SettingError, match="fast_dllm_v2 does not take task"):
+        lm_mod.FastDLLMv2LM.create_from_arg_string("task=gsm8k")
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match="takes a RunSettings"):
+        lm_mod.FastDLLMv2LM({"k": 2})
+
+
+def test_a_tracked_run_hands_the_model_its_settings_and_one_placement(store, monkeypatch, tiny_ckpt, tasks_dir):
+    """In a tracked run the model gets the run's RunSettings (its task is the real one) and the
+    placement this process resolved, once: the device is resolved one time in the process."""
+    from reuse_exp.evaluation import placement
+    from reuse_exp.tracking import ranks, run as tracked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    devices, models = [], []
+    resolve_device, load_model = placement._device, ranks.load_model
+    monkeypatch.setattr(placement, "_device", lambda d: devices.append(d) or resolve_device(d))
+    monkeypatch.setattr(ranks, "load_model", lambda s, p: models.append(load_model(s, p)) or models[-1])
+    s = RunSettings(model=str(tiny_ckpt), task="t_gen", include_path=(str(tasks_dir),), limit=1,
+                    max_new_tokens=32, device="cpu", allow_dirty=True)
+    tracked.run(s)
+    assert devices == ["cpu"]
+    assert models[0].settings is s and models[0].settings.task == "t_gen"
 
 
 @pytest.mark.parametrize("name, text, value", [

@@ -33,7 +33,7 @@ from ..engine.decoding import DecodeConfig, generate
 from ..engine.loading import decode_config_for
 from ..engine.adaptive import AdaptivePolicy
 from ..engine.reuse import ReusePolicy
-from ..settings import DEFAULTS, MODEL, SPECS, RunSettings, to_text
+from ..settings import DEFAULTS, MODEL, SPECS, RunSettings, SettingError, to_text
 from . import distributed
 from .models import load, make_runner
 from .placement import Placement, resolve as resolve_placement
@@ -91,7 +91,7 @@ def model_settings(values: dict, additional_config: dict | None = None) -> RunSe
             values.setdefault(name, value)
     unknown = sorted(set(values) - set(MODEL_ARGS))
     if unknown:
-        raise ConfigError(f"fast_dllm_v2 does not take {', '.join(unknown)}; it takes {', '.join(MODEL_ARGS)}")
+        raise SettingError(f"fast_dllm_v2 does not take {', '.join(unknown)}; it takes {', '.join(MODEL_ARGS)}")
     return RunSettings.parse(values)
 
 

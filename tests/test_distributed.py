@@ -34,7 +34,7 @@ def test_processes_resolve_to_ranks_and_refuse_what_cannot_run():
     assert resolve(RunSettings(processes=3, device="cpu"), cpu).to_launch == 3
     with pytest.raises(ConfigError, match="torch sees no CUDA device"):
         resolve(RunSettings(processes=2, device="cuda:1"), cpu)
-    assert resolve(RunSettings(device="cpu"), {"WORLD_SIZE": "2", "RANK": "1"}).device == "cpu"
+    assert resolve(RunSettings(device="cpu", processes=2), {"WORLD_SIZE": "2", "RANK": "1"}).device == "cpu"
     with pytest.raises(ConfigError, match="each rank takes its own GPU"):
         placement_mod._rank_device("cuda:1", 1, 2, 1)
     with pytest.raises(ConfigError, match="each rank takes its own GPU; use --device cuda"):

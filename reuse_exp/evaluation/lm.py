@@ -108,7 +108,8 @@ class FastDLLMv2LM(TemplateLM):
             raise TypeError(f"FastDLLMv2LM takes a RunSettings, not {type(settings).__name__}: "
                             "use FastDLLMv2LM.create_from_arg_string('k=2,subset=middle')")
         self.settings = s = settings
-        self.placement = placement if placement is not None else resolve_placement(s)
+        # lm-eval's CLI cannot say `processes` (a run setting): the world is the launcher's.
+        self.placement = placement if placement is not None else resolve_placement(s.replace(processes="auto"))
         self.batch_size = s.batch_size
         self._rank, self._world_size = self.placement.rank, self.placement.world_size
         self._device = self.placement.torch_device

@@ -192,6 +192,13 @@ class Spec:
     def _check(self, value):
         if self.kind == "processes" and value == "auto":
             return value
+        if self.kind == "limit" and value is not None:   # a typed limit obeys the rules a written one does
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SettingError(f"{self.name}={value}: give a number of samples, a fraction below 1, or none")
+            try:
+                return _limit(float(value))
+            except ValueError as e:
+                raise SettingError(f"{self.name}={value}: {e}") from None
         if self.kind in ("int", "float", "processes") and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SettingError(f"{self.name}={value}: give a number")
@@ -242,6 +249,10 @@ def _parse_limit(spec: Spec, text: str) -> int | float | None:
         x = float(text)
     except ValueError:
         raise ValueError("give a number of samples, a fraction below 1, or none") from None
+    return _limit(x)
+
+
+def _limit(x: float) -> int | float:
     if x <= 0:
         raise ValueError("the limit must be positive (or none for the whole task)")
     if x < 1:

@@ -12,17 +12,13 @@ import click
 from ..engine.config import ConfigError
 from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
-from ..settings import SPECS
+from ..settings import AXIS, OWN, PINNED, SPECS, RunSettings, SettingError, grid_settings, spec, to_text
 from ..tracking.schema import same_param
 from .store import ANY_SUBSET, STALE_AFTER_S, RunRecord, format_duration, norm, parse_duration
 
 K_VALUES = (1, 2, 3)
 GENERATE, LOGLIKELIHOOD = "generate_until", "loglikelihood"
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
-# Settings a grid pins to their defaults when not told otherwise, so an omitted setting matches
-# what a run logs (a grid without --limit is the whole task). The axes and the run's own are not.
-PINNED = tuple(s.name for s in SPECS if s.name not in ("task", "k", "subset", "include_path", "experiment",
-                                                       "allow_dirty", "revision", "tokenizer", "resume"))
 PATHS = ("model", "tokenizer", "include_path")   # made absolute: jobs run from a snapshot elsewhere
 # The study's tasks, so `grid status` need not index lm-eval's 10k task files (25 s).
 KNOWN_KINDS = {"gsm8k": GENERATE, "minerva_math": GENERATE, "ifeval": GENERATE, "mmlu": LOGLIKELIHOOD,
@@ -71,33 +67,33 @@ def _lm_eval_kind(task: str) -> str:
 # -- the grid's cells ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cell:
-    """One configuration: the settings passed to the tracked run, as strings."""
+    """One configuration: the settings passed to the tracked run, typed as the declaration says."""
     k: int
-    subset: str
-    settings: tuple[tuple[str, str], ...]
+    subset: str | tuple[int, ...]
+    settings: tuple[tuple[str, object], ...]
 
     @property
     def name(self) -> str:
-        return f"k{self.k}_{self.subset}"
+        return f"k{self.k}_{to_text(self.subset)}"
 
     @property
     def baseline(self) -> bool:
         return self.subset == ANY_SUBSET
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, object]:
         return dict(self.settings)
 
     def matches(self, run: RunRecord) -> bool:
         """Same settings: every setting this cell passes equals what the run logged."""
-        return all(same_param(norm(run.params.get(n)), norm(v)) for n, v in self.settings)
+        return all(same_param(norm(run.params.get(n)), norm(to_text(v))) for n, v in self.settings)
 
 
 @dataclass(frozen=True)
 class GridRequest:
     task: str
     ks: tuple[int, ...] = K_VALUES
-    subsets: tuple[str, ...] = SUBSETS
-    settings: tuple[tuple[str, str], ...] = ()   # every other setting, defaults included
+    subsets: tuple[str | tuple[int, ...], ...] = SUBSETS
+    settings: tuple[tuple[str, object], ...] = ()   # every other setting, typed, defaults included
 
     def cells(self, kind: str) -> list[Cell]:
         """The k=1 baseline once, whatever the subsets (it computes every layer: the run is given
@@ -105,9 +101,9 @@ class GridRequest:
         baseline alone: k and subset cannot change a score."""
         out = []
         if 1 in self.ks or kind == LOGLIKELIHOOD:
-            out.append(Cell(k=1, subset=ANY_SUBSET, settings=(("task", self.task), ("k", "1"), *self.settings)))
+            out.append(Cell(k=1, subset=ANY_SUBSET, settings=(("task", self.task), ("k", 1), *self.settings)))
         if kind != LOGLIKELIHOOD:
-            out += [Cell(k=k, subset=s, settings=(("task", self.task), ("k", str(k)), ("subset", s), *self.settings))
+            out += [Cell(k=k, subset=s, settings=(("task", self.task), ("k", k), ("subset", s), *self.settings))
                     for k in self.ks if k != 1 for s in self.subsets]
         return out
 
@@ -124,8 +120,8 @@ def run_command(cell: Cell, allow_dirty: bool = False, resume: str | None = None
     `resume`: the interrupted run of it to finish."""
     args = [sys.executable, "-m", "reuse_exp.cli", "run"]
     for name, value in cell.settings:
-        if value != "":
-            args += [f"--{name.replace('_', '-')}", value]
+        if to_text(value) not in ("", "none"):   # absent: the run's own default (none)
+            args += [spec(name).option, to_text(value)]
     if allow_dirty:
         args.append("--allow-dirty")
     if resume:
@@ -146,57 +142,65 @@ def resumable(runs: list[RunRecord]) -> str | None:
     return newest.run_id
 
 
-# -- command line ---------------------------------------------------------------------------
-def parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: give integers like 1,2,3") from None
-    if not ks or any(k < 1 for k in ks):
-        raise click.BadParameter(f"{text!r}: give integers >= 1 like 1,2,3")
-    return ks
+# -- what a grid is given: every value parsed by the declaration, as `run` parses it -------------
+def parse_axis(name: str, text) -> tuple:
+    """An axis's values from a comma list (`1,2,3`, `first,last`); a layer list (`8,9,10`) is one
+    subset, as `run --subset 8,9,10` takes it. Each value is what `run --NAME VALUE` accepts."""
+    s = spec(name)
+    if not isinstance(text, str):
+        return tuple(s.parse(v) for v in text)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise SettingError(f"--{name} {text!r}: give at least one value")
+    if s.kind == "subset" and not all(p in SUBSETS for p in parts):
+        return (s.parse(text),)
+    return tuple(dict.fromkeys(s.parse(p) for p in parts))
 
 
-def parse_subsets(text: str) -> tuple[str, ...]:
-    subsets = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in subsets if s not in SUBSETS]
-    if not subsets or bad:
-        raise click.BadParameter(f"{text!r}: give a comma list of {', '.join(SUBSETS)}")
-    return subsets
-
-
-def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+def parse_params(pairs: tuple[str, ...]) -> dict[str, object]:
+    """-P NAME=VALUE pairs, each value parsed by its setting; the grid's own settings are refused."""
     out = {}
     for p in pairs:
         name, sep, value = p.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(f"{p!r}: write NAME=VALUE, e.g. -P threshold=0.8")
-        out[name.strip()] = value.strip()
+        name = name.strip()
+        if not sep or not name:
+            raise SettingError(f"-P {p!r}: write NAME=VALUE, e.g. -P threshold=0.8")
+        s = spec(name)
+        if s.grid in (AXIS, OWN):
+            raise SettingError("-P resume=...: the grid resumes interrupted runs itself" if name == "resume" else
+                               f"-P {name}=...: use {s.option} instead")
+        out[name] = s.parse(value)
     return out
 
 
-def build_request(task: str, ks: str, subsets: str, mode: str | None, limit: int | None, model: str | None,
-                  params: tuple[str, ...]) -> GridRequest:
+def build_request(task: str, ks, subsets, mode=None, limit=None, model=None, params: tuple[str, ...] = ()) -> GridRequest:
+    """The grid asked for: axes, dedicated options and -P values parsed as `run` parses them,
+    every pinned setting not given at the run's default. SettingError (one line) names the fix."""
     settings = {**run_defaults(), **parse_params(params)}
     for name, value in (("mode", mode), ("limit", limit), ("model", model)):
         if value is not None:
-            settings[name] = str(value)
-    for axis in ("task", "k", "subset", "resume"):
-        if axis in settings:
-            raise click.BadParameter(f"-P {axis}=... : use --{axis} instead" if axis != "resume" else
-                                     "-P resume=...: the grid resumes interrupted runs itself")
+            settings[name] = spec(name).parse(value)
     for name in PATHS:
-        value = settings.get(name)
-        if value and not Path(value).is_absolute() and Path(value).exists():
-            settings[name] = str(Path(value).resolve())
-    return GridRequest(task=task, ks=parse_ks(ks), subsets=parse_subsets(subsets),
-                       settings=tuple(sorted((n, norm(v)) for n, v in settings.items())))
+        if name in settings:
+            settings[name] = _absolute(settings[name])
+    ks, subsets = parse_axis("k", ks), parse_axis("subset", subsets)
+    RunSettings(task=task, k=ks[0], subset=subsets[0], **settings)   # what only a whole configuration can refuse
+    return GridRequest(task=task, ks=ks, subsets=subsets, settings=tuple(sorted(settings.items())))
 
 
-def run_defaults() -> dict[str, str]:
-    """The tracked run's own defaults for the settings a grid does not name, so an omitted
-    setting matches what a run logs (a grid without --limit is the whole task, not limit 4)."""
-    return {s.name: norm(s.text()) for s in SPECS if s.name in PINNED}
+def _absolute(value):
+    """Paths made absolute where they exist: jobs run from a snapshot elsewhere."""
+    if isinstance(value, tuple):
+        return tuple(_absolute(v) for v in value)
+    if value and not Path(value).is_absolute() and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def run_defaults() -> dict[str, object]:
+    """The tracked run's own defaults for the settings a grid pins, so an omitted setting
+    matches what a run logs (a grid without --limit is the whole task, not limit 4)."""
+    return {s.name: s.default for s in SPECS if s.grid == PINNED}
 
 
 class Duration(click.ParamType):
@@ -216,19 +220,27 @@ def stale_after_option(dest: str = "stale_after"):
                         "than this is dead, its process gone; e.g. 90s, 10m, 2h")
 
 
+def _help(name: str, prefix: str = "") -> str:
+    """An option's help from its setting's declaration, so the grid says what `run` says."""
+    s = spec(name)
+    allowed = f" ({', '.join(s.choices)})" if s.choices else ""
+    return prefix + s.help.replace("`", "") + allowed + "; default: the run's"
+
+
 def grid_options(f):
     f = stale_after_option()(f)
     for opt in reversed([
         click.option("--task", required=True, help="lm-eval task name (or a bundled one: tiny_gsm, tiny_mc)"),
         click.option("--k", "ks", default=",".join(map(str, K_VALUES)), show_default=True,
-                     help="comma list of k values"),
+                     help="comma list of k values: " + spec("k").help),
         click.option("--subset", "subsets", default=",".join(SUBSETS), show_default=True,
-                     help="comma list of layer subsets"),
-        click.option("--mode", default=None, help="reuse mode (output or delta); default: the run's"),
-        click.option("--limit", type=int, default=None, help="samples per task; default: all"),
-        click.option("--model", default=None, help="model for every run; default: the run's"),
+                     help="comma list of layer subsets, or one list of layer indices: "
+                     + spec("subset").help.replace("`", "")),
+        click.option("--mode", default=None, help=_help("mode", "reuse mode: ")),
+        click.option("--limit", default=None, help=_help("limit")),
+        click.option("--model", default=None, help=_help("model", "model for every run: ")),
         click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-                     help="any other setting of the tracked run, for every configuration"),
+                     help="any other setting of the tracked run, for every configuration (values as `run` takes them)"),
         click.option("--experiment", default=None, help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME "
                      "or Default)"),
     ]):

@@ -25,6 +25,7 @@ import click
 
 from ..engine.config import ConfigError
 from ..evaluation.stats import quantile
+from ..settings import SettingError
 from .cells import (BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, build_request, grid_options,
                     task_kind)
 from .figure import plot
@@ -266,6 +267,8 @@ def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale
         cells = request.cells(kind)
         picks = pick(cells, runs, commit, include_other_commits, include_dirty)
         rows_ = rows(cl, picks)
+    except SettingError as e:   # a value the run would refuse too: a usage error, as `run` gives
+        raise click.UsageError(str(e)) from None
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     header = f"compare {task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from ..engine.config import ConfigError
+from ..settings import SettingError, to_text
 from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest,
                     build_request, grid_options, resumable, run_command, task_kind)
 from .launch import GridStopped, run_local
@@ -83,7 +84,7 @@ def grid_status(request: GridRequest, runs: list[RunRecord], head: str, kind: st
 
 def format_status(request: GridRequest, states: list[CellState], head: str, kind: str,
                   experiment: str) -> str:
-    extra = " ".join(f"{n}={v}" for n, v in request.settings if v != "")
+    extra = " ".join(f"{n}={to_text(v)}" for n, v in request.settings if to_text(v) not in ("", "none"))
     lines = [f"grid {request.task} [{extra}] in experiment {experiment!r} at HEAD {head[:7]}"]
     if kind == LOGLIKELIHOOD:
         lines.append(LOGLIKELIHOOD_WHY.format(task=request.task))
@@ -92,7 +93,7 @@ def format_status(request: GridRequest, states: list[CellState], head: str, kind
     ks = sorted({c[0] for c in by_cell})
     width = max(14, *(len(s.label()) + 2 for s in states))
     if subsets:
-        lines.append(" " * 6 + "".join(f"{s:<{width}}" for s in subsets))
+        lines.append(" " * 6 + "".join(f"{to_text(s):<{width}}" for s in subsets))
     for k in ks:
         if (k, ANY_SUBSET) in by_cell:   # the baseline: one cell across the subsets
             row = f"{by_cell[(k, ANY_SUBSET)].label():<{width}}" + (f"({BASELINE_WHY})" if subsets else "")
@@ -130,6 +131,8 @@ def _load(task, ks, subsets, mode, limit, model, params, experiment, stale_after
         exp_id = experiment_id(cl, experiment, create=create)
         runs = fetch_runs(cl, exp_id, task)
         kind = task_kind(task, runs)
+    except SettingError as e:   # a value the run would refuse too: a usage error, as `run` gives
+        raise click.UsageError(str(e)) from None
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     return request, head, exp_id, runs, kind, grid_status(request, runs, head, kind, None, stale_after)

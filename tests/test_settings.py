@@ -255,3 +255,13 @@ def test_environment_knobs_are_declared_and_read_typed(monkeypatch):
     assert COLLECTIVE_TIMEOUT_S.read({}) == 1800.0 and LAUNCHED.read({LAUNCHED.name: "1"}) is True
     with pytest.raises(SettingError, match="REUSE_EXP_COLLECTIVE_TIMEOUT_S='-5'"):
         COLLECTIVE_TIMEOUT_S.read({COLLECTIVE_TIMEOUT_S.name: "-5"})
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("limit", -1, "limit=-1: the limit must be positive"), ("limit", 1.5, "a limit of 1 or more must be a whole"),
+    ("limit", True, "give a number of samples"), ("k", 0, "k=0: must be >= 1"), ("mode", "bar", "use one of")])
+def test_typed_values_obey_the_rules_written_ones_do(name, value, message):
+    """A caller that passes values (a grid's limit=4, lm-eval's model_args as objects) is checked as
+    the command line is."""
+    with pytest.raises(SettingError, match=re.escape(message)):
+        spec(name).parse(value)

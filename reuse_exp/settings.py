@@ -7,6 +7,7 @@ tests/test_settings.py fails when the checked-in files disagree with it.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
@@ -27,9 +28,8 @@ class SettingError(ConfigError):
     """A value a setting cannot take; the message names the setting and the fix."""
 
 
-# How a grid treats a setting: its cells vary it (an axis), the grid sets it itself (own), or it
-# is the same in every cell: pinned to the run's default when not given (so an omitted setting
-# matches what a run logs), or free (given with -P, else left to the run).
+# A grid's cells vary an AXIS; it sets OWN ones itself; the others are the same in every cell: PINNED
+# to the run's default when not given (an omitted one matches what a run logs), or FREE (-P, or the run's).
 AXIS, OWN, PINNED, FREE = "axis", "own", "pinned", "free"
 
 
@@ -60,7 +60,8 @@ class RunSettings:
                         "forward and reuse the last logits (what output mode amounts to)",
                         kind="choice", role=MODEL, choices=MODES, key=True)
     scope: str = setting("block", "`block`: the block's step counter (the study's); "
-                         "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES, key=True)
+                         "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES,
+                         key=True)
     policy: str = setting("fixed", "`fixed`: reuse on the k clock (the study's); `adaptive`: per sample and group "
                           "of layers, reuse while the input's drift stays under `drift` (mode delta or replay)",
                           kind="choice", role=MODEL, choices=POLICIES, key=True)
@@ -69,17 +70,20 @@ class RunSettings:
     max_reuse: int = setting(4, "adaptive: most reuses in a row before a group recomputes", kind="int",
                              role=MODEL, minimum=1, key=True)
     task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "
-                        "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK, key=True, grid=OWN)
+                        "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK, key=True,
+                        grid=OWN)
     limit: int | float | None = setting(None, "samples per task (`none` = all; a fraction below 1 of them)",
                                         kind="limit", role=TASK, key=True)
     model: str = setting("bundled", "the bundled tiny model, a checkpoint directory, a hub id "
-                         "(`Efficient-Large-Model/Fast_dLLM_v2_7B`), or `random:<shape>`", kind="str", role=MODEL, key=("model_hash", "model_revision"))
+                         "(`Efficient-Large-Model/Fast_dLLM_v2_7B`), or `random:<shape>`", kind="str", role=MODEL,
+                         key=("model_hash", "model_revision"))
     threshold: float = setting(0.9, "unmasking confidence (what the study's runs used)",
                                kind="float", role=MODEL, minimum=0.0, maximum=1.0, key=True)
     block_size: int = setting(32, "tokens per diffusion block", kind="int", role=MODEL, minimum=1, key=True)
     small_block_size: int = setting(8, "tokens per small block; divides block_size", kind="int", role=MODEL,
                                     minimum=1, key=True)
-    max_new_tokens: int = setting(256, "cap on each request's `max_gen_toks`", kind="int", role=MODEL, minimum=1, key=True)
+    max_new_tokens: int = setting(256, "cap on each request's `max_gen_toks`", kind="int", role=MODEL, minimum=1,
+                                  key=True)
     use_block_cache: bool = setting(True, "small-block forwards over the block cache (the study's)",
                                     kind="bool", role=MODEL, key=True)
     decode_path: str = setting("auto", "`auto`: CUDA graphs + compiled layers on a GPU, plain PyTorch on CPU; "
@@ -88,10 +92,12 @@ class RunSettings:
                            "to right; `first_token`: the public harness's first token only",
                            kind="choice", role=MODEL, choices=SCORINGS, key=True)
     num_fewshot: int = setting(0, "few-shot examples (the study's: 0)", kind="int", role=TASK, minimum=0, key=True)
-    apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK, key=True)
+    apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK,
+                                        key=True)
     fewshot_as_multiturn: bool = setting(True, "few-shot examples as chat turns (the study's)",
                                          kind="bool", role=TASK, key=True)
-    batch_size: int = setting(1, "requests decoded together (the study's: 1)", kind="int", role=MODEL, minimum=1, key=True)
+    batch_size: int = setting(1, "requests decoded together (the study's: 1)", kind="int", role=MODEL, minimum=1,
+                              key=True)
     seed: int = setting(1234, "seed of lm-eval's sampling and of random weights", kind="int", role=MODEL, key=True)
     dtype: str = setting("auto", "`auto` = bfloat16 on a GPU, float32 on CPU", kind="choice", role=MODEL,
                          choices=DTYPES, key=("resolved_dtype",))
@@ -162,8 +168,7 @@ class Spec:
     grid: str
 
     @property
-    def key_params(self) -> tuple[str, ...]:
-        """The params that carry this setting into the config key (none if it shapes nothing)."""
+    def key_params(self) -> tuple[str, ...]:   # the params that carry it into the config key
         return (self.name,) if self.key is True else tuple(self.key or ())
 
     @property
@@ -219,19 +224,16 @@ def _num(x: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
 
 
-def _parse_int(spec: Spec, text: str):
-    try:
-        x = float(text)
-    except ValueError:
-        raise ValueError("give a whole number") from None
-    return int(x) if x == int(x) else x  # a fraction is refused by _check, with the bound in the message
-
-
-def _parse_float(spec: Spec, text: str) -> float:
+def _number(text: str, fix: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError("give a number") from None
+        raise ValueError(fix) from None
+
+
+def _parse_int(spec: Spec, text: str):
+    x = _number(text, "give a whole number")
+    return int(x) if x.is_integer() else x  # a fraction is refused by _check, with the bound in the message
 
 
 def _parse_bool(spec: Spec, text: str) -> bool:
@@ -245,11 +247,7 @@ def _parse_bool(spec: Spec, text: str) -> bool:
 def _parse_limit(spec: Spec, text: str) -> int | float | None:
     if text.lower() in ("", "none", "all"):
         return None
-    try:
-        x = float(text)
-    except ValueError:
-        raise ValueError("give a number of samples, a fraction below 1, or none") from None
-    return _limit(x)
+    return _limit(_number(text, "give a number of samples, a fraction below 1, or none"))
 
 
 def _limit(x: float) -> int | float:
@@ -271,27 +269,12 @@ def _parse_subset(spec: Spec, text: str) -> str | tuple[int, ...]:
         raise ValueError(f"use {', '.join(SUBSETS)} or layer indices like 8,9,10") from None
 
 
-def _parse_processes(spec: Spec, text: str) -> int | str:
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        x = float(text)
-    except ValueError:
-        raise ValueError("give a number of processes or auto") from None
-    return int(x) if x == int(x) else x  # a fraction is refused by _check
-
-
-def _parse_optional(spec: Spec, text: str) -> str | None:
-    return None if text.lower() in ("", "none") else text
-
-
-def _parse_paths(spec: Spec, text: str) -> tuple[str, ...]:
-    return tuple(p for p in text.split(",") if p)
-
-
-PARSERS = {"int": _parse_int, "float": _parse_float, "bool": _parse_bool, "limit": _parse_limit,
-           "subset": _parse_subset, "optional": _parse_optional, "processes": _parse_processes, "paths": _parse_paths,
-           "str": lambda spec, text: text, "choice": lambda spec, text: text}
+PARSERS = {"int": _parse_int, "float": lambda spec, text: _number(text, "give a number"), "bool": _parse_bool,
+           "limit": _parse_limit, "subset": _parse_subset, "str": lambda _, text: text, "choice": lambda _, text: text,
+           "optional": lambda spec, text: None if text.lower() in ("", "none") else text,
+           "paths": lambda spec, text: tuple(p for p in text.split(",") if p),
+           # a fraction is refused by _check, with the bound in the message
+           "processes": lambda spec, text: "auto" if text.lower() == "auto" else _parse_int(spec, text)}
 
 
 def to_text(value) -> str:
@@ -341,7 +324,6 @@ class Knob:
 
     def read(self, env=None):
         """Its typed value from `env` (os.environ by default); SettingError names the fix."""
-        import os
         text = (os.environ if env is None else env).get(self.name, "").strip()
         if not text:
             return self.default
@@ -356,7 +338,8 @@ class Knob:
         return value
 
 
-MLFLOW_PID = Knob("REUSE_EXP_MLFLOW_PID", "the pid of the `mlflow run` process, as MLproject's command sees it", None, int)
+MLFLOW_PID = Knob("REUSE_EXP_MLFLOW_PID", "the pid of the `mlflow run` process (MLproject's command sets it)",
+                  None, int)
 HEARTBEAT_S = Knob("REUSE_EXP_HEARTBEAT_S", "the heartbeat interval in seconds, e.g. 30 (tests shorten it)",
                    30.0, float)
 COLLECTIVE_TIMEOUT_S = Knob("REUSE_EXP_COLLECTIVE_TIMEOUT_S", "the seconds a rank waits in a collective before "
@@ -371,8 +354,6 @@ KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUES
 
 
 # -- the files that must agree with the declaration ---------------------------------------------
-MLFLOW_PID_ENV = MLFLOW_PID.name
-
 def mlproject_parameters() -> str:
     """MLproject's `parameters:` block and command, as MLproject holds them."""
     declared = [s for s in SPECS if s.mlproject]
@@ -384,7 +365,7 @@ def mlproject_parameters() -> str:
     args = " ".join(f"{s.option} {{{s.name}}}" for s in declared)
     lines += ["    # Other -P NAME=VALUE reach the command as --NAME VALUE. `exec`: whatever shell MLflow",
               "    # starts (and conda's activation in it), the command is MLflow's own child, pid $PPID.",
-              "    command: >-", f"      {MLFLOW_PID_ENV}=$PPID exec python -m reuse_exp.cli run",
+              "    command: >-", f"      {MLFLOW_PID.name}=$PPID exec python -m reuse_exp.cli run",
               *_wrap(args, "      ")]
     return "\n".join(lines) + "\n"
 

@@ -173,7 +173,8 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, object]:
     return out
 
 
-def build_request(task: str, ks, subsets, mode=None, limit=None, model=None, params: tuple[str, ...] = ()) -> GridRequest:
+def build_request(task: str, ks, subsets, mode=None, limit=None, model=None,
+                  params: tuple[str, ...] = ()) -> GridRequest:
     """The grid asked for: axes, dedicated options and -P values parsed as `run` parses them,
     every pinned setting not given at the run's default. SettingError (one line) names the fix."""
     settings = {**run_defaults(), **parse_params(params)}

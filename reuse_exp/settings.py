@@ -7,6 +7,7 @@ tests/test_settings.py fails when the checked-in files disagree with it.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
@@ -23,78 +24,96 @@ SCORINGS = ("continuation", "first_token")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
+# A grid's cells vary an AXIS; it sets OWN ones itself; the others are the same in every cell: PINNED
+# to the run's default when not given (an omitted one matches what a run logs), or FREE (-P, or the run's).
+AXIS, OWN, PINNED, FREE = "axis", "own", "pinned", "free"
+
+
 def setting(default, help: str, *, kind: str, role: str, choices: tuple = (), minimum: float | None = None,
-            maximum: float | None = None, mlproject: bool = True):
-    """A field of RunSettings with what the CLI, MLproject and the lm-eval model need to know."""
+            maximum: float | None = None, mlproject: bool = True, key: bool | tuple[str, ...] = False,
+            grid: str = PINNED):
+    """A field of RunSettings with what the CLI, MLproject, the lm-eval model and the grid need to know.
+
+    `key`: the setting shapes the result, so it is part of the config key: True for its own value,
+    or the names of the resolved params that carry it (`subset` shapes through the `layers` it
+    picks, `dtype` through the dtype it resolved to). `grid`: AXIS, OWN, PINNED or FREE (above).
+    """
     return field(default=default, metadata={"help": help, "kind": kind, "role": role, "choices": choices,
-                                            "minimum": minimum, "maximum": maximum, "mlproject": mlproject})
+                                            "minimum": minimum, "maximum": maximum, "mlproject": mlproject,
+                                            "key": key, "grid": grid})
 
 
 @dataclass(frozen=True)
 class RunSettings:
     """One configuration of a tracked run: what `reuse-exp run` and `mlflow run` take."""
     k: int = setting(1, "recompute the reused layers every k-th step of a block; 1 = no reuse",
-                     kind="int", role=MODEL, minimum=1)
+                     kind="int", role=MODEL, minimum=1, key=True, grid=AXIS)
     subset: str | tuple[int, ...] = setting(
         "first", "`first`, `middle`, `last` (12 of 28 layers, scaled to the depth) or indices `8,9,10`",
-        kind="subset", role=MODEL)
+        kind="subset", role=MODEL, key=("layers",), grid=AXIS)
     mode: str = setting("output", "`output`: the cached output stands in (the study's); "
                         "`delta`: the cached residual is added; `replay`: reuse steps skip the whole "
                         "forward and reuse the last logits (what output mode amounts to)",
-                        kind="choice", role=MODEL, choices=MODES)
+                        kind="choice", role=MODEL, choices=MODES, key=True)
     scope: str = setting("block", "`block`: the block's step counter (the study's); "
-                         "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES)
+                         "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES,
+                         key=True)
     policy: str = setting("fixed", "`fixed`: reuse on the k clock (the study's); `adaptive`: per sample and group "
                           "of layers, reuse while the input's drift stays under `drift` (mode delta or replay); "
                           "`depth`: recompute from the first group that drifts (mode delta); or a registered "
-                          "plug-in (engine/policies)", kind="choice", role=MODEL, choices=policy_names())
+                          "plug-in (engine/policies)", kind="choice", role=MODEL, choices=policy_names(), key=True)
     drift: float = setting(0.1, "adaptive, depth: relative drift of a group's input at which it recomputes "
-                           "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0)
+                           "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0, key=True)
     max_reuse: int = setting(4, "adaptive, depth: most reuses in a row before a group recomputes", kind="int",
-                             role=MODEL, minimum=1)
+                             role=MODEL, minimum=1, key=True)
     task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "
-                        "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK)
+                        "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK, key=True,
+                        grid=OWN)
     limit: int | float | None = setting(None, "samples per task (`none` = all; a fraction below 1 of them)",
-                                        kind="limit", role=TASK)
+                                        kind="limit", role=TASK, key=True)
     model: str = setting("bundled", "the bundled tiny model, a checkpoint directory, a hub id "
-                         "(`Efficient-Large-Model/Fast_dLLM_v2_7B`), or `random:<shape>`", kind="str", role=MODEL)
+                         "(`Efficient-Large-Model/Fast_dLLM_v2_7B`), or `random:<shape>`", kind="str", role=MODEL,
+                         key=("model_hash", "model_revision"))
     threshold: float = setting(0.9, "unmasking confidence (what the study's runs used)",
-                               kind="float", role=MODEL, minimum=0.0, maximum=1.0)
-    block_size: int = setting(32, "tokens per diffusion block", kind="int", role=MODEL, minimum=1)
+                               kind="float", role=MODEL, minimum=0.0, maximum=1.0, key=True)
+    block_size: int = setting(32, "tokens per diffusion block", kind="int", role=MODEL, minimum=1, key=True)
     small_block_size: int = setting(8, "tokens per small block; divides block_size", kind="int", role=MODEL,
-                                    minimum=1)
-    max_new_tokens: int = setting(256, "cap on each request's `max_gen_toks`", kind="int", role=MODEL, minimum=1)
+                                    minimum=1, key=True)
+    max_new_tokens: int = setting(256, "cap on each request's `max_gen_toks`", kind="int", role=MODEL, minimum=1,
+                                  key=True)
     use_block_cache: bool = setting(True, "small-block forwards over the block cache (the study's)",
-                                    kind="bool", role=MODEL)
+                                    kind="bool", role=MODEL, key=True)
     decode_path: str = setting("auto", "`auto`: CUDA graphs + compiled layers on a GPU, plain PyTorch on CPU; "
-                               "`eager`; `fast`", kind="choice", role=MODEL, choices=DECODE_PATHS)
+                               "`eager`; `fast`", kind="choice", role=MODEL, choices=DECODE_PATHS, key=("path",))
     scoring: str = setting("continuation", "loglikelihood tasks: `continuation` scores every answer token, left "
                            "to right; `first_token`: the public harness's first token only",
-                           kind="choice", role=MODEL, choices=SCORINGS)
-    num_fewshot: int = setting(0, "few-shot examples (the study's: 0)", kind="int", role=TASK, minimum=0)
-    apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK)
+                           kind="choice", role=MODEL, choices=SCORINGS, key=True)
+    num_fewshot: int = setting(0, "few-shot examples (the study's: 0)", kind="int", role=TASK, minimum=0, key=True)
+    apply_chat_template: bool = setting(True, "lm-eval's chat template (the study's)", kind="bool", role=TASK,
+                                        key=True)
     fewshot_as_multiturn: bool = setting(True, "few-shot examples as chat turns (the study's)",
-                                         kind="bool", role=TASK)
-    batch_size: int = setting(1, "requests decoded together (the study's: 1)", kind="int", role=MODEL, minimum=1)
-    seed: int = setting(1234, "seed of lm-eval's sampling and of random weights", kind="int", role=MODEL)
+                                         kind="bool", role=TASK, key=True)
+    batch_size: int = setting(1, "requests decoded together (the study's: 1)", kind="int", role=MODEL, minimum=1,
+                              key=True)
+    seed: int = setting(1234, "seed of lm-eval's sampling and of random weights", kind="int", role=MODEL, key=True)
     dtype: str = setting("auto", "`auto` = bfloat16 on a GPU, float32 on CPU", kind="choice", role=MODEL,
-                         choices=DTYPES)
+                         choices=DTYPES, key=("resolved_dtype",))
     device: str = setting("auto", "`auto` (a GPU if there is one), `cpu`, `cuda` or `cuda:N`",
-                          kind="str", role=MODEL)
-    revision: str | None = setting(None, "hub revision of `model`", kind="optional", role=MODEL)
+                          kind="str", role=MODEL, key=("device_type",))
+    revision: str | None = setting(None, "hub revision of `model`", kind="optional", role=MODEL, grid=FREE)
     tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's; "
-                                    "`random:<shape>`: the bundled one)", kind="optional", role=MODEL)
+                                    "`random:<shape>`: the bundled one)", kind="optional", role=MODEL, grid=FREE)
     include_path: tuple[str, ...] = setting((), "extra lm-eval task directory (repeatable)",
-                                            kind="paths", role=TASK, mlproject=False)
+                                            kind="paths", role=TASK, mlproject=False, grid=FREE)
     experiment: str | None = setting(None, "MLflow experiment when not started by `mlflow run`",
-                                     kind="optional", role=RUN, mlproject=False)
+                                     kind="optional", role=RUN, mlproject=False, grid=OWN)
     allow_dirty: bool = setting(False, "run from a tree with uncommitted changes (tagged dirty, diff logged)",
-                                kind="bool", role=RUN)
+                                kind="bool", role=RUN, grid=OWN)
     processes: int | str = setting(1, "data-parallel ranks, each on its own GPU (`auto` = one per visible GPU); "
                                    "documents are sharded, one MLflow run", kind="processes", role=RUN,
                                    minimum=1)
     resume: str | None = setting(None, "MLflow run id of an interrupted run to finish (same commit and settings)",
-                                 kind="optional", role=RUN)
+                                 kind="optional", role=RUN, grid=OWN)
 
     def __post_init__(self):
         if self.block_size % self.small_block_size:
@@ -142,6 +161,12 @@ class Spec:
     minimum: float | None
     maximum: float | None
     mlproject: bool
+    key: bool | tuple[str, ...]
+    grid: str
+
+    @property
+    def key_params(self) -> tuple[str, ...]:   # the params that carry it into the config key
+        return (self.name,) if self.key is True else tuple(self.key or ())
 
     @property
     def option(self) -> str:
@@ -169,6 +194,13 @@ class Spec:
     def _check(self, value):
         if self.kind == "processes" and value == "auto":
             return value
+        if self.kind == "limit" and value is not None:   # a typed limit obeys the rules a written one does
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SettingError(f"{self.name}={value}: give a number of samples, a fraction below 1, or none")
+            try:
+                return _limit(float(value))
+            except ValueError as e:
+                raise SettingError(f"{self.name}={value}: {e}") from None
         if self.kind in ("int", "float", "processes") and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SettingError(f"{self.name}={value}: give a number")
@@ -189,19 +221,16 @@ def _num(x: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
 
 
-def _parse_int(spec: Spec, text: str):
-    try:
-        x = float(text)
-    except ValueError:
-        raise ValueError("give a whole number") from None
-    return int(x) if x == int(x) else x  # a fraction is refused by _check, with the bound in the message
-
-
-def _parse_float(spec: Spec, text: str) -> float:
+def _number(text: str, fix: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError("give a number") from None
+        raise ValueError(fix) from None
+
+
+def _parse_int(spec: Spec, text: str):
+    x = _number(text, "give a whole number")
+    return int(x) if x.is_integer() else x  # a fraction is refused by _check, with the bound in the message
 
 
 def _parse_bool(spec: Spec, text: str) -> bool:
@@ -215,10 +244,10 @@ def _parse_bool(spec: Spec, text: str) -> bool:
 def _parse_limit(spec: Spec, text: str) -> int | float | None:
     if text.lower() in ("", "none", "all"):
         return None
-    try:
-        x = float(text)
-    except ValueError:
-        raise ValueError("give a number of samples, a fraction below 1, or none") from None
+    return _limit(_number(text, "give a number of samples, a fraction below 1, or none"))
+
+
+def _limit(x: float) -> int | float:
     if x <= 0:
         raise ValueError("the limit must be positive (or none for the whole task)")
     if x < 1:
@@ -237,27 +266,12 @@ def _parse_subset(spec: Spec, text: str) -> str | tuple[int, ...]:
         raise ValueError(f"use {', '.join(SUBSETS)} or layer indices like 8,9,10") from None
 
 
-def _parse_processes(spec: Spec, text: str) -> int | str:
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        x = float(text)
-    except ValueError:
-        raise ValueError("give a number of processes or auto") from None
-    return int(x) if x == int(x) else x  # a fraction is refused by _check
-
-
-def _parse_optional(spec: Spec, text: str) -> str | None:
-    return None if text.lower() in ("", "none") else text
-
-
-def _parse_paths(spec: Spec, text: str) -> tuple[str, ...]:
-    return tuple(p for p in text.split(",") if p)
-
-
-PARSERS = {"int": _parse_int, "float": _parse_float, "bool": _parse_bool, "limit": _parse_limit,
-           "subset": _parse_subset, "optional": _parse_optional, "processes": _parse_processes, "paths": _parse_paths,
-           "str": lambda spec, text: text, "choice": lambda spec, text: text}
+PARSERS = {"int": _parse_int, "float": lambda spec, text: _number(text, "give a number"), "bool": _parse_bool,
+           "limit": _parse_limit, "subset": _parse_subset, "str": lambda _, text: text, "choice": lambda _, text: text,
+           "optional": lambda spec, text: None if text.lower() in ("", "none") else text,
+           "paths": lambda spec, text: tuple(p for p in text.split(",") if p),
+           # a fraction is refused by _check, with the bound in the message
+           "processes": lambda spec, text: "auto" if text.lower() == "auto" else _parse_int(spec, text)}
 
 
 def to_text(value) -> str:
@@ -273,18 +287,70 @@ def to_text(value) -> str:
 
 SPECS: tuple[Spec, ...] = tuple(
     Spec(name=f.name, default=f.default, **{k: f.metadata[k] for k in
-                                           ("kind", "role", "help", "choices", "minimum", "maximum", "mlproject")})
+                                           ("kind", "role", "help", "choices", "minimum", "maximum", "mlproject",
+                                            "key", "grid")})
     for f in fields(RunSettings))
 DEFAULTS = RunSettings()
 
 
 def spec(name: str) -> Spec:
-    return next(s for s in SPECS if s.name == name)
+    found = next((s for s in SPECS if s.name == name), None)
+    if found is None:
+        raise SettingError(f"unknown setting {name!r}; the settings are: {', '.join(s.name for s in SPECS)}")
+    return found
+
+
+def key_params() -> tuple[str, ...]:
+    """The params whose values make the config key: what shapes a result (`key` on the declaration)."""
+    return tuple(p for s in SPECS for p in s.key_params)
+
+
+def grid_settings(kind: str) -> tuple[str, ...]:
+    """The settings a grid treats as `kind` (AXIS, OWN, PINNED or FREE)."""
+    return tuple(s.name for s in SPECS if s.grid == kind)
+
+
+# -- environment knobs: what the package reads from the environment, declared once ---------------
+@dataclass(frozen=True)
+class Knob:
+    """A REUSE_EXP_* environment variable: its name, what it means, its default and its type."""
+    name: str
+    help: str
+    default: object = None
+    kind: type = str
+
+    def read(self, env=None):
+        """Its typed value from `env` (os.environ by default); SettingError names the fix."""
+        text = (os.environ if env is None else env).get(self.name, "").strip()
+        if not text:
+            return self.default
+        if self.kind is bool:
+            return text.lower() not in FALSE
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise SettingError(f"{self.name}={text!r}: give {self.help}") from None
+        if self.kind in (int, float) and not value > 0:
+            raise SettingError(f"{self.name}={text!r}: give {self.help} (positive)")
+        return value
+
+
+MLFLOW_PID = Knob("REUSE_EXP_MLFLOW_PID", "the pid of the `mlflow run` process (MLproject's command sets it)",
+                  None, int)
+HEARTBEAT_S = Knob("REUSE_EXP_HEARTBEAT_S", "the heartbeat interval in seconds, e.g. 30 (tests shorten it)",
+                   30.0, float)
+COLLECTIVE_TIMEOUT_S = Knob("REUSE_EXP_COLLECTIVE_TIMEOUT_S", "the seconds a rank waits in a collective before "
+                            "it fails, e.g. 1800", 1800.0, float)
+REQUEST_CACHE = Knob("REUSE_EXP_REQUEST_CACHE", "the folder of this run's request cache, as the process that "
+                     "launched the ranks chose it")
+CACHE_ROOT = Knob("REUSE_EXP_CACHE_ROOT", "the folder under which runs keep their request caches "
+                  "(default ~/.cache/reuse_exp/requests)")
+LAUNCHED = Knob("REUSE_EXP_LAUNCHED", "set (1) for the ranks `reuse-exp run --processes N` starts: rank 0 leaves "
+                "the summary to the launching process", False, bool)
+KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUEST_CACHE, CACHE_ROOT, LAUNCHED)
 
 
 # -- the files that must agree with the declaration ---------------------------------------------
-MLFLOW_PID_ENV = "REUSE_EXP_MLFLOW_PID"   # the `mlflow run` process, as MLproject's command sees it
-
 def mlproject_parameters() -> str:
     """MLproject's `parameters:` block and command, as MLproject holds them."""
     declared = [s for s in SPECS if s.mlproject]
@@ -296,7 +362,7 @@ def mlproject_parameters() -> str:
     args = " ".join(f"{s.option} {{{s.name}}}" for s in declared)
     lines += ["    # Other -P NAME=VALUE reach the command as --NAME VALUE. `exec`: whatever shell MLflow",
               "    # starts (and conda's activation in it), the command is MLflow's own child, pid $PPID.",
-              "    command: >-", f"      {MLFLOW_PID_ENV}=$PPID exec python -m reuse_exp.cli run",
+              "    command: >-", f"      {MLFLOW_PID.name}=$PPID exec python -m reuse_exp.cli run",
               *_wrap(args, "      ")]
     return "\n".join(lines) + "\n"
 

@@ -16,10 +16,10 @@ from conftest import subprocess_env
 
 from reuse_exp.errors import ConfigError
 from reuse_exp.engine.instrument import DecodeReport, LayerCounts, SampleStats
-from reuse_exp.evaluation.distributed import Ranks, rank_device, resolve_processes
+from reuse_exp.evaluation import placement as placement_mod
+from reuse_exp.evaluation.placement import Placement, resolve
 from reuse_exp.evaluation.stats import HarnessStats, world_metrics
 from reuse_exp.settings import RunSettings
-from reuse_exp.runner import ranks
 from reuse_exp.tracking.gpu_stats import combine
 
 # The bundled model and task; 5 documents over 2 ranks: rank 1's shard is padded by lm-eval.
@@ -28,25 +28,38 @@ RUN = ["--limit", "5", "--max-new-tokens", "128"]
 
 # -- the pieces ----------------------------------------------------------------------------
 def test_processes_resolve_to_ranks_and_refuse_what_cannot_run():
-    assert resolve_processes("auto", "cpu") == 1
-    assert resolve_processes(3, "cpu") == 3
-    with pytest.raises(ConfigError, match="each rank takes its own GPU; use --device cuda"):
-        resolve_processes(2, "cuda:1")
-    with pytest.raises(ConfigError, match=r"--processes 2 but 0 GPU\(s\) visible"):
-        resolve_processes(2, "cuda")
-    assert rank_device("cpu", Ranks(1, 2, 1)) == "cpu"
-    assert rank_device("cuda:3", Ranks()) == "cuda:3"
+    cpu = {"WORLD_SIZE": "1"}
+    assert resolve(RunSettings(processes="auto", device="cpu"), cpu).processes == 1
+    assert resolve(RunSettings(processes=3, device="cpu"), cpu).to_launch == 3
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        resolve(RunSettings(processes=2, device="cuda:1"), cpu)
+    assert resolve(RunSettings(device="cpu", processes=2), {"WORLD_SIZE": "2", "RANK": "1"}).device == "cpu"
     with pytest.raises(ConfigError, match="each rank takes its own GPU"):
-        rank_device("cuda:1", Ranks(1, 2, 1))
+        placement_mod._rank_device("cuda:1", 1, 2, 1)
+    with pytest.raises(ConfigError, match="each rank takes its own GPU; use --device cuda"):
+        placement_mod._processes(2, "cuda:1")
+    with pytest.raises(ConfigError, match=r"--processes 2 but 0 GPU\(s\) visible"):
+        placement_mod._processes(2, "cuda")
 
 
-def test_a_rank_refuses_a_world_it_was_not_asked_for(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    assert ranks.to_launch(RunSettings(processes=2, device="cpu")) == 1   # already a rank: launch none
-    assert ranks.to_launch(RunSettings(processes="auto", device="cpu")) == 1
+def test_a_rank_refuses_a_world_it_was_not_asked_for():
+    env = {"WORLD_SIZE": "2", "RANK": "0"}
+    assert resolve(RunSettings(processes=2, device="cpu"), env).to_launch == 1   # already a rank: launch none
+    assert resolve(RunSettings(processes="auto", device="cpu"), env).to_launch == 1
     with pytest.raises(ConfigError, match="launched as 2 ranks but --processes 3: pass --processes 2"):
-        ranks.to_launch(RunSettings(processes=3, device="cpu"))
+        resolve(RunSettings(processes=3, device="cpu"), env)
+
+
+def test_placement_is_resolved_once_and_handed_down(monkeypatch, tiny_ckpt):
+    """The model uses the placement it is given: it resolves nothing itself."""
+    from reuse_exp.evaluation import lm as lm_mod
+    calls = []
+    monkeypatch.setattr(lm_mod, "resolve_placement", lambda s: calls.append(s))
+    monkeypatch.setattr(placement_mod.torch.cuda, "is_available", lambda: False)
+    given = Placement("cpu", "float32")
+    lm = lm_mod.FastDLLMv2LM(RunSettings(model=str(tiny_ckpt), device="cpu", max_new_tokens=32), given)
+    assert lm.placement is given and calls == []
+    assert (str(lm.device), str(lm.model.dtype), lm.params()["resolved_dtype"]) == ("cpu", "torch.float32", "float32")
 
 
 def test_settings_travel_to_the_ranks_as_options():

@@ -150,7 +150,7 @@ def test_runs_of_two_commits_are_refused_or_flagged(store, monkeypatch, tmp_path
     built = report.build(4, "frontier", configs=SOME, mc=None, allow_mixed=True)
     assert built.mixed and built.commits == {"aaaaaaa": 2, "bbbbbbb": 1}
     md = report.write(built, tmp_path / "out")["md"].read_text()
-    assert "**Mixed commits: aaaaaaa (2 runs), bbbbbbb (1 run).**" in md and f"@bbbbbbb |" in md
+    assert "**Mixed commits: aaaaaaa (2 runs), bbbbbbb (1 run).**" in md and "@bbbbbbb |" in md
 
 
 def test_tiny_mc_row_states_its_n_and_the_readme_sections(store, monkeypatch, tmp_path):

@@ -140,8 +140,10 @@ def test_task_kind_prefers_what_runs_recorded():
     assert task_kind("gsm8k") == "generate_until" and task_kind("mmlu") == LOGLIKELIHOOD
 
 
-@pytest.mark.parametrize("args,fix", [(["--k", "one"], "integers like 1,2,3"), (["--k", "0"], ">= 1"),
-                                      (["--subset", "top"], "comma list of first, middle, last"),
+@pytest.mark.parametrize("args,fix", [(["--k", "one"], "k=one: give a whole number"), (["--k", "0"], ">= 1"),
+                                      (["--subset", "top"], "use first, middle, last or layer indices"),
+                                      (["--limit", "1.5"], "limit=1.5: a limit of 1 or more must be a whole"),
+                                      (["-P", "mode=bar"], "mode=bar: use one of output, delta, replay"),
                                       (["-P", "threshold"], "NAME=VALUE"), (["-P", "k=2"], "use --k")])
 def test_bad_input_is_one_line_naming_the_fix(store, args, fix):
     out = CliRunner(env=store.env).invoke(cli_study.grid, ["status", "--task", "tiny_gsm", *args])

@@ -17,12 +17,13 @@ from reuse_exp.evaluation import harness
 from reuse_exp.evaluation import lm as lm_mod
 from reuse_exp.evaluation import models
 from reuse_exp.evaluation import stats as stats_mod
+from reuse_exp.settings import RunSettings
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_ckpt):
-    return lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), k=2, subset="middle", dtype="float32",
-                                device="cpu", batch_size=2, max_new_tokens=64)
+    return lm_mod.FastDLLMv2LM(RunSettings(model=str(tiny_ckpt), k=2, subset="middle", dtype="float32",
+                                           device="cpu", batch_size=2, max_new_tokens=64))
 
 
 def gen_request(context: str, i: int, task: str = "t_gen", **gen_kwargs) -> Instance:
@@ -224,9 +225,9 @@ def test_missing_model_and_bad_settings_are_config_errors(tmp_path, tiny_ckpt):
     with pytest.raises(lm_mod.ConfigError, match="not found"):
         models.load(str(tmp_path / "nothing_here"))
     with pytest.raises(lm_mod.ConfigError, match="batch_size=auto: give a whole number"):
-        lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), batch_size="auto")
+        lm_mod.FastDLLMv2LM.create_from_arg_string(f"pretrained={tiny_ckpt},batch_size=auto")
     with pytest.raises(lm_mod.ConfigError, match="does not take"):
-        lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), reuse_k=2)
+        lm_mod.FastDLLMv2LM.create_from_arg_obj({"pretrained": str(tiny_ckpt), "reuse_k": 2})
 
 
 def test_primary_metric():
@@ -272,7 +273,7 @@ def test_gated_task_without_a_token_fails_in_one_line(monkeypatch, tmp_path):
 @pytest.mark.hub
 def test_gsm8k_from_the_hub(tiny_ckpt):
     """The real task path: gsm8k's data from the hub, prompt rewrite, strict-match metric."""
-    lm = lm_mod.FastDLLMv2LM(pretrained=str(tiny_ckpt), dtype="float32", max_new_tokens=32)
+    lm = lm_mod.FastDLLMv2LM(RunSettings(model=str(tiny_ckpt), dtype="float32", max_new_tokens=32))
     results = harness.evaluate(lm, "gsm8k", harness.task_manager_for("gsm8k"), limit=1)
     assert "exact_match,strict-match" in results["results"]["gsm8k"]
     assert "Please reason step by step" in lm.stats.generations[0]["prompt"]

@@ -12,6 +12,7 @@ import pytest
 from services.checkout import clean_checkout
 from reuse_exp.errors import ConfigError
 from reuse_exp.study.cells import Cell
+from reuse_exp.settings import spec
 from reuse_exp.study.launch import gpu_slots, gpus_per_job, run_pool, snapshot
 
 
@@ -43,10 +44,11 @@ def test_what_cannot_be_placed_is_refused(gpus, per_job, device, says):
 
 
 def test_a_data_parallel_run_takes_one_gpu_per_rank():
-    cell = lambda processes: Cell(1, "first", (("processes", processes),))  # noqa: E731
-    assert gpus_per_job([cell("2")], None) == 2
-    assert gpus_per_job([cell("1")], None) == 1 and gpus_per_job([cell("auto")], None) == 1
-    assert gpus_per_job([cell("2")], 4) == 4
+    cell = lambda processes: Cell(1, "first", (("processes", spec("processes").parse(processes)),))  # noqa: E731
+    assert gpus_per_job([cell("2")], None, 4) == 2 and gpus_per_job([cell("2.0")], None, 4) == 2
+    assert gpus_per_job([cell("1")], None, 4) == 1
+    assert gpus_per_job([cell("auto")], None, 4) == 4 and gpus_per_job([cell("auto")], None, 0) == 1
+    assert gpus_per_job([cell("2")], 4, 8) == 4
 
 
 def test_no_more_jobs_at_once_than_slots_and_never_two_on_one():

@@ -9,10 +9,17 @@ import click
 
 from ..errors import GridStopped
 from ..study import audit as audit_mod, compare as compare_mod, grid as grid_mod, runs as runs_mod
+from ..settings import spec
 from ..study.cells import K_VALUES, SUBSETS, build_request
-
 from ..study.launch import DEFAULT_FOLDER, SubmititOptions
 from .options import one_line, stale_after_option
+
+
+def _help(name: str, prefix: str = "") -> str:
+    """An option's help from its setting's declaration, so the grid says what `run` says."""
+    s = spec(name)
+    allowed = f" ({', '.join(s.choices)})" if s.choices else ""
+    return prefix + s.help.replace("`", "") + allowed + "; default: the run's"
 
 
 def grid_options(f):
@@ -20,14 +27,15 @@ def grid_options(f):
     for opt in reversed([
         click.option("--task", required=True, help="lm-eval task name (or a bundled one: tiny_gsm, tiny_mc)"),
         click.option("--k", "ks", default=",".join(map(str, K_VALUES)), show_default=True,
-                     help="comma list of k values"),
+                     help="comma list of k values: " + spec("k").help),
         click.option("--subset", "subsets", default=",".join(SUBSETS), show_default=True,
-                     help="comma list of layer subsets"),
-        click.option("--mode", default=None, help="reuse mode (output or delta); default: the run's"),
-        click.option("--limit", type=int, default=None, help="samples per task; default: all"),
-        click.option("--model", default=None, help="model for every run; default: the run's"),
+                     help="comma list of layer subsets, or one list of layer indices: "
+                     + spec("subset").help.replace("`", "")),
+        click.option("--mode", default=None, help=_help("mode", "reuse mode: ")),
+        click.option("--limit", default=None, help=_help("limit")),
+        click.option("--model", default=None, help=_help("model", "model for every run: ")),
         click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-                     help="any other setting of the tracked run, for every configuration"),
+                     help="any other setting of the tracked run, for every configuration (values as `run` takes them)"),
         click.option("--experiment", default=None, help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME "
                      "or Default)"),
     ]):

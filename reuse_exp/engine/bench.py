@@ -32,7 +32,7 @@ from .decoding import DecodeConfig, EagerRunner, generate
 from .fast import FastRunner
 from .loading import parse_dtype, random_model
 from .model import FastDLLM, ForwardKind
-from .bench_report import markdown, row_line
+from .bench_report import row_line
 from .policies import ReusePolicy, get as get_policy
 from .policies.fixed import FixedPolicy
 from .reuse import told_plan

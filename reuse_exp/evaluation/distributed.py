@@ -1,5 +1,6 @@
-"""Data-parallel ranks of the lm-eval model: which rank this process is, which device is its
-own, and the collectives lm-eval's evaluator calls (all_gather, gather_object, barrier).
+"""Data-parallel ranks of the lm-eval model: joining the launcher's process group and the
+collectives lm-eval's evaluator calls (all_gather, gather_object, barrier). Which rank this
+process is and which device is its own: placement.py.
 
 A rank is a process started by torch.distributed's launcher (`torchrun`, `accelerate launch`,
 or `reuse-exp run --processes N`), which sets RANK, WORLD_SIZE and LOCAL_RANK. The model
@@ -9,77 +10,26 @@ each rank every WORLD_SIZE-th document and gathers the results on rank 0.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
-
-# A rank that waits longer than this in a collective fails, so no rank waits forever on one
-# that hangs; a rank that dies is caught sooner, by the launcher, which stops the others.
-TIMEOUT_ENV = "REUSE_EXP_COLLECTIVE_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 1800
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        """What the launcher said; one process when nothing launched us."""
-        env = os.environ
-        world = int(env.get("WORLD_SIZE", "1"))
-        rank = int(env.get("RANK", "0"))
-        return cls(rank, world, int(env.get("LOCAL_RANK", str(rank))))
-
-    @property
-    def parallel(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_processes(processes: int | str, device: str) -> int:
-    """How many ranks to launch: `auto` = one per visible GPU (one on CPU)."""
-    cuda = device.startswith("cuda")
-    gpus = torch.cuda.device_count() if cuda else 0
-    if processes == "auto":
-        return max(1, gpus)
-    if processes > 1 and cuda:
-        if device != "cuda":
-            raise ConfigError(f"--processes {processes} with --device {device}: each rank takes its own GPU; "
-                              "use --device cuda (or auto)")
-        if processes > gpus:
-            raise ConfigError(f"--processes {processes} but {gpus} GPU(s) visible: one rank per GPU "
-                              f"(use --processes {gpus} or auto, or --device cpu)")
-    return int(processes)
-
-
-def rank_device(device: str, ranks: Ranks) -> str:
-    """Each rank its own GPU (cuda:LOCAL_RANK); CPU ranks share the CPU."""
-    if not ranks.parallel or not device.startswith("cuda"):
-        return device
-    if device != "cuda":
-        raise ConfigError(f"device {device} under {ranks.world_size} ranks: each rank takes its own GPU; "
-                          "use --device cuda (or auto)")
-    if ranks.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"rank {ranks.rank} has local rank {ranks.local_rank} but "
-                          f"{torch.cuda.device_count()} GPU(s) are visible: launch one rank per GPU")
-    return f"cuda:{ranks.local_rank}"
+from ..settings import COLLECTIVE_TIMEOUT_S
+from .placement import Placement
 
 
 def timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    # A rank that waits longer than this in a collective fails, so no rank waits forever on one
+    # that hangs; a rank that dies is caught sooner, by the launcher, which stops the others.
+    return timedelta(seconds=COLLECTIVE_TIMEOUT_S.read())
 
 
-def join(ranks: Ranks, device: torch.device) -> None:
+def join(placement: Placement) -> None:
     """Join the launcher's process group (once per process)."""
-    if not ranks.parallel or dist.is_initialized():
+    if not placement.parallel or dist.is_initialized():
         return
+    device = placement.torch_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout(), device_id=device)

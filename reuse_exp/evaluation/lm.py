@@ -29,15 +29,16 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SettingError
 from ..engine.decoding import DecodeConfig, generate
 from ..engine.loading import decode_config_for
 from ..engine.policies import ReusePolicy, get as get_policy
-from ..settings import MODEL, SPECS, RunSettings, to_text
-from . import distributed
-from .distributed import Ranks, rank_device
-from .models import load, make_runner, resolve_device, resolve_dtype
 from ..engine.prompts import rewrite_prompt
+
+from ..settings import DEFAULTS, MODEL, SPECS, RunSettings, to_text
+from . import distributed
+from .models import load, make_runner
+from .placement import Placement, resolve as resolve_placement
 from .scoring import SCORERS
 from .stats import HarnessStats
 
@@ -75,28 +76,41 @@ def make_policy(s: RunSettings, num_layers: int) -> ReusePolicy:
     return cls.create(num_layers, **{name: getattr(s, name) for name in cls.reads})
 
 
+def model_settings(values: dict, additional_config: dict | None = None) -> RunSettings:
+    """RunSettings from lm-eval's model arguments (strings or values): the settings of role `model`,
+    `pretrained` for `model`; lm-eval's own `batch_size` and `device` fill what they leave out."""
+    values = dict(values)
+    if "pretrained" in values:
+        values["model"] = values.pop("pretrained")
+    for name, value in (additional_config or {}).items():
+        if name in ("batch_size", "device") and value is not None:
+            values.setdefault(name, value)
+    unknown = sorted(set(values) - set(MODEL_ARGS))
+    if unknown:
+        raise SettingError(f"fast_dllm_v2 does not take {', '.join(unknown)}; it takes {', '.join(MODEL_ARGS)}")
+    return RunSettings.parse(values)
+
+
 @register_model("fast_dllm_v2")
 class FastDLLMv2LM(TemplateLM):
     """Fast-dLLM v2 for lm-eval, with a layer-reuse policy (`policy` and the settings it reads)."""
 
-    def __init__(self, pretrained: str | None = None, max_batch_size: int | None = None, **model_args):
-        """`model_args`: settings of role `model` (strings from lm-eval's --model_args, or values).
-        `max_batch_size` is lm-eval's and unused: batches are exactly `batch_size`."""
+    def __init__(self, settings: RunSettings = DEFAULTS, placement: Placement | None = None):
+        """`settings`: typed, parsed where they entered (the CLI, or lm-eval's `--model_args`
+        through `create_from_arg_string`). `placement`: where this process runs, resolved once
+        by the caller; resolved here only when lm-eval's own CLI made the model."""
         super().__init__()
-        if pretrained is not None:
-            model_args["model"] = pretrained
-        unknown = sorted(set(model_args) - set(MODEL_ARGS))
-        if unknown:
-            raise ConfigError(f"fast_dllm_v2 does not take {', '.join(unknown)}; it takes {', '.join(MODEL_ARGS)}")
-        self.settings = RunSettings.parse(model_args)
-        s = self.settings
+        if not isinstance(settings, RunSettings):
+            raise TypeError(f"FastDLLMv2LM takes a RunSettings, not {type(settings).__name__}: "
+                            "use FastDLLMv2LM.create_from_arg_string('k=2,subset=middle')")
+        self.settings = s = settings
+        # lm-eval's CLI cannot say `processes` (a run setting): the world is the launcher's.
+        self.placement = placement if placement is not None else resolve_placement(s.replace(processes="auto"))
         self.batch_size = s.batch_size
-        self.ranks = Ranks.from_env()
-        self._rank, self._world_size = self.ranks.rank, self.ranks.world_size
-        self._device = torch.device(rank_device(resolve_device(s.device), self.ranks))
-        distributed.join(self.ranks, self._device)
-        self.dtype_name = resolve_dtype(s.dtype, self._device)
-        self.loaded = load(s.model, dtype=self.dtype_name, device=str(self._device), revision=s.revision,
+        self._rank, self._world_size = self.placement.rank, self.placement.world_size
+        self._device = self.placement.torch_device
+        distributed.join(self.placement)
+        self.loaded = load(s.model, dtype=self.placement.dtype, device=self.placement.device, revision=s.revision,
                            tokenizer=s.tokenizer, seed=s.seed)
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.policy = make_policy(s, self.model.num_layers)
@@ -108,9 +122,27 @@ class FastDLLMv2LM(TemplateLM):
         self.stats = HarnessStats()
         self.on_batch: Callable[[HarnessStats], None] | None = None  # progress, after each batch
 
+    # -- lm-eval's constructors: `--model_args` parsed once, by the settings' declaration -------
     @classmethod
-    def from_settings(cls, settings: RunSettings) -> "FastDLLMv2LM":
-        return cls(**settings.of_role(MODEL))
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "FastDLLMv2LM":
+        """`k=2,subset=8,9,10,pretrained=DIR`: a part without `=` continues the value before it,
+        so layer lists need no quoting."""
+        values: dict[str, str] = {}
+        name = None
+        for part in (arg_string or "").split(","):
+            key, sep, value = part.partition("=")
+            if sep:
+                name = key.strip()
+                values[name] = value
+            elif name is not None and part:
+                values[name] += "," + part
+            elif part.strip():
+                raise ConfigError(f"--model_args {arg_string!r}: write NAME=VALUE,NAME=VALUE")
+        return cls(model_settings(values, additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "FastDLLMv2LM":
+        return cls(model_settings(dict(arg_dict), additional_config))
 
     # -- what lm-eval asks of a TemplateLM ---------------------------------------------------
     @property
@@ -138,13 +170,13 @@ class FastDLLMv2LM(TemplateLM):
 
     # -- lm-eval's collectives between ranks (single process: its no-op defaults) ----------
     def all_gather(self, tensor):
-        return distributed.all_gather(tensor) if self.ranks.parallel else tensor
+        return distributed.all_gather(tensor) if self.placement.parallel else tensor
 
     def gather_object(self, obj, dst: int = 0):
-        return distributed.gather_object(obj, dst) if self.ranks.parallel else [obj]
+        return distributed.gather_object(obj, dst) if self.placement.parallel else [obj]
 
     def barrier(self) -> None:
-        if self.ranks.parallel:
+        if self.placement.parallel:
             distributed.barrier()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):

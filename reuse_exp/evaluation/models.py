@@ -1,12 +1,11 @@
 """Where a model comes from: the bundled tiny one, a checkpoint directory, a hub id or random
-weights of a named shape; and which device, dtype and decoding path run it."""
+weights of a named shape; and which decoding path runs it (device and dtype: placement.py)."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..engine.config import shape as named_shape
 from ..engine.decoding import EagerRunner
@@ -30,21 +29,6 @@ def _bundled() -> Path:
         raise ConfigError("this checkout has no bundled tiny model (reuse_exp/tiny/model): "
                           "give --model a checkpoint directory, a hub id or random:<shape>")
     return path
-
-
-def resolve_device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device: use --device cpu")
-    return str(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """auto: bfloat16 on a GPU, float32 on CPU (bf16 matmuls are slow there and float32 is exact)."""
-    if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return dtype
 
 
 @dataclass

@@ -20,30 +20,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, RankFailed
-from ..settings import RunSettings
+from ..errors import RankFailed
+from ..settings import LAUNCHED, REQUEST_CACHE, RunSettings
 from ..tracking.gpu_stats import GpuSampler
-from .resume import CACHE_ENV
 
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"   # where the launcher reads a failed rank's reason
-LAUNCHED_ENV = "REUSE_EXP_LAUNCHED"      # set for the ranks `reuse-exp run --processes N` starts
+CACHE_ENV, LAUNCHED_ENV = REQUEST_CACHE.name, LAUNCHED.name
 
 
-# -- how many ranks ----------------------------------------------------------------------------
-def to_launch(s: RunSettings) -> int:
-    """Ranks this process must launch: 1 when it runs the evaluation itself (one process, or
-    already one rank of a launched world)."""
-    from ..evaluation.distributed import Ranks, resolve_processes
-    from ..evaluation.models import resolve_device
-    here = Ranks.from_env()
-    if here.parallel:
-        if s.processes not in ("auto", here.world_size):
-            raise ConfigError(f"launched as {here.world_size} ranks but --processes {s.processes}: "
-                              f"pass --processes {here.world_size} (or auto)")
-        return 1
-    return resolve_processes(s.processes, resolve_device(s.device))
-
-
+# -- launching the ranks -------------------------------------------------------------------------
 def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> None:
     """Run the evaluation as N ranks attached to MLflow run `run_id`; RankFailed if one fails."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
@@ -111,13 +96,6 @@ class RankReport:
     gpu: dict            # its GPU's statistics (empty on CPU)
 
 
-def shard_device(s: RunSettings) -> str:
-    """This rank's device: its own GPU under several ranks."""
-    from ..evaluation.distributed import Ranks, rank_device
-    from ..evaluation.models import resolve_device
-    return rank_device(resolve_device(s.device), Ranks.from_env())
-
-
 def start_sampler(device: str) -> GpuSampler | None:
     if not device.startswith("cuda"):
         return None
@@ -134,9 +112,9 @@ def gpu_report(sampler: GpuSampler | None, device: str) -> dict:
     return out
 
 
-def load_model(s: RunSettings):
+def load_model(s: RunSettings, placement):
     from ..evaluation.lm import FastDLLMv2LM
-    return FastDLLMv2LM.from_settings(s)
+    return FastDLLMv2LM(s, placement)
 
 
 def device_name(device: str) -> str:
@@ -186,11 +164,10 @@ def gather_reports(lm, sampler: GpuSampler | None) -> list[RankReport] | None:
     return reports
 
 
-def follow(s: RunSettings, task_manager, cache: Path) -> None:
+def follow(s: RunSettings, placement, task_manager, cache: Path) -> None:
     """A rank other than 0: evaluate its shard and hand its statistics to rank 0; log nothing."""
-    device = shard_device(s)
-    sampler = start_sampler(device)
-    lm = load_model(s)
+    sampler = start_sampler(placement.device)
+    lm = load_model(s, placement)
     rank_devices(lm)
     evaluate(lm, s, task_manager, cache)
     gather_reports(lm, sampler)

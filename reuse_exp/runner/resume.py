@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..settings import SPECS, RunSettings
+from ..settings import CACHE_ROOT, REQUEST_CACHE, SPECS, RunSettings
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.schema import HEARTBEAT_TAG, same_param
 
-CACHE_ENV = "REUSE_EXP_REQUEST_CACHE"   # the folder of this run's cache, as the launching process chose it
-ROOT_ENV = "REUSE_EXP_CACHE_ROOT"
+CACHE_ENV, ROOT_ENV = REQUEST_CACHE.name, CACHE_ROOT.name
 NOT_COMPARED = ("resume", "experiment", "allow_dirty", "include_path")   # they do not shape a result
 # A RUNNING run with a heartbeat younger than this may still have its process (the grid's and
 # the audit's default --stale-after): resuming it would decode its requests twice at once.
@@ -33,7 +32,7 @@ ALIVE_WITHIN_S = 300.0
 
 
 def root() -> Path:
-    return Path(os.environ.get(ROOT_ENV) or Path.home() / ".cache" / "reuse_exp" / "requests")
+    return Path(CACHE_ROOT.read() or Path.home() / ".cache" / "reuse_exp" / "requests")
 
 
 def settings_key(s: RunSettings) -> str:
@@ -43,8 +42,8 @@ def settings_key(s: RunSettings) -> str:
 
 def cache_dir(s: RunSettings, commit: str, run_id: str | None, resumed: Path | None = None) -> Path:
     """This run's request cache: the one the launching process chose, the resumed run's, or its own."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    if REQUEST_CACHE.read():
+        return Path(REQUEST_CACHE.read())
     if resumed is not None:
         return resumed
     ident = s.resume or os.environ.get("TORCHELASTIC_RUN_ID") or run_id

@@ -19,15 +19,14 @@ import traceback
 from pathlib import Path
 
 from ..errors import RankFailed, RunFailed, Terminated
-from ..settings import RunSettings
+from ..settings import LAUNCHED, RunSettings
 from ..tracking.artifacts import log_artifacts
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
 from ..tracking.provenance import Provenance, check_clean, dirty_diff, provenance, redact
-from ..tracking.schema import config_key, config_name, library_versions, lm_eval_metrics, param_str
+from ..tracking.schema import REFUSED_TAG, config_key, config_name, library_versions, lm_eval_metrics, param_str
 from ..tracking.store_init import absolute_uri, open_client
-from .ranks import LAUNCHED_ENV
 
 
 # -- failure -------------------------------------------------------------------------------------
@@ -58,20 +57,22 @@ def run(settings: RunSettings) -> Summary | None:
     started, or one other than 0); raises RunFailed."""
     lifeline = Lifeline()
     tracker = prov = None
-    rank = int(os.environ.get("RANK", "0"))   # of a launched world; 0 in a single process
     try:
         lifeline.arm()
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
+        from ..evaluation.placement import resolve as resolve_placement
         from . import ranks, resume
+        placement = resolve_placement(settings)   # once per process; handed down from here
+        rank = placement.rank
         quiet_known_noise({p.stem for p in harness.bundled_tasks_dir().glob("*.yaml")})
         prov = provenance()
         if rank == 0:
             check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
         harness.check_gated(settings.task)
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
-        launching = ranks.to_launch(settings)
+        launching = placement.to_launch
         if rank > 0:
-            ranks.follow(settings, task_manager, resume.cache_dir(settings, prov.commit, None))
+            ranks.follow(settings, placement, task_manager, resume.cache_dir(settings, prov.commit, None))
             return None
         resumed = resume.check(open_client(), settings, prov.commit, prov.dirty) if settings.resume else None
         tracker = Tracker.start(settings, system_metrics=launching == 1)
@@ -82,11 +83,11 @@ def run(settings: RunSettings) -> Summary | None:
             lifeline.finished()
             return summary
         _log_start(tracker, settings, prov)
-        summary = _evaluate(tracker, settings, task_manager, prov, cache)
+        summary = _evaluate(tracker, settings, placement, task_manager, prov, cache)
         tracker.end("FINISHED")
         lifeline.finished()
         resume.forget(cache)
-        return None if os.environ.get(LAUNCHED_ENV) else summary   # the launching process prints it
+        return None if LAUNCHED.read() else summary   # the launching process prints it
     except BaseException as e:
         lifeline.ending()
         status, code, line = classify(e)
@@ -138,24 +139,22 @@ def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
         tracker.artifact_text("dirty.diff", dirty_diff(prov))
 
 
-def _evaluate(tracker: Tracker, s: RunSettings, task_manager, prov: Provenance, cache: Path) -> Summary:
+def _evaluate(tracker: Tracker, s: RunSettings, placement, task_manager, prov: Provenance, cache: Path) -> Summary:
     """Rank 0's (or the only process's) evaluation, logged; the other ranks run ranks.follow."""
-    import torch
-
     from ..evaluation import harness
     from ..evaluation.stats import LOGLIKELIHOOD_NOTE, HarnessStats, sample_records, world_metrics
     from . import ranks, resume
     from ..tracking.gpu_stats import combine
-    device = ranks.shard_device(s)
+    device = placement.device
     tracker.sampler = ranks.start_sampler(device)
-    lm = ranks.load_model(s)
+    lm = ranks.load_model(s, placement)
     tracker.lm = lm
     lm.on_batch = tracker.progress
     world_params, world_tags = ranks.world_params(ranks.rank_devices(lm))
     params = lm.params()
     tracker.params({**params, **world_params})
     all_params = {**{n: param_str(v) for n, v in s.as_dict().items()}, **params,
-                  "device_type": torch.device(device).type}
+                  "device_type": placement.torch_device.type}
     tracker.tags({"config_key": config_key(all_params), "model_path": lm.loaded.path or "", **world_tags,
                   "request_cache": str(cache), **({"resumed_from": s.resume} if s.resume else {})})
     if s.resume:

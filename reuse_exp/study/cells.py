@@ -10,17 +10,13 @@ from pathlib import Path
 from ..errors import ConfigError, SettingError
 from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
-from ..settings import SPECS
+from ..settings import AXIS, OWN, PINNED, SPECS, RunSettings, spec, to_text
 from ..tracking.schema import same_param
 from .store import ANY_SUBSET, RunRecord, norm
 
 K_VALUES = (1, 2, 3)
 GENERATE, LOGLIKELIHOOD = "generate_until", "loglikelihood"
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
-# Settings a grid pins to their defaults when not told otherwise, so an omitted setting matches
-# what a run logs (a grid without --limit is the whole task). The axes and the run's own are not.
-PINNED = tuple(s.name for s in SPECS if s.name not in ("task", "k", "subset", "include_path", "experiment",
-                                                       "allow_dirty", "revision", "tokenizer", "resume"))
 PATHS = ("model", "tokenizer", "include_path")   # made absolute: jobs run from a snapshot elsewhere
 # The study's tasks, so `grid status` need not index lm-eval's 10k task files (25 s).
 KNOWN_KINDS = {"gsm8k": GENERATE, "minerva_math": GENERATE, "ifeval": GENERATE, "mmlu": LOGLIKELIHOOD,
@@ -69,33 +65,33 @@ def _lm_eval_kind(task: str) -> str:
 # -- the grid's cells ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cell:
-    """One configuration: the settings passed to the tracked run, as strings."""
+    """One configuration: the settings passed to the tracked run, typed as the declaration says."""
     k: int
-    subset: str
-    settings: tuple[tuple[str, str], ...]
+    subset: str | tuple[int, ...]
+    settings: tuple[tuple[str, object], ...]
 
     @property
     def name(self) -> str:
-        return f"k{self.k}_{self.subset}"
+        return f"k{self.k}_{to_text(self.subset)}"
 
     @property
     def baseline(self) -> bool:
         return self.subset == ANY_SUBSET
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, object]:
         return dict(self.settings)
 
     def matches(self, run: RunRecord) -> bool:
         """Same settings: every setting this cell passes equals what the run logged."""
-        return all(same_param(norm(run.params.get(n)), norm(v)) for n, v in self.settings)
+        return all(same_param(norm(run.params.get(n)), norm(to_text(v))) for n, v in self.settings)
 
 
 @dataclass(frozen=True)
 class GridRequest:
     task: str
     ks: tuple[int, ...] = K_VALUES
-    subsets: tuple[str, ...] = SUBSETS
-    settings: tuple[tuple[str, str], ...] = ()   # every other setting, defaults included
+    subsets: tuple[str | tuple[int, ...], ...] = SUBSETS
+    settings: tuple[tuple[str, object], ...] = ()   # every other setting, typed, defaults included
 
     def cells(self, kind: str) -> list[Cell]:
         """The k=1 baseline once, whatever the subsets (it computes every layer: the run is given
@@ -103,9 +99,9 @@ class GridRequest:
         baseline alone: k and subset cannot change a score."""
         out = []
         if 1 in self.ks or kind == LOGLIKELIHOOD:
-            out.append(Cell(k=1, subset=ANY_SUBSET, settings=(("task", self.task), ("k", "1"), *self.settings)))
+            out.append(Cell(k=1, subset=ANY_SUBSET, settings=(("task", self.task), ("k", 1), *self.settings)))
         if kind != LOGLIKELIHOOD:
-            out += [Cell(k=k, subset=s, settings=(("task", self.task), ("k", str(k)), ("subset", s), *self.settings))
+            out += [Cell(k=k, subset=s, settings=(("task", self.task), ("k", k), ("subset", s), *self.settings))
                     for k in self.ks if k != 1 for s in self.subsets]
         return out
 
@@ -122,8 +118,8 @@ def run_command(cell: Cell, allow_dirty: bool = False, resume: str | None = None
     `resume`: the interrupted run of it to finish."""
     args = [sys.executable, "-m", "reuse_exp.cli", "run"]
     for name, value in cell.settings:
-        if value != "":
-            args += [f"--{name.replace('_', '-')}", value]
+        if to_text(value) not in ("", "none"):   # absent: the run's own default (none)
+            args += [spec(name).option, to_text(value)]
     if allow_dirty:
         args.append("--allow-dirty")
     if resume:
@@ -144,54 +140,63 @@ def resumable(runs: list[RunRecord]) -> str | None:
     return newest.run_id
 
 
-# -- the grid's options, parsed ---------------------------------------------------------------------------
-def parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise SettingError(f"{text!r}: give integers like 1,2,3") from None
-    if not ks or any(k < 1 for k in ks):
-        raise SettingError(f"{text!r}: give integers >= 1 like 1,2,3")
-    return ks
+# -- what a grid is given: every value parsed by the declaration, as `run` parses it -------------
+def parse_axis(name: str, text) -> tuple:
+    """An axis's values from a comma list (`1,2,3`, `first,last`); a layer list (`8,9,10`) is one
+    subset, as `run --subset 8,9,10` takes it. Each value is what `run --NAME VALUE` accepts."""
+    s = spec(name)
+    if not isinstance(text, str):
+        return tuple(s.parse(v) for v in text)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise SettingError(f"--{name} {text!r}: give at least one value")
+    if s.kind == "subset" and not all(p in SUBSETS for p in parts):
+        return (s.parse(text),)
+    return tuple(dict.fromkeys(s.parse(p) for p in parts))
 
 
-def parse_subsets(text: str) -> tuple[str, ...]:
-    subsets = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in subsets if s not in SUBSETS]
-    if not subsets or bad:
-        raise SettingError(f"{text!r}: give a comma list of {', '.join(SUBSETS)}")
-    return subsets
-
-
-def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+def parse_params(pairs: tuple[str, ...]) -> dict[str, object]:
+    """-P NAME=VALUE pairs, each value parsed by its setting; the grid's own settings are refused."""
     out = {}
     for p in pairs:
         name, sep, value = p.partition("=")
-        if not sep or not name.strip():
-            raise SettingError(f"{p!r}: write NAME=VALUE, e.g. -P threshold=0.8")
-        out[name.strip()] = value.strip()
+        name = name.strip()
+        if not sep or not name:
+            raise SettingError(f"-P {p!r}: write NAME=VALUE, e.g. -P threshold=0.8")
+        s = spec(name)
+        if s.grid in (AXIS, OWN):
+            raise SettingError("-P resume=...: the grid resumes interrupted runs itself" if name == "resume" else
+                               f"-P {name}=...: use {s.option} instead")
+        out[name] = s.parse(value)
     return out
 
 
-def build_request(task: str, ks: str, subsets: str, mode: str | None, limit: int | None, model: str | None,
-                  params: tuple[str, ...]) -> GridRequest:
+def build_request(task: str, ks, subsets, mode=None, limit=None, model=None,
+                  params: tuple[str, ...] = ()) -> GridRequest:
+    """The grid asked for: axes, dedicated options and -P values parsed as `run` parses them,
+    every pinned setting not given at the run's default. SettingError (one line) names the fix."""
     settings = {**run_defaults(), **parse_params(params)}
     for name, value in (("mode", mode), ("limit", limit), ("model", model)):
         if value is not None:
-            settings[name] = str(value)
-    for axis in ("task", "k", "subset", "resume"):
-        if axis in settings:
-            raise SettingError(f"-P {axis}=... : use --{axis} instead" if axis != "resume" else
-                               "-P resume=...: the grid resumes interrupted runs itself")
+            settings[name] = spec(name).parse(value)
     for name in PATHS:
-        value = settings.get(name)
-        if value and not Path(value).is_absolute() and Path(value).exists():
-            settings[name] = str(Path(value).resolve())
-    return GridRequest(task=task, ks=parse_ks(ks), subsets=parse_subsets(subsets),
-                       settings=tuple(sorted((n, norm(v)) for n, v in settings.items())))
+        if name in settings:
+            settings[name] = _absolute(settings[name])
+    ks, subsets = parse_axis("k", ks), parse_axis("subset", subsets)
+    RunSettings(task=task, k=ks[0], subset=subsets[0], **settings)   # what only a whole configuration can refuse
+    return GridRequest(task=task, ks=ks, subsets=subsets, settings=tuple(sorted(settings.items())))
 
 
-def run_defaults() -> dict[str, str]:
-    """The tracked run's own defaults for the settings a grid does not name, so an omitted
-    setting matches what a run logs (a grid without --limit is the whole task, not limit 4)."""
-    return {s.name: norm(s.text()) for s in SPECS if s.name in PINNED}
+def _absolute(value):
+    """Paths made absolute where they exist: jobs run from a snapshot elsewhere."""
+    if isinstance(value, tuple):
+        return tuple(_absolute(v) for v in value)
+    if value and not Path(value).is_absolute() and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def run_defaults() -> dict[str, object]:
+    """The tracked run's own defaults for the settings a grid pins, so an omitted setting
+    matches what a run logs (a grid without --limit is the whole task, not limit 4)."""
+    return {s.name: s.default for s in SPECS if s.grid == PINNED}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..errors import DirtyTree, GridFailed
+from ..settings import to_text
 from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable,
                     run_command, task_kind)
 from .launch import SubmititOptions, run_local, submit
@@ -80,7 +81,7 @@ def grid_status(request: GridRequest, runs: list[RunRecord], head: str, kind: st
 
 def format_status(request: GridRequest, states: list[CellState], head: str, kind: str,
                   experiment: str) -> str:
-    extra = " ".join(f"{n}={v}" for n, v in request.settings if v != "")
+    extra = " ".join(f"{n}={to_text(v)}" for n, v in request.settings if to_text(v) not in ("", "none"))
     lines = [f"grid {request.task} [{extra}] in experiment {experiment!r} at HEAD {head[:7]}"]
     if kind == LOGLIKELIHOOD:
         lines.append(LOGLIKELIHOOD_WHY.format(task=request.task))
@@ -89,7 +90,7 @@ def format_status(request: GridRequest, states: list[CellState], head: str, kind
     ks = sorted({c[0] for c in by_cell})
     width = max(14, *(len(s.label()) + 2 for s in states))
     if subsets:
-        lines.append(" " * 6 + "".join(f"{s:<{width}}" for s in subsets))
+        lines.append(" " * 6 + "".join(f"{to_text(s):<{width}}" for s in subsets))
     for k in ks:
         if (k, ANY_SUBSET) in by_cell:   # the baseline: one cell across the subsets
             row = f"{by_cell[(k, ANY_SUBSET)].label():<{width}}" + (f"({BASELINE_WHY})" if subsets else "")

@@ -132,12 +132,13 @@ def gpu_slots(gpus: list[str], per_job: int, device: str) -> list[str] | None:
     return [",".join(gpus[i:i + per_job]) for i in range(0, len(gpus) - per_job + 1, per_job)]
 
 
-def gpus_per_job(cells: list[Cell], gpus: int | None) -> int:
-    """--gpus, else what the runs' `processes` asks for (one rank per GPU), else 1."""
+def gpus_per_job(cells: list[Cell], gpus: int | None, visible: int) -> int:
+    """--gpus, else what the runs' `processes` asks for (one rank per GPU; `auto`: every one of
+    the `visible` GPUs), else 1."""
     if gpus:
         return gpus
-    processes = cells[0].as_dict().get("processes", "1")
-    return int(processes) if processes.isdigit() and int(processes) > 1 else 1
+    processes = cells[0].as_dict().get("processes", 1)
+    return max(1, visible) if processes == "auto" else processes
 
 
 def run_pool(jobs: list, slots: list[str], start: Callable[[object, str], object]) -> list:
@@ -206,7 +207,8 @@ def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, c
     of those that failed. `resume`: cell -> the interrupted run it finishes."""
     resume = resume or {}
     cwd = workdir(commit, folder, allow_dirty)
-    slots = gpu_slots(visible_gpus(), gpus_per_job(cells, gpus), cells[0].as_dict().get("device", "auto"))
+    gpus_here = visible_gpus()
+    slots = gpu_slots(gpus_here, gpus_per_job(cells, gpus, len(gpus_here)), cells[0].as_dict().get("device", "auto"))
     numbered = list(enumerate(cells, 1))
 
     jobs = JobProcesses()
@@ -252,7 +254,9 @@ def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts
     env = {**job_env(uri, experiment), "PYTHONPATH": path}
     slots = None
     if opts.cluster == "local":
-        slots = gpu_slots(visible_gpus(), gpus_per_job(cells, opts.gpus), cells[0].as_dict().get("device", "auto"))
+        gpus_here = visible_gpus()
+        slots = gpu_slots(gpus_here, gpus_per_job(cells, opts.gpus, len(gpus_here)),
+                          cells[0].as_dict().get("device", "auto"))
         if "OMP_NUM_THREADS" not in os.environ:
             # N concurrent jobs on one machine: torch's default threads per job would fight
             # (seen: a tiny model's warm-up 18 s instead of 0.5 s on 2 cores)

@@ -13,11 +13,13 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.provenance import Provenance, provenance
+from ..settings import AXIS, SPECS
 from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
 from ..tracking.store_init import absolute_uri, open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GRID_AXES = ("k", "subset", "layers")      # what varies between the cells of one grid
+# What varies between the cells of one grid: its axes and the params that carry them.
+GRID_AXES = tuple(dict.fromkeys(p for s in SPECS if s.grid == AXIS for p in (s.name, *s.key_params)))
 ANY_SUBSET = "any"          # the k=1 baseline's subset: it computes every layer, so any run of it will do
 # A RUNNING run whose heartbeat (every 30 s) is older than this has no process behind it.
 STALE_AFTER_S = 300.0

@@ -10,31 +10,20 @@ it can be switched off, and it says nothing when it fails.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from ..errors import ConfigError
+from ..settings import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
-INTERVAL_ENV = "REUSE_EXP_HEARTBEAT_S"   # tests shorten it; a run's default is 30 s
-DEFAULT_INTERVAL_S = 30.0
+INTERVAL_ENV = HEARTBEAT_S.name   # tests shorten it; a run's default is 30 s
 
 
 def interval_s() -> float:
-    text = os.environ.get(INTERVAL_ENV, "").strip()
-    if not text:
-        return DEFAULT_INTERVAL_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise ConfigError(f"{INTERVAL_ENV}={text!r}: give the heartbeat interval in seconds, e.g. 30")
-    return value
+    return HEARTBEAT_S.read()
 
 
 def stamp(epoch_s: float) -> str:
@@ -59,7 +48,7 @@ class Heartbeat:
     next interval: the heartbeat is the run's sign of life, never a reason to end it.
     """
 
-    def __init__(self, beat: Callable[[str], None], interval: float = DEFAULT_INTERVAL_S):
+    def __init__(self, beat: Callable[[str], None], interval: float = HEARTBEAT_S.default):
         self.beat, self.interval = beat, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

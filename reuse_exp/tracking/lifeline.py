@@ -24,7 +24,7 @@ import signal
 import sys
 
 from ..errors import Terminated
-from ..settings import MLFLOW_PID_ENV
+from ..settings import MLFLOW_PID
 
 PR_SET_PDEATHSIG = 1
 
@@ -36,10 +36,11 @@ def _raise_terminated(signum, frame):
 def mlflow_parent() -> int | None:
     """The pid of the `mlflow run` process that started this one (alive or not), if one did.
     Taken from the environment, so that processes this one starts do not inherit it."""
-    pid = os.environ.pop(MLFLOW_PID_ENV, None)
+    pid = MLFLOW_PID.read()
+    os.environ.pop(MLFLOW_PID.name, None)
     if pid is None or not sys.platform.startswith("linux"):
         return None
-    return int(pid)
+    return pid
 
 
 def _parent_death_signal(signum: int) -> None:

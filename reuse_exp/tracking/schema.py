@@ -72,12 +72,10 @@ import platform
 
 from ..errors import ConfigError
 from ..engine.policies import get as get_policy
-from ..settings import to_text as param_str
+from ..settings import key_params, to_text as param_str
 
-CONFIG_KEY_PARAMS = ("k", "layers", "mode", "scope", "policy", "drift", "max_reuse", "task", "limit", "model_hash", "model_revision",
-                     "resolved_dtype", "threshold", "block_size", "small_block_size", "max_new_tokens",
-                     "use_block_cache", "scoring", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "seed",
-                     "batch_size", "device_type", "path")
+# What shapes a result, from the `key` flags of the declaration (settings.py).
+CONFIG_KEY_PARAMS = key_params()
 HEARTBEAT_TAG = "reuse_exp.heartbeat"
 REFUSED_TAG = "reuse_exp.refused"
 END_REASON_TAG = "reuse_exp.end_reason"
@@ -99,7 +97,8 @@ def same_param(a: str, b: str) -> bool:
 
 
 def config_key(params: dict) -> str:
-    """Hash of the settings that shape a result; commit, seed-free noise and paths excluded."""
+    """Hash of the settings that shape a result; commit, seed-free noise and paths excluded.
+    The one place a config key is computed: what enters it is decided here."""
     shaping = {k: param_str(params.get(k)) for k in CONFIG_KEY_PARAMS}
     try:
         reads = get_policy(params.get("policy") or "fixed").reads

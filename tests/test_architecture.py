@@ -139,14 +139,10 @@ def imported_top_modules(path: Path) -> set[str]:
     return out
 
 
-# The old private evaluation, deleted by the figures-from-runs change: drop these then.
-LEAVING = {"tiny/table.py", "tiny/frontier.py"}
-
-
 def test_no_module_parses_its_own_arguments():
     """One click group is the command line: no argparse entry points beside it."""
     users = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "argparse" in imported_top_modules(p)}
-    assert users <= LEAVING
+    assert users == set()
 
 
 def test_click_lives_only_in_the_cli():

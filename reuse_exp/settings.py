@@ -7,11 +7,11 @@ tests/test_settings.py fails when the checked-in files disagree with it.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import SettingError
+from .knobs import FALSE, MLFLOW_PID, TRUE
 from .engine.policies import names as policy_names
 from .engine.reuse import MODES, SCOPES, SUBSETS
 
@@ -21,7 +21,6 @@ MODEL, TASK, RUN = "model", "task", "run"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DECODE_PATHS = ("auto", "eager", "fast")
 SCORINGS = ("continuation", "first_token")
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 # A grid's cells vary an AXIS; it sets OWN ones itself; the others are the same in every cell: PINNED
@@ -308,46 +307,6 @@ def key_params() -> tuple[str, ...]:
 def grid_settings(kind: str) -> tuple[str, ...]:
     """The settings a grid treats as `kind` (AXIS, OWN, PINNED or FREE)."""
     return tuple(s.name for s in SPECS if s.grid == kind)
-
-
-# -- environment knobs: what the package reads from the environment, declared once ---------------
-@dataclass(frozen=True)
-class Knob:
-    """A REUSE_EXP_* environment variable: its name, what it means, its default and its type."""
-    name: str
-    help: str
-    default: object = None
-    kind: type = str
-
-    def read(self, env=None):
-        """Its typed value from `env` (os.environ by default); SettingError names the fix."""
-        text = (os.environ if env is None else env).get(self.name, "").strip()
-        if not text:
-            return self.default
-        if self.kind is bool:
-            return text.lower() not in FALSE
-        try:
-            value = self.kind(text)
-        except ValueError:
-            raise SettingError(f"{self.name}={text!r}: give {self.help}") from None
-        if self.kind in (int, float) and not value > 0:
-            raise SettingError(f"{self.name}={text!r}: give {self.help} (positive)")
-        return value
-
-
-MLFLOW_PID = Knob("REUSE_EXP_MLFLOW_PID", "the pid of the `mlflow run` process (MLproject's command sets it)",
-                  None, int)
-HEARTBEAT_S = Knob("REUSE_EXP_HEARTBEAT_S", "the heartbeat interval in seconds, e.g. 30 (tests shorten it)",
-                   30.0, float)
-COLLECTIVE_TIMEOUT_S = Knob("REUSE_EXP_COLLECTIVE_TIMEOUT_S", "the seconds a rank waits in a collective before "
-                            "it fails, e.g. 1800", 1800.0, float)
-REQUEST_CACHE = Knob("REUSE_EXP_REQUEST_CACHE", "the folder of this run's request cache, as the process that "
-                     "launched the ranks chose it")
-CACHE_ROOT = Knob("REUSE_EXP_CACHE_ROOT", "the folder under which runs keep their request caches "
-                  "(default ~/.cache/reuse_exp/requests)")
-LAUNCHED = Knob("REUSE_EXP_LAUNCHED", "set (1) for the ranks `reuse-exp run --processes N` starts: rank 0 leaves "
-                "the summary to the launching process", False, bool)
-KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUEST_CACHE, CACHE_ROOT, LAUNCHED)
 
 
 # -- the files that must agree with the declaration ---------------------------------------------

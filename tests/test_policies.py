@@ -12,7 +12,8 @@ from reuse_exp.engine.config import ConfigError
 from reuse_exp.engine.decoding import generate
 from reuse_exp.engine.fast import FastRunner
 from reuse_exp.engine.loading import random_model
-from reuse_exp.engine.policies import POLICY_MODULES_ENV, get, names
+from reuse_exp.engine.policies import get, names
+from reuse_exp.knobs import POLICY_MODULES
 from reuse_exp.engine.policies.depth import DepthPolicy
 from reuse_exp.engine.policies.drift import DriftPolicy, layer_groups
 from test_fast_path import FIVE
@@ -45,11 +46,11 @@ def test_the_env_knob_imports_plug_in_modules(tmp_path):
         "from reuse_exp.engine.policies.drift import DriftPolicy\n"
         "@register\nclass Mine(DriftPolicy):\n    name = 'mine'\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           POLICY_MODULES_ENV: " my_policies ,"}
+           POLICY_MODULES.name: " my_policies ,"}
     code = "from reuse_exp.settings import spec; print(','.join(spec('policy').choices))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "adaptive,depth,fixed,mine", out.stderr
-    env[POLICY_MODULES_ENV] = "no_such_module"
+    env[POLICY_MODULES.name] = "no_such_module"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "REUSE_EXP_POLICY_MODULES: cannot import 'no_such_module'" in bad.stderr
 

@@ -12,7 +12,8 @@ from typing import ClassVar
 import pytest
 
 from reuse_exp.engine.model import ForwardKind
-from reuse_exp.engine.policies import POLICY_MODULES_ENV, ReusePolicy, register
+from reuse_exp.engine.policies import ReusePolicy, register
+from reuse_exp.knobs import POLICY_MODULES
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,7 +84,7 @@ def test_a_plug_in_policy_runs_end_to_end(tmp_path):
     from conftest import REPO, run_cli, subprocess_env
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = subprocess_env(store) | {
-        POLICY_MODULES_ENV: "test_policy_plugin", "OMP_NUM_THREADS": "1", "MLFLOW_EXPERIMENT_NAME": "toy",
+        POLICY_MODULES.name: "test_policy_plugin", "OMP_NUM_THREADS": "1", "MLFLOW_EXPERIMENT_NAME": "toy",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")])}
     small = ["--limit", "2", "--max-new-tokens", "32"]
 

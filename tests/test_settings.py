@@ -107,7 +107,7 @@ def test_a_tracked_run_hands_the_model_its_settings_and_one_placement(store, mon
     """In a tracked run the model gets the run's RunSettings (its task is the real one) and the
     placement this process resolved, once: the device is resolved one time in the process."""
     from reuse_exp.evaluation import placement
-    from reuse_exp.tracking import ranks, run as tracked
+    from reuse_exp.runner import ranks, run as tracked
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     devices, models = [], []
@@ -181,7 +181,7 @@ def grid_takes(name: str, text: str):
     """What the grid makes of TEXT for NAME: its axis option, its own option, or -P."""
     from reuse_exp.settings import AXIS
     from reuse_exp.study.cells import build_request
-    from reuse_exp.study.grid import status_cmd
+    from reuse_exp.cli.study import status_cmd
     s = spec(name)
     own = {p.name for p in status_cmd.params}
     args = ([f"--{name}", text] if name in own or s.grid == AXIS else ["-P", f"{name}={text}"])
@@ -222,8 +222,8 @@ def test_the_grid_refuses_what_only_a_whole_run_refuses():
 def test_grid_help_is_the_declaration():
     from click.testing import CliRunner
 
-    from reuse_exp.study.compare import compare_cmd
-    from reuse_exp.study.grid import grid
+    from reuse_exp.cli.study import compare_cmd
+    from reuse_exp.cli.study import grid
     for cmd, args in ((grid, ["status", "--help"]), (compare_cmd, ["--help"])):
         text = " ".join(CliRunner().invoke(cmd, args).output.split())
         for choice in spec("mode").choices:
@@ -246,7 +246,7 @@ def test_flags_on_the_declaration_make_the_config_key_and_the_grid():
 
 
 def test_environment_knobs_are_declared_and_read_typed(monkeypatch):
-    from reuse_exp.settings import COLLECTIVE_TIMEOUT_S, HEARTBEAT_S, KNOBS, LAUNCHED
+    from reuse_exp.knobs import COLLECTIVE_TIMEOUT_S, HEARTBEAT_S, KNOBS, LAUNCHED
     names = {k.name for k in KNOBS}
     package = REPO / "reuse_exp"
     used = {m for p in package.rglob("*.py") for m in re.findall(r'"(REUSE_EXP_[A-Z_]+)"', p.read_text())}

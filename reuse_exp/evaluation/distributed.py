@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..settings import COLLECTIVE_TIMEOUT_S
+from ..knobs import COLLECTIVE_TIMEOUT_S
 from .placement import Placement
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RankFailed
-from ..settings import LAUNCHED, REQUEST_CACHE, RunSettings
+from ..knobs import LAUNCHED, REQUEST_CACHE
+from ..settings import RunSettings
 from ..tracking.gpu_stats import GpuSampler
 
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"   # where the launcher reads a failed rank's reason

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..settings import CACHE_ROOT, REQUEST_CACHE, SPECS, RunSettings
+from ..knobs import CACHE_ROOT, REQUEST_CACHE
+from ..settings import SPECS, RunSettings
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.schema import HEARTBEAT_TAG, same_param
 

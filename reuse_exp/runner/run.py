@@ -19,7 +19,8 @@ import traceback
 from pathlib import Path
 
 from ..errors import RankFailed, RunFailed, Terminated
-from ..settings import LAUNCHED, RunSettings
+from ..knobs import LAUNCHED
+from ..settings import RunSettings
 from ..tracking.artifacts import log_artifacts
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run

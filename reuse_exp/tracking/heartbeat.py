@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from ..settings import HEARTBEAT_S
+from ..knobs import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 

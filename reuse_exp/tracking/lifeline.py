@@ -24,7 +24,7 @@ import signal
 import sys
 
 from ..errors import Terminated
-from ..settings import MLFLOW_PID
+from ..knobs import MLFLOW_PID
 
 PR_SET_PDEATHSIG = 1
 

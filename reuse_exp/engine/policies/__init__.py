@@ -10,14 +10,13 @@ with a class that `register`s itself, and one line in BUILTIN for this package's
 from __future__ import annotations
 
 import importlib
-import os
 from typing import ClassVar, Protocol
 
 from ...errors import ConfigError
+from ...knobs import POLICY_MODULES
 from ..model import ForwardKind
 from ..reuse import Clock
 
-POLICY_MODULES_ENV = "REUSE_EXP_POLICY_MODULES"   # comma-separated modules that register more policies
 BUILTIN = ("fixed", "drift", "depth")              # this package's policies: one module each
 
 
@@ -106,11 +105,11 @@ def _load() -> None:
     _loaded = True
     for module in BUILTIN:
         importlib.import_module(f"{__name__}.{module}")
-    for module in filter(None, (m.strip() for m in os.environ.get(POLICY_MODULES_ENV, "").split(","))):
+    for module in filter(None, (m.strip() for m in (POLICY_MODULES.read() or "").split(","))):
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ConfigError(f"{POLICY_MODULES_ENV}: cannot import {module!r} ({e}); "
+            raise ConfigError(f"{POLICY_MODULES.name}: cannot import {module!r} ({e}); "
                               "put its directory on PYTHONPATH") from None
 
 

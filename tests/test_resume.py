@@ -95,6 +95,20 @@ def finish(proc) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
+def committed(run) -> int:
+    """Requests the run's request cache holds (lm-eval's CachingLM: sqlite, one file per rank)."""
+    import sqlite3
+    folder = run.data.tags.get("request_cache")
+    db = Path(folder) / "requests_rank0.db" if folder else None
+    if db is None or not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
+            return con.execute("SELECT COUNT(*) FROM unnamed").fetchone()[0]
+    except sqlite3.Error:   # not created yet, or being written
+        return 0
+
+
 def outputs(client, run) -> dict:
     path = Path(client.download_artifacts(run.info.run_id, "samples_tiny_gsm.jsonl"))
     return {(r["doc_id"], r["filter"]): r["filtered_resps"] for r in map(json.loads, path.read_text().splitlines())}
@@ -110,12 +124,11 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp
 
     proc = cli(clean_repo, store, cache_root, *RUN)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:   # kill it once some requests are done
+    while time.monotonic() < deadline and proc.poll() is None:   # kill it once a request is in its cache
         runs = [r for r in client.search_runs(["0"]) if r.info.run_id != whole.info.run_id]
-        if runs and runs[0].data.metrics.get("generated_tokens", 0) >= whole.data.metrics["generated_tokens"] / 3:
+        if runs and committed(runs[0]) >= 1:
             break
-        time.sleep(0.2)
-    time.sleep(1)   # the request cache commits in the background
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     killed = runs[0]

@@ -4,6 +4,7 @@ below the engine)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import SettingError
@@ -50,5 +51,22 @@ LAUNCHED = Knob("REUSE_EXP_LAUNCHED", "set (1) for the ranks `reuse-exp run --pr
                 "the summary to the launching process", False, bool)
 POLICY_MODULES = Knob("REUSE_EXP_POLICY_MODULES", "comma-separated importable modules that register more reuse "
                       "policies (imported when the policy registry is first read), e.g. mylab.policies")
+ANY_ENVIRONMENT = Knob("REUSE_EXP_ANY_ENVIRONMENT", "set (1) by `grid run --any-environment` for its runs: the "
+                       "environment does not matter for this grid (the runs are tagged so)", False, bool)
 KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUEST_CACHE, CACHE_ROOT, LAUNCHED,
-                           POLICY_MODULES)
+                           POLICY_MODULES, ANY_ENVIRONMENT)
+
+
+@contextmanager
+def knob_set(knob: Knob, value: bool):
+    """`knob` set (1) for the processes started inside, when `value`; as it was afterwards."""
+    before = os.environ.get(knob.name)
+    if value:
+        os.environ[knob.name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(knob.name, None)
+        else:
+            os.environ[knob.name] = before

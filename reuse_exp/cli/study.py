@@ -49,19 +49,26 @@ def grid() -> None:
     """The k x subset grid of a task: what is done at this commit, and running the rest."""
 
 
+ANY_ENVIRONMENT_HELP = ("the environment does not matter for this grid: a run done at this commit on another "
+                        "GPU model or library set counts as done (the runs are tagged reuse_exp.any_environment)")
+
+
 @grid.command("status")
 @grid_options
-def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after) -> None:
-    """Print the grid: done at HEAD, stale (done only at another commit), failed, running, missing."""
+@click.option("--any-environment", is_flag=True, help=ANY_ENVIRONMENT_HELP)
+def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, any_environment) -> None:
+    """Print the grid: done at HEAD here, stale (done only at another commit or in another
+    environment), failed, running, missing."""
     with one_line():
         request = build_request(task, ks, subsets, mode, limit, model, params)
-        click.echo(grid_mod.status(request, experiment, stale_after))
+        click.echo(grid_mod.status(request, experiment, stale_after, any_environment))
 
 
 @grid.command("run")
 @grid_options
 @click.option("--dry-run", is_flag=True, help="print what would run, run nothing")
 @click.option("--force", is_flag=True, help="run every configuration, done or not")
+@click.option("--any-environment", is_flag=True, help=ANY_ENVIRONMENT_HELP)
 @click.option("--allow-dirty", is_flag=True, help="pass allow_dirty to the runs (they never count as done)")
 @click.option("--executor", type=click.Choice(grid_mod.Launch.EXECUTORS), default="local",
               show_default=True, help="local: one process per configuration, in turn; slurm: an array job "
@@ -78,7 +85,7 @@ def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_
 @click.option("--wait/--no-wait", default=None, help="wait for submitted jobs (default: wait for "
               "submitit-local, not for slurm)")
 def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, dry_run, force,
-            allow_dirty, executor, partition, gpus, time_min, account, cpus, jobs_dir, wait) -> None:
+            any_environment, allow_dirty, executor, partition, gpus, time_min, account, cpus, jobs_dir, wait) -> None:
     """Run the configurations with no FINISHED run at this commit with the same settings."""
     options = SubmititOptions(folder=jobs_dir or DEFAULT_FOLDER, partition=partition, gpus=gpus,
                               time_min=time_min, account=account, cpus=cpus)
@@ -86,7 +93,8 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_aft
         with one_line():
             request = build_request(task, ks, subsets, mode, limit, model, params)
             grid_mod.run(request, experiment, grid_mod.Launch(executor, options, wait), force=force,
-                         allow_dirty=allow_dirty, dry_run=dry_run, stale_after_s=stale_after, echo=click.echo)
+                         allow_dirty=allow_dirty, dry_run=dry_run, stale_after_s=stale_after,
+                         any_environment=any_environment, echo=click.echo)
     except GridStopped as e:
         click.echo(f"reuse-exp: {e}", err=True)
         sys.exit(e.code)
@@ -99,17 +107,21 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_aft
 @click.option("--include-other-commits", is_flag=True, help="fill configurations missing at the commit "
               "with their newest run from another commit (starred)")
 @click.option("--include-dirty", is_flag=True, help="allow runs from uncommitted changes (starred)")
+@click.option("--include-other-environments", is_flag=True, help="allow runs that computed in another "
+              "environment (GPU model, CUDA or library versions) or read other data (starred, the difference shown)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="also write compare.txt and compare.png here")
 @click.option("--no-log", is_flag=True, help="print only; log nothing to MLflow")
 def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, commit,
-                include_other_commits, include_dirty, out, no_log) -> None:
+                include_other_commits, include_dirty, include_other_environments, out, no_log) -> None:
     """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
     interval, outputs changed against k=1; and a plot. From one commit."""
     with one_line():
         request = build_request(task, ks, subsets, mode, limit, model, params)
         parent = compare_mod.compare(request, experiment, commit, include_other_commits=include_other_commits,
-                                     include_dirty=include_dirty, out=out, log=not no_log, echo=click.echo)
+                                     include_dirty=include_dirty,
+                                     include_other_environments=include_other_environments, out=out,
+                                     log=not no_log, echo=click.echo)
     if parent:
         click.echo(f"\nlogged to parent run {parent}")
 

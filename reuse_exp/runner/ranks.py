@@ -119,12 +119,12 @@ def load_model(s: RunSettings, placement):
 
 
 def device_name(device: str) -> str:
-    import platform
-
     import torch
+
+    from ..tracking.environment import cpu_model
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def rank_devices(lm) -> list[tuple[str, str]]:
@@ -138,8 +138,9 @@ def world_params(devices: list[tuple[str, str]]) -> tuple[dict, dict]:
     """(params, tags) that say where the ranks ran."""
     params = {"rank_devices": ",".join(d for d, _ in devices)}
     tags = {"device_name": devices[0][1],
-            "rank_devices": "; ".join(f"{r}: {d} ({name})" for r, (d, name) in enumerate(devices)),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")}
+            "rank_devices": "; ".join(f"{r}: {d} ({name})" for r, (d, name) in enumerate(devices))}
+    if any(d.startswith("cuda") for d, _ in devices):   # which GPUs it saw, only where it used any
+        tags["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
     return params, tags
 
 

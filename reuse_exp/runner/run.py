@@ -19,14 +19,15 @@ import traceback
 from pathlib import Path
 
 from ..errors import RankFailed, RunFailed, Terminated
-from ..knobs import LAUNCHED
+from ..knobs import ANY_ENVIRONMENT, LAUNCHED
 from ..settings import RunSettings
 from ..tracking.artifacts import log_artifacts
+from ..tracking import data, environment
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
 from ..tracking.provenance import Provenance, check_clean, dirty_diff, provenance, redact
-from ..tracking.schema import REFUSED_TAG, config_key, config_name, library_versions, lm_eval_metrics, param_str
+from ..tracking.schema import ANY_ENVIRONMENT_TAG, REFUSED_TAG, config_key, config_name, library_versions, lm_eval_metrics, param_str
 from ..tracking.store_init import absolute_uri, open_client
 
 
@@ -151,9 +152,13 @@ def _evaluate(tracker: Tracker, s: RunSettings, placement, task_manager, prov: P
     lm = ranks.load_model(s, placement)
     tracker.lm = lm
     lm.on_batch = tracker.progress
-    world_params, world_tags = ranks.world_params(ranks.rank_devices(lm))
+    devices = ranks.rank_devices(lm)
+    world_params, world_tags = ranks.world_params(devices)
     params = lm.params()
     tracker.params({**params, **world_params})
+    env = environment.gather(placement.torch_device.type, params["resolved_dtype"], params["path"],
+                             lm.world_size, [name for d, name in devices if d.startswith("cuda")])
+    tracker.tags({**env.tags(), **({ANY_ENVIRONMENT_TAG: "true"} if ANY_ENVIRONMENT.read() else {})})
     all_params = {**{n: param_str(v) for n, v in s.as_dict().items()}, **params,
                   "device_type": placement.torch_device.type}
     tracker.tags({"config_key": config_key(all_params), "model_path": lm.loaded.path or "", **world_tags,
@@ -183,7 +188,14 @@ def _evaluate(tracker: Tracker, s: RunSettings, placement, task_manager, prov: P
         scope_tags, scope_metrics = resume.scope(s.resume, stats.requests, _requests(samples))
         tracker.tags(scope_tags)
         metrics |= scope_metrics
+    metrics["peak_rss_mb"] = environment.peak_rss_mb()
     tracker.metrics(metrics)
+    read = data.fingerprint(results, samples)
+    tracker.tags(data.tags(read))
+    data.log_datasets(tracker.client, tracker.run_id, read)
+    tracker.artifact_json("environment.json", {**env.record(), "data": [
+        {"task": t.task, "version": t.version, "config_hash": t.config_hash, "documents_digest": t.digest,
+         "documents": t.documents} for t in read]})
     tracker.tags({"task_kind": kind, "accuracy_metric": primary[0] if primary else "none",
                   "reuse_note": LOGLIKELIHOOD_NOTE if kind == "loglikelihood"
                   else lm.policy.note()})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import AuditFailed, ConfigError
+from .environments import any_environment, differences
 from .store import STALE_AFTER_S, RunRecord, client, experiment_name, fetch_runs, format_duration, tracking_uri
 
 
@@ -47,15 +48,35 @@ def dead(r: RunRecord, now_ms: int, stale_after_s: float) -> list[str]:
     return []
 
 
-def mixed_grids(runs: list[RunRecord]) -> list[Finding]:
-    """Per grid (task + every setting but k and subset), the newest clean FINISHED run of each
-    cell: if those come from more than one commit, the grid's table would mix code."""
+def newest_cells(runs: list[RunRecord]) -> dict[tuple, dict]:
+    """Per grid (task + every setting but k and subset), the newest clean FINISHED run of each cell."""
     grids: dict[tuple, dict] = defaultdict(dict)
     for r in sorted(runs, key=lambda r: r.start_ms):
         if r.role == "run" and r.status == "FINISHED" and r.commit and not r.dirty:
             grids[(r.params.get("task", "?"), r.grid_key)][r.cell] = r   # newest wins
+    return grids
+
+
+def mixed_environments(runs: list[RunRecord]) -> list[Finding]:
+    """A grid at one commit whose cells ran in different environments or read different data:
+    one finding per difference, naming the cells. A grid told the environment does not matter
+    (every run tagged so) is checked for its data only."""
     out = []
-    for (task, _), cells in grids.items():
+    for (task, _), cells in newest_cells(runs).items():
+        if len({r.commit for r in cells.values()}) > 1:
+            continue   # mixed commits: said by mixed_grids
+        labelled = [(f"k{c[0]}_{c[1]}", r) for c, r in sorted(cells.items())]
+        for d in differences(labelled, any_environment([r for _, r in labelled])):
+            out.append(Finding(",".join(d.run_ids), f"grid {task} mixes environments or data at "
+                                                    f"{labelled[0][1].commit[:7]}: {d.line}"))
+    return out
+
+
+def mixed_grids(runs: list[RunRecord]) -> list[Finding]:
+    """The newest clean FINISHED run of each cell of a grid: if those come from more than one
+    commit, the grid's table would mix code."""
+    out = []
+    for (task, _), cells in newest_cells(runs).items():
         commits = sorted({r.commit for r in cells.values()})
         if len(commits) > 1:
             where = ", ".join(f"{c[:7]}: {sum(r.commit == c for r in cells.values())} config(s)" for c in commits)
@@ -70,7 +91,7 @@ def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     kept = [r for r in runs if not r.refused]
     found = [Finding(r.run_id, why) for r in kept for why in provenance(r) + dead(r, now_ms, stale_after_s)]
-    return found + mixed_grids(kept)
+    return found + mixed_grids(kept) + mixed_environments(kept)
 
 
 def audit_store(experiment: str | None = None, all_experiments: bool = False,

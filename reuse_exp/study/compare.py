@@ -7,7 +7,10 @@ paired view against k=1 (outputs changed, correct->wrong, wrong->correct); measu
 how. Per configuration the newest clean FINISHED run at the chosen commit (HEAD unless
 --commit). A configuration that has runs only at other commits, or only dirty ones,
 is refused by name unless --include-other-commits / --include-dirty say to use them;
-then its cells are starred and the parent run says which commits it mixes.
+then its cells are starred and the parent run says which commits it mixes. Runs of one table
+that computed in different environments or read different data (study/environments.py) are
+refused the same way, one line per difference, unless --include-other-environments: then the
+odd cells are starred and the table and the parent run's tag say what was mixed.
 The table, compare.json and the PNG are logged to a parent run of the grid, with every
 number as a metric NAME.CONFIG (the MLflow UI's compare view shows them), and the grid's
 runs are nested under it in the MLflow UI.
@@ -18,7 +21,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +29,7 @@ import numpy as np
 
 from ..errors import Refused
 from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, task_kind
+from .environments import differences
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
 from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head
@@ -43,7 +47,8 @@ class Pick:
         return self.repeats or ((self.run,) if self.run else ())
 
 
-def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: bool, dirty: bool) -> list[Pick]:
+def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: bool, dirty: bool,
+         other_environments: bool = False) -> list[Pick]:
     picks, refused = [], []
     for cell in cells:
         mine = sorted((r for r in runs if r.role == "run" and r.status == "FINISHED" and cell.matches(r)),
@@ -70,7 +75,25 @@ def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: b
         listed = "; ".join(f"{n}: " + ", ".join(f"{v or 'none'} ({ids})" for v, ids in vals.items())
                            for n, vals in differ.items())
         raise Refused(f"the runs differ in settings the grid did not pin: {listed} -- pin them with -P NAME=VALUE")
-    return picks
+    return star_environments(picks, other_environments)
+
+
+def labelled(picks: list[Pick]) -> list[tuple[str, RunRecord]]:
+    return [(p.cell.name, r) for p in picks for r in p.runs]
+
+
+def star_environments(picks: list[Pick], allowed: bool) -> list[Pick]:
+    """Runs from different environments or data in one table: refused, one line per difference,
+    unless allowed; then the cells holding the odd runs are starred."""
+    diffs = differences(labelled(picks))
+    if not diffs:
+        return picks
+    if not allowed:
+        raise Refused("refusing to put runs of different environments or data in one table:\n  " +
+                      "\n  ".join(map(str, diffs)) + "\n-- run the grid in one environment (`reuse-exp grid run` "
+                      "there), or pass --include-other-environments to show them starred")
+    odd = {rid for d in diffs for rid in d.run_ids}
+    return [replace(p, starred=True) if any(r.run_id in odd for r in p.runs) else p for p in picks]
 
 
 def differing_settings(runs: list[RunRecord]) -> dict[str, dict[str, str]]:
@@ -195,10 +218,12 @@ def legend(rows_: list[Row]) -> str:
 
 
 def describe(picks: list[Pick]) -> str:
-    lines = ["", "runs:"]
+    mixed = differences(labelled(picks))
+    lines = ["", "mixed environments or data (* cells):", *(f"  {d}" for d in mixed)] if mixed else []
+    lines += ["", "runs:"]
     for p in picks:
         lines.append(f"  {p.cell.name:<10} " + (", ".join(r.short() for r in p.runs) +
-                                               ("  * other commit or dirty" if p.starred else "")
+                                               ("  * other commit, dirty or environment" if p.starred else "")
                                                if p.run else "missing"))
     return "\n".join(lines)
 
@@ -218,7 +243,9 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
             "reuse_exp.role": "compare", "reuse_exp.compared": digest, "task": request.task,
             "git_commit": commits[0] if len(commits) == 1 else "mixed:" + ",".join(c[:7] for c in commits),
             "git_dirty": "true" if any(r.dirty for r in used) else "false",
-            "grid_key": used[0].grid_key, "compared_runs": ",".join(ids)[:5000]}).info.run_id
+            "grid_key": used[0].grid_key, "compared_runs": ",".join(ids)[:5000],
+            **({"mixed_environments": "\n".join(map(str, mixed))[:5000]}
+               if (mixed := differences(labelled(picks))) else {})}).info.run_id
     from mlflow.entities import Metric
     now = int(time.time() * 1000)
     metrics = [Metric(f"{name}.{r.pick.cell.name}", v, now, 0) for r in rows_ for name, v in r.figures().items()]
@@ -240,7 +267,8 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
 
 
 def compare(request: GridRequest, experiment: str | None, commit: str | None = None, *,
-            include_other_commits: bool = False, include_dirty: bool = False, out: Path | None = None,
+            include_other_commits: bool = False, include_dirty: bool = False,
+            include_other_environments: bool = False, out: Path | None = None,
             log: bool = True, echo: Callable[[str], None] = print) -> str | None:
     """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
     interval, outputs changed against k=1; and a plot. From one commit. Echoes the table; returns
@@ -251,7 +279,7 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
     runs = fetch_runs(cl, exp_id, request.task)
     kind = task_kind(request.task, runs)
     cells = request.cells(kind)
-    picks = pick(cells, runs, commit, include_other_commits, include_dirty)
+    picks = pick(cells, runs, commit, include_other_commits, include_dirty, include_other_environments)
     rows_ = rows(cl, picks)
     header = f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
     if kind == LOGLIKELIHOOD:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..errors import DirtyTree, GridFailed
+from ..knobs import ANY_ENVIRONMENT, knob_set
 from ..settings import to_text
+from .environments import here, same_here
 from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable,
                     run_command, task_kind)
 from .launch import SubmititOptions, run_local, submit
@@ -29,6 +31,8 @@ from .store import (LIVE, STALE_AFTER_S, RunRecord, client, experiment_id, exper
 
 # -- status ---------------------------------------------------------------------------------
 DONE, STALE, FAILED, RUNNING, MISSING = "done", "stale", "failed", "running", "missing"
+OTHER_ENVIRONMENT = ("done at HEAD in another environment only (GPU model, CUDA or library versions): "
+                     "not done here; --any-environment if it does not matter for this grid")
 
 
 @dataclass
@@ -39,20 +43,25 @@ class CellState:
     note: str = ""
 
     def label(self) -> str:
+        if self.state == STALE and self.note == OTHER_ENVIRONMENT:
+            return "stale@env"
         if self.state == STALE:
             return f"stale@{self.runs[0].commit[:7] if self.runs[0].commit else '?'}"
         return self.state
 
 
 def classify(cell: Cell, runs: list[RunRecord], head: str, now_ms: int,
-             stale_after_s: float = STALE_AFTER_S) -> CellState:
+             stale_after_s: float = STALE_AFTER_S, where: Callable[[str], tuple] | None = here) -> CellState:
     """done at HEAD > running > failed (or dead) at HEAD > stale (done elsewhere) > missing.
 
-    A dead run (RUNNING, its heartbeat older than `stale_after_s`) is a failed one: its
-    configuration is not done and `grid run` runs it again."""
+    Done means done here: at HEAD, in the environment a run here would get (`where`: what this
+    machine can know of it; None: the user said the environment does not matter for this grid).
+    A run at HEAD in another environment makes the cell stale. A dead run (RUNNING, its
+    heartbeat older than `stale_after_s`) is a failed one: its configuration is not done and
+    `grid run` runs it again."""
     mine = sorted((r for r in runs if cell.matches(r) and r.role == "run"),
                   key=lambda r: r.start_ms, reverse=True)
-    at_head = [r for r in mine if r.commit == head and not r.dirty]
+    at_head = [r for r in mine if r.commit == head and not r.dirty and (where is None or same_here(r, where))]
     done = [r for r in at_head if r.status == "FINISHED"]
     if done:
         return CellState(cell, DONE, done)
@@ -68,15 +77,18 @@ def classify(cell: Cell, runs: list[RunRecord], head: str, now_ms: int,
         return CellState(cell, FAILED, sorted(bad, key=lambda r: r.start_ms, reverse=True), note)
     elsewhere = [r for r in mine if r.status == "FINISHED"]
     if elsewhere:
-        note = "dirty tree" if all(r.commit == head for r in elsewhere) else ""
+        clean_head = [r for r in elsewhere if r.commit == head and not r.dirty]
+        note = (OTHER_ENVIRONMENT if clean_head else
+                "dirty tree" if all(r.commit == head for r in elsewhere) else "")
         return CellState(cell, STALE, elsewhere, note)
     return CellState(cell, MISSING)
 
 
 def grid_status(request: GridRequest, runs: list[RunRecord], head: str, kind: str,
-                now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> list[CellState]:
+                now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S,
+                where: Callable[[str], tuple] | None = here) -> list[CellState]:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return [classify(c, runs, head, now_ms, stale_after_s) for c in request.cells(kind)]
+    return [classify(c, runs, head, now_ms, stale_after_s, where) for c in request.cells(kind)]
 
 
 def format_status(request: GridRequest, states: list[CellState], head: str, kind: str,
@@ -127,19 +139,22 @@ class GridView:
 
 
 def load(request: GridRequest, experiment: str | None, stale_after_s: float = STALE_AFTER_S,
-         create: bool = False) -> GridView:
-    """The grid's state at HEAD; `create`: make the experiment when it does not exist yet."""
+         create: bool = False, any_environment: bool = False) -> GridView:
+    """The grid's state at HEAD, here (`any_environment`: wherever it ran); `create`: make the
+    experiment when it does not exist yet."""
     head = git_head()
     cl = client()
     exp_id = experiment_id(cl, experiment, create=create)
     runs = fetch_runs(cl, exp_id, request.task)
     kind = task_kind(request.task, runs)
-    return GridView(request, head, exp_id, kind, grid_status(request, runs, head, kind, None, stale_after_s))
+    return GridView(request, head, exp_id, kind, grid_status(request, runs, head, kind, None, stale_after_s,
+                                                             None if any_environment else here))
 
 
-def status(request: GridRequest, experiment: str | None, stale_after_s: float = STALE_AFTER_S) -> str:
-    """The grid as text: done at HEAD, stale, failed, running, missing."""
-    view = load(request, experiment, stale_after_s)
+def status(request: GridRequest, experiment: str | None, stale_after_s: float = STALE_AFTER_S,
+           any_environment: bool = False) -> str:
+    """The grid as text: done at HEAD (here), stale, failed, running, missing."""
+    view = load(request, experiment, stale_after_s, any_environment=any_environment)
     return format_status(request, view.states, view.head, view.kind, experiment_name(experiment))
 
 
@@ -164,11 +179,12 @@ def check_tree(allow_dirty: bool, dry_run: bool) -> None:
 
 def run(request: GridRequest, experiment: str | None, launch: Launch = Launch(), *, force: bool = False,
         allow_dirty: bool = False, dry_run: bool = False, stale_after_s: float = STALE_AFTER_S,
-        echo: Callable[[str], None] = print) -> None:
-    """Run the configurations with no FINISHED run at this commit with the same settings.
-    Raises GridFailed when some failed, GridStopped when a signal stopped a local grid."""
+        any_environment: bool = False, echo: Callable[[str], None] = print) -> None:
+    """Run the configurations with no FINISHED run at this commit with the same settings, here
+    (`any_environment`: anywhere; the runs are tagged so). Raises GridFailed when some failed,
+    GridStopped when a signal stopped a local grid."""
     check_tree(allow_dirty, dry_run)
-    view = load(request, experiment, stale_after_s, create=not dry_run)
+    view = load(request, experiment, stale_after_s, create=not dry_run, any_environment=any_environment)
     states, head = view.states, view.head
     if view.kind == LOGLIKELIHOOD:
         echo(LOGLIKELIHOOD_WHY.format(task=request.task))
@@ -191,6 +207,11 @@ def run(request: GridRequest, experiment: str | None, launch: Launch = Launch(),
         for c in cells:
             echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty, resume.get(c))[3:])}")
         return
+    with knob_set(ANY_ENVIRONMENT, any_environment):   # the jobs inherit it and tag their runs
+        _launch(cells, uri, exp, allow_dirty, head, launch, resume, echo)
+
+
+def _launch(cells, uri, exp, allow_dirty, head, launch, resume, echo) -> None:
     hint = None
     opts = launch.options
     if launch.executor == "local":

@@ -139,3 +139,29 @@ def combine(per_rank: list[dict[str, float]]) -> dict[str, float]:
     for rank, r in enumerate(per_rank):
         out |= {f"rank{rank}/{k}": v for k, v in r.items()}
     return out
+
+
+def inventory() -> tuple[list[str], str | None]:
+    """The visible GPUs' model names (CUDA's order) and the driver version, from NVML; ([], None)
+    without a GPU, a driver or the module."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:  # no module, no driver: a machine without GPUs, as far as a run can tell
+        return [], None
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = pynvml.nvmlDeviceGetCount()
+        indices = range(count) if visible is None else range(len([v for v in visible.split(",") if v.strip()]))
+        names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(nvml_index(i))) for i in indices]
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return [n.decode() if isinstance(n, bytes) else n for n in names], \
+            driver.decode() if isinstance(driver, bytes) else driver
+    except Exception as e:  # an index CUDA_VISIBLE_DEVICES names but NVML cannot open
+        log.warning("GPU inventory: NVML cannot list the GPUs (%s: %s)", type(e).__name__, e)
+        return [], None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception as e:
+            log.warning("NVML shutdown failed (%s)", e)

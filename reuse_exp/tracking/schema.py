@@ -79,6 +79,7 @@ CONFIG_KEY_PARAMS = key_params()
 HEARTBEAT_TAG = "reuse_exp.heartbeat"
 REFUSED_TAG = "reuse_exp.refused"
 END_REASON_TAG = "reuse_exp.end_reason"
+ANY_ENVIRONMENT_TAG = "reuse_exp.any_environment"
 # Reuse params that shape a result only under a policy that reads them (`layers`: the subset's).
 POLICY_PARAMS = {"k": "k", "layers": "subset", "mode": "mode", "scope": "scope", "drift": "drift",
                  "max_reuse": "max_reuse"}

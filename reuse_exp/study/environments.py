@@ -31,11 +31,13 @@ def any_environment(runs: list[RunRecord]) -> bool:
     return bool(runs) and all(r.tags.get(ANY_ENVIRONMENT_TAG) == "true" for r in runs)
 
 
-def _text(r: RunRecord, names: list[str]) -> str:
+def _text(r: RunRecord, names: list[str], other: RunRecord) -> str:
+    """What `r` ran on, of `names`: `CUDA 12.8 on H100`, `data tiny_gsm documents 3c4d5e` (the
+    data's parts that differ from `other`'s)."""
     fp = fingerprint(r)
     parts = [label(n, fp[n]) for n in names if n != DATA]
     if DATA in names:
-        parts.append("data " + describe_data(r.tags))
+        parts.append("data " + describe_data(r.tags, other.tags))
     return " ".join(parts)
 
 
@@ -71,8 +73,8 @@ def differences(labelled: list[tuple[str, RunRecord]], ignore_environment: bool 
     names = [n for n, _ in majority if len({dict(k)[n] for k in groups}) > 1]
     base = groups[majority][0][1]
     rest = "every other cell" if len(groups) == 2 else "most cells"
-    return [Difference(f"{', '.join(_entries(group, labelled))}: {_text(group[0][1], names)}; "
-                       f"{rest}: {_text(base, names)}", tuple(r.run_id for _, r in group))
+    return [Difference(f"{', '.join(_entries(group, labelled))}: {_text(group[0][1], names, base)}; "
+                       f"{rest}: {_text(base, names, group[0][1])}", tuple(r.run_id for _, r in group))
             for k, group in groups.items() if k != majority]
 
 

@@ -65,13 +65,18 @@ def tags(tasks: list[TaskData]) -> dict[str, str]:
     return {k: v for t in tasks for k, v in t.tags().items()} | {DATA_DIGEST_TAG: combined}
 
 
-def describe(task_tags: dict) -> str:
-    """A run's data, for a line that says how two runs' data differ: `tiny_gsm v1.0 config
-    1a2b documents 3c4d`."""
+def describe(task_tags: dict, other: dict | None = None) -> str:
+    """A run's data, for a line that says how two runs' data differ: `tiny_gsm documents 3c4d5e`
+    (against `other`'s tags, only what differs from it; else version, config and documents)."""
+    fields = (("version", "v{}"), ("config_hash", "config {:.6}"), ("digest", "documents {:.6}"))
     tasks = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in task_tags if k.startswith(PREFIX)})
-    return "; ".join(f"{t} v{task_tags.get(f'{PREFIX}{t}.version', '?')} config "
-                     f"{task_tags.get(f'{PREFIX}{t}.config_hash', '?')[:6]} documents "
-                     f"{task_tags.get(f'{PREFIX}{t}.digest', '?')[:6]}" for t in tasks) or "no data record"
+    parts = []
+    for t in tasks:
+        mine = {f: task_tags.get(f"{PREFIX}{t}.{f}", "?") for f, _ in fields}
+        theirs = {f: (other or {}).get(f"{PREFIX}{t}.{f}") for f, _ in fields}
+        shown = [fmt.format(mine[f]) for f, fmt in fields if other is None or mine[f] != theirs[f]]
+        parts.append(" ".join([t, *(shown or [fmt.format(mine[f]) for f, fmt in fields])]))
+    return "; ".join(parts) or "no data record"
 
 
 def log_datasets(client, run_id: str, tasks: list[TaskData]) -> None:

@@ -23,18 +23,30 @@ LAYERS = {"first": "1,2,3", "middle": "2,3,4", "last": "5,6,7"}
 TOKENS_PER_BATCH = 40
 
 
+def environment_tags(data_digest: str = "d" * 16, **shaping) -> dict[str, str]:
+    """The env.* and data tags of a CPU run on this machine (what the grid counts as here);
+    `shaping` overrides entries, e.g. cuda="12.8", device="NVIDIA H100 80GB HBM3"."""
+    from reuse_exp.tracking.environment import PREFIX, here
+    values = {**here("cpu"), "dtype": "float32", "path": "eager", "world_size": "1", **shaping}
+    return {**{PREFIX + n: v for n, v in values.items()}, "data_digest": data_digest,
+            "data.tiny_gsm.version": "1.0", "data.tiny_gsm.config_hash": "c" * 16, "data.tiny_gsm.digest": data_digest}
+
+
 def fabricate(cl, exp_id: str, *, task: str = "tiny_gsm", k: int = 1, subset: str = "first", commit: str,
               dirty: bool = False, status: str = "FINISHED", accuracy: float = 0.5, tps: float = 100.0,
               skipped: float | None = None, start_ms: int | None = None, kind: str = "generate_until",
               tags: dict | None = None, n: int = 8, rates: list[float] | None = None,
-              correct: list[bool] | None = None, outputs: list[str] | None = None, **params) -> str:
+              correct: list[bool] | None = None, outputs: list[str] | None = None, env: dict | None = None,
+              **params) -> str:
     """A run with the tracked run's params, tags and metrics. `rates` (per-batch tokens/s) adds
     timings.json and the median metrics; `correct` (per document, with `outputs`, default all
-    "same") adds per_sample.jsonl and sets accuracy and n from it."""
+    "same") adds per_sample.jsonl and sets accuracy and n from it. `env`: its environment and
+    data tags (default: this machine's, environment_tags())."""
     run = cl.create_run(exp_id, start_time=start_ms or int(time.time() * 1000), tags={
         "git_commit": commit, "git_branch": "main", "git_dirty": "true" if dirty else "false",
         "source_hash": "s" * 8, "config_key": f"{task}-{k}-{subset}", "task_kind": kind,
-        "accuracy_metric": "exact_match,strict-match", "reuse_exp.role": "run", **(tags or {})})
+        "accuracy_metric": "exact_match,strict-match", "reuse_exp.role": "run",
+        **(environment_tags() if env is None else env), **(tags or {})})
     rid = run.info.run_id
     params = {**PARAMS, "task": task, "k": str(k), "subset": subset, "layers": LAYERS[subset],
               **{n: str(v) for n, v in params.items()}}

@@ -3,7 +3,8 @@
 Exits non-zero, one line per run id and reason, when a run cannot be trusted in a
 comparison: it is dirty or evaluated without a commit, it is dead (RUNNING, with no
 heartbeat for `--stale-after`: a job killed without a word), or a grid's newest runs
-come from more than one commit (the study's three-commits-in-one-table failure).
+come from more than one commit (the study's three-commits-in-one-table failure), or at one
+commit from different environments or data (study/environments.py: one line per difference).
 Runs refused before they evaluated (a typo, a dirty tree) are counted apart, never
 findings: they hold no result.
 """

@@ -20,14 +20,29 @@ tags
     params its policy does not read, layers left out at k=1; the grid groups by
     config_key + git_commit), task_kind (generate_until |
     loglikelihood), reuse_note, accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
-    device_name, rank_devices (`0: cuda:0 (NVIDIA H200); ...`), cuda_visible_devices,
+    device_name (the GPU or CPU model), rank_devices (`0: cuda:0 (NVIDIA H200); ...`),
+    cuda_visible_devices (GPU runs only),
     request_cache (the folder of its per-request cache), resumed_from / resumed_by (a
     resumed run and the run it resumed), throughput_scope (a resumed run: what its
     throughput covers), reuse_exp.role ("run"), error (the one line of a failed run),
     end_status (FAILED or KILLED as this code ended it), reuse_exp.heartbeat (UTC time,
     rewritten every 30 s while the process lives: a RUNNING run with an old one is dead),
     reuse_exp.refused ("true": refused before evaluating, e.g. a bad value or a dirty tree;
-    the audit counts these apart), reuse_exp.end_reason (why `reuse-exp runs end` ended it).
+    the audit counts these apart), reuse_exp.end_reason (why `reuse-exp runs end` ended it),
+    reuse_exp.any_environment ("true": made by `grid run --any-environment`).
+    The environment (tracking/environment.py), env.<name>, in two parts:
+      shapes a result (the grid, `compare` and the audit compare these; env_key hashes them):
+        env.torch, env.cuda, env.cudnn, env.transformers, env.lm_eval (the libraries that
+        compute and build the prompts), env.device (the GPU model of the ranks, or the CPU
+        model on CPU), env.dtype, env.path (the decoding path taken), env.world_size;
+      does not (it describes the machine and the speed): env.mlflow, env.reuse_exp (the commit
+        says the code), env.python, env.cpu, env.cpu_cores, env.torch_threads and
+        env.omp_num_threads (measured: 1 and 2 threads decode the bundled model's tokens
+        identically; they change only the speed), env.hostname, and on GPUs only
+        env.gpu_count and env.gpu_driver; peak RSS is a metric and in environment.json.
+    The data (tracking/data.py), per task: data.<task>.version (lm-eval's), .config_hash (the
+    task's configuration as it ran), .digest (the evaluated documents: ids, text, prompt,
+    target); data_digest over every task (compared like the environment's shaping part).
 metrics
     accuracy (the task's primary metric: exact_match after strict-match, else acc),
     accuracy_stderr (lm-eval's stderr of it), n_samples (documents scored);
@@ -51,14 +66,16 @@ metrics
     Several ranks: seconds is the slowest rank's, tokens_per_second all ranks' tokens over
     it, beside each rank's rankR/generated_tokens, rankR/seconds, rankR/tokens_per_second;
     the gpu_* metrics cover every GPU (peaks the highest, energy and power summed,
-    utilisation averaged), each rank's as rankR/gpu_*. A resumed run: cached_requests (the
+    utilisation averaged), each rank's as rankR/gpu_*. peak_rss_mb (this process's peak
+    resident memory: rank 0's with several ranks). A resumed run: cached_requests (the
     requests its request cache answered; the throughput counts only the rest). During the run, generated_tokens/seconds are logged per batch.
 artifacts
     summary.json (the study's per-config summary), lm_eval_results.json,
     samples_<task>.jsonl (lm-eval's per-sample records), per_sample.jsonl (per document:
     task, doc_id, score, correct, output hash), timings.json (per timed batch: tokens,
     seconds), generations.jsonl (each prompt as fed, the raw and the returned text),
-    reuse_trace.json, pip_freeze.txt, dirty.diff (allow_dirty runs of a dirty tree),
+    reuse_trace.json, pip_freeze.txt, environment.json (the env.* values in their two parts,
+    peak RSS, each task's data fingerprint), dirty.diff (allow_dirty runs of a dirty tree),
     error.txt (failed runs).
 Values of secret-looking environment variables (HF_TOKEN, *_TOKEN, *_KEY, ...) are
 replaced in everything logged.

@@ -62,6 +62,8 @@ def test_audit_names_the_cell_on_another_gpu_and_cuda_in_one_line(store, head):
 
 
 @pytest.mark.parametrize("odd, says", [
+    (environment_tags(cuda="12.8", device="NVIDIA A100-SXM4-80GB"), "CUDA 12.8; every other cell: CUDA 12.1"),
+    (environment_tags(cuda="12.1", device="NVIDIA H100 80GB HBM3"), "on NVIDIA H100 80GB HBM3; every other"),
     (environment_tags(cuda="12.1", device="NVIDIA A100-SXM4-80GB", torch="2.7.0"), "torch 2.7.0"),
     (environment_tags(cuda="12.1", device="NVIDIA A100-SXM4-80GB", cudnn="91002"), "cuDNN 91002"),
     (environment_tags(cuda="12.1", device="NVIDIA A100-SXM4-80GB", lm_eval="0.4.9"), "lm-eval 0.4.9"),
@@ -264,3 +266,26 @@ def test_thread_count_does_not_change_the_bundled_models_tokens():
     finally:
         torch.set_num_threads(before)
     assert out[1] == out[2] and sum(map(len, out[1])) > 20
+
+
+def test_grid_run_any_environment_reaches_its_runs(store, head, monkeypatch):
+    """The jobs inherit REUSE_EXP_ANY_ENVIRONMENT, which a run logs as a tag (the real run above)."""
+    from reuse_exp.study import grid as grid_mod
+    seen = []
+    monkeypatch.setattr(grid_mod, "run_local", lambda cells, *a, **kw: seen.append(
+        __import__("os").environ.get("REUSE_EXP_ANY_ENVIRONMENT")) or [])
+    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "1", "--allow-dirty"]
+    for flags in ([], ["--any-environment"]):
+        out = CliRunner(env=store.env).invoke(grid, [*args, *flags])
+        assert out.exit_code == 0, out.output
+    assert seen == [None, "1"]
+    assert "REUSE_EXP_ANY_ENVIRONMENT" not in __import__("os").environ
+
+
+def test_config_hash_is_the_task_not_where_its_yaml_lies():
+    """A grid's jobs read the bundled YAML from a snapshot elsewhere: the same task."""
+    from reuse_exp.tracking.data import config_hash
+    cfg = {"task": "t", "doc_to_text": "Question: {{q}}", "metadata": {"version": 1.0, "config_source": "/a/t.yaml"}}
+    assert config_hash(cfg) == config_hash({**cfg, "metadata": {"version": 1.0, "config_source": "/b/t.yaml"}})
+    assert config_hash(cfg) != config_hash({**cfg, "doc_to_text": "Q: {{q}}"})
+    assert config_hash(cfg) != config_hash({**cfg, "metadata": {"version": 2.0, "config_source": "/a/t.yaml"}})

@@ -139,8 +139,9 @@ def world_params(devices: list[tuple[str, str]]) -> tuple[dict, dict]:
     params = {"rank_devices": ",".join(d for d, _ in devices)}
     tags = {"device_name": devices[0][1],
             "rank_devices": "; ".join(f"{r}: {d} ({name})" for r, (d, name) in enumerate(devices))}
-    if any(d.startswith("cuda") for d, _ in devices):   # which GPUs it saw, only where it used any
-        tags["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(all)")
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None or any(d.startswith("cuda") for d, _ in devices):   # no "(all)" without a GPU
+        tags["cuda_visible_devices"] = given if given is not None else "(all)"
     return params, tags
 
 

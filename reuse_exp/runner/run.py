@@ -21,13 +21,14 @@ from pathlib import Path
 from ..errors import RankFailed, RunFailed, Terminated
 from ..knobs import ANY_ENVIRONMENT, LAUNCHED
 from ..settings import RunSettings
-from ..tracking.artifacts import log_artifacts
 from ..tracking import data, environment
+from ..tracking.artifacts import log_artifacts
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
 from ..tracking.provenance import Provenance, check_clean, dirty_diff, provenance, redact
-from ..tracking.schema import ANY_ENVIRONMENT_TAG, REFUSED_TAG, config_key, config_name, library_versions, lm_eval_metrics, param_str
+from ..tracking.schema import (ANY_ENVIRONMENT_TAG, REFUSED_TAG, config_key, config_name, library_versions,
+                               lm_eval_metrics, param_str)
 from ..tracking.store_init import absolute_uri, open_client
 
 

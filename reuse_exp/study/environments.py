@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Callable
 
 from ..tracking.data import DATA_DIGEST_TAG, describe as describe_data
@@ -92,7 +92,7 @@ def device_type(r: RunRecord) -> str:
     return (r.params.get("resolved_device") or r.params.get("device") or "cpu").split(":")[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def here(device_type_: str) -> tuple[tuple[str, str], ...]:
     """What this machine can know of the environment a run of `device_type_` would get here
     (once per process: it does not change under a running grid)."""

@@ -22,9 +22,9 @@ from typing import Callable
 from ..errors import DirtyTree, GridFailed
 from ..knobs import ANY_ENVIRONMENT, knob_set
 from ..settings import to_text
-from .environments import here, same_here
 from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable,
                     run_command, task_kind)
+from .environments import here, same_here
 from .launch import SubmititOptions, run_local, submit
 from .store import (LIVE, STALE_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
                     git_state, tracking_uri)

@@ -94,7 +94,7 @@ def test_secrets_are_redacted():
 
 
 def test_config_key_follows_result_shaping_settings_only():
-    base = {k: "1" for k in schema.CONFIG_KEY_PARAMS}
+    base = {k: "1" for k in schema.CONFIG_KEY_PARAMS} | {"policy": "fixed", "mode": "output", "scope": "block"}
     assert schema.config_key(base) == schema.config_key(dict(base, model_path="/elsewhere", git_commit="abc"))
     assert schema.config_key(base) != schema.config_key(dict(base, k="2"))
     assert schema.config_key(base) == schema.config_key(dict(base, layers="8,9,10"))   # k=1 computes every layer

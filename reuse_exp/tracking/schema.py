@@ -50,7 +50,9 @@ metrics
     gpu_energy_j (NVML, sampled from before the model loads to the end of the evaluation: the whole run's cost, not only the timed part),
     torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics.
     Several ranks: seconds is the slowest rank's, tokens_per_second all ranks' tokens over
-    it, beside each rank's rankR/generated_tokens, rankR/seconds, rankR/tokens_per_second;
+    it, the median and quartiles all ranks' (a batch's rate times the ranks decoding at once;
+    compare reads timings.json so too), beside each rank's rankR/generated_tokens,
+    rankR/seconds, rankR/tokens_per_second, rankR/tokens_per_second_median (_p25, _p75);
     the gpu_* metrics cover every GPU (peaks the highest, energy and power summed,
     utilisation averaged), each rank's as rankR/gpu_*. A resumed run: cached_requests (the
     requests its request cache answered; the throughput counts only the rest). During the run, generated_tokens/seconds are logged per batch.

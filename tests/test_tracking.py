@@ -385,13 +385,13 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
     assert p["resolved_dtype"] == "float32" and p["resolved_device"] == "cpu"
     assert p["layers"] == ("1,3" if which == 0 else "5,6,7")
     head = git(["rev-parse", "HEAD"], clean_repo).strip()
-    said = out.stdout.splitlines()
+    said = out.stdout.splitlines()[:-2]   # the UI's addresses: tests/test_services_ui.py opens them
     assert said[-6].startswith("accuracy  ") and " ± " in said[-6] and "(n=" in said[-6], out.stdout
     assert said[-5].startswith("speed     ") and "tokens/s" in said[-5] and "s of decoding" in said[-5]
     assert said[-4] == f"code      {head[:12]} (clean)"
     assert said[-3] == f"run       {run.info.run_id} in experiment 'Default'"
     assert said[-2] == f"store     {store}"
-    assert said[-1] == f"open it   mlflow ui --backend-store-uri {store}"
+    assert said[-1] == f"ui        mlflow ui --backend-store-uri {store}"
     done = re.findall(r"^decoding: (\d+)/(\d+) requests \[", out.stderr, re.M)
     assert done[0][0] == "0" and done[-1][0] == done[-1][1] != "0", out.stderr[-3000:]   # progress, start to end
     for noise in ("instantiate a model of type", "Custom kwargs can be passed", "Skip logging GPU metrics",

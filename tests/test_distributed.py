@@ -310,6 +310,9 @@ def test_sigterm_to_the_launching_process_stops_every_rank_and_ends_killed(clean
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert "SIGTERM: the ranks were stopped and the run ended KILLED" in err and "Traceback" not in err
+    # one line for the one signal: not one a rank, nor torch's launcher narrating the shutdown
+    said = [line for line in err.splitlines() if not line.startswith("decoding: ")]
+    assert said == ["reuse-exp: SIGTERM: the ranks were stopped and the run ended KILLED with what it had logged"], err
     assert not any(alive(p) for p in pids.values())
     [run] = client.search_runs(["0"])
     assert run.info.status == "KILLED" and run.data.metrics["generated_tokens"] > 0

@@ -53,7 +53,8 @@ class Progress:
         rate = f"{tokens / seconds:.1f} {unit}" if seconds > 0 else f"- {unit}"
         if self.tty:
             if self.bar is None:
-                self.bar = tqdm(total=total, desc=self.desc, unit="req", file=self.stream, dynamic_ncols=True)
+                self.bar = tqdm(total=total, desc=self.desc, unit="req", file=self.stream, dynamic_ncols=True,
+                                disable=False)   # a terminal: whatever TQDM_DISABLE says (cli/__init__.py)
             self.bar.total = total
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(rate)

@@ -105,7 +105,10 @@ class GridRequest:
     def cell(self, k: int, subset) -> Cell:
         """The cell of (k, subset), passing only the reuse settings that shape its computation."""
         values = (("task", self.task), ("k", k), ("subset", subset), *self.settings)
-        policy = get_policy(dict(values).get("policy") or "fixed")
+        try:
+            policy = get_policy(dict(values).get("policy") or "fixed")
+        except ConfigError:   # a plug-in this process cannot import: every setting counts (the run refuses it)
+            return Cell(k=k, subset=subset, settings=values)
         typed = {n: v for n, v in values if n in policy.reads}
         unread = set(policy.reads) - set(policy.computes(**typed))
         label = subset if "subset" not in unread else ANY_SUBSET if k == 1 else to_text(typed.get("mode"))

@@ -11,6 +11,7 @@ lock, registered as an `mlflow.tracking_store` plug-in (pyproject.toml) by `pip 
 """
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 from functools import lru_cache
@@ -36,6 +37,8 @@ def sqlite_file(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     path = Path(unquote(uri[len("sqlite:///"):]).split("?")[0])
+    if path.name in ("", ":memory:"):
+        return None
     return path if path.is_absolute() else Path.cwd() / path
 
 
@@ -61,6 +64,9 @@ def _lock(path: str) -> FileLock:
 def sqlite_store(store_uri: str, artifact_uri: str | None = None):
     """MLflow's own sqlite store, built (tables created and migrated) under the store's lock."""
     from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+    db = sqlite_file(store_uri)
+    if db is not None and db.parent.is_dir() and not os.access(db.parent, os.W_OK):
+        return _get_sqlalchemy_store(store_uri, artifact_uri)   # read-only: no one creates it there, no lock
     with store_opening(store_uri):
         return _get_sqlalchemy_store(store_uri, artifact_uri)
 

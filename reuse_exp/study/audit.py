@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import AuditFailed, ConfigError
-from .store import STALE_AFTER_S, RunRecord, client, experiment_name, fetch_runs, format_duration, tracking_uri
+from .store import STALE_AFTER_S, RunRecord, client, end_command, experiment_name, fetch_runs, format_duration, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def provenance(r: RunRecord) -> list[str]:
 def dead(r: RunRecord, now_ms: int, stale_after_s: float) -> list[str]:
     if r.is_dead(now_ms, stale_after_s):
         return [f"dead: {r.status} with {r.last_sign_of_life(now_ms)}, more than {format_duration(stale_after_s)}: "
-                f"its process is gone; end it with `reuse-exp runs end {r.run_id}`"]
+                f"its process is gone; end it with `{end_command(r.run_id, stale_after_s)}`"]
     return []
 
 

@@ -39,12 +39,18 @@ class ScoringStats:
         self.truncated_continuations += record["truncated_continuation"]
 
 
-# The figures that cover only the requests this run computed; every other count and fraction covers
-# every request, those a resumed run found in its request cache too ("*": any suffix, e.g. a kind).
-COMPUTED_ONLY = ("seconds", "tokens_per_second", "tokens_per_second_median", "tokens_per_second_p25",
-                 "tokens_per_second_p75", "timed_batches", "batch_forwards_*", "warmup_seconds", "wall_seconds",
-                 "scoring_seconds", "positions_per_second", "rank*/seconds", "rank*/tokens_per_second",
-                 "gpu_* (and system metrics)", "artifacts timings.json and reuse_trace.json")
+# The figures that cover only the requests this run computed (time, rates, batches, the machine's
+# load); every other count and fraction covers every request, those a resumed run found in its
+# request cache too. Patterns as fnmatch reads them.
+COMPUTED_ONLY = ("seconds", "tokens_per_second*", "timed_batches", "batch_forwards_*", "*_seconds",
+                 "positions_per_second", "rank*/seconds", "rank*/tokens_per_second", "gpu_*", "rank*/gpu_*",
+                 "torch_peak_memory_mb", "system/*")
+
+
+def computed_only(name: str) -> bool:
+    """Is metric `name` one that covers only what this run computed (a timing, not a result)?"""
+    from fnmatch import fnmatchcase
+    return any(fnmatchcase(name, p) for p in COMPUTED_ONLY)
 
 
 def rate_metrics(timings: list[tuple[float, float]]) -> dict[str, float]:

@@ -87,11 +87,14 @@ def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
     return Path(tags.get("request_cache") or cache_dir(s, commit, rid))
 
 
-def scope(resumed_from: str, decoded: int, documents: int) -> tuple[dict, dict]:
-    """(tags, metrics) that say what a resumed run's throughput covers."""
-    cached = max(0, documents - decoded)
-    return ({"throughput_scope": f"tokens/s, tokens and seconds count only what this run decoded: {decoded} of "
-             f"{documents} requests; {cached} came from run {resumed_from}'s request cache"},
+def scope(resumed_from: str, computed: int, documents: int) -> tuple[dict, dict]:
+    """(tags, metrics) that say which figures of a resumed run cover only what it computed."""
+    from ..evaluation.stats import COMPUTED_ONLY
+    cached = max(0, documents - computed)
+    return ({"throughput_scope": f"the metrics {' '.join(COMPUTED_ONLY)} and the artifacts timings.json and "
+             f"reuse_trace.json cover only what this run computed: {computed} of {documents} requests; "
+             f"{cached} came from run {resumed_from}'s request cache with their statistics, so every other "
+             "metric and generations.jsonl cover all of them"},
             {"cached_requests": cached})
 
 

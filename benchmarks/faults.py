@@ -191,6 +191,8 @@ class Campaign:
     def audit(self, case: dict) -> dict:
         """The audit as a user runs it, once the dead are older than --stale-after, and every
         command it prints run exactly as printed; was its verdict right?"""
+        from reuse_exp.tracking.heartbeat import parse_stamp
+        from reuse_exp.tracking.schema import HEARTBEAT_TAG
         time.sleep(STALE + 1.5)
         before = {r.info.run_id: r for r in self.client.search_runs([case["exp"]])}
         truly_dead = {rid for rid, r in before.items() if r.info.status == "RUNNING"}
@@ -205,8 +207,6 @@ class Campaign:
                 rid = printed.split()[3]
                 run = self.client.get_run(rid)
                 hb = before[rid].data.tags.get(HEARTBEAT_TAG)
-                from reuse_exp.tracking.heartbeat import parse_stamp
-                from reuse_exp.tracking.schema import HEARTBEAT_TAG
                 last = parse_stamp(hb)
                 want_end = int(last * 1000) if last else before[rid].info.start_time
                 ended.append({"command": printed, "exit": res.returncode, "line": (res.stdout + res.stderr).strip(),

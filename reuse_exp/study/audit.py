@@ -65,10 +65,16 @@ def mixed_grids(runs: list[RunRecord]) -> list[Finding]:
     return out
 
 
+def never_began(r: RunRecord) -> bool:
+    """Ended before it logged its code (killed in start-up, or MLflow's CLI killed before the run's
+    command began): like a refused run, it holds no result."""
+    return r.status in ("KILLED", "FAILED") and "git_commit" not in r.tags
+
+
 def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> list[Finding]:
-    """The findings over `runs`; refused runs are none of them."""
+    """The findings over `runs`; refused runs, and runs ended before they began, are none of them."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    kept = [r for r in runs if not r.refused]
+    kept = [r for r in runs if not r.refused and not never_began(r)]
     found = [Finding(r.run_id, why) for r in kept for why in provenance(r) + dead(r, now_ms, stale_after_s)]
     return found + mixed_grids(kept)
 
@@ -89,7 +95,10 @@ def audit_store(experiment: str | None = None, all_experiments: bool = False,
     findings = audit(runs, stale_after_s=stale_after_s)
     names = ", ".join(e.name for e in exps)
     refused = sum(r.refused for r in runs)
-    apart = f"; {refused} refused run(s), ignored" if refused else ""
+    unbegun = sum(never_began(r) and not r.refused for r in runs)
+    apart = (f"; {refused} refused run(s), ignored" if refused else "") + \
+            (f"; {unbegun} run(s) ended before they began, ignored" if unbegun else "")
+    refused += unbegun
     if findings:
         for f in findings:
             echo(str(f))

@@ -81,7 +81,7 @@ class RunRecord:
     @property
     def last_heartbeat_ms(self) -> int | None:
         seconds = parse_stamp(self.tags.get(HEARTBEAT_TAG))
-        return None if seconds is None else int(seconds * 1000)
+        return None if seconds is None else round(seconds * 1000)   # the stamp is to the ms
 
     def is_dead(self, now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> bool:
         """RUNNING, but no heartbeat (or, without one, no start) for `stale_after_s`: its process

@@ -227,7 +227,8 @@ def sample_records(samples: dict[str, list[dict]], primary: str | None,
             out.append({"task": task, "doc_id": r.get("doc_id"), "score": score,
                         "correct": None if score not in (0.0, 1.0) else score == 1.0,
                         "output": output_hash(_unpadded(r.get("resps"), (repeats or {}).get(task, 1)))})
-    return out
+    # in document order: several ranks hand lm-eval's samples back rank by rank
+    return sorted(out, key=lambda r: (r["task"], r["doc_id"] if isinstance(r["doc_id"], int) else -1))
 
 
 def _unpadded(resps, repeats: int):

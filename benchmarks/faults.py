@@ -156,7 +156,7 @@ class Campaign:
         proc = self.start(run_cmd(target, ranks), env, self.work / f"{name}.log")
         t0 = time.monotonic()
         if moment == "start-up":
-            time.sleep(self.rng.uniform(0.3, 0.9 * (t["first_cached_s"] or 5)))
+            time.sleep(self.rng.uniform(0.3, 0.7 * (t["first_cached_s"] or 5)))
         else:
             want = 1 if moment == "decoding" else TOTAL
             while proc.poll() is None and cached(cache_root) < want:

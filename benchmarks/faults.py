@@ -250,13 +250,40 @@ def machine() -> dict:
             "kernel": platform.release()}
 
 
+def table(data: dict) -> str:
+    """The campaign as a markdown table: per signal, target and ranks, the interruptions by
+    moment, then how recovery went."""
+    head = ("| signal | target | ranks | start-up | decoding | logging | resumed | differences | lost "
+            "| audit misjudged | orphans |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for sig, target, ranks in itertools.product(SIGNALS, TARGETS, (1, 2)):
+        cases = [c for c in data["cases"] if (c["signal"], c["target"], c["ranks"]) == (sig, target, ranks)]
+        if not cases:
+            continue
+        by = [sum(c["moment"] == m for c in cases) for m in MOMENTS]
+        rows.append(f"| {sig} | `{target}` | {ranks} | " + " | ".join(map(str, by)) + " | "
+                    f"{sum(c['resumed'] for c in cases)} | {sum(bool(c['differences']) for c in cases)} | "
+                    f"{sum(c['lost'] for c in cases)} | {sum(c['misjudged'] for c in cases)} | "
+                    f"{sum(len(c['orphans']) for c in cases)} |")
+    cs = data["cases"]
+    rows.append(f"| **all** | | | " + " | ".join(str(sum(c["moment"] == m for c in cs)) for m in MOMENTS) +
+                f" | {sum(c['resumed'] for c in cs)} | {sum(bool(c['differences']) for c in cs)} | "
+                f"{sum(c['lost'] for c in cs)} | {sum(c['misjudged'] for c in cs)} | "
+                f"{sum(len(c['orphans']) for c in cs)} |")
+    return "\n".join([head, *rows])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", type=Path, default=None, help="print a campaign JSON's table and exit")
     ap.add_argument("--interruptions", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "reliability" / "campaign.json")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     a = ap.parse_args()
+    if a.table is not None:
+        print(table(json.loads(a.table.read_text())))
+        return
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     if dirty.strip():

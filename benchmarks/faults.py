@@ -28,7 +28,9 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +42,7 @@ STALE = 3          # --stale-after, seconds; the heartbeat beats every second
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 TARGETS = ("reuse-exp run", "mlflow run")
 MOMENTS = ("start-up", "decoding", "logging")
+MLFLOW_START_S = 6.0   # about how much later `mlflow run` reaches the same point (measured: 6-7 s)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -112,7 +115,7 @@ def differences(a: dict, b: dict) -> list[str]:
 class Campaign:
     def __init__(self, work: Path, seed: int):
         import mlflow
-        self.work, self.rng = work, random.Random(seed)
+        self.work, self.seed, self.rng = work, seed, random.Random(seed)
         self.store = f"sqlite:///{work / 'mlflow.db'}"
         self.client = mlflow.MlflowClient(self.store)
         self.client.search_experiments()   # migrate the new store once, before any process races to
@@ -148,24 +151,27 @@ class Campaign:
 
     def interrupt(self, i: int, sig: str, target: str, ranks: int, moment: str) -> dict:
         """Start the run and signal it at `moment`; what was observed."""
+        rng = random.Random(self.seed * 1000 + i)
         name = f"case{i:02d}"
         exp = self.experiment(name)
         cache_root = self.work / name
         env = env_for(self.store, name, cache_root)
-        t = self.timing[(target, ranks)]
+        t = dict(self.timing[("reuse-exp run", ranks)])
+        if target == "mlflow run":   # MLflow's CLI starts before the run's own command
+            t = {k: v + MLFLOW_START_S for k, v in t.items()}
         proc = self.start(run_cmd(target, ranks), env, self.work / f"{name}.log")
         t0 = time.monotonic()
         if moment == "start-up":
-            time.sleep(self.rng.uniform(0.3, 0.7 * (t["first_cached_s"] or 5)))
+            time.sleep(rng.uniform(0.3, 0.7 * (t["first_cached_s"] or 5)))
         else:
             want = 1 if moment == "decoding" else TOTAL
             while proc.poll() is None and cached(cache_root) < want:
                 time.sleep(0.02)
             if moment == "decoding":   # somewhere among the requests still to decode
                 span = (t["all_cached_s"] or 0) - (t["first_cached_s"] or 0)
-                time.sleep(self.rng.uniform(0, 0.8 * max(span, 0)))
+                time.sleep(rng.uniform(0, 0.8 * max(span, 0)))
             else:                      # after the last request, while the run logs its results
-                time.sleep(self.rng.uniform(0, 0.5))
+                time.sleep(rng.uniform(0, 0.5))
         held = cached(cache_root)
         if proc.poll() is not None:
             return {"case": name, "exp": exp, "signalled": False, "exit": proc.returncode}
@@ -193,7 +199,8 @@ class Campaign:
         command it prints run exactly as printed; was its verdict right?"""
         from reuse_exp.tracking.heartbeat import parse_stamp
         from reuse_exp.tracking.schema import HEARTBEAT_TAG
-        time.sleep(STALE + 1.5)
+        if any(status == "RUNNING" for status in case["runs"].values()):
+            time.sleep(STALE + 1.5)
         before = {r.info.run_id: r for r in self.client.search_runs([case["exp"]])}
         truly_dead = {rid for rid, r in before.items() if r.info.status == "RUNNING"}
         out = sh(["reuse-exp", "audit", "--stale-after", f"{STALE}s"], case["env"])
@@ -278,6 +285,7 @@ def main() -> None:
     ap.add_argument("--table", type=Path, default=None, help="print a campaign JSON's table and exit")
     ap.add_argument("--interruptions", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="cases at once (each mostly waits on its processes)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "reliability" / "campaign.json")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     a = ap.parse_args()
@@ -292,32 +300,51 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     c = Campaign(work, a.seed)
     t_start = time.time()
-    baselines = {(t, n): c.baseline(t, n) for t in TARGETS for n in (1, 2)}
+    baselines = {("reuse-exp run", n): c.baseline("reuse-exp run", n) for n in (1, 2)}
     reference = baselines[("reuse-exp run", 1)]["outputs"]
     base_diffs = {f"{t} x{n}": differences(b["outputs"], reference) for (t, n), b in baselines.items()}
     plan = list(itertools.product(SIGNALS, TARGETS, (1, 2), MOMENTS))
     c.rng.shuffle(plan)
     plan = (plan * 3)[:a.interruptions]
-    cases, tries = [], 0
-    for sig, target, ranks, moment in plan:
+    cases, tries = [], itertools.count(1)
+    lock = threading.Lock()
+
+    def one(job: tuple[int, tuple]) -> None:
+        n, (sig, target, ranks, moment) = job
         while True:   # a run that finished before its signal is no interruption: try again
-            tries += 1
-            case = c.interrupt(len(cases) + tries, sig, target, ranks, moment)
+            with lock:
+                i = next(tries)
+            case = c.interrupt(i, sig, target, ranks, moment)
             if case["signalled"]:
                 break
-        follow = "grid run" if len(cases) % 2 else "resume"
-        audit = c.audit(case)
-        rec = c.recover(case, target, ranks, follow)
-        diffs = differences(outputs(c.client, rec["finished"][0]), reference) if rec["finished"] else None
+        follow = "grid run" if n % 2 else "resume"
+        try:
+            audit = c.audit(case)
+            rec = c.recover(case, target, ranks, follow)
+            diffs = differences(outputs(c.client, rec["finished"][0]), reference) if rec["finished"] else None
+        except Exception as e:   # the campaign's own failure: reported as such, never as a pass
+            audit, rec, diffs = {"misjudged": True, "ended": [], "error": repr(e)}, \
+                {"finished": [], "resumed": False, "audit_after": ["campaign error"]}, None
         case.pop("env")
         row = {**case, "signal": sig, "target": target, "ranks": ranks, **audit, **rec, "differences": diffs,
                "lost": not rec["finished"]}
-        cases.append(row)
-        print(f"{len(cases):2d} {sig} {target} x{ranks} {row['moment']:9s} audit "
-              f"{'MISJUDGED' if row['misjudged'] else 'ok'} {follow}: "
-              f"{'LOST' if row['lost'] else 'diff ' + str(len(diffs))} orphans {len(row['orphans'])}", flush=True)
+        with lock:
+            cases.append(row)
+            print(f"{len(cases):2d} {sig} {target} x{ranks} {row['moment']:9s} audit "
+                  f"{'MISJUDGED' if row['misjudged'] else 'ok'} {follow}: "
+                  f"{'LOST' if row['lost'] else 'diff ' + str(len(diffs))} orphans {len(row['orphans'])}", flush=True)
+            write(a.out, commit, baselines, base_diffs, cases, t_start, tries_so_far=i)
+
+    with ThreadPoolExecutor(a.workers) as pool:
+        list(pool.map(one, enumerate(plan)))
+    print(json.dumps(write(a.out, commit, baselines, base_diffs, cases, t_start, tries_so_far=None), indent=1))
+
+
+def write(out: Path, commit: str, baselines: dict, base_diffs: dict, cases: list, t_start: float,
+          tries_so_far: int | None) -> dict:
+    """The campaign so far, as JSON (rewritten after every case: a cut-short campaign still reports)."""
     summary = {
-        "interruptions": len(cases), "tries": tries,
+        "interruptions": len(cases), "runs_started": tries_so_far,
         "by_kind_and_moment": {f"{s} {t} x{n} {m}": sum(1 for r in cases if (r["signal"], r["target"], r["ranks"],
                                                                              r["moment"]) == (s, t, n, m))
                                for s, t, n, m in itertools.product(SIGNALS, TARGETS, (1, 2), MOMENTS)},
@@ -332,14 +359,14 @@ def main() -> None:
         "baselines_differ_from_one_rank_reuse_exp_run": base_diffs,
         "minutes": round((time.time() - t_start) / 60, 1),
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/faults.py", *sys.argv[1:]]),
-                                 "commit": commit, "machine": machine(), "settings": SETTINGS,
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python", "benchmarks/faults.py", *sys.argv[1:]]),
+                                 "complete": tries_so_far is None, "commit": commit, "machine": machine(), "settings": SETTINGS,
                                  "stale_after_s": STALE, "summary": summary,
                                  "baselines": [{k: v for k, v in b.items() if k != "outputs"}
                                                for b in baselines.values()],
                                  "cases": cases}, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -212,3 +212,6 @@ def test_a_run_ended_before_it_began_holds_no_result(store):
     assert out.exit_code == 0 and "1 run(s) ended before they began, ignored" in out.output, out.output
     store.client.set_terminated(run.info.run_id, "FINISHED")   # a result with no code: a finding
     assert [f.run_id for f in findings(store)] == [run.info.run_id]
+    # killed outright before it logged its code: dead, and nothing else to say of it
+    silent = store.client.create_run(store.exp_id, start_time=int(time.time() * 1000) - 600_000).info.run_id
+    assert [(f.run_id, f.reason.split(":")[0]) for f in findings(store) if f.run_id == silent] == [(silent, "dead")]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import AuditFailed, ConfigError
-from .store import STALE_AFTER_S, RunRecord, client, end_command, experiment_name, fetch_runs, format_duration, tracking_uri
+from .store import LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_name, fetch_runs, format_duration, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -66,16 +66,18 @@ def mixed_grids(runs: list[RunRecord]) -> list[Finding]:
 
 
 def never_began(r: RunRecord) -> bool:
-    """Ended before it logged its code (killed in start-up, or MLflow's CLI killed before the run's
-    command began): like a refused run, it holds no result."""
-    return r.status in ("KILLED", "FAILED") and "git_commit" not in r.tags
+    """Has not logged its code (MLflow's CLI opens the run before the package starts, and a kill in
+    start-up can come first): it holds no result, so its provenance cannot be judged; a dead one
+    is still found dead, and an ended one is counted apart, like a refused run."""
+    return r.status != "FINISHED" and "git_commit" not in r.tags
 
 
 def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> list[Finding]:
-    """The findings over `runs`; refused runs, and runs ended before they began, are none of them."""
+    """The findings over `runs`; refused runs are none of them."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    kept = [r for r in runs if not r.refused and not never_began(r)]
-    found = [Finding(r.run_id, why) for r in kept for why in provenance(r) + dead(r, now_ms, stale_after_s)]
+    kept = [r for r in runs if not r.refused]
+    found = [Finding(r.run_id, why) for r in kept
+             for why in ([] if never_began(r) else provenance(r)) + dead(r, now_ms, stale_after_s)]
     return found + mixed_grids(kept)
 
 
@@ -95,7 +97,7 @@ def audit_store(experiment: str | None = None, all_experiments: bool = False,
     findings = audit(runs, stale_after_s=stale_after_s)
     names = ", ".join(e.name for e in exps)
     refused = sum(r.refused for r in runs)
-    unbegun = sum(never_began(r) and not r.refused for r in runs)
+    unbegun = sum(never_began(r) and r.status not in LIVE and not r.refused for r in runs)
     apart = (f"; {refused} refused run(s), ignored" if refused else "") + \
             (f"; {unbegun} run(s) ended before they began, ignored" if unbegun else "")
     refused += unbegun

@@ -181,7 +181,11 @@ class Campaign:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             pass
-        time.sleep(1.0)   # let any child that outlives its parent show itself
+        # A child that outlives its parent (`mlflow run`'s, told by PDEATHSIG) ends its run itself:
+        # give it a minute; what is still alive then is an orphan.
+        drained = time.monotonic() + 60
+        while session_left(proc.pid) and time.monotonic() < drained:
+            time.sleep(0.5)
         orphans = session_left(proc.pid)
         for line in orphans:   # leave the machine clean; counted below
             try:

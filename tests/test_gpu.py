@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, subprocess_env
-from reuse_exp.engine.policies.drift import DriftPolicy
+from reuse_exp.engine.policies import get as get_policy
 from reuse_exp.engine.config import ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.fast import FastRunner
@@ -24,7 +24,7 @@ CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidd
                   num_attention_heads=4, num_key_value_heads=2)
 DEC = DecodeConfig(mask_id=63, stop_id=62, pad_id=61, max_new_tokens=64, threshold=0.9)
 PROMPTS = [[5, 6, 7, 8] * 10, [9, 10, 11, 12, 13] * 3 + [14] * 4, list(range(1, 26)) * 3]
-POLICIES = [None, (2, "first"), (2, "middle"), (3, "last"), "adaptive delta"]
+POLICIES = [None, (2, "first"), (2, "middle"), (3, "last"), "adaptive delta", "depth delta"]
 
 
 def bundled_prompts(tok, n: int) -> list[list[int]]:
@@ -54,8 +54,8 @@ def test_fast_path_decodes_the_eager_tokens_in_bf16(which, compile_layers):
         prompts, dec = bundled_prompts(tok, 6), decode_config_for(tok, max_new_tokens=64)
     runner = FastRunner(model, compile_layers=compile_layers)
     for spec in POLICIES if which == "tiny shape" else POLICIES[:2]:
-        if spec == "adaptive delta":  # the segmented forward: a graph per group
-            policy = DriftPolicy.create(model.num_layers, drift=0.5, max_reuse=3, mode="delta")
+        if spec in ("adaptive delta", "depth delta"):  # the segmented forward: a graph per group
+            policy = get_policy(spec.split()[0]).create(model.num_layers, drift=0.5, max_reuse=3, mode="delta")
         else:
             policy = FixedPolicy.create(model.num_layers, k=spec[0], subset=spec[1]) if spec else None
         eager = generate(model, prompts, dec, policy)

@@ -55,7 +55,7 @@ class _GenItem:
     ids: list[int]
     until: list[str]
     budget: int           # tokens the request may return
-    truncated: bool       # the prompt lost its beginning to fit the context
+    truncated: bool = False   # the prompt lost its beginning to fit the context
 
 
 def _cut_at(text: str, until: list[str]) -> str:

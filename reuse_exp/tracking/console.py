@@ -102,8 +102,9 @@ class Summary:
                        f"{m.get('scored_tokens', 0):.0f} tokens in {m.get('seconds', 0):.1f} s of scoring "
                        f"(wall {m.get('wall_seconds', 0):.1f} s)")
         else:
-            # the tokens this run decoded (a resumed run's generated_tokens count the cached requests too)
-            decoded = m.get('tokens_per_second', 0) * m.get('seconds', 0)
+            # the tokens this run decoded: a resumed run's generated_tokens count the cached requests too
+            decoded = (m.get('tokens_per_second', 0) * m.get('seconds', 0) if "cached_requests" in m
+                       else m.get('generated_tokens', 0))
             out.append(f"speed     {m.get('tokens_per_second', 0):.1f} tokens/s, {decoded:.0f} "
                        f"tokens in {m.get('seconds', 0):.1f} s of decoding (wall {m.get('wall_seconds', 0):.1f} s)")
         state = f"dirty: {self.dirty_files} uncommitted file(s)" if self.dirty else "clean"

@@ -141,6 +141,16 @@ def test_each_row_shows_n_accuracy_stderr_and_tokens_per_second_spread(store, he
     assert line[:6] == ["k1_any", "8", "75.0%", "±", "16.4", "99.0"] and "(8)" in line
 
 
+def test_compare_ranks_a_run_of_two_ranks_by_its_all_ranks_median(store, head):
+    """The figure compare ranks by is the one the run logged: two ranks decode twice the tokens."""
+    fabricate(store.client, store.exp_id, k=1, commit=head, rates=BASE)
+    fabricate(store.client, store.exp_id, k=2, subset="first", commit=head, rates=BASE, world_size=2)
+    rows = rows_of(store, head)
+    two = rows["k2_first"]
+    assert two.figures()["tokens_per_second_median"] == pytest.approx(2 * rows["k1_any"].figures()["tokens_per_second_median"])
+    assert two.ratio.point == pytest.approx(2.0)
+
+
 def test_a_run_without_per_batch_timings_says_it_has_one(store, head):
     fabricate(store.client, store.exp_id, k=1, commit=head, tps=700.0)
     fabricate(store.client, store.exp_id, k=2, subset="first", commit=head, tps=740.0)

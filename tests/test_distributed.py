@@ -88,6 +88,16 @@ def test_tokens_per_second_is_all_tokens_over_the_slowest_rank():
     assert world_metrics([_shard([30], 2.0)]) == _shard([30], 2.0).metrics()
 
 
+def test_the_median_and_quartiles_are_all_ranks_like_tokens_per_second():
+    """Two ranks decoding at once: the run's median counts both (a batch's rate times two),
+    beside each rank's own, so it reads on the scale of tokens_per_second."""
+    m = world_metrics([_shard([30], 2.0), _shard([40], 2.0)])
+    assert m["tokens_per_second"] == pytest.approx(35.0)
+    assert m["tokens_per_second_median"] == pytest.approx(35.0)
+    assert (m["tokens_per_second_p25"], m["tokens_per_second_p75"]) == (pytest.approx(32.5), pytest.approx(37.5))
+    assert m["rank0/tokens_per_second_median"] == 15.0 and m["rank1/tokens_per_second_median"] == 20.0
+
+
 def test_gpu_statistics_cover_every_gpu():
     a = {"gpu_peak_memory_mb": 100.0, "gpu_util_mean": 50.0, "gpu_util_max": 90.0, "gpu_power_mean_w": 300.0,
          "gpu_energy_j": 10.0, "torch_peak_memory_mb": 80.0}
@@ -165,6 +175,7 @@ def test_two_gloo_ranks_give_the_one_rank_outputs_in_one_run(clean_repo, store):
     assert all(s > 0 for s in shares) and sum(shares) == m["generated_tokens"]
     assert m["seconds"] == max(m["rank0/seconds"], m["rank1/seconds"])
     assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
+    assert m["tokens_per_second_median"] > max(m["rank0/tokens_per_second_median"], m["rank1/tokens_per_second_median"])
     assert m["forwards_prefill"] == one.data.metrics["forwards_prefill"] == 5, "padding is not decoded twice"
     # Every document's record and hash, the padded document's (rank 1's last) too, and every metric
     # that is not a timing: the same for 1 and 2 ranks, so `compare` sees no change across world sizes.
@@ -308,6 +319,9 @@ def test_sigterm_to_the_launching_process_stops_every_rank_and_ends_killed(clean
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert "SIGTERM: the ranks were stopped and the run ended KILLED" in err and "Traceback" not in err
+    # one line for the one signal: not one a rank, nor torch's launcher narrating the shutdown
+    said = [line for line in err.splitlines() if not line.startswith("decoding: ")]
+    assert said == ["reuse-exp: SIGTERM: the ranks were stopped and the run ended KILLED with what it had logged"], err
     assert not any(alive(p) for p in pids.values())
     [run] = client.search_runs(["0"])
     assert run.info.status == "KILLED" and run.data.metrics["generated_tokens"] > 0

@@ -190,3 +190,37 @@ def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, 
     assert "--resume" not in plans["k2_middle"]
     forced = CliRunner(env=store.env).invoke(cli_study.grid, args + ["--force"])
     assert "--resume" not in forced.output
+
+
+def test_replay_grid_shares_the_k1_baseline_and_runs_one_cell_per_k(store, head):
+    """k=1 is one computation in every mode, and replay reuses whole forwards whatever the
+    subset: `--mode replay` plans one cell per k > 1, named for the mode, with no subset."""
+    fabricate(store.client, store.exp_id, k=1, subset="first", commit=head)          # an output-mode k=1 run
+    args = ["run", "--task", "tiny_gsm", "--limit", "4", "--mode", "replay", "--dry-run"]
+    out = CliRunner(env=store.env).invoke(cli_study.grid, args)
+    assert out.exit_code == 0, out.output
+    assert "skip k1_any: done" in out.output
+    planned = [line.split()[2].rstrip(":") for line in out.output.splitlines() if line.startswith("would run")]
+    assert planned == ["k2_replay", "k3_replay"]
+    k2 = next(line for line in out.output.splitlines() if line.startswith("would run k2_replay"))
+    assert "--mode replay" in k2 and "--subset" not in k2
+    status = CliRunner(env=store.env).invoke(cli_study.grid, ["status", "--task", "tiny_gsm", "--limit", "4",
+                                                               "--mode", "replay"])
+    assert "k=2   missing" in status.output and "one run for every subset" in status.output
+    assert "done at HEAD 1/3" in status.output
+
+
+def test_runs_of_one_computation_share_a_config_key_and_name():
+    from reuse_exp.engine.policies.fixed import FixedPolicy
+    from reuse_exp.tracking.schema import config_key
+    base = {"task": "tiny_gsm", "policy": "fixed", "scope": "block"}
+    key = lambda **p: config_key({**base, **p})   # noqa: E731
+    assert key(k="1", mode="output", layers="1,2,3") == key(k="1", mode="replay", layers="0,1,2,3,4,5,6,7")
+    assert key(k="2", mode="replay", layers="1,2,3") == key(k="2", mode="replay", layers="4,5,6")
+    assert key(k="2", mode="output", layers="1,2,3") != key(k="2", mode="output", layers="4,5,6")
+    assert key(k="2", mode="output", layers="1,2,3") != key(k="2", mode="replay", layers="1,2,3")
+    assert FixedPolicy.run_name(k=2, subset="first", mode="replay") == "k2_replay"
+    assert FixedPolicy.run_name(k=1, subset="first", mode="output") == "k1_all"
+    for k, mode in ((1, "output"), (2, "replay")):   # what it computes: every layer
+        policy = FixedPolicy.create(8, k=k, subset="first", mode=mode)
+        assert (policy.describe()["subset"], policy.layers) == ("all", tuple(range(8)))

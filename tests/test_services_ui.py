@@ -11,7 +11,9 @@ which a fresh headless profile has not got). So the test reads what the page doe
 3. the UI's compare page of the 9 runs shows the rows k, subset and accuracy with every
    run's value.
 The grid is fabricated in the tracked run's schema (a real tracked grid is what
-test_grid_e2e.py makes; the UI reads the same store fields)."""
+test_grid_e2e.py makes; the UI reads the same store fields).
+4. A real run's summary ends with the addresses a newcomer opens: its experiment's runs
+   table (not MLflow 3's GenAI overview) and its own page, which shows what it computed."""
 from __future__ import annotations
 
 import json
@@ -20,6 +22,7 @@ import urllib.parse
 
 import pytest
 
+from conftest import run_cli, subprocess_env
 from services.chromium import binary, page_text
 from services.fabricate import fabricate
 from services.mlflow_server import start_mlflow_server
@@ -79,3 +82,23 @@ def test_compare_page_shows_k_subset_and_accuracy_of_every_run(ui):
     assert metrics.startswith("Show diff only accuracy "), metrics[:600]
     values = re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", metrics)[:9]
     assert [float(v) for v in values] == ACCURACY, metrics[:600]
+
+
+def test_the_summary_addresses_open_the_runs_table_and_the_run(clean_repo, store, tmp_path):
+    if binary() is None:
+        pytest.skip("missing chromium: install Debian's chromium (bash .ci/services.sh)")
+    out = run_cli(["run", "--k", "1", "--limit", "2", "--max-new-tokens", "32"], subprocess_env(store), clean_repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = out.stdout.splitlines()
+    assert said[-3] == f"ui        mlflow ui --backend-store-uri {store}"
+    assert said[-2].startswith("this run  http://127.0.0.1:5000/") and said[-1].startswith("open it   http://127.0.0.1:5000/")
+    server = start_mlflow_server(store, tmp_path / "artifacts", tmp_path / "mlflow-server.log")
+    try:   # the addresses on this test's server instead of `mlflow ui`'s port
+        table, run_page = (page_text(line.split()[-1].replace("http://127.0.0.1:5000", server.uri))
+                           for line in (said[-1], said[-2]))
+    finally:
+        server.stop()
+    assert "1 matching run" in table and "k1_all_tiny_gsm" in table and "Sort: accuracy" in table, table[:2000]
+    assert "Overview" not in table.split("Settings", 1)[0], "the GenAI overview's navigation"
+    assert "k1_all_tiny_gsm" in run_page and "accuracy" in run_page, run_page[:2000]
+    assert " layers 0,1,2,3,4,5,6,7 " in run_page   # k=1 computes every layer

@@ -94,7 +94,7 @@ def test_secrets_are_redacted():
 
 
 def test_config_key_follows_result_shaping_settings_only():
-    base = {k: "1" for k in schema.CONFIG_KEY_PARAMS}
+    base = {k: "1" for k in schema.CONFIG_KEY_PARAMS} | {"policy": "fixed", "mode": "output", "scope": "block"}
     assert schema.config_key(base) == schema.config_key(dict(base, model_path="/elsewhere", git_commit="abc"))
     assert schema.config_key(base) != schema.config_key(dict(base, k="2"))
     assert schema.config_key(base) == schema.config_key(dict(base, layers="8,9,10"))   # k=1 computes every layer
@@ -385,13 +385,13 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
     assert p["resolved_dtype"] == "float32" and p["resolved_device"] == "cpu"
     assert p["layers"] == ("1,3" if which == 0 else "5,6,7")
     head = git(["rev-parse", "HEAD"], clean_repo).strip()
-    said = out.stdout.splitlines()
+    said = out.stdout.splitlines()[:-2]   # the UI's addresses: tests/test_services_ui.py opens them
     assert said[-6].startswith("accuracy  ") and " ± " in said[-6] and "(n=" in said[-6], out.stdout
     assert said[-5].startswith("speed     ") and "tokens/s" in said[-5] and "s of decoding" in said[-5]
     assert said[-4] == f"code      {head[:12]} (clean)"
     assert said[-3] == f"run       {run.info.run_id} in experiment 'Default'"
     assert said[-2] == f"store     {store}"
-    assert said[-1] == f"open it   mlflow ui --backend-store-uri {store}"
+    assert said[-1] == f"ui        mlflow ui --backend-store-uri {store}"
     done = re.findall(r"^decoding: (\d+)/(\d+) requests \[", out.stderr, re.M)
     assert done[0][0] == "0" and done[-1][0] == done[-1][1] != "0", out.stderr[-3000:]   # progress, start to end
     for noise in ("instantiate a model of type", "Custom kwargs can be passed", "Skip logging GPU metrics",

@@ -6,11 +6,20 @@ layers below raise the package's errors (reuse_exp/errors.py) and the commands p
 """
 from __future__ import annotations
 
-import click
+import os
+import sys
 
-from .run import lm_eval_cli, run
-from .study import audit_cmd, compare_cmd, grid, runs
-from .tools import bench, frontier, pathcheck, tiny
+# Progress bars only on a terminal: lm-eval draws tqdm bars (building requests, checking its
+# cache), a line of carriage returns per rank in a log file. tqdm reads TQDM_DISABLE when it
+# is imported, so before anything imports it; the run's own bar asks for a terminal itself.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import click  # noqa: E402
+
+from .run import lm_eval_cli, run  # noqa: E402
+from .study import audit_cmd, compare_cmd, grid, runs  # noqa: E402
+from .tools import bench, frontier, pathcheck, tiny  # noqa: E402
 
 
 @click.group()

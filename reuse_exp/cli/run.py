@@ -11,6 +11,7 @@ import sys
 import click
 
 from ..errors import RunFailed, SettingError
+from ..knobs import LAUNCHED, MLFLOW_PID
 from ..settings import RunSettings
 from .options import setting_options
 
@@ -21,6 +22,16 @@ def refuse(line: str) -> None:
     refuse_outside_run(line)
 
 
+def usage_error(line: str) -> None:
+    """A refused value: the run `mlflow run` opened says so, and so does one line. Under `mlflow run`
+    click's usage lines name a command the user never typed (the -P values were theirs): one line."""
+    refuse(line)
+    if MLFLOW_PID.read():
+        click.echo(f"reuse-exp: {line}", err=True)
+        sys.exit(2)
+    raise click.UsageError(line)
+
+
 class RunCommand(click.Command):
     """`run`, whose usage errors (a bad -P value) also end the run `mlflow run` opened, refused."""
 
@@ -28,8 +39,7 @@ class RunCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as e:
-            refuse(e.format_message())
-            raise
+            usage_error(e.format_message())
 
 
 @click.command(cls=RunCommand)
@@ -41,12 +51,12 @@ def run(**values):
     try:
         settings = RunSettings(**values)
     except SettingError as e:
-        refuse(str(e))
-        raise click.UsageError(str(e)) from None
+        usage_error(str(e))
     try:
         summary = tracked_run(settings)
     except RunFailed as e:
-        click.echo(f"reuse-exp: {e.line}", err=True)
+        if not LAUNCHED.read():   # a rank our launcher started: the launcher says it, once
+            click.echo(f"reuse-exp: {e.line}", err=True)
         sys.exit(e.code)
     if summary is not None:   # None: a launched rank, whose launching process prints the summary
         click.echo(summary.text())

@@ -53,10 +53,11 @@ def computed_only(name: str) -> bool:
     return any(fnmatchcase(name, p) for p in COMPUTED_ONLY)
 
 
-def rate_metrics(timings: list[tuple[float, float]]) -> dict[str, float]:
+def rate_metrics(timings: list[tuple[float, float]], ranks: int = 1) -> dict[str, float]:
     """The median of per-batch tokens/s with its quartiles and the number of timed batches:
-    the spread a comparison needs (one aggregate rate has none)."""
-    rates = [t / s for t, s in timings if s > 0]
+    the spread a comparison needs (one aggregate rate has none). `ranks` decoding at once: a
+    batch's rate counts them all (times `ranks`), as tokens_per_second does."""
+    rates = [ranks * t / s for t, s in timings if s > 0]
     if not rates:
         return {"timed_batches": 0}
     p25, median, p75 = (float(q) for q in np.quantile(rates, [0.25, 0.5, 0.75]))
@@ -267,7 +268,10 @@ def world_metrics(shards: list[HarnessStats]) -> dict[str, float]:
         slowest = max(s.scoring.seconds for s in shards)
         m |= {"scoring_seconds": slowest,
               "positions_per_second": merged.scoring.positions / slowest if slowest > 0 else 0.0}
+    if merged.decode or merged.scoring.requests:   # all ranks': each batch's rate with every rank decoding
+        m |= rate_metrics(merged.timings()["batches"], ranks=len(shards))
     for rank, e in enumerate(each):
-        m |= {f"rank{rank}/{k}": e[k] for k in ("generated_tokens", "scored_tokens", "seconds", "tokens_per_second")
-              if k in e}
+        m |= {f"rank{rank}/{k}": e[k] for k in ("generated_tokens", "scored_tokens", "seconds", "tokens_per_second",
+                                                 "tokens_per_second_median", "tokens_per_second_p25",
+                                                 "tokens_per_second_p75") if k in e}
     return m

@@ -13,6 +13,7 @@ never FINISHED on a partial shard. `torchrun --nproc-per-node N -m reuse_exp.cli
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,27 @@ CACHE_ENV, LAUNCHED_ENV = REQUEST_CACHE.name, LAUNCHED.name
 
 
 # -- launching the ranks -------------------------------------------------------------------------
+# torch's launcher narrates stopping the ranks on a signal, a line per rank; the run's one line says it
+SHUTDOWN_NARRATION = {"torch.distributed.elastic.agent.server.api": "death signal, shutting down workers",
+                      "torch.distributed.elastic.multiprocessing.api": "closing signal"}
+
+
+class Narration(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_shutdown_narration() -> None:
+    for name, text in SHUTDOWN_NARRATION.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, Narration) for f in log.filters):
+            log.addFilter(Narration(text))
+
+
 def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> None:
     """Run the evaluation as N ranks attached to MLflow run `run_id`; RankFailed if one fails."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
@@ -42,6 +64,7 @@ def launch(run_id: str, s: RunSettings, n: int, log_dir: Path, cache: Path) -> N
     os.environ["MLFLOW_RUN_ID"] = run_id   # the ranks inherit it and attach, as under `mlflow run`
     os.environ[CACHE_ENV] = str(cache)     # and read and write this request cache
     os.environ[LAUNCHED_ENV] = "1"         # rank 0 leaves the summary to this process
+    quiet_shutdown_narration()
     threads = "OMP_NUM_THREADS" not in os.environ
     if threads:   # N ranks on one machine's cores: torch's default threads per rank would fight (as torchrun)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))

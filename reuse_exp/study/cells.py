@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, SettingError
+from ..engine.policies import get as get_policy
 from ..engine.reuse import SUBSETS
 from ..evaluation.harness import bundled_tasks_dir
 from ..settings import AXIS, OWN, PINNED, SPECS, RunSettings, spec, to_text
@@ -67,7 +68,7 @@ def _lm_eval_kind(task: str) -> str:
 class Cell:
     """One configuration: the settings passed to the tracked run, typed as the declaration says."""
     k: int
-    subset: str | tuple[int, ...]
+    subset: str | tuple[int, ...]   # ANY_SUBSET at k=1; the mode where it computes no subset (replay)
     settings: tuple[tuple[str, object], ...]
 
     @property
@@ -94,22 +95,32 @@ class GridRequest:
     settings: tuple[tuple[str, object], ...] = ()   # every other setting, typed, defaults included
 
     def cells(self, kind: str) -> list[Cell]:
-        """The k=1 baseline once, whatever the subsets (it computes every layer: the run is given
-        no subset and matches a k=1 run of any), then k > 1 by subset. A loglikelihood grid is the
-        baseline alone: k and subset cannot change a score."""
-        out = []
-        if 1 in self.ks or kind == LOGLIKELIHOOD:
-            out.append(Cell(k=1, subset=ANY_SUBSET, settings=(("task", self.task), ("k", 1), *self.settings)))
-        if kind != LOGLIKELIHOOD:
-            out += [Cell(k=k, subset=s, settings=(("task", self.task), ("k", k), ("subset", s), *self.settings))
-                    for k in self.ks if k != 1 for s in self.subsets]
-        return out
+        """The k=1 baseline once, whatever the subsets and mode (it computes every layer: the run
+        is given neither, and matches a k=1 run of any), then k > 1 by subset; two that run the
+        same computation are one (replay reuses whole forwards: one cell per k, named for the
+        mode). A loglikelihood grid is the baseline alone: k and subset cannot change a score."""
+        ks = (1,) if kind == LOGLIKELIHOOD else self.ks
+        return list(dict.fromkeys(self.cell(k, s) for k in ks for s in self.subsets))
+
+    def cell(self, k: int, subset) -> Cell:
+        """The cell of (k, subset), passing only the reuse settings that shape its computation."""
+        values = (("task", self.task), ("k", k), ("subset", subset), *self.settings)
+        try:
+            policy = get_policy(dict(values).get("policy") or "fixed")
+        except ConfigError:   # a plug-in this process cannot import: every setting counts (the run refuses it)
+            return Cell(k=k, subset=subset, settings=values)
+        typed = {n: v for n, v in values if n in policy.reads}
+        unread = set(policy.reads) - set(policy.computes(**typed))
+        label = subset if "subset" not in unread else ANY_SUBSET if k == 1 else to_text(typed.get("mode"))
+        return Cell(k=k, subset=label, settings=tuple((n, v) for n, v in values if n not in unread))
 
 
 LOGLIKELIHOOD_WHY = ("{task} is a loglikelihood task: reuse acts between denoising steps of generation, "
                      "and scoring runs every layer, so every k and subset give the same result; "
                      "the grid is one run (k=1)")
 BASELINE_WHY = "k=1 computes every layer: one run for every subset"
+# Cells that stand for every subset of their k, with the reason (the grid's table spans them)
+SPANNING_WHY = {ANY_SUBSET: BASELINE_WHY, "replay": "replay reuses whole forwards: one run for every subset"}
 
 
 # -- launching one configuration ----------------------------------------------------------------

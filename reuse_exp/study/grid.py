@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..errors import DirtyTree, GridFailed
 from ..settings import to_text
-from .cells import (ANY_SUBSET, BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable,
+from .cells import (SPANNING_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable,
                     run_command, task_kind)
 from .launch import SubmititOptions, run_local, submit
 from .store import (LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_id, experiment_name,
@@ -92,8 +92,9 @@ def format_status(request: GridRequest, states: list[CellState], head: str, kind
     if subsets:
         lines.append(" " * 6 + "".join(f"{to_text(s):<{width}}" for s in subsets))
     for k in ks:
-        if (k, ANY_SUBSET) in by_cell:   # the baseline: one cell across the subsets
-            row = f"{by_cell[(k, ANY_SUBSET)].label():<{width}}" + (f"({BASELINE_WHY})" if subsets else "")
+        span = next((c for c in by_cell if c[0] == k and c[1] in SPANNING_WHY), None)
+        if span:   # the baseline, a replay cell: one cell across the subsets
+            row = f"{by_cell[span].label():<{width}}({SPANNING_WHY[span[1]]})"
         else:
             row = "".join(f"{by_cell[(k, s)].label() if (k, s) in by_cell else '':<{width}}" for s in subsets)
         lines.append(f"k={k:<4}{row}".rstrip())

@@ -150,8 +150,9 @@ def measured(cl, run: RunRecord) -> Measured:
             return Path(cl.download_artifacts(run.run_id, name, tmp)).read_text()
 
         rates = []
-        if "timings.json" in names:
-            rates = [t / s for t, s in json.loads(read("timings.json"))["batches"] if s > 0]
+        if "timings.json" in names:   # as the run's tokens_per_second_median: with all its ranks decoding
+            ranks = int(run.params.get("world_size") or 1)
+            rates = [ranks * t / s for t, s in json.loads(read("timings.json"))["batches"] if s > 0]
         if not rates and run.metrics.get("tokens_per_second"):
             rates = [run.metrics["tokens_per_second"]]
         records = None

@@ -53,7 +53,8 @@ class Progress:
         rate = f"{tokens / seconds:.1f} {unit}" if seconds > 0 else f"- {unit}"
         if self.tty:
             if self.bar is None:
-                self.bar = tqdm(total=total, desc=self.desc, unit="req", file=self.stream, dynamic_ncols=True)
+                self.bar = tqdm(total=total, desc=self.desc, unit="req", file=self.stream, dynamic_ncols=True,
+                                disable=False)   # a terminal: whatever TQDM_DISABLE says (cli/__init__.py)
             self.bar.total = total
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(rate)
@@ -111,15 +112,27 @@ class Summary:
         out.append(f"code      {self.commit[:12]} ({state})")
         out.append(f"run       {self.run_id} in experiment {self.experiment!r}")
         out.append(f"store     {self.store}")
-        out.append(f"open it   {open_command(self.store, self.experiment_id, self.run_id)}")
+        serve, run_page, runs_table = ui_addresses(self.store, self.experiment_id, self.run_id)
+        out += [f"ui        {serve}"] if serve else []
+        out += [f"this run  {run_page}", f"open it   {runs_table}"]
         return out
 
     def text(self) -> str:
         return "\n".join(self.lines())
 
 
-def open_command(store: str, experiment_id: str, run_id: str) -> str:
-    """How to look at the run: the server's page, or `mlflow ui` over the store."""
-    if store.startswith(("http://", "https://")):
-        return f"{store.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {store}"
+# `mlflow ui`'s own address. MLflow 3's UI opens an experiment on its GenAI overview; the
+# workflow switch in the address opens the runs table (model training), sorted by accuracy.
+UI_ADDRESS = "http://127.0.0.1:5000"
+RUNS_VIEW = "workflowType=machine_learning"
+
+
+def ui_addresses(store: str, experiment_id: str, run_id: str) -> tuple[str | None, str, str]:
+    """The command that serves the store's UI (None: a server already does), the run's page,
+    and its experiment's runs table."""
+    serve, base = None, store.rstrip("/")
+    if not store.startswith(("http://", "https://")):
+        serve, base = f"mlflow ui --backend-store-uri {store}", UI_ADDRESS
+    experiment = f"{base}/#/experiments/{experiment_id}"
+    return (serve, f"{experiment}/runs/{run_id}?{RUNS_VIEW}",
+            f"{experiment}/runs?{RUNS_VIEW}&orderByKey=metrics.%60accuracy%60&orderByAsc=false")

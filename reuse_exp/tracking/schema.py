@@ -17,7 +17,8 @@ tags
     git_commit (sha, or "unknown" outside git), git_branch, git_dirty ("true"/"false"),
     git_dirty_files (newline-separated, capped), source_hash (the package's files),
     config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS, less the reuse
-    params its policy does not read, layers left out at k=1; the grid groups by
+    params that change nothing at its values (its policy's `computes`: at k=1 only k counts,
+    in replay mode not the layers); the grid groups by
     config_key + git_commit), task_kind (generate_until |
     loglikelihood), reuse_note, accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
     device_name, rank_devices (`0: cuda:0 (NVIDIA H200); ...`), cuda_visible_devices,
@@ -49,7 +50,9 @@ metrics
     gpu_energy_j (NVML, sampled from before the model loads to the end of the evaluation: the whole run's cost, not only the timed part),
     torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics.
     Several ranks: seconds is the slowest rank's, tokens_per_second all ranks' tokens over
-    it, beside each rank's rankR/generated_tokens, rankR/seconds, rankR/tokens_per_second;
+    it, the median and quartiles all ranks' (a batch's rate times the ranks decoding at once;
+    compare reads timings.json so too), beside each rank's rankR/generated_tokens,
+    rankR/seconds, rankR/tokens_per_second, rankR/tokens_per_second_median (_p25, _p75);
     the gpu_* metrics cover every GPU (peaks the highest, energy and power summed,
     utilisation averaged), each rank's as rankR/gpu_*. A resumed run: cached_requests (the
     requests its request cache answered, with their statistics: every count and fraction covers
@@ -71,9 +74,9 @@ import importlib.metadata as md
 import json
 import platform
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SettingError
 from ..engine.policies import get as get_policy
-from ..settings import key_params, to_text as param_str
+from ..settings import key_params, spec, to_text as param_str
 
 # What shapes a result, from the `key` flags of the declaration (settings.py).
 CONFIG_KEY_PARAMS = key_params()
@@ -101,16 +104,19 @@ def config_key(params: dict) -> str:
     """Hash of the settings that shape a result; commit, seed-free noise and paths excluded.
     The one place a config key is computed: what enters it is decided here."""
     shaping = {k: param_str(params.get(k)) for k in CONFIG_KEY_PARAMS}
-    try:
-        reads = get_policy(params.get("policy") or "fixed").reads
-    except ConfigError:   # a plug-in this process has not imported: every reuse param counts
-        reads = tuple(POLICY_PARAMS.values())
     for param, setting in POLICY_PARAMS.items():
-        if setting not in reads:
+        if setting not in computed_settings(params):
             shaping[param] = "-"
-    if shaping["k"] == "1":   # k=1 computes every layer: the subset's layers shape nothing
-        shaping["layers"] = "all"
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def computed_settings(params: dict) -> tuple[str, ...]:
+    """The reuse settings that shape the run's computation (its policy's `computes`), from its params."""
+    try:
+        cls = get_policy(params.get("policy") or "fixed")
+        return cls.computes(**{n: spec(n).parse(params[n]) for n in cls.reads if n in params})
+    except (ConfigError, SettingError, TypeError):   # a plug-in not imported here, a value unreadable: all count
+        return tuple(POLICY_PARAMS.values())
 
 
 def config_name(s) -> str:

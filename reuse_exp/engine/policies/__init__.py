@@ -59,6 +59,13 @@ class ReusePolicy:
         raise NotImplementedError
 
     @classmethod
+    def computes(cls, **settings) -> tuple[str, ...]:
+        """Those of `reads` that shape the computation at these values (the others change
+        nothing: k=1 never reuses, whatever its layers). Runs and grid cells that differ only
+        outside them are one configuration."""
+        return cls.reads
+
+    @classmethod
     def run_name(cls, **settings) -> str:
         """A short name of the configuration, from the settings it reads (the run's name, before the task)."""
         raise NotImplementedError

@@ -41,12 +41,22 @@ class FixedPolicy(ReusePolicy):
             raise ConfigError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
         layers = resolve_subset(subset, num_layers, size)
         name = subset if isinstance(subset, str) else "custom"
-        if mode == "replay":
+        if "subset" not in cls.computes(k=k, mode=mode):   # it computes (or replays) every layer
             layers, name = tuple(range(num_layers)), "all"
         return cls(k=k, groups=(layers,), mode=mode, scope=scope, subset=name)
 
     @classmethod
-    def run_name(cls, k, subset="first", **_) -> str:
+    def computes(cls, k, mode="output", **_) -> tuple[str, ...]:
+        """k=1 never reuses: layers, mode and scope change nothing. Replay skips whole forwards:
+        the subset changes nothing."""
+        if k == 1:
+            return ("k",)
+        return ("k", "mode", "scope") if mode == "replay" else cls.reads
+
+    @classmethod
+    def run_name(cls, k, subset="first", mode="output", **_) -> str:
+        if "subset" not in cls.computes(k=k, mode=mode):
+            return f"k{k}_all" if k == 1 else f"k{k}_{mode}"
         return f"k{k}_{subset if isinstance(subset, str) else 'custom'}"
 
     @property

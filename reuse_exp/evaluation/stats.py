@@ -43,7 +43,7 @@ class ScoringStats:
 # load); every other count and fraction covers every request, those a resumed run found in its
 # request cache too. Patterns as fnmatch reads them.
 COMPUTED_ONLY = ("seconds", "tokens_per_second*", "timed_batches", "batch_forwards_*", "*_seconds",
-                 "positions_per_second", "rank*/seconds", "rank*/tokens_per_second", "gpu_*", "rank*/gpu_*",
+                 "positions_per_second", "rank*/seconds", "rank*/tokens_per_second*", "gpu_*", "rank*/gpu_*",
                  "torch_peak_memory_mb", "system/*")
 
 

@@ -1,6 +1,7 @@
 """The CI guard: every reason it fails for, and that a clean grid passes."""
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -10,7 +11,7 @@ from reuse_exp.cli import main
 from reuse_exp.cli.study import audit_cmd
 from reuse_exp.study.audit import audit
 from reuse_exp.study.store import fetch_runs, git_head
-from reuse_exp.tracking.heartbeat import stamp
+from reuse_exp.tracking.heartbeat import parse_stamp, stamp
 from reuse_exp.tracking.schema import END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
 from services.fabricate import fabricate
 from services.store import new_store
@@ -157,3 +158,60 @@ def test_a_comparison_over_several_commits_is_flagged(store):
     found = findings(store)
     assert len(found) == 1 and found[0].run_id == parent
     assert "several commits (aaaaaaa,bbbbbbb)" in found[0].reason and f"--run-id {parent}" in found[0].reason
+
+
+@pytest.mark.slow
+def test_the_audits_command_ends_a_killed_run_as_printed_at_its_last_heartbeat(store, clean_repo, tmp_path):
+    """A real run killed outright (SIGKILL): `audit --stale-after 3s` names it dead, and the
+    `runs end` command it prints works exactly as printed, ending the run at its last heartbeat."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    env = {**subprocess_env(store.uri), **store.env, "REUSE_EXP_HEARTBEAT_S": "1",
+           "REUSE_EXP_CACHE_ROOT": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "reuse_exp.cli", "run", "--limit", "4"], cwd=clean_repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = store.client.search_runs([store.exp_id])
+        if runs and HEARTBEAT_TAG in runs[0].data.tags:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    [run] = store.client.search_runs([store.exp_id])
+    assert run.info.status == "RUNNING"
+    time.sleep(4.5)   # past --stale-after, with no heartbeat since the kill
+
+    def cli(*args):   # as a user types `reuse-exp ARGS`
+        return subprocess.run([sys.executable, "-m", "reuse_exp.cli", *args], cwd=clean_repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+    out = cli("audit", "--stale-after", "3s")
+    assert out.returncode == 1 and f"{run.info.run_id}  dead:" in out.stdout, out.stdout + out.stderr
+    [printed] = [c for c in re.findall(r"`([^`]+)`", out.stdout) if c.startswith("reuse-exp runs end")]
+    ended = cli(*shlex.split(printed)[1:])
+    assert ended.returncode == 0 and f"ended {run.info.run_id} KILLED" in ended.stdout, ended.stdout + ended.stderr
+    after = store.client.get_run(run.info.run_id)
+    last = store.client.get_run(run.info.run_id).data.tags[HEARTBEAT_TAG]
+    assert after.info.status == "KILLED"
+    assert after.info.end_time == round(parse_stamp(last) * 1000), "it ended when it last beat, not now"
+    assert cli("audit", "--stale-after", "3s").returncode == 0
+
+
+def test_a_run_ended_before_it_began_holds_no_result(store):
+    """MLflow's CLI opens the run before the package starts: killed then, the run has no code
+    tags, but no result either; the audit counts it apart instead of failing forever."""
+    run = store.client.create_run(store.exp_id)
+    store.client.set_terminated(run.info.run_id, "KILLED")
+    assert findings(store) == []
+    out = CliRunner(env=store.env).invoke(audit_cmd, [])
+    assert out.exit_code == 0 and "1 run(s) ended before they began, ignored" in out.output, out.output
+    store.client.set_terminated(run.info.run_id, "FINISHED")   # a result with no code: a finding
+    assert [f.run_id for f in findings(store)] == [run.info.run_id]
+    # killed outright before it logged its code: dead, and nothing else to say of it
+    silent = store.client.create_run(store.exp_id, start_time=int(time.time() * 1000) - 600_000).info.run_id
+    assert [(f.run_id, f.reason.split(":")[0]) for f in findings(store) if f.run_id == silent] == [(silent, "dead")]

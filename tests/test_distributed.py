@@ -158,6 +158,7 @@ def test_two_gloo_ranks_give_the_one_rank_outputs_in_one_run(clean_repo, store):
         proc = run_proc(clean_repo, store, *RUN, "--processes", processes)
         out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0 and out.count("accuracy ") == 1, err[-3000:]   # one summary, not one a rank
+        assert "(n=5, tiny_gsm" in out, out   # a count, as the integer it is
     one, two = sorted(client.search_runs(["0"]), key=lambda r: r.data.params["world_size"])
     assert len(client.search_runs(["0"])) == 2, "one MLflow run per `reuse-exp run`, whatever its ranks"
     assert (one.info.status, two.info.status) == ("FINISHED", "FINISHED")
@@ -176,6 +177,14 @@ def test_two_gloo_ranks_give_the_one_rank_outputs_in_one_run(clean_repo, store):
     assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["seconds"])
     assert m["tokens_per_second_median"] > max(m["rank0/tokens_per_second_median"], m["rank1/tokens_per_second_median"])
     assert m["forwards_prefill"] == one.data.metrics["forwards_prefill"] == 5, "padding is not decoded twice"
+    # Every document's record and hash, the padded document's (rank 1's last) too, and every metric
+    # that is not a timing: the same for 1 and 2 ranks, so `compare` sees no change across world sizes.
+    per_sample = [Path(client.download_artifacts(r.info.run_id, "per_sample.jsonl")).read_text() for r in (one, two)]
+    assert per_sample[0] == per_sample[1]
+    from reuse_exp.evaluation.stats import computed_only
+    results = [{k: v for k, v in r.data.metrics.items() if not computed_only(k) and not k.startswith("rank")}
+               for r in (one, two)]
+    assert results[0] == results[1] and "skipped_fraction" in results[0]
 
 
 def wait_for_progress(client, proc, timeout=600):

@@ -74,6 +74,14 @@ def test_a_run_that_may_still_live_is_not_resumed(client):
     assert resume.check(client, s, COMMIT, False) == resume.cache_dir(s, COMMIT, rid)
 
 
+def test_a_run_resumed_already_is_not_resumed_again(client):
+    rid = interrupted(client)
+    client.set_tag(rid, "resumed_by", "b" * 32)
+    with pytest.raises(ConfigError, match=f"run {'b' * 32} resumed it already; resume that one "
+                                          f"\\(`--resume {'b' * 32}`\\)"):
+        resume.check(client, RunSettings(k=2, subset="middle", limit=6, resume=rid), COMMIT, False)
+
+
 def test_an_unknown_run_is_refused(client):
     with pytest.raises(ConfigError, match="resume nosuchrun: no such run in this tracking store"):
         resume.check(client, RunSettings(resume="nosuchrun"), COMMIT, False)
@@ -107,6 +115,16 @@ def committed(run) -> int:
             return con.execute("SELECT COUNT(*) FROM unnamed").fetchone()[0]
     except sqlite3.Error:   # not created yet, or being written
         return 0
+
+
+def results(metrics: dict) -> dict:
+    """Every metric that is a result, not a timing (those cover only what a run computed)."""
+    from reuse_exp.evaluation.stats import computed_only
+    return {k: v for k, v in metrics.items() if not computed_only(k) and k != "cached_requests"}
+
+
+def artifact(client, run, name: str) -> str:
+    return Path(client.download_artifacts(run.info.run_id, name)).read_text()
 
 
 def outputs(client, run) -> dict:
@@ -151,11 +169,26 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp
     assert m["accuracy"] == whole.data.metrics["accuracy"] > 0
     assert {k: v for k, v in m.items() if k.startswith("exact_match")} == \
            {k: v for k, v in whole.data.metrics.items() if k.startswith("exact_match")}
-    # ... from decoding only what was left, and saying so.
+    # ... a whole run: every count and fraction over all 12 documents, every generation ...
+    assert results(m) == results(whole.data.metrics)
+    assert {"skipped_fraction", "tokens_per_forward", "reuse_steps", "forwards_prefill"} <= set(results(m))
+    for name in ("generations.jsonl", "per_sample.jsonl"):
+        assert artifact(client, resumed, name) == artifact(client, whole, name), name
+    # ... from decoding only what was left, and naming the figures that cover only that.
     assert 0 < m["cached_requests"] < 12
-    assert m["generated_tokens"] < whole.data.metrics["generated_tokens"]
+    assert m["timed_batches"] == 12 - m["cached_requests"] < whole.data.metrics["timed_batches"]
     assert f"{12 - int(m['cached_requests'])} of 12 requests" in t["throughput_scope"]
+    assert all(name in t["throughput_scope"] for name in ("tokens_per_second*", "timed_batches", "seconds"))
     assert not cache.exists(), "a finished run's cache is deleted"
+
+    # A second resume of the run already resumed is refused, naming the run that resumed it; the
+    # links stay both ways.
+    twice = cli(clean_repo, store, cache_root, *RUN, "--resume", killed.info.run_id)
+    _, err = twice.communicate(timeout=300)
+    assert twice.returncode == 2 and f"run {resumed.info.run_id} resumed it already" in err, err[-2000:]
+    assert client.get_run(killed.info.run_id).data.tags["resumed_by"] == resumed.info.run_id
+    assert client.get_run(resumed.info.run_id).data.tags["resumed_from"] == killed.info.run_id
+    assert len(client.search_runs(["0"])) == 3, "the refused resume opened no run"
 
     again = cli(clean_repo, store, cache_root, *RUN, "--resume", resumed.info.run_id)
     _, err = again.communicate(timeout=300)

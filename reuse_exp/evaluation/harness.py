@@ -44,14 +44,19 @@ def evaluate(lm, task: str, task_manager, limit: int | float | None = None,
              num_fewshot: int = 0, apply_chat_template: bool = True, fewshot_as_multiturn: bool = True,
              seed: int = 1234, cache: Path | None = None) -> dict:
     """lm-eval's simple_evaluate on one task with per-sample logging; returns its results dict
-    (None on a rank other than 0). `cache`: a folder for lm-eval's per-request cache, which
-    answers the requests it holds and keeps each new result as soon as it is computed."""
+    (None on a rank other than 0). `cache`: a folder for the per-request cache, which
+    answers the requests it holds and keeps each new result, with its statistics, as soon as
+    it is computed (request_cache.py; the model consults it, so a resumed run's counts cover
+    every request)."""
     import lm_eval
+
+    from .request_cache import RequestCache
+    lm.request_cache = RequestCache(cache, lm.rank) if cache is not None else None
     return lm_eval.simple_evaluate(
         model=lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, log_samples=True,
         apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
         task_manager=task_manager, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        fewshot_random_seed=seed, use_cache=str(cache / "requests") if cache is not None else None)
+        fewshot_random_seed=seed)
 
 
 def primary_metric(task_results: dict) -> tuple[str, float] | None:

@@ -55,6 +55,7 @@ class _GenItem:
     ids: list[int]
     until: list[str]
     budget: int           # tokens the request may return
+    truncated: bool = False   # the prompt lost its beginning to fit the context
 
 
 def _cut_at(text: str, until: list[str]) -> str:
@@ -120,6 +121,7 @@ class FastDLLMv2LM(TemplateLM):
         self.runner = make_runner(self.model, s.decode_path)
         self.path = self.runner.name  # which decoding path ran: logged as the `path` param
         self.stats = HarnessStats()
+        self.request_cache = None   # a RequestCache: results kept with their statistics (a resume reads it)
         self.on_batch: Callable[[HarnessStats], None] | None = None  # progress, after each batch
 
     # -- lm-eval's constructors: `--model_args` parsed once, by the settings' declaration -------
@@ -184,14 +186,22 @@ class FastDLLMv2LM(TemplateLM):
                                   "it scores continuations of a context, not whole documents")
 
     # -- generation ---------------------------------------------------------------------------
-    def _prompt_ids(self, task_name: str | None, context: str, budget: int) -> tuple[str, list[int]]:
+    def _prompt_ids(self, task_name: str | None, context: str, budget: int) -> tuple[str, list[int], bool]:
         prompt = rewrite_prompt(task_name, context)
         ids = self.tok_encode(prompt)
         room = self.max_length - budget - self.decode_config.block_size
         if len(ids) > room:  # keep the end of the prompt, like lm-eval's HF model
             ids = ids[-room:]
             self.stats.truncated_prompts += 1
-        return prompt, ids
+            return prompt, ids, True
+        return prompt, ids, False
+
+    def _kept(self, method: str, args):
+        return self.request_cache.get(method, args) if self.request_cache is not None else None
+
+    def _keep(self, method: str, args, result, record: dict) -> None:
+        if self.request_cache is not None:
+            self.request_cache.put(method, args, result, record)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy block-diffusion decoding, batched by prompt length.
@@ -201,10 +211,15 @@ class FastDLLMv2LM(TemplateLM):
         `max_gen_toks` (capped by max_new_tokens) bounds the decoding budget.
         """
         items, first = [], {}
+        out: list[str | None] = [None] * len(requests)
         for i, req in enumerate(requests):
             # lm-eval repeats a request object to pad a rank's shard (and for repeats): greedy
             # decoding gives it the same text, so it is decoded once.
             if first.setdefault(id(req), i) != i:
+                continue
+            if (kept := self._kept("generate_until", req.args)) is not None:
+                out[i], record = kept
+                self.stats.add_kept(record)
                 continue
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
@@ -212,8 +227,8 @@ class FastDLLMv2LM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             budget = min(int(gen_kwargs.get("max_gen_toks", self.decode_config.max_new_tokens)),
                          self.decode_config.max_new_tokens)
-            prompt, ids = self._prompt_ids(getattr(req, "task_name", None), context, budget)
-            items.append(_GenItem(i, req, prompt, ids, until, budget))
+            prompt, ids, truncated = self._prompt_ids(getattr(req, "task_name", None), context, budget)
+            items.append(_GenItem(i, req, prompt, ids, until, budget, truncated))
         # One budget per batch (the decoder's max_new_tokens), largest first; longest prompts first.
         items.sort(key=lambda it: -it.budget)
         batches = list(Collator(items, sort_fn=lambda it: -len(it.ids), group_fn=lambda it: {"budget": it.budget},
@@ -224,22 +239,25 @@ class FastDLLMv2LM(TemplateLM):
         self.stats.phase = "decoding"
         if self.on_batch is not None:
             self.on_batch(self.stats)   # progress starts: 0 of them done
-        out: list[str | None] = [None] * len(requests)
         for batch in batches:
             cfg = replace(self.decode_config, max_new_tokens=self._decoder_budget(batch))
             # Trace one sample of the first batch only: the trace grows with every forward.
             result = generate(self.model, [it.ids for it in batch], cfg, self.policy,
                               trace_sample=0 if not self.stats.decode else None, runner=self.runner)
             self.stats.decode.append(result.report)
-            for it, tokens, s in zip(batch, result.tokens, result.report.samples):
+            drifts = result.report.refresh_drifts   # the batch's: kept with its first request
+            for j, (it, tokens, s) in enumerate(zip(batch, result.tokens, result.report.samples)):
                 raw = self.tok_decode(tokens[:it.budget])
                 text = _cut_at(raw, it.until)
                 out[it.index] = text
-                self.cache_hook.add_partial("generate_until", it.request.args, text)
-                self.stats.generations.append({
+                generation = {
                     "task": getattr(it.request, "task_name", None), "doc_id": getattr(it.request, "doc_id", None),
                     "prompt": it.prompt, "prompt_tokens": len(it.ids), "raw": raw, "returned": text,
-                    "generated_tokens": s.generated_tokens, "stopped": s.finished, "forwards": dict(s.forwards)})
+                    "generated_tokens": s.generated_tokens, "stopped": s.finished, "forwards": dict(s.forwards)}
+                self.stats.generations.append(generation)
+                self._keep("generate_until", it.request.args, text, {
+                    "generation": generation, "sample": s.as_dict(), "refresh_drifts": drifts if j == 0 else [],
+                    "truncated_prompt": it.truncated})
             if self.on_batch is not None:
                 self.on_batch(self.stats)
         return [out[first[id(req)]] for req in requests]
@@ -282,14 +300,18 @@ class FastDLLMv2LM(TemplateLM):
         room = self.max_length - self.decode_config.block_size
         score = SCORERS[self.settings.scoring]
         pairs, first = [], []
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
         seen: dict[tuple, int] = {}   # a request padding a rank's shard repeats one: scored once
-        for i, (_, ctx, cont) in enumerate(requests):
+        for i, (args, ctx, cont) in enumerate(requests):
             if not cont:
                 raise ConfigError("a loglikelihood request with an empty continuation cannot be scored")
             ctx = ctx[-(room - len(cont)):] if len(ctx) + len(cont) > room else ctx
             pairs.append((ctx, cont))
             first.append(seen.setdefault((tuple(ctx), tuple(cont)), i))
-        order = sorted((i for i in range(len(pairs)) if first[i] == i),
+            if first[i] == i and (kept := self._kept("loglikelihood", args)) is not None:
+                out[i], record = kept
+                self.stats.scoring.add_kept(record)
+        order = sorted((i for i in range(len(pairs)) if first[i] == i and out[i] is None),
                        key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         batches = list(Collator.get_chunks(order, n=self.batch_size))
         if batches and self.stats.scoring.requests == 0:  # warm-up, untimed
@@ -300,7 +322,6 @@ class FastDLLMv2LM(TemplateLM):
         self.stats.phase = "scoring"
         if self.on_batch is not None:
             self.on_batch(self.stats)
-        out: list[tuple[float, bool] | None] = [None] * len(pairs)
         sc = self.stats.scoring
         first_only = self.settings.scoring == "first_token"
         for batch in batches:
@@ -318,10 +339,12 @@ class FastDLLMv2LM(TemplateLM):
             sc.scored_tokens += tokens
             for i, s in zip(batch, scores):
                 out[i] = s
+                scored = 1 if first_only else len(pairs[i][1])   # its rows: one per scored token
+                truncated = first_only and len(pairs[i][1]) > 1
                 sc.requests += 1
-                sc.truncated_continuations += first_only and len(pairs[i][1]) > 1
-                (context, continuation), _, _ = requests[i]
-                self.cache_hook.add_partial("loglikelihood", (context, continuation), s)
+                sc.truncated_continuations += truncated
+                self._keep("loglikelihood", requests[i][0], s, {"scored_tokens": scored, "rows": scored,
+                                                                 "truncated_continuation": truncated})
             if self.on_batch is not None:
                 self.on_batch(self.stats)
         return [out[j] for j in first]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..engine.instrument import DecodeReport
+from ..engine.instrument import DecodeReport, SampleStats
 
 SCORING_KIND = "masked"  # the forward kind of loglikelihood scoring (FastDLLM.forward_masked)
 LOGLIKELIHOOD_NOTE = ("reuse cannot act on loglikelihood: each request is scored by masked forwards "
@@ -28,6 +28,29 @@ class ScoringStats:
     batch_forwards: int = 0
     seconds: float = 0.0
     batches: list[tuple[int, float]] = field(default_factory=list)  # (scored tokens, seconds) per batch
+    kept: int = 0                     # of `requests`, those a run before this one scored (request cache)
+
+    def add_kept(self, record: dict) -> None:
+        """A request the request cache answered: its counts, not its time."""
+        self.kept += 1
+        self.requests += 1
+        self.scored_tokens += record["scored_tokens"]
+        self.rows += record["rows"]
+        self.truncated_continuations += record["truncated_continuation"]
+
+
+# The figures that cover only the requests this run computed (time, rates, batches, the machine's
+# load); every other count and fraction covers every request, those a resumed run found in its
+# request cache too. Patterns as fnmatch reads them.
+COMPUTED_ONLY = ("seconds", "tokens_per_second*", "timed_batches", "batch_forwards_*", "*_seconds",
+                 "positions_per_second", "rank*/seconds", "rank*/tokens_per_second*", "gpu_*", "rank*/gpu_*",
+                 "torch_peak_memory_mb", "peak_rss_mb", "system/*")
+
+
+def computed_only(name: str) -> bool:
+    """Is metric `name` one that covers only what this run computed (a timing, not a result)?"""
+    from fnmatch import fnmatchcase
+    return any(fnmatchcase(name, p) for p in COMPUTED_ONLY)
 
 
 def rate_metrics(timings: list[tuple[float, float]], ranks: int = 1) -> dict[str, float]:
@@ -49,6 +72,10 @@ class HarnessStats:
     warmup_seconds: float = 0.0
     truncated_prompts: int = 0
     generations: list[dict] = field(default_factory=list)  # one record per generate_until request
+    # generate_until requests the request cache answered (a run before this one decoded them):
+    # their per-sample counts and adaptive drifts, which the counts and fractions include
+    kept: list[SampleStats] = field(default_factory=list)
+    kept_drifts: list[float] = field(default_factory=list)
     requests_total: int = 0   # requests lm-eval handed over so far (progress: done of total)
     phase: str = ""           # what the model is doing now: decoding or scoring
 
@@ -58,12 +85,24 @@ class HarnessStats:
 
     @property
     def requests(self) -> int:
-        """Requests this process computed (decoded or scored), not those a cache answered."""
-        return len(self.generations) + self.scoring.requests
+        """Requests this process computed (decoded or scored), not those the request cache answered."""
+        return len(self.generations) - len(self.kept) + self.scoring.requests - self.scoring.kept
+
+    def add_kept(self, record: dict) -> None:
+        """A generate_until request the request cache answered, with what decoding it measured."""
+        sample = dict(record["sample"])
+        self.kept.append(SampleStats(**{**sample, "forwards": Counter(sample["forwards"])}))
+        self.kept_drifts.extend(record["refresh_drifts"])
+        self.generations.append(record["generation"])
+        self.truncated_prompts += record["truncated_prompt"]
+
+    def samples(self) -> list[SampleStats]:
+        """Every generate_until request's counts: decoded here, or kept by the run before."""
+        return [s for r in self.decode for s in r.samples] + self.kept
 
     @property
     def task_kind(self) -> str:
-        kinds = [k for k, ran in (("generate_until", bool(self.decode)),
+        kinds = [k for k, ran in (("generate_until", bool(self.decode or self.kept)),
                                   ("loglikelihood", self.scoring.requests > 0)) if ran]
         return "+".join(kinds) or "none"
 
@@ -74,25 +113,29 @@ class HarnessStats:
         return {"unit": "scored tokens", "batches": [list(b) for b in self.scoring.batches]}
 
     def metrics(self) -> dict[str, float]:
-        """Throughput and reuse metrics (names: tracking/schema.py)."""
+        """Throughput and reuse metrics (names: tracking/schema.py). Counts and fractions cover every
+        request, those the request cache answered too; the THROUGHPUT ones only what this run computed."""
         m: dict[str, float] = {"warmup_seconds": self.warmup_seconds}
-        if self.decode:
+        samples = self.samples()
+        if samples:
             sample_fw, batch_fw = Counter(), Counter()
+            for s in samples:
+                sample_fw.update(s.forwards)
             for r in self.decode:
-                for s in r.samples:
-                    sample_fw.update(s.forwards)
                 batch_fw.update(r.batch_forwards)
-            run = sum(s.layer_evals_run for r in self.decode for s in r.samples)
-            skipped = sum(s.layer_evals_skipped for r in self.decode for s in r.samples)
-            tokens = sum(r.generated_tokens for r in self.decode)
+            run = sum(s.layer_evals_run for s in samples)
+            skipped = sum(s.layer_evals_skipped for s in samples)
+            tokens = sum(s.generated_tokens for s in samples)
+            decoded = sum(r.generated_tokens for r in self.decode)
             seconds = sum(r.wall_seconds for r in self.decode)
             m |= {"generated_tokens": tokens, "seconds": seconds,
-                  "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+                  "tokens_per_second": decoded / seconds if seconds > 0 else 0.0,
                   "tokens_per_forward": tokens / model_forwards if (model_forwards := sum(
                       n for k, n in sample_fw.items() if k != "replay")) else 0.0,
                   "skipped_fraction": skipped / (run + skipped) if run + skipped else 0.0,
                   "truncated_prompts": self.truncated_prompts}
-            m |= reuse_metrics(self.decode, sample_fw)
+            drifts = [d for r in self.decode for d in r.refresh_drifts] + self.kept_drifts
+            m |= reuse_metrics(samples, drifts, sample_fw)
             m |= {f"forwards_{k}": v for k, v in sample_fw.items()}
             m |= {f"batch_forwards_{k}": v for k, v in batch_fw.items()}
         sc = self.scoring
@@ -101,13 +144,20 @@ class HarnessStats:
                   "truncated_continuations": sc.truncated_continuations, "loglikelihood_ties": sc.ties,
                   f"forwards_{SCORING_KIND}": sc.rows, f"batch_forwards_{SCORING_KIND}": sc.batch_forwards,
                   "positions_per_second": sc.positions / sc.seconds if sc.seconds > 0 else 0.0}
-            if not self.decode:  # a pure scoring run: its throughput is scored tokens/s
+            if not samples:  # a pure scoring run: its throughput is scored tokens/s
                 m |= {"seconds": sc.seconds, "generated_tokens": 0, "skipped_fraction": 0.0,
-                      "tokens_per_second": sc.scored_tokens / sc.seconds if sc.seconds > 0 else 0.0,
+                      "tokens_per_second": self.scored_here() / sc.seconds if sc.seconds > 0 else 0.0,
                       "tokens_per_forward": sc.scored_tokens / sc.rows}
-        if self.decode or sc.requests:
+        if samples or sc.requests:
             m |= rate_metrics(self.timings()["batches"])
         return m
+
+    def scored_here(self) -> int:
+        """Scored tokens this process computed (its timed batches')."""
+        return sum(tokens for tokens, _ in self.scoring.batches)
+
+    def decoded_here(self) -> int:
+        return sum(r.generated_tokens for r in self.decode)
 
     @classmethod
     def merged(cls, shards: list["HarnessStats"]) -> "HarnessStats":
@@ -117,7 +167,8 @@ class HarnessStats:
         return cls(decode=[r for s in shards for r in s.decode], scoring=scoring,
                    warmup_seconds=max(s.warmup_seconds for s in shards),
                    truncated_prompts=sum(s.truncated_prompts for s in shards),
-                   generations=[g for s in shards for g in s.generations])
+                   generations=[g for s in shards for g in s.generations],
+                   kept=[k for s in shards for k in s.kept], kept_drifts=[d for s in shards for d in s.kept_drifts])
 
     def trace(self) -> dict:
         """The reuse trace: per-layer counts of every batch, one sample's decisions."""
@@ -134,16 +185,15 @@ class HarnessStats:
                 "first_batch_sample0_trace": first.trace}
 
 
-def reuse_metrics(reports: list[DecodeReport], sample_fw: Counter) -> dict[str, float]:
+def reuse_metrics(samples: list[SampleStats], drifts: list[float], sample_fw: Counter) -> dict[str, float]:
     """How reuse acted: reuse steps (a sample's step that stood in cached layers or replayed),
     those whose logits came out bit for bit those of the sample's last computed step (output
     mode: all of them, docs/engine.md), the fraction of denoising steps fully replayed, and for the
     adaptive policy the drift that made a group recompute."""
-    steps = sum(s.reuse_steps for r in reports for s in r.samples)
-    unchanged = sum(s.unchanged_reuse_steps for r in reports for s in r.samples)
+    steps = sum(s.reuse_steps for s in samples)
+    unchanged = sum(s.unchanged_reuse_steps for s in samples)
     denoising = sum(sample_fw[k] for k in ("full_block", "small_block", "replay"))
     layer_reuse = steps - sample_fw["replay"]
-    drifts = [d for r in reports for d in r.refresh_drifts]
     return {"reuse_steps": steps, "unchanged_reuse_steps": unchanged,
             "adaptive_refreshes": len(drifts), "mean_refresh_drift": sum(drifts) / len(drifts) if drifts else 0.0,
             "unchanged_reuse_fraction": unchanged / layer_reuse if layer_reuse else 0.0,
@@ -156,12 +206,16 @@ def output_hash(resps) -> str:
     return hashlib.sha256(json.dumps(resps, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sample_records(samples: dict[str, list[dict]], primary: str | None) -> list[dict]:
+def sample_records(samples: dict[str, list[dict]], primary: str | None,
+                   repeats: dict[str, int] | None = None) -> list[dict]:
     """One record per scored document, from lm-eval's logged samples: task, doc_id, the primary
     metric's value (`score`), `correct` (that value is 1; None when the metric is not 0/1) and
     `output` (a hash of the raw responses). `primary` is lm-eval's key, e.g.
     `exact_match,strict-match`: lm-eval logs one row per document and filter, this keeps the
-    primary metric's filter. Generation is deterministic, so two runs' records pair exactly."""
+    primary metric's filter. Generation is deterministic, so two runs' records pair exactly.
+    `repeats`: per task, the responses each request has (lm-eval's `repeats`, 1 by default): on
+    several ranks lm-eval pads a short shard by sending its last request again and appends the
+    padding's response to that request's, which the hash must not see (1 and N ranks hash alike)."""
     metric, _, filt = (primary or "").partition(",")
     out, seen = [], set()
     for task, rows in sorted(samples.items()):
@@ -173,8 +227,21 @@ def sample_records(samples: dict[str, list[dict]], primary: str | None) -> list[
             score = float(value) if isinstance(value, (int, float)) else None
             out.append({"task": task, "doc_id": r.get("doc_id"), "score": score,
                         "correct": None if score not in (0.0, 1.0) else score == 1.0,
-                        "output": output_hash(r.get("resps"))})
-    return out
+                        "output": output_hash(_unpadded(r.get("resps"), (repeats or {}).get(task, 1)))})
+    # in document order: several ranks hand lm-eval's samples back rank by rank
+    return sorted(out, key=lambda r: (r["task"], r["doc_id"] if isinstance(r["doc_id"], int) else -1))
+
+
+def _unpadded(resps, repeats: int):
+    """Each request's own `repeats` responses, without those a rank's padding appended."""
+    if not isinstance(resps, list):
+        return resps
+    return [r[:repeats] if isinstance(r, list) else r for r in resps]
+
+
+def repeats_of(results: dict) -> dict[str, int]:
+    """Per task, lm-eval's `repeats` (responses per request) from its results' configs."""
+    return {task: int(c.get("repeats") or 1) for task, c in (results.get("configs") or {}).items()}
 
 
 def _total(values: list):
@@ -195,7 +262,7 @@ def world_metrics(shards: list[HarnessStats]) -> dict[str, float]:
     each = [s.metrics() for s in shards]
     if "seconds" in m:
         slowest = max(e.get("seconds", 0.0) for e in each)
-        tokens = m["generated_tokens"] if merged.decode else merged.scoring.scored_tokens
+        tokens = merged.decoded_here() if merged.samples() else merged.scored_here()
         m |= {"seconds": slowest, "tokens_per_second": tokens / slowest if slowest > 0 else 0.0}
     if merged.scoring.requests:
         slowest = max(s.scoring.seconds for s in shards)

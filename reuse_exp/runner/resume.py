@@ -1,14 +1,16 @@
 """Resuming an interrupted run: its finished requests come back from a per-request cache.
 
-Every run caches each request's result as it finishes, through lm-eval's own request cache
-(CachingLM, one sqlite file per rank), in a folder keyed by the commit and the settings:
-REQUEST_CACHE/<commit>/<settings key>/<run id>. `--resume RUN_ID` (`-P resume=RUN_ID`)
-opens a new run linked to RUN_ID by tags (`resumed_from`, and `resumed_by` on RUN_ID) that
-reads RUN_ID's cache, so only the unfinished requests are decoded and the final metrics
-equal an uninterrupted run's. It is refused, in one line, when RUN_ID ran at another commit,
-from a dirty tree, or with other settings, or when it finished. Throughput then counts only
-what the resumed run decoded (its `throughput_scope` tag says so). A finished run's cache
-is deleted.
+Every run keeps each request's result, with the decode statistics computing it measured, as
+soon as it is computed (evaluation/request_cache.py: one sqlite file per rank), in a folder
+keyed by the commit and the settings: REQUEST_CACHE/<commit>/<settings key>/<run id>.
+`--resume RUN_ID` (`-P resume=RUN_ID`) opens a new run linked to RUN_ID by tags
+(`resumed_from`, and `resumed_by` on RUN_ID) that reads RUN_ID's cache, so only the
+unfinished requests are decoded, and the run is whole: its metrics, counts and fractions and
+its generations cover every document and equal an uninterrupted run's; only the figures its
+`throughput_scope` tag names cover just what it decoded. It is refused, in one line, when
+RUN_ID ran at another commit, from a dirty tree, or with other settings, when it finished,
+or when a run resumed it already (that run is the one to resume: a second resume would decode
+again and lose the link). A finished run's cache is deleted.
 """
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
     tags, params = old.data.tags, old.data.params
     if old.info.status == "FINISHED":
         raise ConfigError(f"resume {rid}: that run FINISHED; there is nothing to resume")
+    if tags.get("resumed_by"):
+        raise ConfigError(f"resume {rid}: run {tags['resumed_by']} resumed it already; "
+                          f"resume that one (`--resume {tags['resumed_by']}`) if it did not finish")
     if old.info.status in ("RUNNING", "SCHEDULED"):
         age = time.time() - (parse_stamp(tags.get(HEARTBEAT_TAG)) or (old.info.start_time or 0) / 1000)
         if age < ALIVE_WITHIN_S:
@@ -82,11 +87,14 @@ def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
     return Path(tags.get("request_cache") or cache_dir(s, commit, rid))
 
 
-def scope(resumed_from: str, decoded: int, documents: int) -> tuple[dict, dict]:
-    """(tags, metrics) that say what a resumed run's throughput covers."""
-    cached = max(0, documents - decoded)
-    return ({"throughput_scope": f"tokens/s, tokens and seconds count only what this run decoded: {decoded} of "
-             f"{documents} requests; {cached} came from run {resumed_from}'s request cache"},
+def scope(resumed_from: str, computed: int, documents: int) -> tuple[dict, dict]:
+    """(tags, metrics) that say which figures of a resumed run cover only what it computed."""
+    from ..evaluation.stats import COMPUTED_ONLY
+    cached = max(0, documents - computed)
+    return ({"throughput_scope": f"the metrics {' '.join(COMPUTED_ONLY)} and the artifacts timings.json and "
+             f"reuse_trace.json cover only what this run computed: {computed} of {documents} requests; "
+             f"{cached} came from run {resumed_from}'s request cache with their statistics, so every other "
+             "metric and generations.jsonl cover all of them"},
             {"cached_requests": cached})
 
 

@@ -17,7 +17,8 @@ from typing import Callable
 
 from ..errors import AuditFailed, ConfigError
 from .environments import any_environment, differences
-from .store import STALE_AFTER_S, RunRecord, client, experiment_name, fetch_runs, format_duration, tracking_uri
+from .store import (LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_name, fetch_runs, format_duration,
+                    tracking_uri)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def provenance(r: RunRecord) -> list[str]:
 def dead(r: RunRecord, now_ms: int, stale_after_s: float) -> list[str]:
     if r.is_dead(now_ms, stale_after_s):
         return [f"dead: {r.status} with {r.last_sign_of_life(now_ms)}, more than {format_duration(stale_after_s)}: "
-                f"its process is gone; end it with `reuse-exp runs end {r.run_id}`"]
+                f"its process is gone; end it with `{end_command(r.run_id, stale_after_s)}`"]
     return []
 
 
@@ -87,11 +88,19 @@ def mixed_grids(runs: list[RunRecord]) -> list[Finding]:
     return out
 
 
+def never_began(r: RunRecord) -> bool:
+    """Has not logged its code (MLflow's CLI opens the run before the package starts, and a kill in
+    start-up can come first): it holds no result, so its provenance cannot be judged; a dead one
+    is still found dead, and an ended one is counted apart, like a refused run."""
+    return r.status != "FINISHED" and "git_commit" not in r.tags
+
+
 def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> list[Finding]:
     """The findings over `runs`; refused runs are none of them."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     kept = [r for r in runs if not r.refused]
-    found = [Finding(r.run_id, why) for r in kept for why in provenance(r) + dead(r, now_ms, stale_after_s)]
+    found = [Finding(r.run_id, why) for r in kept
+             for why in ([] if never_began(r) else provenance(r)) + dead(r, now_ms, stale_after_s)]
     return found + mixed_grids(kept) + mixed_environments(kept)
 
 
@@ -111,7 +120,10 @@ def audit_store(experiment: str | None = None, all_experiments: bool = False,
     findings = audit(runs, stale_after_s=stale_after_s)
     names = ", ".join(e.name for e in exps)
     refused = sum(r.refused for r in runs)
-    apart = f"; {refused} refused run(s), ignored" if refused else ""
+    unbegun = sum(never_began(r) and r.status not in LIVE and not r.refused for r in runs)
+    apart = (f"; {refused} refused run(s), ignored" if refused else "") + \
+            (f"; {unbegun} run(s) ended before they began, ignored" if unbegun else "")
+    refused += unbegun
     if findings:
         for f in findings:
             echo(str(f))

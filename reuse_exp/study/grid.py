@@ -26,8 +26,8 @@ from .cells import (SPANNING_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRe
                     run_command, task_kind)
 from .environments import here, same_here
 from .launch import SubmititOptions, run_local, submit
-from .store import (LIVE, STALE_AFTER_S, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head,
-                    git_state, tracking_uri)
+from .store import (LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_id, experiment_name,
+                    fetch_runs, git_head, git_state, tracking_uri)
 
 # -- status ---------------------------------------------------------------------------------
 DONE, STALE, FAILED, RUNNING, MISSING = "done", "stale", "failed", "running", "missing"
@@ -73,7 +73,7 @@ def classify(cell: Cell, runs: list[RunRecord], head: str, now_ms: int,
     bad = [r for r in at_head if r.status in ("FAILED", "KILLED")] + dead
     if bad:
         note = (f"{len(dead)} dead: RUNNING, {dead[0].last_sign_of_life(now_ms)}; "
-                f"end it with `reuse-exp runs end {dead[0].run_id}`") if dead else ""
+                f"end it with `{end_command(dead[0].run_id, stale_after_s)}`") if dead else ""
         return CellState(cell, FAILED, sorted(bad, key=lambda r: r.start_ms, reverse=True), note)
     elsewhere = [r for r in mine if r.status == "FINISHED"]
     if elsewhere:

@@ -81,7 +81,7 @@ class RunRecord:
     @property
     def last_heartbeat_ms(self) -> int | None:
         seconds = parse_stamp(self.tags.get(HEARTBEAT_TAG))
-        return None if seconds is None else int(seconds * 1000)
+        return None if seconds is None else round(seconds * 1000)   # the stamp is to the ms
 
     def is_dead(self, now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> bool:
         """RUNNING, but no heartbeat (or, without one, no start) for `stale_after_s`: its process
@@ -122,10 +122,18 @@ class RunRecord:
 
 
 def end_dead(cl, run: RunRecord, reason: str) -> None:
-    """End a dead run KILLED, saying why (the tracked run's own ending never came)."""
+    """End a dead run KILLED, saying why (the tracked run's own ending never came). It ended
+    when its process last gave a sign of life (its last heartbeat, else its start), not now."""
     from mlflow.entities import RunTag
     cl.log_batch(run.run_id, tags=[RunTag(END_REASON_TAG, reason[:5000]), RunTag("end_status", "KILLED")])
-    cl.set_terminated(run.run_id, "KILLED")
+    cl.set_terminated(run.run_id, "KILLED", end_time=run.last_heartbeat_ms or run.start_ms)
+
+
+def end_command(run_id: str, stale_after_s: float) -> str:
+    """The command that ends a run found dead after `stale_after_s`: it must judge it by the same
+    threshold, or it refuses what was just called dead."""
+    extra = "" if stale_after_s == STALE_AFTER_S else f" --stale-after {stale_after_s:g}s"
+    return f"reuse-exp runs end {run_id}{extra}"
 
 
 def norm(value) -> str:

@@ -95,13 +95,18 @@ class Summary:
         if self.accuracy:
             name, value, err, n = self.accuracy
             pm = f" ± {err:.3f}" if err is not None and err == err else ""
-            out.append(f"accuracy  {value:.3f}{pm} (n={n if n is not None else '?'}, {self.task} {name})")
+            # a count read back from MLflow is a float: print it as the count it is
+            count = f"{n:.0f}" if isinstance(n, (int, float)) else "?"
+            out.append(f"accuracy  {value:.3f}{pm} (n={count}, {self.task} {name})")
         if self.kind == "loglikelihood":
             out.append(f"speed     {m.get('tokens_per_second', 0):.1f} scored tokens/s, "
                        f"{m.get('scored_tokens', 0):.0f} tokens in {m.get('seconds', 0):.1f} s of scoring "
                        f"(wall {m.get('wall_seconds', 0):.1f} s)")
         else:
-            out.append(f"speed     {m.get('tokens_per_second', 0):.1f} tokens/s, {m.get('generated_tokens', 0):.0f} "
+            # the tokens this run decoded: a resumed run's generated_tokens count the cached requests too
+            decoded = (m.get('tokens_per_second', 0) * m.get('seconds', 0) if "cached_requests" in m
+                       else m.get('generated_tokens', 0))
+            out.append(f"speed     {m.get('tokens_per_second', 0):.1f} tokens/s, {decoded:.0f} "
                        f"tokens in {m.get('seconds', 0):.1f} s of decoding (wall {m.get('wall_seconds', 0):.1f} s)")
         state = f"dirty: {self.dirty_files} uncommitted file(s)" if self.dirty else "clean"
         out.append(f"code      {self.commit[:12]} ({state})")

@@ -101,10 +101,10 @@ class Tracker:
         m = stats.metrics()
         self.console.desc = stats.phase
         if stats.phase == "scoring":
-            self.console.update(stats.requests_done, stats.requests_total, stats.scoring.scored_tokens,
+            self.console.update(stats.requests_done, stats.requests_total, stats.scored_here(),
                                 stats.scoring.seconds, unit="scored tok/s")
-        else:
-            self.console.update(stats.requests_done, stats.requests_total, m.get("generated_tokens", 0),
+        else:   # the rate of what this run decoded, not of what a resumed run found kept
+            self.console.update(stats.requests_done, stats.requests_total, stats.decoded_here(),
                                 m.get("seconds", 0.0))
         now = time.monotonic()
         if now - self.last_progress < 2.0:

@@ -71,7 +71,8 @@ metrics
     the gpu_* metrics cover every GPU (peaks the highest, energy and power summed,
     utilisation averaged), each rank's as rankR/gpu_*. peak_rss_mb (this process's peak
     resident memory: rank 0's with several ranks). A resumed run: cached_requests (the
-    requests its request cache answered; the throughput counts only the rest). During the run, generated_tokens/seconds are logged per batch.
+    requests its request cache answered, with their statistics: every count and fraction covers
+    all requests; the figures its throughput_scope tag names count only the rest). During the run, generated_tokens/seconds are logged per batch.
 artifacts
     summary.json (the study's per-config summary), lm_eval_results.json,
     samples_<task>.jsonl (lm-eval's per-sample records), per_sample.jsonl (per document:

@@ -236,7 +236,7 @@ def test_a_killed_run_is_dead_to_the_audit_and_the_grid(clean_repo, store):
     audit = run_cli(["audit", "--stale-after", "3s"], cli_env, clean_repo)
     assert audit.returncode == 1, audit.stdout + audit.stderr
     assert f"{run_id}  dead: RUNNING with last heartbeat " in audit.stdout
-    assert f"end it with `reuse-exp runs end {run_id}`" in audit.stdout
+    assert f"end it with `reuse-exp runs end {run_id} --stale-after 3s`" in audit.stdout   # runs as printed
 
     status = run_cli(["grid", "status", *grid_args, "--stale-after", "3s"], cli_env, clean_repo)
     assert "k=2   failed" in status.stdout and "1 dead: RUNNING, last heartbeat" in status.stdout, status.stdout

@@ -140,3 +140,14 @@ def test_submitit_local_hands_each_gpu_its_next_job(tmp_path, monkeypatch, store
         assert len(together) <= 2 and len({b[2] for b in together}) == len(together), spans
     seen = {p.read_text() for p in probes.iterdir()}
     assert {"0", "1"} <= seen, f"the tracked runs did not see the submitting shell's PYTHONPATH: {seen}"
+
+
+def test_a_failed_job_is_named_by_its_own_last_error():
+    from reuse_exp.study.launch import last_error
+    traceback = ("decoding: 0/1 requests [00:00<?, - tok/s]\nTraceback (most recent call last):\n"
+                 '  File "x.py", line 1, in <module>\nmlflow.exceptions.RestException: BAD_REQUEST: duplicate key\n'
+                 "submitit ERROR (2026-12-06) - Submitted job triggered an exception\n")
+    assert last_error(traceback) == "mlflow.exceptions.RestException: BAD_REQUEST: duplicate key"
+    assert last_error("warming up\nError: unknown task 'tiny_gms'; use one of tiny_gsm, tiny_mc\n") == \
+        "Error: unknown task 'tiny_gms'; use one of tiny_gsm, tiny_mc"
+    assert last_error("  - /tmp/jobs/555/555_0_log.out\n") is None

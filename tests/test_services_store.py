@@ -82,3 +82,46 @@ def test_concurrent_runs_on_sqlite_work_or_name_the_server(tmp_path, tiny_ckpt):
         last = out.stderr.strip().splitlines()[-1]
         print(f"sqlite failed under {len(CELLS)} concurrent runs: {last}")
         assert last.startswith("Error: the sqlite store") and "mlflow server" in last, out.stdout + out.stderr
+
+
+
+def _log_datasets_at(uri: str, experiment_id: str, trials: list[tuple[str, float]], results) -> None:
+    """One process: per trial, a run that logs a dataset of that digest at that wall-clock instant."""
+    import time
+
+    import mlflow
+    from reuse_exp.tracking.data import TaskData, log_datasets
+    client = mlflow.MlflowClient(uri)
+    runs = [client.create_run(experiment_id).info.run_id for _ in trials]
+    for run_id, (digest, start) in zip(runs, trials):
+        time.sleep(max(0.0, start - time.time()))
+        try:
+            log_datasets(client, run_id, [TaskData("tiny_gsm", "1.0", "cfg", digest, 2, {})])
+            results.put("ok")
+        except Exception as e:
+            results.put(f"{digest}: {type(e).__name__}: {str(e)[:200]}")
+
+
+def test_runs_that_log_one_new_dataset_at_once_all_log_it(pg_server):
+    # MLflow's SQL store looks a dataset up, then inserts it: runs that start together on one
+    # server race on its key (seen in CI: 1 of 5 grid jobs failed). 6 processes, 8 new datasets.
+    import multiprocessing
+    import time
+
+    import mlflow
+    ctx = multiprocessing.get_context("spawn")
+    experiment_id = mlflow.MlflowClient(pg_server.uri).create_experiment("dataset-race")
+    start = time.time() + 15        # the processes' imports and runs first
+    trials = [(f"race{i}", start + i) for i in range(8)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_log_datasets_at, args=(pg_server.uri, experiment_id, trials, results))
+             for _ in range(6)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in range(len(procs) * len(trials))]
+    for p in procs:
+        p.join(30)
+    assert outcomes == ["ok"] * len(outcomes), [o for o in outcomes if o != "ok"]
+    runs = mlflow.MlflowClient(pg_server.uri).search_runs([experiment_id])
+    assert len(runs) == len(outcomes) and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
+    assert len({r.inputs.dataset_inputs[0].dataset.digest for r in runs}) == len(trials)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -305,5 +306,14 @@ def _results(cells, jobs, uri, echo) -> tuple[list[str], str | None]:
             failed.append(cell.name)
             log = job.stderr() or ""
             hint = hint or store_error(log, uri)
-            echo(f"{cell.name}: job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
+            said = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            echo(f"{cell.name}: job {job.job_id} failed: {last_error(log) or said}")
     return failed, hint
+
+
+def last_error(log: str) -> str | None:
+    """The run's own last word on why it failed: its one-line `Error:` or a traceback's last line."""
+    for line in reversed(log.splitlines()):
+        if line.startswith("Error: ") or re.match(r"[\w.]+(Error|Exception|Interrupt)\b.*", line):
+            return line.strip()[:500]
+    return None

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 PREFIX = "data."              # tags data.<task>.version / .config_hash / .digest
 DATA_DIGEST_TAG = "data_digest"   # every task's fingerprint in one value: what the grid compares
 # Where the task's YAML was read from: a snapshot of the same commit elsewhere reads the same task.
 UNHASHED = ("config_source",)
+# How PostgreSQL, MySQL and SQLite say an insert hit an existing key.
+UNIQUE_VIOLATION = re.compile(r"UniqueViolation|duplicate key|Duplicate entry|UNIQUE constraint failed")
 
 
 @dataclass(frozen=True)
@@ -93,4 +96,13 @@ def log_datasets(client, run_id: str, tasks: list[TaskData]) -> None:
             "revision": (t.config.get("dataset_kwargs") or {}).get("revision")}.items() if v is not None})
         dataset = MetaDataset(source, name=t.task, digest=t.digest)
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "eval")]))
-    client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as e:
+            # MLflow's SQL store looks for the dataset, then inserts it: two runs logging the same
+            # new dataset at once both insert, and one fails on the key. Its transaction rolled
+            # back whole; on a retry it finds the other's row and links to it.
+            if attempt == 2 or not UNIQUE_VIOLATION.search(str(e)):
+                raise

@@ -43,6 +43,7 @@ def test_one_run_gives_a_row_per_batch_size(tmp_path):
         assert row["small_block"]["x_floor"] > 0 and row["full_block"]["of_peak"] > 0
         assert [(e["k"], e["subset"]) for e in row["end_to_end"]] == [(1, "-"), (2, "first")]
         assert row["reuse_forward"][0]["ideal_saving"] > 0
+        assert row["kernels"] == {"small_block": None, "full_block": None}   # counted on a GPU only
     assert "| batch |" in (tmp_path / "b.md").read_text()
 
 

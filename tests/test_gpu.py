@@ -92,6 +92,24 @@ def test_graphs_replay_after_the_batch_is_trimmed():
     assert {3, 2} <= batches, batches  # graphs of the full and of the trimmed batch were replayed
 
 
+def test_kernels_are_counted_inside_a_graph_replay():
+    """The benchmark's kernel count: a graph of three element-wise kernels replays three."""
+    from reuse_exp.engine.kernels import kernels_per_call
+    x = torch.ones(1024, device="cuda")
+    y = torch.empty_like(x)
+
+    def three():
+        torch.mul(x, 2, out=y)
+        y.add_(1)
+        y.sqrt_()
+    three()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        three()
+    counted = kernels_per_call(graph.replay, x.device, calls=4)
+    assert counted["kernels"] == 3 and counted["kernel_us"] > 0, counted
+
+
 def test_bf16_static_attention_matches_float64():
     torch.manual_seed(0)
     B, H, KV, T, D, S, kv_len = 2, 28, 4, 8, 128, 512, 300

@@ -30,6 +30,7 @@ import torch
 from .config import shape as named_shape
 from .decoding import DecodeConfig, EagerRunner, generate
 from .fast import FastRunner
+from .kernels import kernels_per_call
 from .loading import parse_dtype, random_model
 from .model import FastDLLM, ForwardKind
 from .bench_report import row_line
@@ -101,10 +102,10 @@ def forward_flops(model: FastDLLM, batch: int, tokens: int, kv_len: int, logit_p
 
 
 def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: int, small: int,
-                       policies: list[ReusePolicy], iters: int) -> tuple[dict, dict]:
+                       policies: list[ReusePolicy], iters: int) -> tuple[dict, dict, dict]:
     """Milliseconds of each forward kind, logits of the needed positions included, at a
     prefix of `prefix` tokens; and of the small-block forward with each policy's layers
-    skipped for every row."""
+    skipped for every row; and the kernels a small-block and a full-block forward launch."""
     dev = model.device
     cache = runner.new_cache(batch, prefix + block, block)
     tokens = torch.randint(0, model.config.vocab_size, (batch, prefix + block), device=dev)
@@ -124,6 +125,7 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
 
     kinds = {"full_block": timed_ms(full, dev, iters), "small_block": timed_ms(small_block, dev, iters),
              "finalize": timed_ms(finalize, dev, iters)}
+    kernels = {"small_block": kernels_per_call(small_block, dev), "full_block": kernels_per_call(full, dev)}
     cache.prefix_len = prefix
     reused = {}
     for policy in policies:
@@ -131,7 +133,7 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
         runner(blk, ForwardKind.FULL_BLOCK, cache, 0,
                told_plan(policy.layers, [False] * batch, rc, 0, dev, ForwardKind.FULL_BLOCK))
         reused[policy] = timed_ms(lambda: small_block(told_plan(policy.layers, [True] * batch, rc, 8, dev)), dev, iters)
-    return kinds, reused
+    return kinds, reused, kernels
 
 
 def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens: int,
@@ -253,11 +255,11 @@ def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw
     bs, sbs = 32, 8
     prefix = (args.prompt_len + args.new_tokens // 2) // bs * bs  # the middle of the trajectory
     kv_len = prefix + bs
-    kinds, reused = time_forward_kinds(model, runner, batch, prefix, bs, sbs, policies, args.iters)
+    kinds, reused, kernels = time_forward_kinds(model, runner, batch, prefix, bs, sbs, policies, args.iters)
     small_ms, full_ms = kinds["small_block"]["median"], kinds["full_block"]["median"]
     small_bytes = weight_bytes(model) + kv_bytes(model, batch, kv_len)
     flops = forward_flops(model, batch, bs, kv_len, sbs)
-    row = {"batch": batch, "forward_ms": kinds,
+    row = {"batch": batch, "forward_ms": kinds, "kernels": kernels,
            "small_block": {"bytes": small_bytes, "floor_ms": small_bytes / bw * 1e3,
                            "x_floor": small_ms / (small_bytes / bw * 1e3), "gbs": small_bytes / small_ms / 1e6},
            "full_block": {"flops": flops, "tflops": flops / full_ms / 1e9, "of_peak": flops / full_ms / 1e-3 / peak},

@@ -25,6 +25,7 @@ from ..knobs import cache_root
 ENV_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 # The engine modules whose code the compiled layer step runs, or that choose how it compiles.
 COMPILED_CODE = ("static_forward.py", "static_inputs.py", "model.py", "config.py", "fast.py")
+ENGINE = Path(__file__).parent
 
 
 def code_hash(files: list[Path]) -> str:
@@ -35,8 +36,8 @@ def code_hash(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def key_parts(device: torch.device) -> dict:
-    """What a compiled kernel depends on, on this machine, for `device`."""
+def key_parts(device: torch.device, code: Path = ENGINE) -> dict:
+    """What a compiled kernel depends on, on this machine, for `device`, compiling the engine in `code`."""
     try:
         triton = metadata.version("triton")
     except metadata.PackageNotFoundError:
@@ -46,9 +47,8 @@ def key_parts(device: torch.device) -> dict:
         where = {"gpu": torch.cuda.get_device_name(device), "capability": f"sm{cc[0]}{cc[1]}"}
     else:
         where = {"cpu": platform.machine(), "processor": platform.processor()}
-    here = Path(__file__).parent
     return {"torch": torch.__version__, "triton": triton, "cuda": torch.version.cuda,
-            "python": platform.python_version(), **where, "code": code_hash([here / f for f in COMPILED_CODE])}
+            "python": platform.python_version(), **where, "code": code_hash([code / f for f in COMPILED_CODE])}
 
 
 def compile_dir(parts: dict) -> Path:
@@ -56,10 +56,19 @@ def compile_dir(parts: dict) -> Path:
     return cache_root() / "compile" / hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def set_by_user(var: str) -> bool:
+    """Whether `var` holds a folder the user chose. Importing Inductor sets its variable to
+    torch's default (under the temporary folder), and its first compilation Triton's (under
+    that): those are torch's, not the user's."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    value = os.environ.get(var)
+    return bool(value) and not Path(value).is_relative_to(default_cache_dir())
+
+
 def use_compile_caches(device: torch.device) -> dict[str, str]:
     """Point Inductor's and Triton's caches at this machine's compile folder for `device`, each
     unless the user set it; the values in force, by variable. Call before the first compilation."""
-    unset = [v for v in ENV_VARS if not os.environ.get(v)]
+    unset = [v for v in ENV_VARS if not set_by_user(v)]
     if unset:
         parts = key_parts(device)
         folder = compile_dir(parts)

@@ -63,8 +63,8 @@ class FastRunner:
             # emulate_precision_casts narrows the gap without closing it).
             # Dynamic shapes from the start: one compilation serves every row and token count.
             # Its kernels are kept on disk for the next process (compile_cache.py).
-            import torch._inductor.config as inductor
             use_compile_caches(model.device)
+            import torch._inductor.config as inductor
             options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
             self.step = torch.compile(layer_step, dynamic=True, options=options)
         self.graphs: dict = {}

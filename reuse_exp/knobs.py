@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import SettingError
 
@@ -45,8 +46,8 @@ COLLECTIVE_TIMEOUT_S = Knob("REUSE_EXP_COLLECTIVE_TIMEOUT_S", "the seconds a ran
                             "it fails, e.g. 1800", 1800.0, float)
 REQUEST_CACHE = Knob("REUSE_EXP_REQUEST_CACHE", "the folder of this run's request cache, as the process that "
                      "launched the ranks chose it")
-CACHE_ROOT = Knob("REUSE_EXP_CACHE_ROOT", "the folder under which runs keep their request caches "
-                  "(default ~/.cache/reuse_exp/requests)")
+CACHE_ROOT = Knob("REUSE_EXP_CACHE_ROOT", "the folder of the package's caches: runs' request caches in "
+                  "requests/, compiled kernels in compile/ (default ~/.cache/reuse_exp)")
 LAUNCHED = Knob("REUSE_EXP_LAUNCHED", "set (1) for the ranks `reuse-exp run --processes N` starts: rank 0 leaves "
                 "the summary to the launching process", False, bool)
 POLICY_MODULES = Knob("REUSE_EXP_POLICY_MODULES", "comma-separated importable modules that register more reuse "
@@ -55,6 +56,11 @@ ANY_ENVIRONMENT = Knob("REUSE_EXP_ANY_ENVIRONMENT", "set (1) by `grid run --any-
                        "environment does not matter for this grid (the runs are tagged so)", False, bool)
 KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUEST_CACHE, CACHE_ROOT, LAUNCHED,
                            POLICY_MODULES, ANY_ENVIRONMENT)
+
+
+def cache_root() -> Path:
+    """The folder of every cache the package keeps on this machine (CACHE_ROOT, or ~/.cache/reuse_exp)."""
+    return Path(CACHE_ROOT.read() or Path.home() / ".cache" / "reuse_exp")
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import SettingError
 from .knobs import FALSE, MLFLOW_PID, TRUE
+from .engine.fast import DECODE_PATHS
 from .engine.policies import names as policy_names
 from .engine.reuse import MODES, SCOPES, SUBSETS
 
@@ -19,7 +20,6 @@ from .engine.reuse import MODES, SCOPES, SUBSETS
 # task options) or the tracked run itself.
 MODEL, TASK, RUN = "model", "task", "run"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-DECODE_PATHS = ("auto", "eager", "fast")
 SCORINGS = ("continuation", "first_token")
 
 
@@ -82,8 +82,10 @@ class RunSettings:
                                   key=True)
     use_block_cache: bool = setting(True, "small-block forwards over the block cache (the study's)",
                                     kind="bool", role=MODEL, key=True)
-    decode_path: str = setting("auto", "`auto`: CUDA graphs + compiled layers on a GPU, plain PyTorch on CPU; "
-                               "`eager`; `fast`", kind="choice", role=MODEL, choices=DECODE_PATHS, key=("path",))
+    decode_path: str = setting("auto", "`auto`: `fast` on a GPU, `eager` on CPU; `eager`: plain PyTorch; `fast`: "
+                               "static shapes, CUDA graphs on a GPU (eager's tokens); `compiled`: `fast` with each "
+                               "layer compiled (fewer kernels, other bf16 roundings)", kind="choice", role=MODEL,
+                               choices=DECODE_PATHS, key=("path",))
     scoring: str = setting("continuation", "loglikelihood tasks: `continuation` scores every answer token, left "
                            "to right; `first_token`: the public harness's first token only",
                            kind="choice", role=MODEL, choices=SCORINGS, key=True)

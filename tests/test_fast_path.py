@@ -79,9 +79,9 @@ def test_harness_picks_the_fast_path_on_a_gpu_only(model):
     from reuse_exp.evaluation.models import make_runner
     assert make_runner(model, "eager").name == "eager"
     assert make_runner(model, "fast").name.startswith("cuda-graph" if model.device.type == "cuda" else "static")
-    assert make_runner(model, "auto").name == ("cuda-graph+compile" if model.device.type == "cuda" else "eager")
+    assert make_runner(model, "auto").name == ("cuda-graph" if model.device.type == "cuda" else "eager")
     from reuse_exp.settings import RunSettings
-    with pytest.raises(ConfigError, match="decode_path=turbo: use one of auto, eager, fast"):
+    with pytest.raises(ConfigError, match="decode_path=turbo: use one of auto, eager, fast, compiled"):
         RunSettings.parse({"decode_path": "turbo"})
 
 

@@ -1,5 +1,5 @@
-"""On a CUDA GPU: the fast path (CUDA graphs, compiled layers, bf16 attention) against the
-eager path, graphs after a batch is trimmed, and tracked runs with real NVML statistics.
+"""On a CUDA GPU: the fast path (CUDA graphs, the default; with compiled layers, the `compiled`
+path; bf16 attention) against the eager path, graphs after a batch is trimmed, and tracked runs with real NVML statistics.
 Skipped without CUDA."""
 import json
 import subprocess
@@ -41,10 +41,11 @@ COMPILED_BF16 = pytest.mark.xfail(strict=False, reason=(
 
 @pytest.mark.parametrize("which, compile_layers", [pytest.param("tiny shape", True, marks=COMPILED_BF16),
                                                    ("tiny shape", False),
-                                                   pytest.param("bundled", True, marks=COMPILED_BF16)])
+                                                   pytest.param("bundled", True, marks=COMPILED_BF16),
+                                                   ("bundled", False)])
 def test_fast_path_decodes_the_eager_tokens_in_bf16(which, compile_layers):
-    """In bf16, a batch of prompts: graphs (and compiled layers) give the eager path's tokens,
-    with and without reuse. The tiny shape with random weights (peaked predictions), and the
+    """In bf16, a batch of prompts: graphs (the default GPU path) give the eager path's tokens, with
+    and without reuse; with compiled layers (the `compiled` path) they do not yet (xfail). The tiny shape with random weights (peaked predictions), and the
     bundled tiny model on six of its questions."""
     if which == "tiny shape":
         model, prompts, dec = random_model(CFG, "bfloat16", device="cuda", seed=0, std=0.2), PROMPTS, DEC
@@ -52,7 +53,7 @@ def test_fast_path_decodes_the_eager_tokens_in_bf16(which, compile_layers):
         model, ckpt = load_model(REPO / "reuse_exp/tiny/model", dtype="bfloat16", device="cuda")
         tok = load_tokenizer(ckpt)
         prompts, dec = bundled_prompts(tok, 6), decode_config_for(tok, max_new_tokens=64)
-    runner = FastRunner(model, compile_layers=compile_layers)
+    runner = FastRunner(model, compile_layers=compile_layers) if compile_layers else FastRunner(model)
     for spec in POLICIES if which == "tiny shape" else POLICIES[:2]:
         if spec in ("adaptive delta", "depth delta"):  # the segmented forward: a graph per group
             policy = get_policy(spec.split()[0]).create(model.num_layers, drift=0.5, max_reuse=3, mode="delta")
@@ -146,7 +147,7 @@ def test_tracked_run_logs_real_nvml_statistics(store):
     run = tracked(store, "--limit", "4", "--batch-size", "2", "--max-new-tokens", "64", "--k", "2")
     p, m = run["params"], run["metrics"]
     assert run["status"] == "FINISHED"
-    assert (p["resolved_device"], p["resolved_dtype"], p["path"]) == ("cuda", "bfloat16", "cuda-graph+compile")
+    assert (p["resolved_device"], p["resolved_dtype"], p["path"]) == ("cuda", "bfloat16", "cuda-graph")
     assert m["gpu_peak_memory_mb"] > 100 and m["gpu_power_mean_w"] > 10 and m["gpu_energy_j"] > 0
     assert 0 <= m["gpu_util_mean"] <= m["gpu_util_max"] <= 100 and m["gpu_util_max"] > 0
     assert any(k.startswith("system/gpu") for k in m), sorted(m)
@@ -157,6 +158,6 @@ def test_tracked_random_7b_run(store):
                   "--k", "2", "--subset", "first")
     p, m = run["params"], run["metrics"]
     assert run["status"] == "FINISHED"
-    assert (p["model"], p["resolved_dtype"], p["path"]) == ("random:7b", "bfloat16", "cuda-graph+compile")
+    assert (p["model"], p["resolved_dtype"], p["path"]) == ("random:7b", "bfloat16", "cuda-graph")
     assert m["generated_tokens"] > 0 and m["tokens_per_second"] > 0 and 0 < m["skipped_fraction"] < 1
     assert m["gpu_peak_memory_mb"] > 15_000  # 15.2 GB of bf16 weights were on the GPU

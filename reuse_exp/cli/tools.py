@@ -47,8 +47,14 @@ def comma_list(kind):
 @click.option("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
 @click.option("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")
 @click.option("--matmul-n", type=int, default=None, help="size of the matrix product for the peak")
-@click.option("--compile/--no-compile", default=None, help="fast path: fuse each layer with torch.compile "
-              "(default: on a GPU)")
+@click.option("--compile/--no-compile", default=False, help="fast path: each layer compiled with torch.compile "
+              "(the `compiled` decode path: fewer kernels, other bf16 roundings)")
+@click.option("--compare-compiled", is_flag=True, default=False, help="also the compiled path: forwards and k=1 "
+              "tok/s beside the default path's in each row, and its warm-up")
+@click.option("--warmup-batches", type=comma_list(int), default="1,8,32", help="batch sizes of the fresh "
+              "processes' first decodes")
+@click.option("--warmup-processes", type=int, default=None, help="fresh processes in a row, the first on an empty "
+              "compile cache, the others on the kept one [default: 2 on a GPU, 0 on CPU]")
 @click.option("--check-tokens", type=int, default=0, help="also compare the eager and fast paths' first N "
               "tokens at k=1")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -16,7 +16,10 @@ a large bf16 matrix product for the dense peak):
   against the ideal (the skipped layers' share of the bytes);
 - end to end, tokens/s at each k (median of timed decodes after an untimed one), and
   the time saved against k=1 beside the ideal (each skipped layer evaluation free);
-- warm-up: the first decode of the run (compilation, graph captures) over a warm one.
+- warm-up: the first decode of the run (compilation, graph captures) over a warm one; and
+  the first decodes of fresh processes in a row, on an empty and then a kept compile cache
+  (bench_paths.py), for the default path and, with --compare-compiled, the compiled one, whose
+  forwards and k=1 tokens/s each row then shows beside the default's.
 """
 from __future__ import annotations
 
@@ -27,12 +30,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..errors import SettingError
 from .config import shape as named_shape
 from .decoding import DecodeConfig, EagerRunner, generate
 from .fast import FastRunner
 from .kernels import kernels_per_call
 from .loading import parse_dtype, random_model
 from .model import FastDLLM, ForwardKind
+from .bench_paths import fresh_processes, path_cost, warmup_settings
 from .bench_report import row_line
 from .policies import ReusePolicy, get as get_policy
 from .policies.fixed import FixedPolicy
@@ -238,6 +243,7 @@ class BenchResult:
     rows: list = field(default_factory=list)            # one per batch size
     peak_memory_gb: float | None = None
     path_check: dict | None = None                      # eager vs fast tokens at k=1
+    fresh_processes: list = field(default_factory=list)  # warm-up in fresh processes, one per path
 
 
 def machine_info(device: torch.device) -> dict:
@@ -329,7 +335,10 @@ class BenchArgs:
     repeats: int = 2                          # timed end-to-end decodes per configuration
     copy_mb: int | None = None                # bytes copied to measure the bandwidth
     matmul_n: int | None = None               # size of the matrix product for the peak
-    compile: bool | None = None               # fast path: fuse each layer with torch.compile (default: on a GPU)
+    compile: bool = False                     # fast path: each layer compiled (decode path `compiled`)
+    compare_compiled: bool = False            # also the compiled path: its forwards, k=1 tok/s and warm-up
+    warmup_batches: tuple[int, ...] = (1, 8, 32)  # first decodes of fresh processes at these batch sizes
+    warmup_processes: int | None = None       # fresh processes in a row (default 2 on a GPU, 0 on the CPU)
     check_tokens: int = 0                     # also compare the eager and fast paths' first N tokens at k=1
 
     def resolved(self) -> "BenchArgs":
@@ -338,13 +347,21 @@ class BenchArgs:
         on_gpu = device.startswith("cuda")
         dtype = self.dtype or ("bfloat16" if on_gpu else "float32")
         parse_dtype(dtype)
+        if self.compare_compiled and (self.compile or self.path != "fast"):
+            raise SettingError("--compare-compiled sets the compiled path beside the default fast one: "
+                               "drop --compile and --path eager")
+        processes = (2 if on_gpu else 0) if self.warmup_processes is None else self.warmup_processes
         return replace(self, device=device, dtype=dtype, copy_mb=self.copy_mb or (2048 if on_gpu else 256),
-                       matmul_n=self.matmul_n or (8192 if on_gpu else 512))
+                       matmul_n=self.matmul_n or (8192 if on_gpu else 512), warmup_processes=processes)
 
 
 def run_bench(args: BenchArgs, command: str = "") -> BenchResult:
     args = args.resolved()
     device = torch.device(args.device)
+    # Fresh processes first, while this one holds nothing on the device.
+    paths = (args.compile, True) if args.compare_compiled else (args.compile,)
+    fresh = [fresh_processes(warmup_settings(args, c), args.warmup_processes)
+             for c in paths if args.warmup_processes and args.path == "fast"]
     torch.manual_seed(0)
     model = random_model(named_shape(args.shape), args.dtype, device=str(device), seed=0)
     assert not any(p.requires_grad for p in model.parameters())
@@ -354,7 +371,8 @@ def run_bench(args: BenchArgs, command: str = "") -> BenchResult:
         runner = FastRunner(model, compile_layers=args.compile) if args.path == "fast" else EagerRunner(model)
         result = BenchResult(machine=machine_info(device), settings=vars(args).copy(), command=command,
                              bandwidth_gbs=bw / 1e9, peak_tflops=peak / 1e12, weights_gb=weight_bytes(model) / 1e9,
-                             path_name=runner.name)
+                             path_name=runner.name, fresh_processes=fresh)
+        compiled = FastRunner(model, compile_layers=True) if args.compare_compiled else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # Warm-up first, in a fresh process: the first decode pays compilation and captures.
@@ -368,6 +386,9 @@ def run_bench(args: BenchArgs, command: str = "") -> BenchResult:
                     for k in sorted(set(args.k)) if k > 1 for s in args.subset]
         for batch in args.batch:
             result.rows.append(bench_batch(model, runner, args, batch, policies, bw, peak))
+            if compiled is not None:  # forwards and k=1 only: the speed the compiled path buys
+                row = bench_batch(model, compiled, replace(args, k=(1,), extra=()), batch, [], bw, peak)
+                result.rows[-1]["compiled"] = path_cost(row)
             print(row_line(result.rows[-1]), flush=True)
         if device.type == "cuda":
             result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9

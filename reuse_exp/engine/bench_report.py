@@ -69,8 +69,51 @@ def markdown(r) -> str:
                          f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" if "saving" in e else "-",
                          f"{e['of_ideal']:.2f}" if e.get("of_ideal") is not None else "-"]
                 lines.append("| " + " | ".join(cells) + " |")
+    lines += paths_table(r) + warmup_table(r)
     if r.path_check:
         c = r.path_check
         lines += ["", f"Eager vs fast path, k=1, first {c['tokens_compared']} tokens: "
                   + ("identical" if c["equal"] else f"first divergence at token {c['first_divergence']}")]
     return "\n".join(x for x in lines if x is not None) + "\n"
+
+
+def paths_table(r) -> list[str]:
+    """The compiled path beside the default one, per batch row (bench --compare-compiled)."""
+    if not any("compiled" in row for row in r.rows):
+        return []
+    lines = ["", f"| batch | full ms: {r.path_name} / compiled | small ms: {r.path_name} / compiled | "
+             f"tok/s k=1: {r.path_name} / compiled | compiled speed-up, k=1 |", "| --- | --- | --- | --- | --- |"]
+    for row in r.rows:
+        c = row.get("compiled")
+        if c is None:
+            continue
+        ms, k1 = {k: v["median"] for k, v in row["forward_ms"].items()}, row["end_to_end"][0]["tokens_per_second"]
+        lines.append(f"| {row['batch']} | {ms['full_block']:.2f} / {c['forward_ms']['full_block']:.2f} | "
+                     f"{ms['small_block']:.2f} / {c['forward_ms']['small_block']:.2f} | "
+                     f"{k1:.1f} / {c['tokens_per_second']:.1f} | {c['tokens_per_second'] / k1:.2f}x |")
+    return lines
+
+
+def warmup_table(r) -> list[str]:
+    """Fresh processes in a row, per path: each one's first and warm decode at each batch size,
+    the goals beside the first decodes of the first (empty cache) and the second process."""
+    if not r.fresh_processes:
+        return []
+    batches = r.fresh_processes[0]["settings"]["batches"]
+    lines = ["", "| path | process (compile cache) | model ready s | "
+             + " | ".join(f"batch {b}: first decode s (warm s)" for b in batches) + " | process s | goal |",
+             "|" + " --- |" * (len(batches) + 5)]
+    for w in r.fresh_processes:
+        goals = [f"first decode ≤ {w['goals']['first_s']:g} s: " + ("met" if w["met"]["first"] else "not met")]
+        if w["met"]["second_process"] is not None:
+            goals.append(f"second process ≤ {w['goals']['second_process_s']:g} s: "
+                         + ("met" if w["met"]["second_process"] else "not met"))
+        for i, p in enumerate(w["processes"]):
+            cells = [w["path"], f"{i + 1} ({p['cache']})", f"{p['model_ready_s']:.1f}"]
+            cells += [f"{b['first_s']:.2f} ({b['warm_s']:.2f})" for b in p["batches"]]
+            cells += [f"{p['process_s']:.1f}", goals[i] if i < len(goals) else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Each process is fresh (`python -m reuse_exp.engine.warmup`), one after another on one "
+                    "cache root of their own: the first finds it empty, the next find the compiled kernels the "
+                    "first kept; CUDA graphs are captured again by every process. First decode: the first at "
+                    "that batch size in that process; the goals are the first batch size's."]

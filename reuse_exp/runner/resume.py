@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..knobs import CACHE_ROOT, REQUEST_CACHE
+from ..knobs import CACHE_ROOT, REQUEST_CACHE, cache_root
 from ..settings import SPECS, RunSettings
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.schema import HEARTBEAT_TAG, same_param
@@ -35,7 +35,7 @@ ALIVE_WITHIN_S = 300.0
 
 
 def root() -> Path:
-    return Path(CACHE_ROOT.read() or Path.home() / ".cache" / "reuse_exp" / "requests")
+    return cache_root() / "requests"
 
 
 def settings_key(s: RunSettings) -> str:

@@ -82,7 +82,7 @@ class Trajectory:
             raise ConfigError(f"{source.get('run_id') if source else path} has no unmasking schedule: "
                               f"{RECORD_FIX}, or give another trajectory")
         return cls.from_schedule(data["unmasking"], name or str(path),
-                                 {**(data.get("source") or {"file": str(path)}), **(source or {})})
+                                 {**(data.get("source") or ({} if source else {"file": str(path)})), **(source or {})})
 
     @classmethod
     def load(cls, spec: str, run_trace: Callable[[str], Path] | None = None) -> "Trajectory | None":

@@ -35,11 +35,12 @@ def expected(profile: Trajectory, windows: list[list[int]]) -> list[list[list[in
     clamped to the masks left; `windows` are each sample's masks per small block."""
     out = []
     for i, masks in enumerate(windows):
+        sample = profile.samples[i % len(profile.samples)]
         blocks = []
         for j, left in enumerate(masks):
-            steps = []
+            counts, steps = sample[j % len(sample)], []
             while left:
-                n = min(profile.count(i, j, len(steps)), left)
+                n = min(counts[len(steps) % len(counts)], left)
                 steps.append(n)
                 left -= n
             blocks.append(steps)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from reuse_exp.cli import main
 from reuse_exp.cli.tools import bench as bench_cmd
 from reuse_exp.cli.tools import bench_command
-from reuse_exp.engine import bench
+from reuse_exp.engine import bench, bench_report
 
 
 def test_saving_in_situ_compares_skipping_forwards_with_their_kind_and_row_count():
@@ -47,7 +47,38 @@ def test_one_run_gives_a_row_per_batch_size(tmp_path):
     assert "| batch |" in (tmp_path / "b.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_recorded_trajectory_gives_its_own_rows_with_fewer_forwards_per_token():
+    args = bench.BenchArgs(shape="tiny", device="cpu", batch=(2,), k=(1, 2), extra=("replay:2",), prompt_len=32,
+                           new_tokens=64, iters=1, repeats=1, copy_mb=1, matmul_n=64,
+                           trajectories=("one-token", "tiny_gsm"))
+    r = bench.run_bench(args)
+    rows = r.rows[0]["end_to_end"]
+    assert [(e["trajectory"], e["k"]) for e in rows] == [("one-token", 1), ("one-token", 2), ("tiny_gsm", 1),
+                                                         ("tiny_gsm", 2)]
+    assert [e["trajectory"] for e in r.rows[0]["extra"]] == ["one-token", "tiny_gsm"]
+    by = {(e["trajectory"], e["k"]): e for e in rows}
+    assert by["one-token", 1]["tokens_per_step"] == 1.0 and by["tiny_gsm", 1]["tokens_per_step"] > 2
+
+    def forwards_per_token(e):
+        return sum(e["batch_forwards"].values()) / e["tokens"]
+    for k in (1, 2):
+        assert by["tiny_gsm", k]["tokens"] == by["one-token", k]["tokens"]
+        assert forwards_per_token(by["tiny_gsm", k]) < forwards_per_token(by["one-token", k]) / 2
+        assert "saving" in by["tiny_gsm", 2]
+    text = bench_report.markdown(r)
+    assert "tok/s k=1 tiny_gsm" in text and "tok/s k=2 first one-token" in text
+    assert "tiny_gsm " + f"{by['tiny_gsm', 1]['tokens_per_step']:.2f} tokens per step" in text
+    assert "| 2 | tiny_gsm | replay:2 |" in text
+
+
+def test_an_unknown_trajectory_is_one_line():
+    out = CliRunner().invoke(main, ["bench", "--trajectory", "one-token,nope"])
+    assert out.exit_code == 1 and "unknown trajectory 'nope'" in out.output and "Traceback" not in out.output
+
+
 @pytest.mark.parametrize("argv", [[], ["--shape", "7b", "--batch", "1,8", "--subset", "first,last", "--no-compile"],
+                                  ["--trajectory", "one-token,tiny_gsm"],
                                   ["--extra", "replay:2,adaptive-delta:0.5", "--compile", "--dtype", "float32",
                                    "--json", "b.json"]])
 def test_the_recorded_command_repeats_the_benchmark(argv):

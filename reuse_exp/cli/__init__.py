@@ -19,7 +19,7 @@ import click  # noqa: E402
 
 from .run import lm_eval_cli, run  # noqa: E402
 from .study import audit_cmd, compare_cmd, grid, runs  # noqa: E402
-from .tools import bench, frontier, pathcheck, tiny  # noqa: E402
+from .tools import bench, frontier, pathcheck, tiny, trajectory  # noqa: E402
 
 
 @click.group()
@@ -27,5 +27,5 @@ def main():
     """Layer reuse in Fast-dLLM v2, evaluated with lm-eval and tracked with MLflow."""
 
 
-for command in (run, lm_eval_cli, grid, compare_cmd, audit_cmd, runs, frontier, bench, pathcheck, tiny):
+for command in (run, lm_eval_cli, grid, compare_cmd, audit_cmd, runs, frontier, bench, trajectory, pathcheck, tiny):
     main.add_command(command)

@@ -57,17 +57,20 @@ def comma_list(kind):
               "compile cache, the others on the kept one [default: 2 on a GPU, 0 on CPU]")
 @click.option("--check-tokens", type=int, default=0, help="also compare the eager and fast paths' first N "
               "tokens at k=1")
+@click.option("--trajectory", "--trajectories", "trajectories", type=comma_list(str), default="one-token",
+              help="end to end on each: one-token (random weights), a bundled profile (tiny_gsm), a saved "
+              "JSON file or run:RUN_ID (a tracked run's unmasking, from the tracking store)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the result as JSON here")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the markdown table here")
 def bench(json_out, markdown, **options):
-    """Benchmark random weights of a named shape on a fixed trajectory (docs/bench.md)."""
+    """Benchmark random weights of a named shape on fixed trajectories (docs/bench.md)."""
     from ..engine.bench import BenchArgs, run_bench
     from ..engine.bench_report import markdown as report
     args = BenchArgs(**options)
     with one_line():
-        result = run_bench(args, bench_command(args, json_out, markdown))
+        result = run_bench(args, bench_command(args, json_out, markdown), run_trace)
     text = report(result)
     click.echo(text)
     if markdown:
@@ -93,6 +96,44 @@ def bench_command(args, json_out: Path | None, markdown: Path | None) -> str:
         if path:
             words += [option, str(path)]
     return shlex.join(words)
+
+
+def run_trace(run_id: str) -> Path:
+    """A tracked run's reuse_trace.json, downloaded from the current tracking store."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from ..errors import ConfigError
+    from ..study.store import client, tracking_uri
+    try:
+        return Path(client().download_artifacts(run_id, "reuse_trace.json", tempfile.mkdtemp(prefix="trajectory_")))
+    except (MlflowException, OSError) as e:
+        raise ConfigError(f"run {run_id}: no reuse_trace.json in the store {tracking_uri()} "
+                          f"({str(e).splitlines()[0]}); set MLFLOW_TRACKING_URI to the run's store") from None
+
+
+@click.command()
+@click.argument("spec")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="the profile's JSON file (reuse_exp/engine/trajectories/NAME.json ships as --trajectory NAME)")
+def trajectory(spec, out):
+    """Save the unmasking schedule of a tracked run (run:RUN_ID, from the tracking store) or of a
+    reuse_trace.json as a trajectory profile for `reuse-exp bench --trajectory`."""
+    from ..engine.trajectory import Trajectory
+    with one_line():
+        t = Trajectory.load(spec, run_trace)
+        if t is None:
+            raise click.UsageError(f"{spec} is the threshold rule, not a recorded schedule")
+        if spec.startswith("run:"):
+            from ..study.store import client
+            run = client().get_run(spec[4:]).data
+            settings = {k: run.params.get(k) for k in ("task", "limit", "k", "threshold", "max_new_tokens", "batch_size")}
+            t = Trajectory.from_schedule(t.samples, out.stem, {
+                **dict(t.source), **settings, "commit": run.tags.get("git_commit", "unknown"),
+                "command": f"reuse-exp trajectory {spec} -o {out}"})
+        t.save(out)
+    click.echo(f"wrote {out}: {len(t.samples)} samples, {t.tokens_per_step:.2f} tokens per step")
 
 
 @click.command()

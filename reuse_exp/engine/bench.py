@@ -1,10 +1,12 @@
-"""Benchmark: random weights of a named shape, a fixed trajectory, warm-up, then timing.
+"""Benchmark: random weights of a named shape, fixed trajectories, warm-up, then timing.
 
     reuse-exp bench --shape tiny                                  # CPU
     reuse-exp bench --shape 7b --batch 1,8,32,64 --json b.json --markdown b.md
 
 Random weights never pass the unmasking threshold, so every step unmasks exactly one
-token and the trajectory is fixed; the stop token is ignored. Everything runs under
+token (the `one-token` trajectory); a recorded trajectory (engine/trajectory.py, e.g. the
+bundled `tiny_gsm`) replays how many tokens each step of a real decode unmasked, and the
+end-to-end rows are run per trajectory. The stop token is ignored. Everything runs under
 `torch.inference_mode` with weights that need no grad. One row per batch size, every
 ratio against ceilings measured in the same run (a device-to-device copy for bandwidth,
 a large bf16 matrix product for the dense peak):
@@ -42,6 +44,7 @@ from .bench_report import row_line
 from .policies import ReusePolicy, get as get_policy
 from .policies.fixed import FixedPolicy
 from .reuse import told_plan
+from .trajectory import ONE_TOKEN, Trajectory
 
 
 def _sync(device: torch.device) -> None:
@@ -142,9 +145,9 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
 
 
 def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens: int,
-               policy: ReusePolicy | None, repeats: int, mask_id: int) -> dict:
+               policy: ReusePolicy | None, repeats: int, mask_id: int, trajectory: Trajectory | None = None) -> dict:
     cfg = DecodeConfig(mask_id=mask_id, stop_id=-1, pad_id=0, max_new_tokens=new_tokens,
-                       threshold=1.0, ignore_stop=True)
+                       threshold=1.0, ignore_stop=True, trajectory=trajectory)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).tolist()
     first = generate(model, prompts, cfg, policy, runner=runner).report  # compiles and captures: not throughput
@@ -160,6 +163,7 @@ def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens:
     return {"tokens_per_second": statistics.median(r.tokens_per_second for r in runs),
             "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
             "first_call_seconds": first.wall_seconds, "tokens": runs[0].generated_tokens,
+            "tokens_per_step": runs[0].tokens_per_step,
             "batch_forwards": s["batch_forwards"], "sample_forwards": s["sample_forwards"],
             "layer_evals_run": s["layer_evals_run"], "layer_evals_skipped": s["layer_evals_skipped"],
             "skipped_fraction": s["skipped_fraction"], "forward_times": times}
@@ -257,7 +261,41 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw: float, peak: float) -> dict:
+def decode_rows(model, runner, args, batch: int, trajectory: Trajectory | None, small_bytes: int):
+    """End to end on one trajectory: a row per k and subset, and one per extra policy, with
+    the time each saves against k=1 on the same trajectory."""
+    mask_id = model.config.vocab_size - 1
+    base, rows, extra = None, [], []
+    for k in sorted(set(args.k)):
+        for s in (args.subset if k > 1 else args.subset[:1]):
+            policy = FixedPolicy.create(model.num_layers, k=k, subset=s, mode=args.mode) if k > 1 else None
+            e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens, policy, args.repeats, mask_id,
+                           trajectory)
+            e |= {"k": k, "subset": s if k > 1 else "-"}
+            if k == 1:
+                base = e
+            elif base is not None:
+                e["saving"] = 1 - e["seconds"] / base["seconds"]
+                e["ideal_saving"] = ideal_saving(model, e)
+                e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
+                share = weight_bytes(model, policy.layers) / small_bytes
+                e["in_situ"] = saving_in_situ(e["forward_times"], share)
+            e["forward_times"] = summarize_times(e["forward_times"])
+            rows.append(e)
+    for spec in args.extra:
+        e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens,
+                       extra_policy(spec, model.num_layers), args.repeats, mask_id, trajectory)
+        e |= {"policy": spec, "forward_times": summarize_times(e["forward_times"])}
+        if base is not None:
+            e["saving"] = 1 - e["seconds"] / base["seconds"]
+            e["ideal_saving"] = ideal_saving(model, e)
+            e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
+        extra.append(e)
+    return rows, extra
+
+
+def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw: float, peak: float,
+                trajectories: list[tuple[str, Trajectory | None]]) -> dict:
     bs, sbs = 32, 8
     prefix = (args.prompt_len + args.new_tokens // 2) // bs * bs  # the middle of the trajectory
     kv_len = prefix + bs
@@ -276,32 +314,10 @@ def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw
         row["reuse_forward"].append({"k": p.k, "subset": p.subset, "ms": reused[p], "saving": 1 - ms / small_ms,
                                      "ideal_saving": skipped / small_bytes,
                                      "of_ideal": (1 - ms / small_ms) / (skipped / small_bytes)})
-    mask_id = model.config.vocab_size - 1
-    base = None
-    for k in sorted(set(args.k)):
-        for s in (args.subset if k > 1 else args.subset[:1]):
-            policy = FixedPolicy.create(model.num_layers, k=k, subset=s, mode=args.mode) if k > 1 else None
-            e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens, policy, args.repeats, mask_id)
-            e |= {"k": k, "subset": s if k > 1 else "-"}
-            if k == 1:
-                base = e
-            elif base is not None:
-                e["saving"] = 1 - e["seconds"] / base["seconds"]
-                e["ideal_saving"] = ideal_saving(model, e)
-                e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
-                share = weight_bytes(model, policy.layers) / small_bytes
-                e["in_situ"] = saving_in_situ(e["forward_times"], share)
-            e["forward_times"] = summarize_times(e["forward_times"])
-            row["end_to_end"].append(e)
-    for spec in args.extra:
-        e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens,
-                       extra_policy(spec, model.num_layers), args.repeats, mask_id)
-        e |= {"policy": spec, "forward_times": summarize_times(e["forward_times"])}
-        if base is not None:
-            e["saving"] = 1 - e["seconds"] / base["seconds"]
-            e["ideal_saving"] = ideal_saving(model, e)
-            e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
-        row["extra"].append(e)
+    for name, trajectory in trajectories:
+        e2e, extra = decode_rows(model, runner, args, batch, trajectory, small_bytes)
+        row["end_to_end"] += [e | {"trajectory": name} for e in e2e]
+        row["extra"] += [e | {"trajectory": name} for e in extra]
     return row
 
 
@@ -340,6 +356,7 @@ class BenchArgs:
     warmup_batches: tuple[int, ...] = (1, 8, 32)  # first decodes of fresh processes at these batch sizes
     warmup_processes: int | None = None       # fresh processes in a row (default 2 on a GPU, 0 on the CPU)
     check_tokens: int = 0                     # also compare the eager and fast paths' first N tokens at k=1
+    trajectories: tuple[str, ...] = (ONE_TOKEN,)  # end to end on each: one-token, tiny_gsm, FILE.json, run:ID
 
     def resolved(self) -> "BenchArgs":
         """Every None filled with the device's default; an unknown dtype refused."""
@@ -355,8 +372,10 @@ class BenchArgs:
                        matmul_n=self.matmul_n or (8192 if on_gpu else 512), warmup_processes=processes)
 
 
-def run_bench(args: BenchArgs, command: str = "") -> BenchResult:
+def run_bench(args: BenchArgs, command: str = "", run_trace=None) -> BenchResult:
+    """`run_trace`: fetches a tracked run's reuse_trace.json for a `run:ID` trajectory."""
     args = args.resolved()
+    trajectories = [(spec, Trajectory.load(spec, run_trace)) for spec in args.trajectories]
     device = torch.device(args.device)
     # Fresh processes first, while this one holds nothing on the device.
     paths = (args.compile, True) if args.compare_compiled else (args.compile,)
@@ -385,9 +404,10 @@ def run_bench(args: BenchArgs, command: str = "") -> BenchResult:
         policies = [FixedPolicy.create(model.num_layers, k=k, subset=s, mode=args.mode)
                     for k in sorted(set(args.k)) if k > 1 for s in args.subset]
         for batch in args.batch:
-            result.rows.append(bench_batch(model, runner, args, batch, policies, bw, peak))
+            result.rows.append(bench_batch(model, runner, args, batch, policies, bw, peak, trajectories))
             if compiled is not None:  # forwards and k=1 only: the speed the compiled path buys
-                row = bench_batch(model, compiled, replace(args, k=(1,), extra=()), batch, [], bw, peak)
+                row = bench_batch(model, compiled, replace(args, k=(1,), extra=()), batch, [], bw, peak,
+                                  trajectories[:1])
                 result.rows[-1]["compiled"] = path_cost(row)
             print(row_line(result.rows[-1]), flush=True)
         if device.type == "cuda":

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 def row_line(r: dict) -> str:
     ms = {k: v["median"] for k, v in r["forward_ms"].items()}
-    tps = " / ".join(f"k={e['k']} {e['subset']} {e['tokens_per_second']:.1f}" for e in r["end_to_end"])
+    tps = " / ".join(f"{e.get('trajectory', '')} k={e['k']} {e['subset']} {e['tokens_per_second']:.1f}"
+                     for e in r["end_to_end"])
     return (f"batch {r['batch']}: full {ms['full_block']:.2f} ms, small {ms['small_block']:.2f} ms "
             f"({r['small_block']['x_floor']:.2f}x floor), finalize {ms['finalize']:.2f} ms; tok/s {tps}")
+
+
+def trajectories(row: dict) -> list[tuple[str, float]]:
+    """The trajectories a row's decodes followed, each with its tokens per step (at k=1)."""
+    out: dict[str, float] = {}
+    for e in row["end_to_end"]:
+        out.setdefault(e.get("trajectory", ""), e["tokens_per_step"])
+    return list(out.items())
 
 
 def markdown(r) -> str:
@@ -16,21 +25,23 @@ def markdown(r) -> str:
     lines = [f"Machine: {m.get('gpu', 'CPU')} · torch {m['torch']} · CUDA {m.get('cuda', '-')} · "
              f"python {m['python']} · {m['date']} · shape {s['shape']}, {s['dtype']}, {r.path_name} path",
              f"Command: `{r.command}`" if r.command else "",
-             f"Trajectory: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, stop ignored, one token per "
-             f"step (random weights); reuse mode {s['mode']}. Forwards at a prefix of "
+             f"Trajectories: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, stop ignored; "
+             + "; ".join(f"{name} {tps:.2f} tokens per step" for name, tps in trajectories(r.rows[0]))
+             + f" (one-token: random weights never pass the threshold; a recorded trajectory replays a real "
+             f"decode's tokens per step). Reuse mode {s['mode']}. Forwards at a prefix of "
              f"{(s['prompt_len'] + s['new_tokens'] // 2) // 32 * 32} tokens. Medians.",
              f"Ceilings measured in this run: copy {r.bandwidth_gbs:.0f} GB/s (read + write), dense "
              f"{s['dtype']} matrix product {r.peak_tflops:.0f} TFLOP/s. Weights read per forward: {r.weights_gb:.2f} GB.",
              f"Warm-up: the first decode (batch {w['batch']}, k=1) took {w['first_call_seconds']:.1f} s, a warm one "
              f"{w['warm_call_seconds']:.2f} s: {w['warmup_seconds']:.1f} s of compilation and graph capture."
              + (f" Peak GPU memory {r.peak_memory_gb:.1f} GB." if r.peak_memory_gb is not None else ""), ""]
-    configs = [(e["k"], e["subset"]) for e in r.rows[0]["end_to_end"]]
+    configs = [(e["k"], e["subset"], e.get("trajectory", "")) for e in r.rows[0]["end_to_end"]]
     reuse_cfgs = [(x["k"], x["subset"]) for x in r.rows[0]["reuse_forward"]]
     head = (["batch", "full ms", "small ms", "finalize ms", "small x floor", "small GB/s", "full TFLOP/s (of peak)"]
-            + [f"tok/s k={k}" + (f" {sub}" if k > 1 else "") for k, sub in configs]
+            + [f"tok/s k={k}" + (f" {sub}" if k > 1 else "") + f" {t}" for k, sub, t in configs]
             + [f"k={k} {sub} saving / ideal: forward, every row skips" for k, sub in reuse_cfgs]
-            + [f"k={k} {sub} saving / ideal: in the decode" for k, sub in configs if k > 1]
-            + [f"k={k} {sub} decode time vs k=1 (ideal)" for k, sub in configs if k > 1]
+            + [f"k={k} {sub} {t} saving / ideal: in the decode" for k, sub, t in configs if k > 1]
+            + [f"k={k} {sub} {t} decode time vs k=1 (ideal)" for k, sub, t in configs if k > 1]
             + ["first decode s (warm s), k=1"])
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in r.rows:
@@ -58,13 +69,13 @@ def markdown(r) -> str:
               "bytes of the skipped layer evaluations over the bytes of all."]
     extra = [e for row in r.rows for e in row.get("extra", [])]
     if extra:
-        lines += ["", "| batch | policy | tok/s | skipped fraction | steps replayed | decode time vs k=1 (ideal) "
-                  "| saving / ideal |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| batch | trajectory | policy | tok/s | skipped fraction | steps replayed | decode time vs k=1 (ideal) "
+                  "| saving / ideal |", "|" + " --- |" * 8]
         for row in r.rows:
             for e in row.get("extra", []):
                 fw = e["sample_forwards"]
                 steps = sum(fw.get(k, 0) for k in ("full_block", "small_block", "replay"))
-                cells = [str(row["batch"]), e["policy"], f"{e['tokens_per_second']:.1f}",
+                cells = [str(row["batch"]), e.get("trajectory", ""), e["policy"], f"{e['tokens_per_second']:.1f}",
                          f"{e['skipped_fraction']:.3f}", f"{fw.get('replay', 0) / steps:.1%}" if steps else "-",
                          f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" if "saving" in e else "-",
                          f"{e['of_ideal']:.2f}" if e.get("of_ideal") is not None else "-"]

@@ -21,6 +21,7 @@ from .replay import WindowLogits
 from .policies import ReusePolicy
 from .reuse import ReuseCache, RowMask
 from .schedule import ReuseSchedule
+from .trajectory import Trajectory, UnmaskingLog
 
 REPLAY = "replay"  # a per-sample step that ran no forward (mode=replay)
 # Token ids of the real checkpoint; a tokenizer's own ids take precedence (see TokenIds).
@@ -38,6 +39,9 @@ class DecodeConfig:
     max_new_tokens: int = 256
     use_block_cache: bool = True
     ignore_stop: bool = False   # benchmarks: run the whole budget whatever is generated
+    # How many tokens each step unmasks, replayed from a recorded decode in place of the
+    # threshold (benchmarks: random weights never pass it); None: the threshold rule.
+    trajectory: Trajectory | None = None
 
     def validate(self) -> "DecodeConfig":
         if self.block_size < 1 or self.small_block_size < 1 or self.block_size % self.small_block_size:
@@ -115,6 +119,7 @@ class _Run:
         self.window_logits = WindowLogits(len(prompts), dev)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         self.sample_ids = list(range(len(prompts)))   # original index of each batch row
+        self.unmasking = UnmaskingLog(len(prompts))
         self.outputs: dict[int, list[int]] = {}
 
     @property
@@ -177,14 +182,20 @@ class _Run:
             skipped=[every if r else () for r in rows], batch_skipped=every if all(rows) else (), cache_shape=None)
         self.schedule.advance(ForwardKind.SMALL_BLOCK, rows)
 
-    def unmask(self, blk: torch.Tensor, logits: torch.Tensor, lo: int, hi: int) -> None:
+    def unmask(self, blk: torch.Tensor, logits: torch.Tensor, lo: int, hi: int, active: list[bool]) -> None:
         masked = blk[:, lo:hi] == self.cfg.mask_id
         probs = torch.softmax(logits, dim=-1)
         conf, token = probs.max(dim=-1)
         conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
-        chosen = conf > self.cfg.threshold
-        chosen[torch.arange(conf.shape[0], device=conf.device), conf.argmax(-1)] = True
+        if self.cfg.trajectory is None:
+            chosen = conf > self.cfg.threshold
+            chosen[torch.arange(conf.shape[0], device=conf.device), conf.argmax(-1)] = True
+        else:   # the n most confident (a stable sort: ties go to the first, as argmax does)
+            n = self.unmasking.replayed_counts(self.cfg.trajectory, self.sample_ids, active, conf.device)
+            rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+            chosen = rank < n[:, None]
         chosen &= masked
+        self.unmasking.step(chosen.sum(1), self.sample_ids, active)
         window = blk[:, lo:hi]
         window[chosen] = token[chosen]
         if not self.cfg.ignore_stop:
@@ -202,6 +213,7 @@ class _Run:
         small_shift = [max(p - 1, 0) for p in range(sbs)]
         for start in range(0, bs, sbs):
             end = start + sbs
+            self.unmasking.new_small_block()
             full_shift = [max(p - 1, 0) for p in range(start, end)]
             while True:
                 active = (blk[:, start:end] == cfg.mask_id).any(dim=1).tolist()
@@ -228,7 +240,7 @@ class _Run:
                     self.replay(replaying, start)
                 if self.schedule.policy is not None and self.schedule.policy.reuses:
                     self.window_logits.store(logits, [f or s for f, s in zip(full, small)])
-                self.unmask(blk, logits, start, end)
+                self.unmask(blk, logits, start, end, active)
 
     def finalize_block(self, block: int) -> bool:
         """Commit the block; return False when every sample has finished."""
@@ -321,6 +333,7 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     _sync(model.device)
     run.report.wall_seconds = time.perf_counter() - t0
     run.report.refresh_drifts = run.schedule.refresh_drifts
+    run.report.unmasking = run.unmasking.resolve()   # the one host read of the per-step counts
     for sample, n in enumerate(run.window_logits.unchanged.tolist()):
         run.report.samples[sample].unchanged_reuse_steps = n
     if run.schedule.shadow is not None:

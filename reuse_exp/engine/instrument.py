@@ -55,6 +55,8 @@ class DecodeReport:
     shadow: list[dict] = field(default_factory=list)            # rel_err records (shadow mode only)
     path: str = "eager"                                         # which forward implementation ran
     refresh_drifts: list = field(default_factory=list)          # adaptive: drift that made a group recompute
+    # per sample, per small block in the order generated, the tokens each denoising step unmasked
+    unmasking: list[list[list[int]]] = field(default_factory=list)
 
     @property
     def generated_tokens(self) -> int:
@@ -63,6 +65,12 @@ class DecodeReport:
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens unmasked per denoising step (a replayed step counts), over every sample."""
+        steps = [n for sample in self.unmasking for block in sample for n in block]
+        return sum(steps) / len(steps) if steps else 0.0
 
     @property
     def skipped_fraction(self) -> float:

@@ -171,7 +171,7 @@ class HarnessStats:
                    kept=[k for s in shards for k in s.kept], kept_drifts=[d for s in shards for d in s.kept_drifts])
 
     def trace(self) -> dict:
-        """The reuse trace: per-layer counts of every batch, one sample's decisions."""
+        """The reuse trace: per-layer counts of every batch, one sample's decisions, every sample's unmasking."""
         if not self.decode:
             return {"note": LOGLIKELIHOOD_NOTE}
         totals = None
@@ -179,7 +179,9 @@ class HarnessStats:
             t = r.layer_counts.totals()
             totals = t if totals is None else [[a + c, b + d] for (a, b), (c, d) in zip(totals, t)]
         first = self.decode[0]
-        return {"layer_totals_computed_reused": totals,
+        # every decoded sample's unmasking schedule: what `reuse-exp trajectory` replays
+        return {"unmasking": [s for r in self.decode for s in r.unmasking if s],
+                "layer_totals_computed_reused": totals,
                 "first_batch_per_block": {str(b): rows for b, rows in first.layer_counts.per_block.items()},
                 "first_batch_summary": first.summary(),
                 "first_batch_sample0_trace": first.trace}

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from reuse_exp.cli import main
 from reuse_exp.cli.tools import bench as bench_cmd
 from reuse_exp.cli.tools import bench_command
-from reuse_exp.engine import bench, bench_report
+from reuse_exp.engine import bench, bench_decode, bench_report
 
 
 def test_saving_in_situ_compares_skipping_forwards_with_their_kind_and_row_count():
@@ -18,13 +18,13 @@ def test_saving_in_situ_compares_skipping_forwards_with_their_kind_and_row_count
              {"kind": "small_block", "rows": 4, "skip": True, "reusing": 2, "active": 4, "ms": 10.0},
              {"kind": "small_block", "rows": 2, "skip": True, "reusing": 2, "active": 2, "ms": 5.0},  # no match
              {"kind": "full_block", "rows": 4, "skip": False, "reusing": 0, "active": 4, "ms": 20.0}]
-    r = bench.saving_in_situ(times, share=0.4)
+    r = bench_decode.saving_in_situ(times, share=0.4)
     # median of the matching plain forwards: 11 ms; saved (11 - 7) + (11 - 10); ideal 11*0.4*(1 + 1/2)
     assert r["saved_ms"] == pytest.approx(5.0) and r["ideal_ms"] == pytest.approx(6.6)
     assert r["of_ideal"] == pytest.approx(5.0 / 6.6)
     assert (r["skipping_forwards"], r["unmatched_forwards"]) == (2, 1)
     assert r["forward_ms"] == pytest.approx(64.0)
-    assert bench.saving_in_situ([t for t in times if not t["skip"]], 0.4) is None
+    assert bench_decode.saving_in_situ([t for t in times if not t["skip"]], 0.4) is None
 
 
 @pytest.mark.slow
@@ -67,9 +67,19 @@ def test_a_recorded_trajectory_gives_its_own_rows_with_fewer_forwards_per_token(
         assert forwards_per_token(by["tiny_gsm", k]) < forwards_per_token(by["one-token", k]) / 2
         assert "saving" in by["tiny_gsm", 2]
     text = bench_report.markdown(r)
-    assert "tok/s k=1 tiny_gsm" in text and "tok/s k=2 first one-token" in text
+    assert "| 2 | tiny_gsm | k=1 |" in text and "| 2 | one-token | k=2 first |" in text
     assert "tiny_gsm " + f"{by['tiny_gsm', 1]['tokens_per_step']:.2f} tokens per step" in text
     assert "| 2 | tiny_gsm | replay:2 |" in text
+
+
+def test_decodes_run_at_the_batch_sizes_asked_and_forwards_at_every_one():
+    args = bench.BenchArgs(shape="tiny", device="cpu", batch=(1, 2), k=(1, 2), prompt_len=32, new_tokens=32,
+                           iters=1, repeats=1, copy_mb=1, matmul_n=64, decode_batches=(2,), compare_compiled=False)
+    r = bench.run_bench(args)
+    assert [len(row["end_to_end"]) for row in r.rows] == [0, 2]
+    assert all(row["forward_ms"]["small_block"]["median"] > 0 for row in r.rows)
+    text = bench_report.markdown(r)
+    assert "| 2 | one-token | k=2 first |" in text and "| 1 | one-token |" not in text
 
 
 def test_an_unknown_trajectory_is_one_line():
@@ -78,7 +88,7 @@ def test_an_unknown_trajectory_is_one_line():
 
 
 @pytest.mark.parametrize("argv", [[], ["--shape", "7b", "--batch", "1,8", "--subset", "first,last", "--no-compile"],
-                                  ["--trajectory", "one-token,tiny_gsm"],
+                                  ["--trajectory", "one-token,tiny_gsm", "--decode-batches", "1"],
                                   ["--extra", "replay:2,adaptive-delta:0.5", "--compile", "--dtype", "float32",
                                    "--json", "b.json"]])
 def test_the_recorded_command_repeats_the_benchmark(argv):
@@ -93,3 +103,22 @@ def test_the_recorded_command_repeats_the_benchmark(argv):
 def test_a_bad_list_is_one_line():
     out = CliRunner().invoke(main, ["bench", "--batch", "1,x"])
     assert out.exit_code == 2 and "comma list of int" in out.output and "Traceback" not in out.output
+
+
+def test_each_goal_is_judged_from_its_figure_and_an_unmeasured_one_says_so():
+    from reuse_exp.engine.bench_goals import goals
+    args = bench.BenchArgs(shape="tiny", device="cpu", batch=(1,), k=(1,), prompt_len=32, new_tokens=32, iters=1,
+                           repeats=1, copy_mb=1, matmul_n=64, extra=("adaptive-delta:0",), check_tokens=8)
+    r = bench.run_bench(args)
+    by = {g["goal"].split(",")[0]: g for g in r.goals}
+    assert by["full-block forward"]["met"] is None and by["full-block forward"]["figure"] == "not measured in this run"
+    assert by["the default path (static) decodes eager's tokens"]["met"] is True
+    assert "decisions of adaptive-delta (drift 0: no skip) against k=1" in by
+    row = r.rows[0]
+    for x, met in ((1.2, True), (1.3, False)):
+        row["small_block"]["x_floor"] = x
+        assert {g["goal"]: g["met"] for g in goals(r)}["small-block forward, batch 1"] is met
+    row["batch"] = 64
+    row["full_block"]["of_peak"] = 0.71
+    assert {g["goal"]: g["met"] for g in goals(r)}["full-block forward, batch 64"] is True
+    assert "| goal | target | this run | met |" in bench_report.markdown(r)

@@ -60,6 +60,8 @@ def comma_list(kind):
 @click.option("--trajectory", "--trajectories", "trajectories", type=comma_list(str), default="one-token",
               help="end to end on each: one-token (random weights), a bundled profile (tiny_gsm), a saved "
               "JSON file or run:RUN_ID (a tracked run's unmasking, from the tracking store)")
+@click.option("--decode-batches", type=comma_list(int), default=None,
+              help="decode end to end at these batch sizes only (forwards are timed at every --batch) [default: all]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the result as JSON here")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,

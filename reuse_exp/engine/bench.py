@@ -26,7 +26,6 @@ a large bf16 matrix product for the dense peak):
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 
@@ -39,74 +38,15 @@ from .fast import FastRunner
 from .kernels import kernels_per_call
 from .loading import parse_dtype, random_model
 from .model import FastDLLM, ForwardKind
+from .bench_ceilings import copy_bandwidth, forward_flops, kv_bytes, matmul_peak, timed_ms, weight_bytes
+from .bench_decode import decode_rows, end_to_end
+from .bench_goals import goals
 from .bench_paths import fresh_processes, path_cost, warmup_settings
 from .bench_report import row_line
-from .policies import ReusePolicy, get as get_policy
+from .policies import ReusePolicy
 from .policies.fixed import FixedPolicy
 from .reuse import told_plan
 from .trajectory import ONE_TOKEN, Trajectory
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(fn, device, iters: int, warmup: int = 3) -> dict:
-    """Median, min and max milliseconds of `fn` (host clock around a device sync)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (timed_ms(lambda: dst.copy_(src), device, iters=10)["median"] / 1e3)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """FLOP/s of an n x n x n matrix product on random data (two input sets, rotated)."""
-    sets = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
-            for _ in range(2)]
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    i = [0]
-
-    def step():
-        a, b = sets[i[0] % 2]
-        i[0] += 1
-        torch.matmul(a, b, out=out)
-    return 2 * n ** 3 / (timed_ms(step, device, iters=10)["median"] / 1e3)
-
-
-def weight_bytes(model: FastDLLM, layers: tuple[int, ...] | None = None) -> int:
-    """Bytes a forward reads: every weight but the embedding (a gather, not a read of it all)."""
-    if layers is not None:
-        return sum(p.numel() * p.element_size() for i in layers for p in model.model.layers[i].parameters())
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-               if not n.startswith("model.embed_tokens"))
-
-
-def kv_bytes(model: FastDLLM, batch: int, kv_len: int) -> int:
-    """Bytes of the keys and values one forward attends to, every layer."""
-    c = model.config
-    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * kv_len * c.head_dim * model.lm_head.weight.element_size()
-
-
-def forward_flops(model: FastDLLM, batch: int, tokens: int, kv_len: int, logit_positions: int) -> int:
-    """Matrix FLOPs of one forward: the layers' projections, attention, and the logits needed."""
-    c = model.config
-    layer_params = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
-    attention = 4 * c.num_hidden_layers * batch * c.num_attention_heads * tokens * kv_len * c.head_dim
-    return 2 * batch * tokens * layer_params + attention + 2 * batch * logit_positions * c.hidden_size * c.vocab_size
 
 
 def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: int, small: int,
@@ -144,96 +84,6 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
     return kinds, reused, kernels
 
 
-def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens: int,
-               policy: ReusePolicy | None, repeats: int, mask_id: int, trajectory: Trajectory | None = None) -> dict:
-    cfg = DecodeConfig(mask_id=mask_id, stop_id=-1, pad_id=0, max_new_tokens=new_tokens,
-                       threshold=1.0, ignore_stop=True, trajectory=trajectory)
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).tolist()
-    first = generate(model, prompts, cfg, policy, runner=runner).report  # compiles and captures: not throughput
-    timing = getattr(runner, "timings", False) is None and model.device.type == "cuda"
-    if timing:
-        runner.timings = []  # each graphed forward's device time, for the reuse saving in situ
-    runs = [generate(model, prompts, cfg, policy, runner=runner).report for _ in range(repeats)]
-    times = runner.forward_times() if timing else []
-    if timing:
-        runner.timings = None
-    seconds = [r.wall_seconds for r in runs]
-    s = runs[0].summary()
-    return {"tokens_per_second": statistics.median(r.tokens_per_second for r in runs),
-            "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
-            "first_call_seconds": first.wall_seconds, "tokens": runs[0].generated_tokens,
-            "tokens_per_step": runs[0].tokens_per_step,
-            "batch_forwards": s["batch_forwards"], "sample_forwards": s["sample_forwards"],
-            "layer_evals_run": s["layer_evals_run"], "layer_evals_skipped": s["layer_evals_skipped"],
-            "skipped_fraction": s["skipped_fraction"], "forward_times": times}
-
-
-def saving_in_situ(times: list[dict], share: float) -> dict | None:
-    """The forwards of one decode that skipped layers, each against the median of the same
-    decode's forwards of its kind and row count that skipped nothing: the time they saved,
-    beside the ideal (the skipped layers' `share` of a forward, for the rows that reused)."""
-    base: dict = {}
-    for t in times:
-        if not t["skip"]:
-            base.setdefault((t["kind"], t["rows"]), []).append(t["ms"])
-    saved = ideal = 0.0
-    matched = unmatched = 0
-    for t in times:
-        if t["skip"]:
-            ref = base.get((t["kind"], t["rows"]))
-            if not ref:
-                unmatched += 1
-                continue
-            m = statistics.median(ref)
-            saved += m - t["ms"]
-            ideal += m * share * t["reusing"] / t["active"]
-            matched += 1
-    if not matched:
-        return None
-    total = sum(t["ms"] for t in times)
-    return {"saved_ms": saved, "ideal_ms": ideal, "of_ideal": saved / ideal, "forward_ms": total,
-            "saved_of_forward_time": saved / total, "ideal_of_forward_time": ideal / total,
-            "skipping_forwards": matched, "unmatched_forwards": unmatched}
-
-
-def summarize_times(times: list[dict]) -> dict:
-    """Forward device time by kind and whether layers were skipped: count, total ms."""
-    out: dict = {}
-    for t in times:
-        key = f"{t['kind']}{'+skip' if t['skip'] else ''}"
-        c = out.setdefault(key, {"count": 0, "ms": 0.0})
-        c["count"] += 1
-        c["ms"] += t["ms"]
-    return out
-
-
-def ideal_saving(model: FastDLLM, row: dict) -> float:
-    """Time a decode would save if each layer evaluation its samples skip were free: the
-    skipped layers' bytes over all the bytes its samples' forwards read (a replayed step
-    also skips the embedding, the final norm and the LM head)."""
-    layer = weight_bytes(model, (0,))
-    other = weight_bytes(model) - model.num_layers * layer
-    evals = row["layer_evals_run"] + row["layer_evals_skipped"]
-    forwards = sum(row["sample_forwards"].values())
-    replays = row["sample_forwards"].get("replay", 0)
-    return (row["layer_evals_skipped"] * layer + replays * other) / (evals * layer + forwards * other)
-
-
-def extra_policy(spec: str, num_layers: int):
-    """`replay:K` (the replay control every K-th step), or POLICY-MODE:T[:CAP] for a policy that
-    reads drift (`adaptive-replay:T`, `adaptive-delta:T`, `depth-delta:T`: drift T, at most CAP
-    reuses in a row, 8 unless given; at T=0 nothing is reused: what the decisions cost against k=1)."""
-    name, _, value = spec.partition(":")
-    if name == "replay":
-        return FixedPolicy.create(num_layers, k=int(value), subset="first", mode="replay")
-    policy, _, mode = name.rpartition("-")
-    if not policy or "drift" not in (cls := get_policy(policy)).reads:
-        raise ValueError(f"unknown policy {spec!r}: use replay:K, adaptive-replay:T, adaptive-delta:T or depth-delta:T")
-    drift, _, cap = value.partition(":")
-    return cls.create(num_layers, drift=float(drift), max_reuse=int(cap or 8), mode=mode)
-
-
 @dataclass
 class BenchResult:
     machine: dict
@@ -248,6 +98,7 @@ class BenchResult:
     peak_memory_gb: float | None = None
     path_check: dict | None = None                      # eager vs fast tokens at k=1
     fresh_processes: list = field(default_factory=list)  # warm-up in fresh processes, one per path
+    goals: list = field(default_factory=list)           # each goal beside this run's figure (bench_goals.py)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -259,39 +110,6 @@ def machine_info(device: torch.device) -> dict:
     else:
         info["cpu_threads"] = torch.get_num_threads()
     return info
-
-
-def decode_rows(model, runner, args, batch: int, trajectory: Trajectory | None, small_bytes: int):
-    """End to end on one trajectory: a row per k and subset, and one per extra policy, with
-    the time each saves against k=1 on the same trajectory."""
-    mask_id = model.config.vocab_size - 1
-    base, rows, extra = None, [], []
-    for k in sorted(set(args.k)):
-        for s in (args.subset if k > 1 else args.subset[:1]):
-            policy = FixedPolicy.create(model.num_layers, k=k, subset=s, mode=args.mode) if k > 1 else None
-            e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens, policy, args.repeats, mask_id,
-                           trajectory)
-            e |= {"k": k, "subset": s if k > 1 else "-"}
-            if k == 1:
-                base = e
-            elif base is not None:
-                e["saving"] = 1 - e["seconds"] / base["seconds"]
-                e["ideal_saving"] = ideal_saving(model, e)
-                e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
-                share = weight_bytes(model, policy.layers) / small_bytes
-                e["in_situ"] = saving_in_situ(e["forward_times"], share)
-            e["forward_times"] = summarize_times(e["forward_times"])
-            rows.append(e)
-    for spec in args.extra:
-        e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens,
-                       extra_policy(spec, model.num_layers), args.repeats, mask_id, trajectory)
-        e |= {"policy": spec, "forward_times": summarize_times(e["forward_times"])}
-        if base is not None:
-            e["saving"] = 1 - e["seconds"] / base["seconds"]
-            e["ideal_saving"] = ideal_saving(model, e)
-            e["of_ideal"] = e["saving"] / e["ideal_saving"] if e["ideal_saving"] else None
-        extra.append(e)
-    return rows, extra
 
 
 def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw: float, peak: float,
@@ -314,7 +132,7 @@ def bench_batch(model, runner, args, batch: int, policies: list[ReusePolicy], bw
         row["reuse_forward"].append({"k": p.k, "subset": p.subset, "ms": reused[p], "saving": 1 - ms / small_ms,
                                      "ideal_saving": skipped / small_bytes,
                                      "of_ideal": (1 - ms / small_ms) / (skipped / small_bytes)})
-    for name, trajectory in trajectories:
+    for name, trajectory in trajectories if args.decode_batches is None or batch in args.decode_batches else ():
         e2e, extra = decode_rows(model, runner, args, batch, trajectory, small_bytes)
         row["end_to_end"] += [e | {"trajectory": name} for e in e2e]
         row["extra"] += [e | {"trajectory": name} for e in extra]
@@ -357,6 +175,7 @@ class BenchArgs:
     warmup_processes: int | None = None       # fresh processes in a row (default 2 on a GPU, 0 on the CPU)
     check_tokens: int = 0                     # also compare the eager and fast paths' first N tokens at k=1
     trajectories: tuple[str, ...] = (ONE_TOKEN,)  # end to end on each: one-token, tiny_gsm, FILE.json, run:ID
+    decode_batches: tuple[int, ...] | None = None  # end to end at these batch sizes only (None: every one)
 
     def resolved(self) -> "BenchArgs":
         """Every None filled with the device's default; an unknown dtype refused."""
@@ -414,4 +233,5 @@ def run_bench(args: BenchArgs, command: str = "", run_trace=None) -> BenchResult
             result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     if args.check_tokens:
         result.path_check = compare_paths(model, args.check_tokens, args.prompt_len)
+    result.goals = goals(result)
     return result

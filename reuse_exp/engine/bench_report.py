@@ -1,86 +1,104 @@
 """The benchmark's report: one line per batch row while it runs, and the markdown table."""
 from __future__ import annotations
 
+from .bench_goals import goals_table
+
 
 def row_line(r: dict) -> str:
     ms = {k: v["median"] for k, v in r["forward_ms"].items()}
-    tps = " / ".join(f"{e.get('trajectory', '')} k={e['k']} {e['subset']} {e['tokens_per_second']:.1f}"
+    tps = "; ".join(f"{e.get('trajectory', '')} k={e['k']} {e['subset']} {e['tokens_per_second']:.1f}"
                      for e in r["end_to_end"])
     return (f"batch {r['batch']}: full {ms['full_block']:.2f} ms, small {ms['small_block']:.2f} ms "
             f"({r['small_block']['x_floor']:.2f}x floor), finalize {ms['finalize']:.2f} ms; tok/s {tps}")
 
 
-def trajectories(row: dict) -> list[tuple[str, float]]:
-    """The trajectories a row's decodes followed, each with its tokens per step (at k=1)."""
+def trajectories(r) -> list[tuple[str, float]]:
+    """The trajectories the decodes followed, each with its tokens per step (at k=1)."""
     out: dict[str, float] = {}
-    for e in row["end_to_end"]:
-        out.setdefault(e.get("trajectory", ""), e["tokens_per_step"])
+    for row in r.rows:
+        for e in row["end_to_end"]:
+            out.setdefault(e.get("trajectory", ""), e["tokens_per_step"])
     return list(out.items())
 
 
+def _kernels(row: dict, kind: str) -> str:
+    k = (row.get("kernels") or {}).get(kind)
+    return f"{k['kernels']:.0f}" if k else "-"
+
+
+def forwards_table(r) -> list[str]:
+    """Per batch size: each forward kind's time, the small-block forward against its floor and
+    the full-block one against the dense peak, and the small-block forward with layers skipped."""
+    reuse_cfgs = [(x["k"], x["subset"]) for x in r.rows[0]["reuse_forward"]]
+    head = (["batch", "full ms", "small ms", "finalize ms", "small floor ms", "small x floor", "small GB/s",
+             "kernels: small / full", "full TFLOP/s (of peak)"]
+            + [f"k={k} {sub} saving / ideal: forward, every row skips" for k, sub in reuse_cfgs])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in r.rows:
+        ms = {k: v["median"] for k, v in row["forward_ms"].items()}
+        sb = row["small_block"]
+        cells = [str(row["batch"]), f"{ms['full_block']:.2f}", f"{ms['small_block']:.2f}", f"{ms['finalize']:.2f}",
+                 f"{sb['floor_ms']:.2f}", f"{sb['x_floor']:.2f}", f"{sb['gbs']:.0f}",
+                 f"{_kernels(row, 'small_block')} / {_kernels(row, 'full_block')}",
+                 f"{row['full_block']['tflops']:.0f} ({row['full_block']['of_peak']:.0%})"]
+        cells += [f"{x['saving']:.1%} / {x['ideal_saving']:.1%} = {x['of_ideal']:.2f}" for x in row["reuse_forward"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def decodes_table(r) -> list[str]:
+    """One line per batch size, trajectory and policy decoded end to end."""
+    lines = ["| batch | trajectory | policy | tok/s (min-max) | skipped fraction | steps replayed "
+             "| saving / ideal: in the decode | decode time vs k=1 (ideal) | first decode s (warm s) |",
+             "|" + " --- |" * 9]
+    for row in r.rows:
+        for e in row["end_to_end"] + row.get("extra", []):
+            name = e.get("policy") or (f"k={e['k']} {e['subset']}" if e["k"] > 1 else "k=1")
+            fw = e["sample_forwards"]
+            steps = sum(fw.get(k, 0) for k in ("full_block", "small_block", "replay"))
+            slow, fast = e["tokens"] / e["seconds_max"], e["tokens"] / e["seconds_min"]
+            i = e.get("in_situ")
+            cells = [str(row["batch"]), e.get("trajectory", ""), name,
+                     f"{e['tokens_per_second']:.1f} ({slow:.1f}-{fast:.1f})", f"{e['skipped_fraction']:.3f}",
+                     f"{fw.get('replay', 0) / steps:.1%}" if steps else "-",
+                     f"{i['saved_of_forward_time']:.1%} / {i['ideal_of_forward_time']:.1%} = {i['of_ideal']:.2f}"
+                     if i else "-",
+                     f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" if "saving" in e else "-",
+                     f"{e['first_call_seconds']:.1f} ({e['seconds']:.2f})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(r) -> str:
-    """The markdown table of a BenchResult."""
+    """The markdown tables of a BenchResult."""
     m, s = r.machine, r.settings
     w = r.warmup
     lines = [f"Machine: {m.get('gpu', 'CPU')} · torch {m['torch']} · CUDA {m.get('cuda', '-')} · "
              f"python {m['python']} · {m['date']} · shape {s['shape']}, {s['dtype']}, {r.path_name} path",
              f"Command: `{r.command}`" if r.command else "",
              f"Trajectories: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, stop ignored; "
-             + "; ".join(f"{name} {tps:.2f} tokens per step" for name, tps in trajectories(r.rows[0]))
+             + "; ".join(f"{name} {tps:.2f} tokens per step" for name, tps in trajectories(r))
              + f" (one-token: random weights never pass the threshold; a recorded trajectory replays a real "
              f"decode's tokens per step). Reuse mode {s['mode']}. Forwards at a prefix of "
              f"{(s['prompt_len'] + s['new_tokens'] // 2) // 32 * 32} tokens. Medians.",
              f"Ceilings measured in this run: copy {r.bandwidth_gbs:.0f} GB/s (read + write), dense "
              f"{s['dtype']} matrix product {r.peak_tflops:.0f} TFLOP/s. Weights read per forward: {r.weights_gb:.2f} GB.",
-             f"Warm-up: the first decode (batch {w['batch']}, k=1) took {w['first_call_seconds']:.1f} s, a warm one "
-             f"{w['warm_call_seconds']:.2f} s: {w['warmup_seconds']:.1f} s of compilation and graph capture."
+             f"Warm-up in this process: the first decode (batch {w['batch']}, k=1) took {w['first_call_seconds']:.1f} s, "
+             f"a warm one {w['warm_call_seconds']:.2f} s."
              + (f" Peak GPU memory {r.peak_memory_gb:.1f} GB." if r.peak_memory_gb is not None else ""), ""]
-    configs = [(e["k"], e["subset"], e.get("trajectory", "")) for e in r.rows[0]["end_to_end"]]
-    reuse_cfgs = [(x["k"], x["subset"]) for x in r.rows[0]["reuse_forward"]]
-    head = (["batch", "full ms", "small ms", "finalize ms", "small x floor", "small GB/s", "full TFLOP/s (of peak)"]
-            + [f"tok/s k={k}" + (f" {sub}" if k > 1 else "") + f" {t}" for k, sub, t in configs]
-            + [f"k={k} {sub} saving / ideal: forward, every row skips" for k, sub in reuse_cfgs]
-            + [f"k={k} {sub} {t} saving / ideal: in the decode" for k, sub, t in configs if k > 1]
-            + [f"k={k} {sub} {t} decode time vs k=1 (ideal)" for k, sub, t in configs if k > 1]
-            + ["first decode s (warm s), k=1"])
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in r.rows:
-        ms = {k: v["median"] for k, v in row["forward_ms"].items()}
-        cells = [str(row["batch"]), f"{ms['full_block']:.2f}", f"{ms['small_block']:.2f}", f"{ms['finalize']:.2f}",
-                 f"{row['small_block']['x_floor']:.2f}", f"{row['small_block']['gbs']:.0f}",
-                 f"{row['full_block']['tflops']:.0f} ({row['full_block']['of_peak']:.0%})"]
-        cells += [f"{e['tokens_per_second']:.1f}" for e in row["end_to_end"]]
-        cells += [f"{x['saving']:.1%} / {x['ideal_saving']:.1%} = {x['of_ideal']:.2f}" for x in row["reuse_forward"]]
-        for e in row["end_to_end"]:
-            if e["k"] > 1:
-                i = e.get("in_situ")
-                cells.append(f"{i['saved_of_forward_time']:.1%} / {i['ideal_of_forward_time']:.1%} = {i['of_ideal']:.2f}"
-                             if i else "-")
-        cells += [f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" for e in row["end_to_end"] if e["k"] > 1]
-        k1 = row["end_to_end"][0]
-        cells.append(f"{k1['first_call_seconds']:.1f} ({k1['seconds']:.2f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Saving / ideal, forward: the small-block forward with the policy's layers skipped for every row, "
-              "against the skipped layers' share of its bytes. In the decode: each forward of the timed decode that "
-              "skipped layers, against the median of the same decode's forwards of its kind and row count that "
-              "skipped none (device time, CUDA events), beside the skipped layers' share of those forwards for the "
-              "rows that reused; as fractions of the decode's forward time. Decode time vs k=1: wall time of the "
-              "whole decode (reuse changes the trajectory of random weights, so the forwards differ), beside the "
+    lines += forwards_table(r)
+    lines += ["", "Floor: the small-block forward's bytes (weights but the embedding, and the K/V it attends to) "
+              "at the copy bandwidth. Kernels: per forward, counted by the profiler inside the graph replay "
+              "(GPU only). Saving / ideal, forward: the small-block forward with the policy's layers skipped for "
+              "every row, against the skipped layers' share of its bytes.", ""]
+    lines += decodes_table(r)
+    lines += ["", "Tok/s: median of the timed decodes (slowest-fastest). Saving / ideal in the decode: each "
+              "forward of the timed decode that skipped layers, against the median of the same decode's forwards "
+              "of its kind and row count that skipped none (device time, CUDA events), beside the skipped layers' "
+              "share of those forwards for the rows that reused; as fractions of the decode's forward time. "
+              "Decode time vs k=1: wall time of the whole decode against k=1 on the same trajectory, beside the "
               "bytes of the skipped layer evaluations over the bytes of all."]
-    extra = [e for row in r.rows for e in row.get("extra", [])]
-    if extra:
-        lines += ["", "| batch | trajectory | policy | tok/s | skipped fraction | steps replayed | decode time vs k=1 (ideal) "
-                  "| saving / ideal |", "|" + " --- |" * 8]
-        for row in r.rows:
-            for e in row.get("extra", []):
-                fw = e["sample_forwards"]
-                steps = sum(fw.get(k, 0) for k in ("full_block", "small_block", "replay"))
-                cells = [str(row["batch"]), e.get("trajectory", ""), e["policy"], f"{e['tokens_per_second']:.1f}",
-                         f"{e['skipped_fraction']:.3f}", f"{fw.get('replay', 0) / steps:.1%}" if steps else "-",
-                         f"{-e['saving']:+.1%} ({-e['ideal_saving']:+.1%})" if "saving" in e else "-",
-                         f"{e['of_ideal']:.2f}" if e.get("of_ideal") is not None else "-"]
-                lines.append("| " + " | ".join(cells) + " |")
-    lines += paths_table(r) + warmup_table(r)
+    lines += goals_table(r) + paths_table(r) + warmup_table(r)
     if r.path_check:
         c = r.path_check
         lines += ["", f"Eager vs fast path, k=1, first {c['tokens_compared']} tokens: "
@@ -98,10 +116,11 @@ def paths_table(r) -> list[str]:
         c = row.get("compiled")
         if c is None:
             continue
-        ms, k1 = {k: v["median"] for k, v in row["forward_ms"].items()}, row["end_to_end"][0]["tokens_per_second"]
+        ms = {k: v["median"] for k, v in row["forward_ms"].items()}
+        k1, ck1 = (row["end_to_end"] or [{}])[0].get("tokens_per_second"), c["tokens_per_second"]
+        decoded = f"{k1:.1f} / {ck1:.1f} | {ck1 / k1:.2f}x" if k1 and ck1 else "- | -"
         lines.append(f"| {row['batch']} | {ms['full_block']:.2f} / {c['forward_ms']['full_block']:.2f} | "
-                     f"{ms['small_block']:.2f} / {c['forward_ms']['small_block']:.2f} | "
-                     f"{k1:.1f} / {c['tokens_per_second']:.1f} | {c['tokens_per_second'] / k1:.2f}x |")
+                     f"{ms['small_block']:.2f} / {c['forward_ms']['small_block']:.2f} | {decoded} |")
     return lines
 
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .bench import end_to_end
+from .bench_decode import end_to_end
 from .compile_cache import ENV_VARS
 from .fast import FastRunner
 from .loading import random_model

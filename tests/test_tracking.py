@@ -254,6 +254,10 @@ def test_mlflow_run_end_to_end(clean_repo, store, tiny_ckpt, tasks_dir):
     timings = json.loads(Path(client.download_artifacts(run.info.run_id, "timings.json")).read_text())
     assert len(timings["batches"]) == m["timed_batches"] == 2   # 4 documents, batch size 2
     assert sum(t for t, _ in timings["batches"]) == m["generated_tokens"]
+    # every decoded sample's unmasking schedule: the run replays as a benchmark trajectory
+    from reuse_exp.engine.trajectory import Trajectory
+    replayable = Trajectory.load(str(client.download_artifacts(run.info.run_id, "reuse_trace.json")))
+    assert len(replayable.samples) == 4 and replayable.tokens_per_step >= 1
     # The secret never lands: neither in the database nor in any artifact.
     store_dir = Path(store.removeprefix("sqlite:///")).parent
     hits = [f for f in store_dir.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]

@@ -30,7 +30,7 @@ def path_cost(row: dict) -> dict:
     """What a batch row of the compiled path shows beside the default's: forward medians and k=1
     tok/s (None where the row decoded nothing)."""
     k1 = row["end_to_end"][0] if row["end_to_end"] else {}
-    return {"forward_ms": {k: v["median"] for k, v in row["forward_ms"].items()},
+    return {"forward_ms": {k: v["median"] for k, v in row["forward_ms"].items()}, "kernels": row.get("kernels"),
             "tokens_per_second": k1.get("tokens_per_second"), "first_call_seconds": k1.get("first_call_seconds")}
 
 

@@ -111,7 +111,8 @@ def paths_table(r) -> list[str]:
     if not any("compiled" in row for row in r.rows):
         return []
     lines = ["", f"| batch | full ms: {r.path_name} / compiled | small ms: {r.path_name} / compiled | "
-             f"tok/s k=1: {r.path_name} / compiled | compiled speed-up, k=1 |", "| --- | --- | --- | --- | --- |"]
+             f"kernels per small-block forward: {r.path_name} / compiled | "
+             f"tok/s k=1: {r.path_name} / compiled | compiled speed-up, k=1 |", "|" + " --- |" * 6]
     for row in r.rows:
         c = row.get("compiled")
         if c is None:
@@ -120,7 +121,8 @@ def paths_table(r) -> list[str]:
         k1, ck1 = (row["end_to_end"] or [{}])[0].get("tokens_per_second"), c["tokens_per_second"]
         decoded = f"{k1:.1f} / {ck1:.1f} | {ck1 / k1:.2f}x" if k1 and ck1 else "- | -"
         lines.append(f"| {row['batch']} | {ms['full_block']:.2f} / {c['forward_ms']['full_block']:.2f} | "
-                     f"{ms['small_block']:.2f} / {c['forward_ms']['small_block']:.2f} | {decoded} |")
+                     f"{ms['small_block']:.2f} / {c['forward_ms']['small_block']:.2f} | "
+                     f"{_kernels(row, 'small_block')} / {_kernels(c, 'small_block')} | {decoded} |")
     return lines
 
 

@@ -85,16 +85,15 @@ def test_concurrent_runs_on_sqlite_work_or_name_the_server(tmp_path, tiny_ckpt):
 
 
 
-def _log_datasets_at(uri: str, experiment_id: str, trials: list[tuple[str, float]], results) -> None:
-    """One process: per trial, a run that logs a dataset of that digest at that wall-clock instant."""
-    import time
 
+def _log_datasets_at(uri: str, experiment_id: str, digests: list[str], barrier, results) -> None:
+    """One process: per digest, a run that logs a dataset of that digest as the barrier lets all go."""
     import mlflow
     from reuse_exp.tracking.data import TaskData, log_datasets
     client = mlflow.MlflowClient(uri)
-    runs = [client.create_run(experiment_id).info.run_id for _ in trials]
-    for run_id, (digest, start) in zip(runs, trials):
-        time.sleep(max(0.0, start - time.time()))
+    runs = [client.create_run(experiment_id).info.run_id for _ in digests]
+    for run_id, digest in zip(runs, digests):
+        barrier.wait()
         try:
             log_datasets(client, run_id, [TaskData("tiny_gsm", "1.0", "cfg", digest, 2, {})])
             results.put("ok")
@@ -106,22 +105,20 @@ def test_runs_that_log_one_new_dataset_at_once_all_log_it(pg_server):
     # MLflow's SQL store looks a dataset up, then inserts it: runs that start together on one
     # server race on its key (seen in CI: 1 of 5 grid jobs failed). 6 processes, 8 new datasets.
     import multiprocessing
-    import time
 
     import mlflow
     ctx = multiprocessing.get_context("spawn")
     experiment_id = mlflow.MlflowClient(pg_server.uri).create_experiment("dataset-race")
-    start = time.time() + 15        # the processes' imports and runs first
-    trials = [(f"race{i}", start + i) for i in range(8)]
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_log_datasets_at, args=(pg_server.uri, experiment_id, trials, results))
+    digests = [f"race{i}" for i in range(8)]
+    barrier, results = ctx.Barrier(6, timeout=120), ctx.Queue()
+    procs = [ctx.Process(target=_log_datasets_at, args=(pg_server.uri, experiment_id, digests, barrier, results))
              for _ in range(6)]
     for p in procs:
         p.start()
-    outcomes = [results.get(timeout=120) for _ in range(len(procs) * len(trials))]
+    outcomes = [results.get(timeout=120) for _ in range(len(procs) * len(digests))]
     for p in procs:
         p.join(30)
     assert outcomes == ["ok"] * len(outcomes), [o for o in outcomes if o != "ok"]
     runs = mlflow.MlflowClient(pg_server.uri).search_runs([experiment_id])
     assert len(runs) == len(outcomes) and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
-    assert len({r.inputs.dataset_inputs[0].dataset.digest for r in runs}) == len(trials)
+    assert len({r.inputs.dataset_inputs[0].dataset.digest for r in runs}) == len(digests)

@@ -7,7 +7,7 @@ params
     `true`/`false`, layer lists as 8,9,10): k, subset, mode, scope, task, limit, model,
     threshold, scoring, ..., dtype and device (`auto` included); then what they resolved to:
     layers (comma-separated layer indices), resolved_dtype, resolved_device (cpu, cuda:N),
-    path (decoding path that ran: eager, static, cuda-graph+compile), model_revision (hub
+    path (decoding path that ran: eager, static, cuda-graph, or +compile where layers were compiled), model_revision (hub
     revision, `local`, `random`), model_hash, world_size (data-parallel ranks) and
     rank_devices (each rank's device, in rank order: cuda:0,cuda:1); version_<lib> for
     python, reuse_exp, torch, cuda, transformers, lm_eval, mlflow.

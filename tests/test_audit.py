@@ -14,14 +14,11 @@ from reuse_exp.study.store import fetch_runs, git_head
 from reuse_exp.tracking.heartbeat import parse_stamp, stamp
 from reuse_exp.tracking.schema import END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
 from services.fabricate import fabricate
-from services.store import new_store
+from services import store as stores
+
+store = stores.fabricated_store   # a Store of its own per test (services/store.py)
 
 OLD, NEW = "a" * 40, "b" * 40
-
-
-@pytest.fixture
-def store(tmp_path_factory, tmp_path):
-    return new_store(tmp_path_factory.getbasetemp(), tmp_path)
 
 
 def clean_grid(store, commit: str, **kw) -> list[str]:

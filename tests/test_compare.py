@@ -12,26 +12,18 @@ from reuse_exp.cli.study import compare_cmd
 from reuse_exp.study import compare as cmp
 from reuse_exp.study.cells import build_request
 from reuse_exp.study.measures import MIN_TIMINGS, pair, speed_ratio
-from reuse_exp.study.store import fetch_runs, git_head
+from reuse_exp.study.store import fetch_runs
 from reuse_exp.tracking.schema import config_key
 from services.fabricate import PARAMS, fabricate
-from services.store import new_store
+from services import store as stores
+
+store = stores.fabricated_store   # a Store of its own per test (services/store.py)
+head = stores.head
 
 OLD = "0" * 40
 SUBSETS = ("first", "middle", "last")
 # Per-batch tokens/s of a k=1 run: eight batches, +-10% between them (prompt lengths, early stops).
 BASE = [90.0, 95.0, 100.0, 105.0, 110.0, 98.0, 102.0, 93.0]
-
-
-@pytest.fixture
-def store(tmp_path_factory, tmp_path):
-    return new_store(tmp_path_factory.getbasetemp(), tmp_path)
-
-
-@pytest.fixture
-def head() -> str:
-    """Read per test: in a shared working tree another developer may commit meanwhile."""
-    return git_head()
 
 
 def cells():

@@ -19,24 +19,17 @@ from reuse_exp.cli.study import audit_cmd, compare_cmd, grid
 from reuse_exp.study.audit import audit
 from reuse_exp.study.cells import GridRequest
 from reuse_exp.study.grid import DONE, STALE, grid_status
-from reuse_exp.study.store import fetch_runs, git_head
+from reuse_exp.study.store import fetch_runs
 from reuse_exp.tracking.schema import ANY_ENVIRONMENT_TAG
 from services.fabricate import environment_tags, fabricate
-from services.store import new_store
+from services import store as stores
+
+store = stores.fabricated_store   # a Store of its own per test (services/store.py)
+head = stores.head
 
 A100 = environment_tags(cuda="12.1", device="NVIDIA A100-SXM4-80GB")
 H100 = environment_tags(cuda="12.8", device="NVIDIA H100 80GB HBM3")
 CELLS = [(1, "first"), (2, "first"), (2, "middle"), (2, "last")]
-
-
-@pytest.fixture
-def store(tmp_path_factory, tmp_path):
-    return new_store(tmp_path_factory.getbasetemp(), tmp_path)
-
-
-@pytest.fixture
-def head() -> str:
-    return git_head()
 
 
 def grid_of(store, commit: str, odd: dict, where=(2, "middle"), base: dict = A100, **kw) -> dict:

@@ -8,26 +8,18 @@ from click.testing import CliRunner
 
 from reuse_exp.study.cells import LOGLIKELIHOOD, GridRequest, build_request, run_command, task_kind
 from reuse_exp.study.grid import DONE, FAILED, MISSING, RUNNING, STALE, classify, todo
-from reuse_exp.study.store import RunRecord, fetch_runs, git_head, store_error
+from reuse_exp.study.store import RunRecord, fetch_runs, store_error
 from services.fabricate import fabricate
-from services.store import new_store
+from services import store as stores
 from reuse_exp.cli import study as cli_study
 from reuse_exp.tracking.heartbeat import stamp
 from reuse_exp.tracking.schema import HEARTBEAT_TAG
 from reuse_exp.study import store as store_mod
 
+store = stores.fabricated_store   # a Store of its own per test (services/store.py)
+head = stores.head
+
 OLD = "0" * 40
-
-
-@pytest.fixture
-def store(tmp_path_factory, tmp_path):
-    return new_store(tmp_path_factory.getbasetemp(), tmp_path)
-
-
-@pytest.fixture
-def head() -> str:
-    """Read per test: in a shared working tree another developer may commit meanwhile."""
-    return git_head()
 
 
 def request4(**kw) -> GridRequest:

@@ -9,6 +9,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 
 @dataclass
 class Store:
@@ -44,3 +46,18 @@ def new_store(base: Path, directory: Path, experiment: str = "grid") -> Store:
     # artifacts beside the store, not in the working directory's mlruns/
     exp_id = cl.create_experiment(experiment, artifact_location=(directory / "artifacts").as_uri())
     return Store(uri=uri, client=cl, experiment=experiment, exp_id=exp_id)
+
+
+# Fixtures for the test files that read and write a fabricated store: import them there
+# (`from services.store import fabricated_store, head`); `store` there is this Store, not
+# conftest's bare URI.
+@pytest.fixture(name="store")
+def fabricated_store(tmp_path_factory, tmp_path) -> Store:
+    return new_store(tmp_path_factory.getbasetemp(), tmp_path)
+
+
+@pytest.fixture
+def head() -> str:
+    """Read per test: in a shared working tree another developer may commit meanwhile."""
+    from reuse_exp.study.store import git_head
+    return git_head()

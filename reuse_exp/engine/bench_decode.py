@@ -126,9 +126,11 @@ def decode_rows(model, runner, args, batch: int, trajectory: Trajectory | None, 
             e["forward_times"] = summarize_times(e["forward_times"])
             rows.append(e)
     for spec in args.extra:
-        e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens,
-                       extra_policy(spec, model.num_layers), args.repeats, mask_id, trajectory)
-        e |= {"policy": spec, "forward_times": summarize_times(e["forward_times"])}
+        policy = extra_policy(spec, model.num_layers)
+        e = end_to_end(model, runner, batch, args.prompt_len, args.new_tokens, policy, args.repeats, mask_id,
+                       trajectory)
+        e |= {"policy": spec, "policy_name": policy.name, "mode": policy.mode, "drift": getattr(policy, "drift", None),
+              "forward_times": summarize_times(e["forward_times"])}
         if base is not None:
             e["saving"] = 1 - e["seconds"] / base["seconds"]
             e["ideal_saving"] = ideal_saving(model, e)

@@ -49,10 +49,10 @@ def goals(r) -> list[dict]:
     else:
         out.append(_goal("first decode of a fresh process", f"<= {GOAL_FIRST_S:g} s", None, None))
     for e in (b1 or {}).get("extra", []):
-        policy, _, drift = e["policy"].partition(":")
-        if e.get("trajectory") == "one-token" and "delta" in policy and float(drift.split(":")[0]) == 0 and "saving" in e:
+        # a measuring policy at drift 0 skips nothing: what is left against k=1 is its decisions
+        if e.get("trajectory") == "one-token" and e.get("mode") == "delta" and e.get("drift") == 0 and "saving" in e:
             cost = -e["saving"]
-            out.append(_goal(f"decisions of {policy} (drift 0: no skip) against k=1, batch 1",
+            out.append(_goal(f"decisions of {e['policy_name']}-{e['mode']} (drift 0: no skip) against k=1, batch 1",
                              f"<= {DECISION_COST:.0%} of the decode", f"{cost:+.1%}", cost <= DECISION_COST))
     if r.path_check:
         c = r.path_check

@@ -176,7 +176,7 @@ def rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_buf, v_buf, cache_rows_pt
 def attention_kernel(q_ptr, k_buf, v_buf, cache_rows_ptr, pos_ptr, kv_len_ptr, out_ptr, run_ptr,
                      T, NH, NKV, S, s_buf_b, s_buf_h, s_buf_s, block_size, scale,
                      D: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     PREDICATED: tl.constexpr):
+                     PRECISION: tl.constexpr, PREDICATED: tl.constexpr):
     """Attention of the query heads that share one K/V head, BM query rows (head, token) a
     program; a token at position p sees keys j < min(kv_len, (p // block_size + 1) * block_size)
     (block-causal prefill, and every denoising forward). Keys go in BN blocks from position 0,
@@ -208,7 +208,7 @@ def attention_kernel(q_ptr, k_buf, v_buf, cache_rows_ptr, pos_ptr, kv_len_ptr, o
         j = start + tl.arange(0, BN)
         j_ok = j < S
         kt = tl.load(k_buf + base + j[None, :] * s_buf_s + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         s = tl.where(j[None, :] < limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -216,7 +216,7 @@ def attention_kernel(q_ptr, k_buf, v_buf, cache_rows_ptr, pos_ptr, kv_len_ptr, o
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_buf + base + j[:, None] * s_buf_s + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + token[:, None] * NH * D + head[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),

@@ -149,7 +149,7 @@ class TritonOps:
         K.attention_kernel[(B * n_kv, cdiv(n_heads // n_kv * T, BM))](
             q, k_buf, v_buf, cache_rows, positions, kv_len, out, run, T, n_heads, n_kv, S, k_buf.stride(0),
             k_buf.stride(1), k_buf.stride(2), block_size, 1.0 / math.sqrt(D), D=D, DB=max(16, _pow2(D)), BM=BM,
-            BN=64 if q.dtype != torch.float32 else 32, PREDICATED=predicated, num_warps=4)
+            BN=64 if q.dtype != torch.float32 else 32, PRECISION=_precision(q), PREDICATED=predicated, num_warps=4)
         return out
 
     def reuse(self, x, fresh, values, rows, offset, computes, reuses, delta: bool):

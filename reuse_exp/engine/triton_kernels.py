@@ -265,19 +265,22 @@ def renew_kernel(x_ptr, ref_ptr, rows_ptr, offset_ptr, computes_ptr, T, H, s_ref
 
 
 @triton.jit
-def drift_kernel(x_ptr, ref_ptr, rows_ptr, offset_ptr, out_ptr, T, H, s_ref_b, s_ref_t, BLOCK: tl.constexpr):
-    """Per row: ||x - ref|| / ||ref|| over its tokens and features, in float32, in BLOCK-wide steps
-    in order; ref is the row's window of the group's reference [batch, block, H]."""
+def drift_kernel(x_ptr, ref_ptr, rows_ptr, offset_ptr, out_ptr, T, H, s_ref_b, s_ref_t, BT: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Per row: ||x - ref|| / ||ref|| over its T tokens and H features, in float32, all tokens of a
+    BLOCK-wide feature step at once, the steps in order; ref is the row's window of the group's
+    reference [batch, block, H]."""
     e = tl.program_id(0)
     base = tl.load(rows_ptr + e).to(tl.int64) * s_ref_b + tl.load(offset_ptr) * s_ref_t
-    num = tl.zeros((BLOCK,), dtype=tl.float32)
-    den = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t in range(0, T):
-        for start in range(0, H, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < H
-            x = tl.load(x_ptr + (e * T + t).to(tl.int64) * H + cols, mask=ok, other=0.0).to(tl.float32)
-            ref = tl.load(ref_ptr + base + t * s_ref_t + cols, mask=ok, other=0.0).to(tl.float32)
-            num += (x - ref) * (x - ref)
-            den += ref * ref
-    tl.store(out_ptr + e, tl.sqrt(tl.sum(num, axis=0)) / tl.maximum(tl.sqrt(tl.sum(den, axis=0)), 1e-30))
+    t = tl.arange(0, BT)
+    num = tl.zeros((BT, BLOCK), dtype=tl.float32)
+    den = tl.zeros((BT, BLOCK), dtype=tl.float32)
+    for start in range(0, H, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = (t[:, None] < T) & (cols[None, :] < H)
+        x = tl.load(x_ptr + (e * T + t[:, None]).to(tl.int64) * H + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + base + t[:, None] * s_ref_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        num += (x - ref) * (x - ref)
+        den += ref * ref
+    tl.store(out_ptr + e, tl.sqrt(tl.sum(tl.sum(num, axis=1), axis=0)) /
+             tl.maximum(tl.sqrt(tl.sum(tl.sum(den, axis=1), axis=0)), 1e-30))

@@ -140,8 +140,8 @@ def test_a_group_every_row_reuses_is_skipped_on_the_device():
     assert times[True] < 0.8 * times[False], times   # 12 of 28 layers: about 40 % less
 
 
-def _early_stop_token(model, runner):
-    runs = [generate(model, [p], replace(DEC, ignore_stop=True), runner=runner).tokens[0] for p in PROMPTS]
+def _early_stop_token(model, runner, policy):
+    runs = [generate(model, [p], replace(DEC, ignore_stop=True), policy, runner=runner).tokens[0] for p in PROMPTS]
     others = set(runs[0]) | set(runs[2])
     for t in runs[1][:20]:
         if t not in others and t not in (DEC.mask_id, DEC.pad_id):
@@ -154,8 +154,8 @@ def test_graphs_replay_after_the_batch_is_trimmed():
     shape and caches, and the samples decode as they do alone."""
     model = random_model(CFG, "bfloat16", device="cuda", seed=0, std=0.2)
     runner = FastRunner(model)
-    dec = replace(DEC, stop_id=_early_stop_token(model, runner))
     for name, policy in list(policies(8).items())[:3]:
+        dec = replace(DEC, stop_id=_early_stop_token(model, runner, policy))   # reuse changes the tokens
         fast = generate(model, PROMPTS, dec, policy, runner=runner)
         for i, p in enumerate(PROMPTS):
             solo = generate(model, [p], dec, policy, runner=runner)

@@ -1,6 +1,8 @@
 # GPU round (issue gpu-truth), call 3: the GPU tests (their figures kept), bench --quick on the
 # 7B shape, then the issue's base commit 96f8570 (its tree carried as .device/base_96f8570, made
 # by `git archive 96f8570`) on the batch-1 rows of the same preset, for ratios on one machine.
+# Before the call: mkdir -p .device/base_96f8570 && git archive 96f8570 | tar -x -C .device/base_96f8570
+# and pass carry=[".device/base_96f8570"] to the device tool (.device/ is ignored).
 # Run through the device tool from the repository root; $OUT comes back. Each part has its own limit.
 export PYTHONUNBUFFERED=1
 { nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } > $OUT/gpu.txt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -11,6 +12,13 @@ from pathlib import Path
 import click
 
 from .options import one_line
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader (or a kill mid-write) sees the old file or the new one, never a truncated one."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 def comma_list(kind):
@@ -77,7 +85,7 @@ def bench(ctx, json_out, markdown, quick, **options):
 
     def save(result):   # after every batch row: a benchmark cut short keeps what it measured
         if json_out:
-            json_out.write_text(json.dumps(dataclasses.asdict(result) | {"complete": False}, indent=2))
+            write_atomically(json_out, json.dumps(dataclasses.asdict(result) | {"complete": False}, indent=2))
     with one_line():
         result = run_bench(args, bench_command(args, json_out, markdown), run_trace, on_row=save)
     text = report(result)
@@ -85,7 +93,7 @@ def bench(ctx, json_out, markdown, quick, **options):
     if markdown:
         markdown.write_text(text)
     if json_out:
-        json_out.write_text(json.dumps(dataclasses.asdict(result) | {"complete": True}, indent=2))
+        write_atomically(json_out, json.dumps(dataclasses.asdict(result) | {"complete": True}, indent=2))
 
 
 def bench_command(args, json_out: Path | None, markdown: Path | None) -> str:

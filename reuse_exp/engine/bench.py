@@ -229,9 +229,9 @@ def run_bench(args: BenchArgs, command: str = "", run_trace=None, on_row=None) -
                     for k in sorted(set(args.k)) if k > 1 for s in args.subset]
         for batch in args.batch:
             result.rows.append(bench_batch(model, runner, args, batch, policies, bw, peak, trajectories))
-            print(row_line(result.rows[-1]), flush=True)
-            if on_row is not None:
+            if on_row is not None:   # saved before the line is printed: a reader of the line finds the row kept
                 on_row(result)
+            print(row_line(result.rows[-1]), flush=True)
         if device.type == "cuda":
             result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     if args.check_tokens:

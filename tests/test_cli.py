@@ -24,6 +24,7 @@ from reuse_exp.tracking.schema import REFUSED_TAG
     (["--limit", "2.5"], "must be a whole number"),
     (["--mode", "copy"], "Invalid value for '--mode'"),
     (["--block-size", "32", "--small-block-size", "5"], "small_block_size=5 must divide block_size=32"),
+    (["--include-path", "/no/such/tasks"], "include_path=/no/such/tasks: no folder '/no/such/tasks' here"),
 ])
 def test_bad_input_is_one_line_naming_the_fix(args, says):
     result = CliRunner().invoke(main, ["run", *args])

@@ -105,6 +105,10 @@ def test_config_key_follows_result_shaping_settings_only():
 def test_param_spellings():
     assert schema.same_param("0.90", "0.9") and schema.same_param("'true'", "true")
     assert schema.same_param("2", "2") and not schema.same_param("2", "3")
+    # `mlflow run -P limit=` logs the limit as '' (shell-quoted empty): the whole task, as `none`
+    assert schema.same_param("''", "none") and not schema.same_param("''", "4")
+    from reuse_exp.study.store import norm
+    assert norm("''") == norm("none") == norm(None) == "" and norm("'4'") == "4"
     assert schema.param_str(True) == "true" and schema.param_str(None) == "none"
 
 
@@ -363,7 +367,7 @@ def documented_values(tiny_ckpt, tasks_dir) -> list[dict]:
          "apply_chat_template": "true", "fewshot_as_multiturn": "true", "revision": "none", "tokenizer": "none",
          "allow_dirty": "false"},
         {"k": "3", "subset": "last", "mode": "delta", "scope": "refresh", "dtype": "float32", "device": "cpu",
-         "limit": "none", "task": "t_gen", "include_path": str(tasks_dir), "model": "random:tiny",
+         "limit": "", "task": "t_gen", "include_path": str(tasks_dir), "model": "random:tiny",   # `-P limit=`: all
          "tokenizer": str(REPO / "reuse_exp" / "tiny" / "model"), "max_new_tokens": "32", "threshold": "0.8",
          "block_size": "16", "small_block_size": "4", "decode_path": "eager", "use_block_cache": "false",
          "apply_chat_template": "false", "fewshot_as_multiturn": "false", "num_fewshot": "0", "batch_size": "4",
@@ -387,6 +391,10 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
         if name != "include_path":
             assert schema.same_param(p[name], value), (name, p[name], value)   # as given
     assert p["resolved_dtype"] == "float32" and p["resolved_device"] == "cpu"
+    assert run.data.tags["gpu_metrics"].startswith("none: this run computed on the CPU")
+    assert not any(name.startswith("gpu_") for name in run.data.metrics)
+    if which == 1:
+        assert p["limit"] == "''" and run.data.metrics["n_samples"] == 8   # MLflow's spelling of empty: the whole task
     assert p["layers"] == ("1,3" if which == 0 else "5,6,7")
     head = git(["rev-parse", "HEAD"], clean_repo).strip()
     said = out.stdout.splitlines()[:-2]   # the UI's addresses: tests/test_services_ui.py opens them

@@ -27,8 +27,8 @@ from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
 from ..tracking.provenance import Provenance, check_clean, dirty_diff, provenance, redact
-from ..tracking.schema import (ANY_ENVIRONMENT_TAG, REFUSED_TAG, config_key, config_name, library_versions,
-                               lm_eval_metrics, param_str)
+from ..tracking.schema import (ANY_ENVIRONMENT_TAG, GPU_METRICS_TAG, NO_GPU_NOTE, REFUSED_TAG, config_key,
+                               config_name, library_versions, lm_eval_metrics, param_str)
 from ..tracking.store_init import absolute_uri, open_client
 
 
@@ -162,6 +162,8 @@ def _evaluate(tracker: Tracker, s: RunSettings, placement, task_manager, prov: P
     tracker.tags({**env.tags(), **({ANY_ENVIRONMENT_TAG: "true"} if ANY_ENVIRONMENT.read() else {})})
     all_params = {**{n: param_str(v) for n, v in s.as_dict().items()}, **params,
                   "device_type": placement.torch_device.type}
+    if not any(d.startswith("cuda") for d, _ in devices):
+        world_tags[GPU_METRICS_TAG] = NO_GPU_NOTE
     tracker.tags({"config_key": config_key(all_params), "model_path": lm.loaded.path or "", **world_tags,
                   "request_cache": str(cache), **({"resumed_from": s.resume} if s.resume else {})})
     if s.resume:

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.provenance import Provenance, provenance
 from ..settings import AXIS, SPECS
-from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
+from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG, unquoted
 from ..tracking.store_init import absolute_uri, open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -137,8 +137,9 @@ def end_command(run_id: str, stale_after_s: float) -> str:
 
 
 def norm(value) -> str:
-    """One spelling per value, as params are strings in MLflow: None/''/'none' alike, bools lower."""
-    s = "" if value is None else str(value).strip()
+    """One spelling per value, as params are strings in MLflow: None/''/'none' alike (quoted too, as
+    `mlflow run -P limit=` logs it), bools lower."""
+    s = "" if value is None else unquoted(str(value))
     if s.lower() in ("", "none", "null"):
         return ""
     if s.lower() in ("true", "false"):

@@ -26,7 +26,7 @@ from ..tracking.artifacts import log_artifacts
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
-from ..tracking.provenance import Provenance, check_clean, dirty_diff, provenance, redact
+from ..tracking.provenance import Provenance, check_clean, checkout_root, dirty_diff, provenance, redact
 from ..tracking.schema import (ANY_ENVIRONMENT_TAG, GPU_METRICS_TAG, NO_GPU_NOTE, REFUSED_TAG, config_key,
                                config_name, library_versions, lm_eval_metrics, param_str)
 from ..tracking.store_init import absolute_uri, open_client
@@ -71,6 +71,7 @@ def run(settings: RunSettings) -> Summary | None:
         prov = provenance()
         if rank == 0:
             check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
+            _note_other_checkout(prov)
         harness.check_gated(settings.task)
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
         launching = placement.to_launch
@@ -113,6 +114,15 @@ def run(settings: RunSettings) -> Summary | None:
         raise RunFailed(line, code) from None
     finally:
         lifeline.disarm()
+
+
+def _note_other_checkout(prov: Provenance) -> None:
+    """`reuse-exp` installed from one clone and typed in another runs the installed clone's code (and
+    records its commit): say so, since the grid and `mlflow run .` there would run the other."""
+    here = checkout_root()
+    if here is not None and prov.root is not None and here != prov.root and (here / "reuse_exp").is_dir():
+        print(f"reuse-exp: note: this runs the package of {prov.root}, not of the checkout here ({here}); "
+              "`mlflow run .` or `python -m reuse_exp.cli run` runs this one", file=sys.stderr)
 
 
 def _launched_end(tracker: Tracker, s: RunSettings, prov: Provenance) -> Summary:

@@ -32,7 +32,7 @@ from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridReq
 from .environments import differences
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
-from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head
+from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_state
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,8 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
     """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
     interval, outputs changed against k=1; and a plot. From one commit. Echoes the table; returns
     the parent run it logged to (None with `log` off). Raises Refused when it would mix code."""
-    commit = commit or git_head()
+    code = git_state()
+    commit = commit or code.commit
     cl = client()
     exp_id = experiment_id(cl, experiment)
     runs = fetch_runs(cl, exp_id, request.task)
@@ -281,7 +282,8 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
     cells = request.cells(kind)
     picks = pick(cells, runs, commit, include_other_commits, include_dirty, include_other_environments)
     rows_ = rows(cl, picks)
-    header = f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
+    header = (f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
+              + (f" (HEAD of {code.root})" if commit == code.commit else ""))
     if kind == LOGLIKELIHOOD:
         header += "\n" + LOGLIKELIHOOD_WHY.format(task=request.task)
     elif any(c.baseline for c in cells):

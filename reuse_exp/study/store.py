@@ -1,5 +1,5 @@
 """The tracking store as the study reads it: runs as records, the store's address, and the
-commit the checkout is at. Shared by the grid, its launchers, compare and audit."""
+commit of the checkout the user stands in. Shared by the grid, its launchers, compare and audit."""
 from __future__ import annotations
 
 import hashlib
@@ -12,12 +12,11 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..tracking.heartbeat import parse_stamp
-from ..tracking.provenance import Provenance, provenance
+from ..tracking.provenance import Provenance, checkout_root, provenance
 from ..settings import AXIS, SPECS
 from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG, unquoted
 from ..tracking.store_init import absolute_uri, open_client
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # What varies between the cells of one grid: its axes and the params that carry them.
 GRID_AXES = tuple(dict.fromkeys(p for s in SPECS if s.grid == AXIS for p in (s.name, *s.key_params)))
 ANY_SUBSET = "any"          # the k=1 baseline's subset: it computes every layer, so any run of it will do
@@ -201,11 +200,18 @@ def fetch_runs(cl, exp_id: str | None, task: str | None = None) -> list[RunRecor
 
 
 def git_state() -> Provenance:
-    """The checkout the package runs from, as the tracked run sees it (its store excluded)."""
-    prov = provenance()
+    """The checkout of reuse_exp the current directory is in, as a tracked run started there sees
+    it (its store excluded): what `mlflow run .` runs and records, so what the grid judges, snapshots
+    and runs, and compare reads. Not the checkout the package was installed from: with two clones
+    and one install, that one is the other clone."""
+    here = Path.cwd()
+    root = checkout_root(here)
+    if root is None or not (root / "reuse_exp" / "__init__.py").is_file():
+        raise ConfigError(f"{here} is not in a checkout of reuse_exp: the grid and compare judge the commit of "
+                          "the checkout you stand in (cd into your clone of the repository)")
+    prov = provenance(pkg=root / "reuse_exp")
     if prov.commit == "unknown":
-        raise ConfigError(f"{REPO_ROOT} is not a git checkout with a commit: the grid needs HEAD "
-                          "to know what is done (run from a clone of the repository)")
+        raise ConfigError(f"{root} has no commit yet: the grid needs HEAD to know what is done (commit first)")
     return prov
 
 

@@ -411,6 +411,27 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
         assert noise not in out.stderr, (noise, out.stderr[-3000:])
 
 
+def test_a_store_that_cannot_work_is_said_in_one_line(tmp_path):
+    """Before MLflow's client retries for minutes or creates a store where none was meant."""
+    from services import free_port
+
+    from reuse_exp.errors import StoreUnavailable
+    from reuse_exp.tracking.store_init import open_client, unavailable
+    db = tmp_path / "mlflow.db"
+    assert unavailable(f"sqlite:///{db}") is None   # a new store in a folder that exists: the first run makes it
+    assert unavailable(f"sqlite:///{tmp_path}/typo/mlflow.db").startswith(f"no folder {tmp_path}/typo for the sqlite")
+    assert unavailable(f"sqlite:///{db}", must_exist=True) == \
+        f"no tracking store at {db}: point MLFLOW_TRACKING_URI at the store to read"
+    port = free_port()
+    assert unavailable(f"postgresql+psycopg2://u@127.0.0.1:{port}/db").startswith(
+        f"postgresql+psycopg2://u@127.0.0.1:{port}/db: the postgresql server does not answer (connection refused")
+    assert "(no host 'no-such-host.invalid'" in unavailable("https://no-such-host.invalid")
+    with pytest.raises(StoreUnavailable, match=r"^MLFLOW_TRACKING_URI=localhost:5000 is no store MLflow can open "
+                                               r"\(a server is http://localhost:5000\)"):
+        open_client("localhost:5000")
+    assert not db.exists(), "nothing was created on the way"
+
+
 def test_the_store_lock_lets_one_process_open_a_new_store_at_a_time(tmp_path):
     """While one opener holds a sqlite store's lock, another waits for it; other stores take none."""
     import threading

@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..errors import RankFailed, RunFailed, Terminated
+from ..errors import RankFailed, RunFailed, StoreUnavailable, Terminated
 from ..knobs import ANY_ENVIRONMENT, LAUNCHED
 from ..settings import RunSettings
 from ..tracking import data, environment
@@ -29,7 +29,7 @@ from ..tracking.lifeline import Lifeline
 from ..tracking.provenance import Provenance, check_clean, checkout_root, dirty_diff, provenance, redact
 from ..tracking.schema import (ANY_ENVIRONMENT_TAG, GPU_METRICS_TAG, NO_GPU_NOTE, REFUSED_TAG, config_key,
                                config_name, library_versions, lm_eval_metrics, param_str)
-from ..tracking.store_init import absolute_uri, open_client
+from ..tracking.store_init import absolute_uri, open_client, tracking_uri
 
 
 # -- failure -------------------------------------------------------------------------------------
@@ -62,6 +62,7 @@ def run(settings: RunSettings) -> Summary | None:
     tracker = prov = None
     try:
         lifeline.arm()
+        open_client(tracking_uri())   # a store that cannot work: one line, before anything heavy
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
         from ..evaluation.placement import resolve as resolve_placement
         from . import ranks, resume
@@ -101,7 +102,9 @@ def run(settings: RunSettings) -> Summary | None:
             record_failure(line, "".join(traceback.format_exception(e)))
         # A bad value or a missing thing found before lm-eval had the model: nothing was evaluated.
         refused = code == 2 and (tracker is None or not tracker.evaluating)
-        if tracker is None:
+        if isinstance(e, StoreUnavailable):
+            pass   # nothing can be logged where nothing can be reached
+        elif tracker is None:
             if code == 1:  # an unexpected error with no run to keep its traceback: show it
                 traceback.print_exception(e, file=sys.stderr)
                 line += " (traceback above)"

@@ -107,7 +107,7 @@ def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float
 def audit_store(experiment: str | None = None, all_experiments: bool = False,
                 stale_after_s: float = STALE_AFTER_S, echo: Callable[[str], None] = print) -> None:
     """Echo a line per finding and raise AuditFailed when there is one; else echo that all is well."""
-    cl = client()
+    cl = client(must_exist=True)   # an audit of a store that is not there fails; it never makes one
     if all_experiments:
         exps = cl.search_experiments()
     else:

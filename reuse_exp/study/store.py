@@ -15,7 +15,7 @@ from ..tracking.heartbeat import parse_stamp
 from ..tracking.provenance import Provenance, checkout_root, provenance
 from ..settings import AXIS, SPECS
 from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG, unquoted
-from ..tracking.store_init import absolute_uri, open_client
+from ..tracking.store_init import open_client, tracking_uri
 
 # What varies between the cells of one grid: its axes and the params that carry them.
 GRID_AXES = tuple(dict.fromkeys(p for s in SPECS if s.grid == AXIS for p in (s.name, *s.key_params)))
@@ -163,14 +163,10 @@ def store_error(text: str, uri: str) -> str | None:
             "then export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (docs/grid.md), or use --executor local")
 
 
-def tracking_uri() -> str:
-    import mlflow
-    return absolute_uri(mlflow.get_tracking_uri())
-
-
-def client():
-    """A client of the store; a new sqlite store is created under the runs' lock (store_init)."""
-    return open_client(tracking_uri())
+def client(must_exist: bool = False):
+    """A client of the store; a new sqlite store is created under the runs' lock (store_init),
+    unless `must_exist`. StoreUnavailable (one line) when the store cannot be used."""
+    return open_client(tracking_uri(), must_exist)
 
 
 def experiment_name(name: str | None) -> str:

@@ -163,10 +163,12 @@ def test_store_error_names_the_server():
 
 def test_relative_sqlite_uri_is_made_absolute(tmp_path):
     """Jobs run elsewhere (another cwd, a compute node): the default relative store must not move."""
-    rel = store_mod.absolute_uri("sqlite:///mlflow.db")
+    from reuse_exp.tracking.store_init import absolute_uri
+    rel = absolute_uri("sqlite:///mlflow.db")
     assert rel.startswith("sqlite:////") and rel.endswith("/mlflow.db")
-    assert store_mod.absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
-    assert store_mod.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert absolute_uri("localhost:5000") == "localhost:5000"   # an address, mistyped: not a folder here
 
 
 def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, head):

@@ -28,7 +28,7 @@ from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
 from ..tracking.provenance import Provenance, check_clean, checkout_root, dirty_diff, provenance, redact
 from ..tracking.schema import (ANY_ENVIRONMENT_TAG, GPU_METRICS_TAG, NO_GPU_NOTE, REFUSED_TAG, config_key,
-                               config_name, library_versions, lm_eval_metrics, param_str)
+                               library_versions, lm_eval_metrics, param_str, run_name)
 from ..tracking.store_init import absolute_uri, open_client, tracking_uri
 
 
@@ -140,15 +140,13 @@ def _launched_end(tracker: Tracker, s: RunSettings, prov: Provenance) -> Summary
     return _summary_of(tracker, s, prov, tags.get("task_kind", "none"), accuracy, m)
 
 
-def run_name(s: RunSettings) -> str:
-    return f"{config_name(s)}_{s.task}"
-
-
 def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
     tracker.tags({"git_commit": prov.commit, "git_branch": prov.branch, "git_dirty": prov.dirty,
                   "git_dirty_files": "\n".join(prov.dirty_files[:MAX_DIRTY_FILES_TAG]),
                   "source_hash": prov.source_hash, "allow_dirty": s.allow_dirty, "reuse_exp.role": "run",
-                  "mlflow.runName": run_name(s)})
+                  "mlflow.runName": run_name(s, prov.dirty),
+                  **({"mlflow.source.git.commit": prov.commit} if prov.commit != "unknown" else {}),
+                  **({"include_path": ",".join(s.include_path)} if s.include_path else {})})
     given = {n: v for n, v in s.as_dict().items() if n not in ("experiment", "include_path")}
     tracker.params({**given, **library_versions()})
     if prov.dirty and prov.root is not None:

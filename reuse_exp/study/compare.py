@@ -11,9 +11,10 @@ then its cells are starred and the parent run says which commits it mixes. Runs 
 that computed in different environments or read different data (study/environments.py) are
 refused the same way, one line per difference, unless --include-other-environments: then the
 odd cells are starred and the table and the parent run's tag say what was mixed.
-The table, compare.json and the PNG are logged to a parent run of the grid, with every
-number as a metric NAME.CONFIG (the MLflow UI's compare view shows them), and the grid's
-runs are nested under it in the MLflow UI.
+The table, compare.json and the PNG are logged to a comparison run beside the grid's runs, with
+every number as a metric NAME.CONFIG (the MLflow UI's compare view shows them) and the compared
+run ids as a tag; the grid's runs stay at the top of the runs table, where the study's view
+shows them (tracking/ui.py), never folded under it.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import Refused
+from ..tracking.ui import ensure_view
 from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, task_kind
 from .environments import differences
 from .figure import plot
@@ -230,7 +232,7 @@ def describe(picks: list[Pick]) -> str:
 
 def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit: str, text: str,
                png: Path, rows_: list[Row]) -> str:
-    """Log the comparison to the grid's parent run (one per set of compared runs) and nest the runs."""
+    """Log the comparison to the grid's comparison run (one per set of compared runs)."""
     used = [r for p in picks for r in p.runs]
     ids = sorted(r.run_id for r in used)
     digest = hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
@@ -259,11 +261,22 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
         cl.log_artifact(run_id, str(Path(tmp) / "compare.txt"))
         cl.log_artifact(run_id, str(Path(tmp) / "compare.json"))
     cl.log_artifact(run_id, str(png))
-    for r in used:
-        if "mlflow.parentRunId" not in r.tags:   # a run already nested elsewhere stays there
-            cl.set_tag(r.run_id, "mlflow.parentRunId", run_id)
+    unfold(cl, exp_id, used)
+    ensure_view(cl, exp_id)
     cl.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def unfold(cl, exp_id: str, runs: list[RunRecord]) -> None:
+    """Runs an earlier version nested under a comparison run, back at the top of the runs table
+    (a parent's children sit folded under it in the UI: the grid out of sight)."""
+    folded = [r for r in runs if "mlflow.parentRunId" in r.tags]
+    if not folded:
+        return
+    comparisons = {c.info.run_id for c in cl.search_runs([exp_id], filter_string="tags.`reuse_exp.role` = 'compare'")}
+    for r in folded:
+        if r.tags["mlflow.parentRunId"] in comparisons:
+            cl.delete_tag(r.run_id, "mlflow.parentRunId")
 
 
 def compare(request: GridRequest, experiment: str | None, commit: str | None = None, *,

@@ -17,6 +17,7 @@ from .heartbeat import Heartbeat, interval_s
 from .provenance import Provenance, provenance, redact, secret_values
 from .schema import HEARTBEAT_TAG, REFUSED_TAG, param_str, same_param
 from .store_init import open_client, store_opening
+from .ui import ensure_view
 
 MAX_DIRTY_FILES_TAG = 50
 
@@ -47,6 +48,7 @@ class Tracker:
             if run_id is None and settings.experiment:
                 mlflow.set_experiment(settings.experiment)
             run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+            ensure_view(mlflow.MlflowClient(), run.info.experiment_id)   # what the UI shows of the study
         tracker = cls(run.info.run_id, secret_values())
         tracker.heartbeat = Heartbeat(tracker.beat, beat_every).start()
         return tracker

@@ -151,6 +151,15 @@ def config_name(s) -> str:
     return cls.run_name(**{n: getattr(s, n) for n in cls.reads})
 
 
+DIRTY_MARK = "*dirty"
+
+
+def run_name(s, dirty: bool) -> str:
+    """A run's name: its configuration and task (`k2_middle_tiny_gsm`), marked when it ran from
+    uncommitted changes (`k2_middle_tiny_gsm*dirty`), so the two never share a name."""
+    return f"{config_name(s)}_{s.task}" + (DIRTY_MARK if dirty else "")
+
+
 def library_versions() -> dict[str, str]:
     out = {"version_python": platform.python_version()}
     for lib in VERSIONED:

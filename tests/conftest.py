@@ -170,8 +170,10 @@ def mlflow_run(repo: Path, store_uri: str, params: dict, timeout: int = 900, env
 
 
 def runs_of(store_uri: str):
-    """The store's client and every run in it."""
+    """The store's client and every run in it, deleted ones too (a refused run is deleted once
+    `mlflow run` has ended it)."""
     import mlflow
+    from mlflow.entities import ViewType
     client = mlflow.MlflowClient(store_uri)
     exps = [e.experiment_id for e in client.search_experiments()]
-    return client, client.search_runs(exps)
+    return client, client.search_runs(exps, run_view_type=ViewType.ALL)

@@ -3,8 +3,9 @@ launched ranks), and an ending that is always FINISHED, FAILED or KILLED with wh
 
 The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
 directly (`reuse-exp run`), opens one. A refusal before evaluating (a dirty tree, an
-unknown task, a model that is not there) opens none; one that `mlflow run` opened is
-tagged refused, so the audit tells it from a failed result. While it runs, a heartbeat
+unknown task, a model that is not there) opens none, or deletes the one it opened; one that
+`mlflow run` opened is tagged refused and deleted once MLflow has ended it (tracking/aftercare.py),
+so it leaves the runs table and the audit counts it apart. While it runs, a heartbeat
 says it lives (tracking/heartbeat.py) and the console shows progress; it ends with a summary
 (tracking/console.py). The MLflow run itself: tracking/lifecycle.py; what it logs, by name:
 tracking/schema.py. With `processes` > 1 it launches that many data-parallel ranks instead
@@ -21,7 +22,7 @@ from pathlib import Path
 from ..errors import RankFailed, RunFailed, StoreUnavailable, Terminated
 from ..knobs import ANY_ENVIRONMENT, LAUNCHED
 from ..settings import RunSettings
-from ..tracking import data, environment
+from ..tracking import aftercare, data, environment
 from ..tracking.artifacts import log_artifacts
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
@@ -62,6 +63,8 @@ def run(settings: RunSettings) -> Summary | None:
     tracker = prov = None
     try:
         lifeline.arm()
+        if lifeline.parent is not None and os.environ.get("MLFLOW_RUN_ID"):   # MLflow ends the run after us
+            aftercare.watch(lifeline.parent, os.environ["MLFLOW_RUN_ID"])
         open_client(tracking_uri())   # a store that cannot work: one line, before anything heavy
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
         from ..evaluation.placement import resolve as resolve_placement
@@ -101,7 +104,8 @@ def run(settings: RunSettings) -> Summary | None:
             from .ranks import record_failure
             record_failure(line, "".join(traceback.format_exception(e)))
         # A bad value or a missing thing found before lm-eval had the model: nothing was evaluated.
-        refused = code == 2 and (tracker is None or not tracker.evaluating)
+        # (a rank's refusal is the rank's to say: rank 0 tags the run it attached to)
+        refused = code == 2 and not isinstance(e, RankFailed) and (tracker is None or not tracker.evaluating)
         if isinstance(e, StoreUnavailable):
             pass   # nothing can be logged where nothing can be reached
         elif tracker is None:
@@ -113,6 +117,8 @@ def run(settings: RunSettings) -> Summary | None:
             if code == 1:
                 line += " (traceback: the run's error.txt)"
             _log_failure(tracker, status, line, e, refused)
+            if lifeline.parent is None and not LAUNCHED.read():   # no MLflow ends it after us: a refusal goes now
+                aftercare.finish(tracker.client, tracker.run_id)
         lifeline.release_parent(status)
         raise RunFailed(line, code) from None
     finally:

@@ -14,7 +14,6 @@ from services import store as stores
 from reuse_exp.cli import study as cli_study
 from reuse_exp.tracking.heartbeat import stamp
 from reuse_exp.tracking.schema import HEARTBEAT_TAG
-from reuse_exp.study import store as store_mod
 
 store = stores.fabricated_store   # a Store of its own per test (services/store.py)
 head = stores.head

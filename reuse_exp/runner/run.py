@@ -56,9 +56,10 @@ def classify(e: BaseException) -> tuple[str, int, str]:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run(settings: RunSettings) -> Summary | None:
+def run(settings: RunSettings, given: frozenset[str] | None = None) -> Summary | None:
     """Evaluate one configuration, tracked. Returns its summary (None from a rank our launcher
-    started, or one other than 0); raises RunFailed."""
+    started, or one other than 0); raises RunFailed. `given`: the settings the user gave (None:
+    all of them); a resume takes the others from the run it resumes."""
     lifeline = Lifeline()
     tracker = prov = None
     try:
@@ -67,22 +68,25 @@ def run(settings: RunSettings) -> Summary | None:
             aftercare.watch(lifeline.parent, os.environ["MLFLOW_RUN_ID"])
         open_client(tracking_uri())   # a store that cannot work: one line, before anything heavy
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
-        from ..evaluation.placement import resolve as resolve_placement
+        from ..evaluation.placement import launched_rank, resolve as resolve_placement
         from . import ranks, resume
+        prov = provenance()
+        resumed = None
+        if launched_rank() == 0:   # rank 0, or the only process: the others are handed its settings
+            check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
+            _note_other_checkout(prov)
+            if settings.resume:   # the interrupted run's settings, where not given
+                settings, resumed = resume.check(open_client(), settings, prov.commit, prov.dirty, given,
+                                                 under_mlflow=lifeline.parent is not None)
         placement = resolve_placement(settings)   # once per process; handed down from here
         rank = placement.rank
         quiet_known_noise({p.stem for p in harness.bundled_tasks_dir().glob("*.yaml")})
-        prov = provenance()
-        if rank == 0:
-            check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
-            _note_other_checkout(prov)
         harness.check_gated(settings.task)
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
         launching = placement.to_launch
         if rank > 0:
             ranks.follow(settings, placement, task_manager, resume.cache_dir(settings, prov.commit, None))
             return None
-        resumed = resume.check(open_client(), settings, prov.commit, prov.dirty) if settings.resume else None
         tracker = Tracker.start(settings, system_metrics=launching == 1)
         cache = resume.cache_dir(settings, prov.commit, tracker.run_id, resumed)
         if launching > 1:
@@ -239,7 +243,7 @@ def _summary_of(tracker, s, prov, kind, accuracy, metrics) -> Summary:
     return Summary(run_id=tracker.run_id, experiment=tracker.client.get_experiment(exp_id).name,
                    experiment_id=exp_id, store=absolute_uri(mlflow.get_tracking_uri()), commit=prov.commit,
                    dirty_files=len(prov.dirty_files), dirty=prov.dirty, task=s.task, kind=kind,
-                   accuracy=accuracy, metrics=metrics)
+                   accuracy=accuracy, metrics=metrics, resumed_from=s.resume)
 
 
 def _requests(samples: dict) -> int:

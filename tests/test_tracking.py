@@ -403,7 +403,7 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
     assert said[-4] == f"code      {head[:12]} (clean)"
     assert said[-3] == f"run       {run.info.run_id} in experiment 'Default'"
     assert said[-2] == f"store     {store}"
-    assert said[-1] == f"ui        mlflow ui --backend-store-uri {store}"
+    assert said[-1] == f"ui        reuse-exp ui --store {store}"
     done = re.findall(r"^decoding: (\d+)/(\d+) requests \[", out.stderr, re.M)
     assert done[0][0] == "0" and done[-1][0] == done[-1][1] != "0", out.stderr[-3000:]   # progress, start to end
     for noise in ("instantiate a model of type", "Custom kwargs can be passed", "Skip logging GPU metrics",

@@ -114,7 +114,8 @@ class RunSettings:
     processes: int | str = setting(1, "data-parallel ranks, each on its own GPU (`auto` = one per visible GPU); "
                                    "documents are sharded, one MLflow run", kind="processes", role=RUN,
                                    minimum=1)
-    resume: str | None = setting(None, "MLflow run id of an interrupted run to finish (same commit and settings)",
+    resume: str | None = setting(None, "MLflow run id of an interrupted run to finish (same commit; the settings "
+                                 "not given are its)",
                                  kind="optional", role=RUN, grid=OWN)
 
     def __post_init__(self):

@@ -13,7 +13,7 @@ from services.fabricate import fabricate
 from services import store as stores
 from reuse_exp.cli import study as cli_study
 from reuse_exp.tracking.heartbeat import stamp
-from reuse_exp.tracking.schema import HEARTBEAT_TAG
+from reuse_exp.tracking.schema import HEARTBEAT_TAG, REFUSED_TAG
 
 store = stores.fabricated_store   # a Store of its own per test (services/store.py)
 head = stores.head
@@ -173,6 +173,8 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path):
 def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, head):
     c, e = store.client, store.exp_id
     killed = fabricate(c, e, k=2, subset="first", commit=head, status="KILLED")
+    fabricate(c, e, k=2, subset="first", commit=head, status="FAILED", tags={REFUSED_TAG: "true"},
+              start_ms=int(time.time() * 1000) + 1000)   # a refused resume of it, not yet deleted: no failure
     fabricate(c, e, k=2, subset="middle", commit=head, status="FAILED")          # an error: run afresh
     dead = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING", start_ms=int(time.time() * 1000) - 7200_000)
     args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "2", "--dry-run", "--stale-after", "3600"]

@@ -60,7 +60,9 @@ def classify(cell: Cell, runs: list[RunRecord], head: str, now_ms: int,
     A run at HEAD in another environment makes the cell stale. A dead run (RUNNING, its
     heartbeat older than `stale_after_s`) is a failed one: its configuration is not done and
     `grid run` runs it again."""
-    mine = sorted((r for r in runs if cell.matches(r) and r.role == "run"),
+    # A refused run never evaluated (mlflow run's stays FAILED a few seconds, till its aftercare
+    # deletes it): it must not hide the run it refused to resume, nor count as a failure.
+    mine = sorted((r for r in runs if cell.matches(r) and r.role == "run" and not r.refused),
                   key=lambda r: r.start_ms, reverse=True)
     at_head = [r for r in mine if r.commit == head and not r.dirty and (where is None or same_here(r, where))]
     done = [r for r in at_head if r.status == "FINISHED"]

@@ -182,12 +182,7 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp
     cache = Path(client.get_run(killed.info.run_id).data.tags["request_cache"])
     assert cache.is_relative_to(cache_root) and list(cache.glob("requests_rank0.db")), "requests kept as they finished"
 
-    # settings given against the run's are named, every one at once; given none, it takes the run's own
-    conflicting = cli(clean_repo, store, cache_root, "--resume", killed.info.run_id, "--k", "3", "--limit", "5")
-    _, err = conflicting.communicate(timeout=300)
-    assert conflicting.returncode == 2, err[-2000:]
-    assert (f"resume {killed.info.run_id}: it ran with k=1, limit=12; this run has k=3, limit=5: leave them out to "
-            "take its settings") in err
+    # given no setting, the resume takes the run's own (conflicting ones: under mlflow run, below)
     said = finish(cli(clean_repo, store, cache_root, "--resume", killed.info.run_id)).splitlines()
     [resumed] = [r for r in client.search_runs(["0"]) if r.info.run_id not in (whole.info.run_id, killed.info.run_id)]
     assert said[2] == (f"resumed   {resumed.data.metrics['cached_requests']:.0f} request(s) came from run "
@@ -269,7 +264,8 @@ def test_two_ranks_killed_and_resumed_equal_one_uninterrupted_rank(clean_repo, s
 def test_a_run_killed_under_mlflow_run_is_named_and_the_grid_resumes_it(clean_repo, store, tmp_path):
     """The OOM killer's way: SIGKILL of the evaluating process, MLflow's own child. MLflow marks
     the run FAILED with no word of why; the process the run left behind (tracking/aftercare.py)
-    ends it KILLED with the reason, so `grid run` resumes it from its request cache."""
+    ends it KILLED with the reason, so `grid run` resumes it from its request cache (a refused
+    `mlflow run -P resume=` of it before, with other settings, does not get in the way)."""
     import mlflow
 
     from test_lifecycle import command_line, descendants
@@ -299,13 +295,22 @@ def test_a_run_killed_under_mlflow_run_is_named_and_the_grid_resumes_it(clean_re
     assert killed.data.tags["reuse_exp.end_reason"].startswith("its process died without ending the run (killed by "
                                                                "SIGKILL: the OOM killer, or kill -9")
 
+    # `mlflow run` passes every parameter: those unlike the run's are named at once, with what to pass
+    refused = subprocess.run([sys.executable, "-m", "mlflow", "run", str(clean_repo), "--env-manager", "local",
+                              "-P", f"resume={rid}"], cwd=clean_repo, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert (f"reuse-exp: resume {rid}: it ran with k=2, subset=middle, limit=6, max_new_tokens=128; this run has k=1, "
+            "subset=first, limit=none, max_new_tokens=256: pass its values (-P k=2 -P subset=middle -P limit=6 -P "
+            f"max_new_tokens=128), or resume with `reuse-exp run --resume {rid}`") in refused.stderr, refused.stderr[-2000:]
+
     grid = subprocess.run([sys.executable, "-m", "reuse_exp.cli", "grid", "run", "--task", "tiny_gsm", "--k", "2",
                            "--subset", "middle", "--limit", "6", "-P", "max_new_tokens=128",
                            "--jobs-dir", str(tmp_path / "jobs")], cwd=clean_repo, env=env, capture_output=True,
                           text=True, timeout=900)
     assert grid.returncode == 0, grid.stdout[-3000:] + grid.stderr[-3000:]
     assert f"resume k2_middle: run {rid[:8]} was interrupted" in grid.stdout
-    [resumed] = [r for r in client.search_runs(["0"]) if r.info.run_id != rid]
+    [resumed] = [r for r in client.search_runs(["0"]) if r.data.tags.get("resumed_from") == rid]
     m = resumed.data.metrics
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"] == rid
     assert 0 < m["cached_requests"] < 6 and m["n_samples"] == 6   # it went on from where it was killed

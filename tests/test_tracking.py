@@ -291,6 +291,7 @@ def test_dirty_tree_is_refused_before_the_model_loads(clean_repo, store, tmp_pat
     client, runs = runs_of(store)
     latest = max(runs, key=lambda r: r.info.start_time)
     assert latest.info.status == "FAILED" and latest.data.tags["git_dirty"] == "true"
+    assert latest.data.tags["mlflow.runName"] == "k1_all_tiny_gsm*dirty"   # never the name of a clean run of it
     assert "notes.txt" in latest.data.tags["git_dirty_files"]
     assert "not found" in latest.data.tags["error"]
     assert latest.data.tags[REFUSED_TAG] == "true", "refused before evaluating: the model is not there"

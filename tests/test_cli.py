@@ -51,6 +51,20 @@ def test_a_refused_value_ends_the_run_mlflow_opened_refused(store, monkeypatch, 
     assert t["git_commit"] == provmod.provenance().commit and t["error"]
 
 
+def test_a_run_refused_under_reuse_exp_run_leaves_the_runs_table_at_once(store, monkeypatch, tmp_path):
+    """No MLflow ends a `reuse-exp run` after it: a run refused once opened (its model is not
+    there) is deleted by the run itself, its record kept for the audit to count."""
+    from conftest import runs_of
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    result = CliRunner().invoke(main, ["run", "--model", str(tmp_path / "no_such_model"), "--limit", "1",
+                                       "--allow-dirty"])
+    assert result.exit_code == 2 and "not found" in result.output, result.output
+    _, runs = runs_of(store)
+    assert [(r.info.lifecycle_stage, r.info.status, r.data.tags.get(REFUSED_TAG)) for r in runs] == \
+           [("deleted", "FAILED", "true")]
+
+
 def test_underscore_spellings_reach_the_same_options():
     """`mlflow run -P max_new_tokens=8` arrives as --max_new_tokens 8."""
     result = CliRunner().invoke(main, ["run", "--max_new_tokens", "0"])

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
 
 from reuse_exp.engine.model import ForwardKind
-from reuse_exp.engine.policies import ReusePolicy, register
+from reuse_exp.engine.policies import Memory, ReusePolicy, register
 from reuse_exp.knobs import POLICY_MODULES
 
 HERE = Path(__file__).resolve().parent
@@ -40,8 +41,8 @@ class Toy(ReusePolicy):
     def reuses(self) -> bool:
         return self.k > 1
 
-    def memory(self, batch: int) -> "ToyMemory":
-        return ToyMemory(self.k)
+    def memory(self, state) -> "ToyMemory":
+        return ToyMemory(self, state)
 
     def describe(self) -> dict:
         return {"k": self.k, "layers": list(self.layers)}
@@ -50,18 +51,11 @@ class Toy(ReusePolicy):
         return f"toy: the top layer reuses but every {self.k}-th small-block step"
 
 
-class ToyMemory:
-    def __init__(self, k: int):
-        self.k, self.refresh_drifts = k, []
-
-    def decide(self, kind, group, active, clock, drift) -> list[bool]:
-        return [a and kind is ForwardKind.SMALL_BLOCK and s % self.k != 0 for a, s in zip(active, clock.step)]
-
-    def new_block(self) -> None:
-        pass
-
-    def trim(self, keep) -> None:
-        pass
+class ToyMemory(Memory):
+    def decide(self, kind, group, active, clock, drift):
+        if kind is not ForwardKind.SMALL_BLOCK:
+            return torch.zeros_like(active)
+        return active & (clock.step % self.policy.k != 0)
 
 
 def test_the_toy_decodes_and_skips_in_process():

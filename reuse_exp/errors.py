@@ -26,6 +26,10 @@ class DirtyTree(ConfigError):
     """Uncommitted changes where the run must know its code: commit them, or allow them."""
 
 
+class StoreUnavailable(ConfigError):
+    """The tracking store cannot be opened or does not answer; the message names the URI and the fix."""
+
+
 class Refused(ConfigError):
     """A comparison that would mix code; the message names the runs and the flags."""
 

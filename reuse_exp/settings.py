@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from .errors import SettingError
 from .knobs import FALSE, MLFLOW_PID, TRUE
@@ -114,7 +115,8 @@ class RunSettings:
     processes: int | str = setting(1, "data-parallel ranks, each on its own GPU (`auto` = one per visible GPU); "
                                    "documents are sharded, one MLflow run", kind="processes", role=RUN,
                                    minimum=1)
-    resume: str | None = setting(None, "MLflow run id of an interrupted run to finish (same commit and settings)",
+    resume: str | None = setting(None, "MLflow run id of an interrupted run to finish (same commit; the settings "
+                                 "not given are its)",
                                  kind="optional", role=RUN, grid=OWN)
 
     def __post_init__(self):
@@ -259,6 +261,16 @@ def _limit(x: float) -> int | float:
     return int(x)
 
 
+def _folders(text: str) -> tuple[str, ...]:
+    """Comma-separated folders, each of which must exist: a missing one would be skipped silently."""
+    folders = tuple(p for p in text.split(",") if p)
+    missing = [p for p in folders if not Path(p).is_dir()]
+    if missing:
+        raise ValueError(f"no folder {missing[0]!r} here ({Path.cwd()}): give an existing directory of "
+                         "lm-eval task YAMLs")
+    return folders
+
+
 def _parse_subset(spec: Spec, text: str) -> str | tuple[int, ...]:
     if text in SUBSETS:
         return text
@@ -271,7 +283,7 @@ def _parse_subset(spec: Spec, text: str) -> str | tuple[int, ...]:
 PARSERS = {"int": _parse_int, "float": lambda spec, text: _number(text, "give a number"), "bool": _parse_bool,
            "limit": _parse_limit, "subset": _parse_subset, "str": lambda _, text: text, "choice": lambda _, text: text,
            "optional": lambda spec, text: None if text.lower() in ("", "none") else text,
-           "paths": lambda spec, text: tuple(p for p in text.split(",") if p),
+           "paths": lambda spec, text: _folders(text),
            # a fraction is refused by _check, with the bound in the message
            "processes": lambda spec, text: "auto" if text.lower() == "auto" else _parse_int(spec, text)}
 

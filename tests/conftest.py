@@ -16,6 +16,11 @@ from pathlib import Path
 # the threads' barriers cost ten times the work (measured: 17 s against 1.6 s for one decode).
 # Set before torch is imported here or in any subprocess a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# MLflow's usage telemetry asks a server from a thread of every process that imports it: here
+# there is no network, and one such lookup crashed a test worker (SIGSEGV in getaddrinfo).
+# MLflow skips it under pytest only where PYTEST_CURRENT_TEST was set at import, which neither
+# collection nor the tests' subprocesses have; DO_NOT_TRACK reaches both.
+os.environ.setdefault("DO_NOT_TRACK", "true")
 # Every run keeps its requests' results for a resume (runner/resume.py): not in the home folder.
 os.environ.setdefault("REUSE_EXP_CACHE_ROOT", tempfile.mkdtemp(prefix="reuse_exp_requests_"))
 
@@ -170,8 +175,10 @@ def mlflow_run(repo: Path, store_uri: str, params: dict, timeout: int = 900, env
 
 
 def runs_of(store_uri: str):
-    """The store's client and every run in it."""
+    """The store's client and every run in it, deleted ones too (a refused run is deleted once
+    `mlflow run` has ended it)."""
     import mlflow
+    from mlflow.entities import ViewType
     client = mlflow.MlflowClient(store_uri)
     exps = [e.experiment_id for e in client.search_experiments()]
-    return client, client.search_runs(exps)
+    return client, client.search_runs(exps, run_view_type=ViewType.ALL)

@@ -84,6 +84,9 @@ def test_refused_runs_are_counted_apart_never_findings(store):
         refused = fabricate(store.client, store.exp_id, commit=NEW, status="FAILED", dirty="dirty" in why,
                             tags={REFUSED_TAG: "true", "error": why})
     store.client.set_tag(refused, "git_commit", "unknown")           # outside git: no commit, still refused
+    store.client.delete_run(refused)   # as a refusal leaves it: deleted with its record, counted all the same
+    deleted_dirty = fabricate(store.client, store.exp_id, k=3, commit=NEW, dirty=True)
+    store.client.delete_run(deleted_dirty)   # a user's deletion: out of the audit, not counted
     clean_grid(store, NEW)
     assert findings(store) == []
     out = CliRunner(env=store.env).invoke(audit_cmd, [])
@@ -93,7 +96,7 @@ def test_refused_runs_are_counted_apart_never_findings(store):
     unknown = fabricate(store.client, store.exp_id, k=2, commit="unknown", status="FAILED")
     out = CliRunner(env=store.env).invoke(audit_cmd, [])
     assert out.exit_code == 1 and f"{unknown}  no git commit" in out.output
-    assert "1 finding(s) over 10 run(s) in grid; 2 refused run(s), ignored" in out.output
+    assert f"1 finding(s) over 10 run(s) in grid ({store.uri}); 2 refused run(s), ignored" in out.output
 
 
 def test_runs_end_marks_a_dead_run_killed_with_its_reason(store):

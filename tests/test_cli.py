@@ -24,6 +24,7 @@ from reuse_exp.tracking.schema import REFUSED_TAG
     (["--limit", "2.5"], "must be a whole number"),
     (["--mode", "copy"], "Invalid value for '--mode'"),
     (["--block-size", "32", "--small-block-size", "5"], "small_block_size=5 must divide block_size=32"),
+    (["--include-path", "/no/such/tasks"], "include_path=/no/such/tasks: no folder '/no/such/tasks' here"),
 ])
 def test_bad_input_is_one_line_naming_the_fix(args, says):
     result = CliRunner().invoke(main, ["run", *args])
@@ -48,6 +49,20 @@ def test_a_refused_value_ends_the_run_mlflow_opened_refused(store, monkeypatch, 
     t = run.data.tags
     assert run.info.status == "FAILED" and t[REFUSED_TAG] == "true" and t["end_status"] == "FAILED"
     assert t["git_commit"] == provmod.provenance().commit and t["error"]
+
+
+def test_a_run_refused_under_reuse_exp_run_leaves_the_runs_table_at_once(store, monkeypatch, tmp_path):
+    """No MLflow ends a `reuse-exp run` after it: a run refused once opened (its model is not
+    there) is deleted by the run itself, its record kept for the audit to count."""
+    from conftest import runs_of
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    result = CliRunner().invoke(main, ["run", "--model", str(tmp_path / "no_such_model"), "--limit", "1",
+                                       "--allow-dirty"])
+    assert result.exit_code == 2 and "not found" in result.output, result.output
+    _, runs = runs_of(store)
+    assert [(r.info.lifecycle_stage, r.info.status, r.data.tags.get(REFUSED_TAG)) for r in runs] == \
+           [("deleted", "FAILED", "true")]
 
 
 def test_underscore_spellings_reach_the_same_options():

@@ -14,6 +14,7 @@ from reuse_exp.study.cells import build_request
 from reuse_exp.study.measures import MIN_TIMINGS, pair, speed_ratio
 from reuse_exp.study.store import fetch_runs
 from reuse_exp.tracking.schema import config_key
+from reuse_exp.tracking.ui import VIEW_ID, VIEW_TAG_PREFIX
 from services.fabricate import PARAMS, fabricate
 from services import store as stores
 
@@ -242,9 +243,15 @@ def test_compare_logs_text_png_and_metrics_and_nests_the_runs(store, head, tmp_p
     assert m["speedup_within_noise.k2_first"] == 1.0 and m["speedup_within_noise.k3_first"] == 0.0
     assert m["tokens_per_second_median.k1_any"] == pytest.approx(99.0)
     assert {a.path for a in store.client.list_artifacts(parent)} == {"compare.png", "compare.txt", "compare.json"}
-    assert all(store.client.get_run(r).data.tags["mlflow.parentRunId"] == parent for r in ids.values())
+    # the grid's runs stay at the top of the runs table (not folded under the comparison), in the study's view
+    assert run.data.tags["compared_runs"] == ",".join(sorted(ids.values()))
+    assert not any("mlflow.parentRunId" in store.client.get_run(r).data.tags for r in ids.values())
+    assert VIEW_TAG_PREFIX + VIEW_ID in store.client.get_experiment(store.exp_id).tags
+    folded = next(iter(ids.values()))
+    store.client.set_tag(folded, "mlflow.parentRunId", parent)   # as earlier versions nested them
     again = CliRunner(env=store.env).invoke(compare_cmd, ["--task", "tiny_gsm", "--limit", "4"])
     assert again.output.strip().split()[-1] == parent   # same runs, same parent
+    assert "mlflow.parentRunId" not in store.client.get_run(folded).data.tags
 
 
 def test_figure_has_legends_axes_from_zero_error_bars_and_n(store, head):

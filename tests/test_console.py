@@ -55,12 +55,15 @@ def test_the_summary_says_result_speed_code_run_and_how_to_open_it():
         "code      0123456789ab (clean)",
         "run       abc123 in experiment 'Default'",
         "store     sqlite:////data/mlflow.db",
-        "ui        mlflow ui --backend-store-uri sqlite:////data/mlflow.db",
+        "ui        reuse-exp ui --store sqlite:////data/mlflow.db",
         "this run  http://127.0.0.1:5000/#/experiments/0/runs/abc123?workflowType=machine_learning",
         "open it   http://127.0.0.1:5000/#/experiments/0/runs?workflowType=machine_learning"
-        "&orderByKey=metrics.%60accuracy%60&orderByAsc=false"]
+        "&viewStateShareKey=reuse_exp_study"]
     s.dirty, s.dirty_files = True, 3
     assert "code      0123456789ab (dirty: 3 uncommitted file(s))" in s.lines()
+    s.resumed_from, s.metrics["cached_requests"] = "f00d", 5.0
+    assert s.lines()[2] == ("resumed   5 request(s) came from run f00d's request cache, with their results and "
+                            "statistics; the speed covers the rest")
     serve, run_page, table = ui_addresses("http://tracking:5000/", "7", "abc")
     assert serve is None and run_page.startswith("http://tracking:5000/#/experiments/7/runs/abc?")
     assert table.startswith("http://tracking:5000/#/experiments/7/runs?")

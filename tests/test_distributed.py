@@ -62,11 +62,14 @@ def test_placement_is_resolved_once_and_handed_down(monkeypatch, tiny_ckpt):
     assert (str(lm.device), str(lm.model.dtype), lm.params()["resolved_dtype"]) == ("cpu", "torch.float32", "float32")
 
 
-def test_settings_travel_to_the_ranks_as_options():
+def test_settings_travel_to_the_ranks_as_options(tmp_path):
     from click.testing import CliRunner
 
     from reuse_exp.cli import run as run_cmd
-    s = RunSettings(k=2, subset=(8, 9), limit=0.5, include_path=("a", "b"), processes="auto", threshold=0.75)
+    folders = tuple(str(tmp_path / name) for name in ("a", "b"))   # include_path must name folders that exist
+    for folder in folders:
+        Path(folder).mkdir()
+    s = RunSettings(k=2, subset=(8, 9), limit=0.5, include_path=folders, processes="auto", threshold=0.75)
     ctx = run_cmd.make_context("run", s.to_args())
     values = dict(ctx.params)
     values["include_path"] = tuple(p for group in values["include_path"] for p in group)

@@ -6,6 +6,7 @@ the data differences, the thread count and what a run logs are real runs on this
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -206,7 +207,8 @@ def test_real_runs_log_environment_and_data_and_the_audit_flags_other_data(clean
     assert tags["env.device"] == cpu_model() == tags["device_name"] != "x86_64"
     assert tags["env.cuda"] == "none" and tags["env.dtype"] == "float32" and tags["env.path"] == "eager"
     assert "cuda_visible_devices" not in tags and "env.gpu_count" not in tags   # GPUs only where there are any
-    assert tags["env.omp_num_threads"] == "1" and int(tags["env.torch_threads"]) == 1
+    threads = os.environ["OMP_NUM_THREADS"]   # the runs inherit it (conftest: 1 unless set)
+    assert tags["env.omp_num_threads"] == threads and int(tags["env.torch_threads"]) == int(threads)
     assert base.data.metrics["peak_rss_mb"] > 50
     assert ANY_ENVIRONMENT_TAG not in tags and runs[("3", "first")].data.tags[ANY_ENVIRONMENT_TAG] == "true"
     record = json.loads(Path(cl.download_artifacts(base.info.run_id, "environment.json")).read_text())

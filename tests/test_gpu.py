@@ -195,7 +195,8 @@ def tracked(store: str, *args: str, timeout: int = 900) -> dict:
     client = mlflow.MlflowClient(store)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
-    return {"status": runs[0].info.status, "params": runs[0].data.params, "metrics": runs[0].data.metrics}
+    return {"status": runs[0].info.status, "params": runs[0].data.params, "metrics": runs[0].data.metrics,
+            "tags": runs[0].data.tags}
 
 
 def test_tracked_run_logs_real_nvml_statistics(store):
@@ -206,6 +207,7 @@ def test_tracked_run_logs_real_nvml_statistics(store):
     assert m["gpu_peak_memory_mb"] > 100 and m["gpu_power_mean_w"] > 10 and m["gpu_energy_j"] > 0
     assert 0 <= m["gpu_util_mean"] <= m["gpu_util_max"] <= 100 and m["gpu_util_max"] > 0
     assert any(k.startswith("system/gpu") for k in m), sorted(m)
+    assert "gpu_metrics" not in run["tags"]   # only a CPU run says why it has none
 
 
 def test_tracked_random_7b_run(store):

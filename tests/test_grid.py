@@ -13,8 +13,7 @@ from services.fabricate import fabricate
 from services import store as stores
 from reuse_exp.cli import study as cli_study
 from reuse_exp.tracking.heartbeat import stamp
-from reuse_exp.tracking.schema import HEARTBEAT_TAG
-from reuse_exp.study import store as store_mod
+from reuse_exp.tracking.schema import HEARTBEAT_TAG, REFUSED_TAG
 
 store = stores.fabricated_store   # a Store of its own per test (services/store.py)
 head = stores.head
@@ -163,15 +162,19 @@ def test_store_error_names_the_server():
 
 def test_relative_sqlite_uri_is_made_absolute(tmp_path):
     """Jobs run elsewhere (another cwd, a compute node): the default relative store must not move."""
-    rel = store_mod.absolute_uri("sqlite:///mlflow.db")
+    from reuse_exp.tracking.store_init import absolute_uri
+    rel = absolute_uri("sqlite:///mlflow.db")
     assert rel.startswith("sqlite:////") and rel.endswith("/mlflow.db")
-    assert store_mod.absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
-    assert store_mod.absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert absolute_uri(f"sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert absolute_uri("localhost:5000") == "localhost:5000"   # an address, mistyped: not a folder here
 
 
 def test_a_killed_or_dead_cell_resumes_its_run_a_failed_one_starts_again(store, head):
     c, e = store.client, store.exp_id
     killed = fabricate(c, e, k=2, subset="first", commit=head, status="KILLED")
+    fabricate(c, e, k=2, subset="first", commit=head, status="FAILED", tags={REFUSED_TAG: "true"},
+              start_ms=int(time.time() * 1000) + 1000)   # a refused resume of it, not yet deleted: no failure
     fabricate(c, e, k=2, subset="middle", commit=head, status="FAILED")          # an error: run afresh
     dead = fabricate(c, e, k=2, subset="last", commit=head, status="RUNNING", start_ms=int(time.time() * 1000) - 7200_000)
     args = ["run", "--task", "tiny_gsm", "--limit", "4", "--k", "2", "--dry-run", "--stale-after", "3600"]

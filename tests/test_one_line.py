@@ -31,3 +31,33 @@ def test_lm_evals_progress_bars_stay_out_of_a_log_file(clean_repo, store):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "\r" not in out.stderr and "it/s]" not in out.stderr and "Checking cached requests" not in out.stderr
     assert [line.split(":")[0] for line in out.stderr.splitlines()] == ["decoding"] * 2, out.stderr
+
+
+# -- a tracking store that cannot work --------------------------------------------------------
+def closed_port() -> int:
+    from services import free_port
+    return free_port()   # bound, then let go: nothing listens there
+
+
+@pytest.mark.parametrize("command, uri, says", [
+    ("mlflow run", "http://127.0.0.1:{port}", "http://127.0.0.1:{port}: the tracking server does not answer "
+                                             "(connection refused, 3 tries): start it"),
+    ("reuse-exp run", "localhost:5000", "MLFLOW_TRACKING_URI=localhost:5000 is no store MLflow can open "
+                                        "(a server is http://localhost:5000)"),
+    ("reuse-exp audit", "http://127.0.0.1:{port}", "the tracking server does not answer (connection refused"),
+])
+def test_a_tracking_uri_that_cannot_work_is_one_line(clean_repo, command, uri, says):
+    """MLflow's own client retries an unreachable server for four minutes, then prints 30 lines
+    ending in "Model registry functionality is unavailable" for an address it cannot open. Under
+    `mlflow run` MLflow opens the store before the package runs: its store plug-ins say it there."""
+    port = closed_port()
+    uri, says = uri.format(port=port), says.format(port=port)
+    if command == "mlflow run":
+        out = mlflow_run(clean_repo, uri, {"limit": 1})
+    else:
+        out = run_cli(command.split()[1:] + (["--limit", "1"] if command.endswith("run") else []),
+                      subprocess_env(uri), clean_repo)
+    assert out.returncode in (1, 2), out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if says in line]
+    assert len(said) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert not [line for line in out.stderr.splitlines() if line.startswith(("  ", "mlflow.", "requests."))]

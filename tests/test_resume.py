@@ -41,7 +41,7 @@ def interrupted(client, status="KILLED", commit=COMMIT, dirty="false", **params)
 def test_resume_reads_the_cache_of_the_same_commit_and_settings(client):
     rid = interrupted(client)
     s = RunSettings(k=2, subset="middle", limit=6, resume=rid)
-    assert resume.check(client, s, COMMIT, dirty=False) == resume.cache_dir(s, COMMIT, rid)
+    assert resume.check(client, s, COMMIT, dirty=False) == (s, resume.cache_dir(s, COMMIT, rid))
     assert resume.cache_dir(s, COMMIT, "new") == resume.root() / COMMIT / resume.settings_key(s) / rid
     assert resume.settings_key(s) == resume.settings_key(s.replace(resume=None, experiment="x"))
     assert resume.settings_key(s) != resume.settings_key(s.replace(k=3))
@@ -50,8 +50,8 @@ def test_resume_reads_the_cache_of_the_same_commit_and_settings(client):
 @pytest.mark.parametrize("change, says", [
     (dict(commit="b" * 40), "it ran at commit aaaaaaaaaaaa, this is bbbbbbbbbbbb; check out its commit"),
     (dict(dirty=True), "(dirty); check out its commit, clean, or start a new run"),
-    (dict(k=3), "it ran with k=2, this run has k=3; resume with its settings"),
-    (dict(limit=8), "it ran with limit=6, this run has limit=8"),
+    (dict(k=3), "it ran with k=2; this run has k=3: leave them out to take its settings"),
+    (dict(limit=8), "it ran with limit=6; this run has limit=8"),
     (dict(status="FINISHED"), "that run FINISHED; there is nothing to resume"),
 ])
 def test_resuming_elsewhere_is_refused_in_one_line(client, change, says):
@@ -63,6 +63,28 @@ def test_resuming_elsewhere_is_refused_in_one_line(client, change, says):
     assert says in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(f"resume {rid}: ")
 
 
+def test_a_resume_takes_the_interrupted_runs_settings_and_names_every_conflict(client, tmp_path):
+    rid = interrupted(client, mode="delta", max_new_tokens="128")
+    client.set_tag(rid, "include_path", str(tmp_path))
+    s, cache = resume.check(client, RunSettings(resume=rid), COMMIT, False, given=frozenset({"resume"}))
+    assert (s.k, s.subset, s.limit, s.mode, s.max_new_tokens, s.include_path, s.experiment) == \
+           (2, "middle", 6, "delta", 128, (str(tmp_path),), "Default")
+    assert cache == resume.cache_dir(s, COMMIT, rid)   # the interrupted run's: its settings' key
+    mine = RunSettings(k=3, limit=8, mode="delta", resume=rid)
+    with pytest.raises(ConfigError) as e:
+        resume.check(client, mine, COMMIT, False, given=frozenset({"resume", "k", "limit", "mode"}))
+    assert str(e.value) == (f"resume {rid}: it ran with k=2, limit=6; this run has k=3, limit=8: leave them out "
+                            "to take its settings, or start a new run")
+    # `mlflow run` gives every parameter (and has logged them): each that differs, with what to pass
+    with pytest.raises(ConfigError) as e:
+        resume.check(client, RunSettings(resume=rid), COMMIT, False, given=frozenset(resume.SPECS_BY_NAME),
+                     under_mlflow=True)
+    assert str(e.value) == (f"resume {rid}: it ran with k=2, subset=middle, mode=delta, limit=6, max_new_tokens=128; "
+                            "this run has k=1, subset=first, mode=output, limit=none, max_new_tokens=256: pass its "
+                            "values (-P k=2 -P subset=middle -P mode=delta -P limit=6 -P max_new_tokens=128), or "
+                            f"resume with `reuse-exp run --resume {rid}`, which takes them itself")
+
+
 def test_a_run_that_may_still_live_is_not_resumed(client):
     from reuse_exp.tracking.heartbeat import stamp
     rid = interrupted(client, status="RUNNING")
@@ -71,7 +93,7 @@ def test_a_run_that_may_still_live_is_not_resumed(client):
     with pytest.raises(ConfigError, match=r"it is RUNNING and its heartbeat is 2\d s old, so it may still run"):
         resume.check(client, s, COMMIT, False)
     client.set_tag(rid, "reuse_exp.heartbeat", stamp(time.time() - 3600))   # dead: its process is gone
-    assert resume.check(client, s, COMMIT, False) == resume.cache_dir(s, COMMIT, rid)
+    assert resume.check(client, s, COMMIT, False)[1] == resume.cache_dir(s, COMMIT, rid)
 
 
 def test_a_run_resumed_already_is_not_resumed_again(client):
@@ -98,9 +120,10 @@ def cli(repo, store, cache_root, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc) -> None:
-    _, err = proc.communicate(timeout=900)
+def finish(proc) -> str:
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
+    return out
 
 
 def committed(run) -> int:
@@ -159,8 +182,12 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(clean_repo, store, tmp
     cache = Path(client.get_run(killed.info.run_id).data.tags["request_cache"])
     assert cache.is_relative_to(cache_root) and list(cache.glob("requests_rank0.db")), "requests kept as they finished"
 
-    finish(cli(clean_repo, store, cache_root, *RUN, "--resume", killed.info.run_id))
+    # given no setting, the resume takes the run's own (conflicting ones: under mlflow run, below)
+    said = finish(cli(clean_repo, store, cache_root, "--resume", killed.info.run_id)).splitlines()
     [resumed] = [r for r in client.search_runs(["0"]) if r.info.run_id not in (whole.info.run_id, killed.info.run_id)]
+    assert said[2] == (f"resumed   {resumed.data.metrics['cached_requests']:.0f} request(s) came from run "
+                       f"{killed.info.run_id}'s request cache, with their results and statistics; the speed covers "
+                       "the rest"), said
     m, t = resumed.data.metrics, resumed.data.tags
     assert resumed.info.status == "FINISHED" and t["resumed_from"] == killed.info.run_id
     assert client.get_run(killed.info.run_id).data.tags["resumed_by"] == resumed.info.run_id
@@ -231,3 +258,60 @@ def test_two_ranks_killed_and_resumed_equal_one_uninterrupted_rank(clean_repo, s
     assert outputs(client, resumed) == outputs(client, whole)
     assert resumed.data.metrics["accuracy"] == whole.data.metrics["accuracy"]
     assert 0 < resumed.data.metrics["cached_requests"] < 24
+
+
+@pytest.mark.slow
+def test_a_run_killed_under_mlflow_run_is_named_and_the_grid_resumes_it(clean_repo, store, tmp_path):
+    """The OOM killer's way: SIGKILL of the evaluating process, MLflow's own child. MLflow marks
+    the run FAILED with no word of why; the process the run left behind (tracking/aftercare.py)
+    ends it KILLED with the reason, so `grid run` resumes it from its request cache (a refused
+    `mlflow run -P resume=` of it before, with other settings, does not get in the way)."""
+    import mlflow
+
+    from test_lifecycle import command_line, descendants
+    client = mlflow.MlflowClient(store)
+    env = {**subprocess_env(store), resume.ROOT_ENV: str(tmp_path / "cache")}
+    settings = {"k": 2, "subset": "middle", "limit": 6, "max_new_tokens": 128}   # killed after 1 of 6 requests
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "run", str(clean_repo), "--env-manager", "local",
+                             *(a for k, v in settings.items() for a in ("-P", f"{k}={v}"))], cwd=clean_repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    runs = []
+    while time.monotonic() < deadline and proc.poll() is None:   # once a request is in its cache
+        runs = client.search_runs(["0"])
+        if runs and committed(runs[0]) >= 1:
+            break
+        time.sleep(0.05)
+    [evaluating] = [p for p in descendants(proc.pid) if "reuse_exp.cli run" in command_line(p)]
+    os.kill(evaluating, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    rid = runs[0].info.run_id
+    deadline = time.monotonic() + 120
+    while "end_status" not in client.get_run(rid).data.tags and time.monotonic() < deadline:
+        time.sleep(0.2)
+    killed = client.get_run(rid)
+    assert (killed.info.status, killed.data.tags.get("end_status")) == ("KILLED", "KILLED"), killed.data.tags
+    assert killed.data.tags["reuse_exp.end_reason"].startswith("its process died without ending the run (killed by "
+                                                               "SIGKILL: the OOM killer, or kill -9")
+
+    # `mlflow run` passes every parameter: those unlike the run's are named at once, with what to pass
+    refused = subprocess.run([sys.executable, "-m", "mlflow", "run", str(clean_repo), "--env-manager", "local",
+                              "-P", f"resume={rid}"], cwd=clean_repo, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert (f"reuse-exp: resume {rid}: it ran with k=2, subset=middle, limit=6, max_new_tokens=128; this run has k=1, "
+            "subset=first, limit=none, max_new_tokens=256: pass its values (-P k=2 -P subset=middle -P limit=6 -P "
+            f"max_new_tokens=128), or resume with `reuse-exp run --resume {rid}`") in refused.stderr, refused.stderr[-2000:]
+
+    grid = subprocess.run([sys.executable, "-m", "reuse_exp.cli", "grid", "run", "--task", "tiny_gsm", "--k", "2",
+                           "--subset", "middle", "--limit", "6", "-P", "max_new_tokens=128",
+                           "--jobs-dir", str(tmp_path / "jobs")], cwd=clean_repo, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert grid.returncode == 0, grid.stdout[-3000:] + grid.stderr[-3000:]
+    assert f"resume k2_middle: run {rid[:8]} was interrupted" in grid.stdout
+    [resumed] = [r for r in client.search_runs(["0"]) if r.data.tags.get("resumed_from") == rid]
+    m = resumed.data.metrics
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"] == rid
+    assert 0 < m["cached_requests"] < 6 and m["n_samples"] == 6   # it went on from where it was killed
+    assert f"resumed   {m['cached_requests']:.0f} request(s) came from run {rid}'s request cache" in grid.stdout

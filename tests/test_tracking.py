@@ -105,6 +105,10 @@ def test_config_key_follows_result_shaping_settings_only():
 def test_param_spellings():
     assert schema.same_param("0.90", "0.9") and schema.same_param("'true'", "true")
     assert schema.same_param("2", "2") and not schema.same_param("2", "3")
+    # `mlflow run -P limit=` logs the limit as '' (shell-quoted empty): the whole task, as `none`
+    assert schema.same_param("''", "none") and not schema.same_param("''", "4")
+    from reuse_exp.study.store import norm
+    assert norm("''") == norm("none") == norm(None) == "" and norm("'4'") == "4"
     assert schema.param_str(True) == "true" and schema.param_str(None) == "none"
 
 
@@ -287,6 +291,7 @@ def test_dirty_tree_is_refused_before_the_model_loads(clean_repo, store, tmp_pat
     client, runs = runs_of(store)
     latest = max(runs, key=lambda r: r.info.start_time)
     assert latest.info.status == "FAILED" and latest.data.tags["git_dirty"] == "true"
+    assert latest.data.tags["mlflow.runName"] == "k1_all_tiny_gsm*dirty"   # never the name of a clean run of it
     assert "notes.txt" in latest.data.tags["git_dirty_files"]
     assert "not found" in latest.data.tags["error"]
     assert latest.data.tags[REFUSED_TAG] == "true", "refused before evaluating: the model is not there"
@@ -363,7 +368,7 @@ def documented_values(tiny_ckpt, tasks_dir) -> list[dict]:
          "apply_chat_template": "true", "fewshot_as_multiturn": "true", "revision": "none", "tokenizer": "none",
          "allow_dirty": "false"},
         {"k": "3", "subset": "last", "mode": "delta", "scope": "refresh", "dtype": "float32", "device": "cpu",
-         "limit": "none", "task": "t_gen", "include_path": str(tasks_dir), "model": "random:tiny",
+         "limit": "", "task": "t_gen", "include_path": str(tasks_dir), "model": "random:tiny",   # `-P limit=`: all
          "tokenizer": str(REPO / "reuse_exp" / "tiny" / "model"), "max_new_tokens": "32", "threshold": "0.8",
          "block_size": "16", "small_block_size": "4", "decode_path": "eager", "use_block_cache": "false",
          "apply_chat_template": "false", "fewshot_as_multiturn": "false", "num_fewshot": "0", "batch_size": "4",
@@ -387,6 +392,10 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
         if name != "include_path":
             assert schema.same_param(p[name], value), (name, p[name], value)   # as given
     assert p["resolved_dtype"] == "float32" and p["resolved_device"] == "cpu"
+    assert run.data.tags["gpu_metrics"].startswith("none: this run computed on the CPU")
+    assert not any(name.startswith("gpu_") for name in run.data.metrics)
+    if which == 1:
+        assert p["limit"] == "''" and run.data.metrics["n_samples"] == 8   # MLflow's spelling of empty: the whole task
     assert p["layers"] == ("1,3" if which == 0 else "5,6,7")
     head = git(["rev-parse", "HEAD"], clean_repo).strip()
     said = out.stdout.splitlines()[:-2]   # the UI's addresses: tests/test_services_ui.py opens them
@@ -395,12 +404,33 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
     assert said[-4] == f"code      {head[:12]} (clean)"
     assert said[-3] == f"run       {run.info.run_id} in experiment 'Default'"
     assert said[-2] == f"store     {store}"
-    assert said[-1] == f"ui        mlflow ui --backend-store-uri {store}"
+    assert said[-1] == f"ui        reuse-exp ui --store {store}"
     done = re.findall(r"^decoding: (\d+)/(\d+) requests \[", out.stderr, re.M)
     assert done[0][0] == "0" and done[-1][0] == done[-1][1] != "0", out.stderr[-3000:]   # progress, start to end
     for noise in ("instantiate a model of type", "Custom kwargs can be passed", "Skip logging GPU metrics",
                   "Traceback", "Warning", "WARNING"):
         assert noise not in out.stderr, (noise, out.stderr[-3000:])
+
+
+def test_a_store_that_cannot_work_is_said_in_one_line(tmp_path):
+    """Before MLflow's client retries for minutes or creates a store where none was meant."""
+    from services import free_port
+
+    from reuse_exp.errors import StoreUnavailable
+    from reuse_exp.tracking.store_init import open_client, unavailable
+    db = tmp_path / "mlflow.db"
+    assert unavailable(f"sqlite:///{db}") is None   # a new store in a folder that exists: the first run makes it
+    assert unavailable(f"sqlite:///{tmp_path}/typo/mlflow.db").startswith(f"no folder {tmp_path}/typo for the sqlite")
+    assert unavailable(f"sqlite:///{db}", must_exist=True) == \
+        f"no tracking store at {db}: point MLFLOW_TRACKING_URI at the store to read"
+    port = free_port()
+    assert unavailable(f"postgresql+psycopg2://u@127.0.0.1:{port}/db").startswith(
+        f"postgresql+psycopg2://u@127.0.0.1:{port}/db: the postgresql server does not answer (connection refused")
+    assert "(no host 'no-such-host.invalid'" in unavailable("https://no-such-host.invalid")
+    with pytest.raises(StoreUnavailable, match=r"^MLFLOW_TRACKING_URI=localhost:5000 is no store MLflow can open "
+                                               r"\(a server is http://localhost:5000\)"):
+        open_client("localhost:5000")
+    assert not db.exists(), "nothing was created on the way"
 
 
 def test_the_store_lock_lets_one_process_open_a_new_store_at_a_time(tmp_path):

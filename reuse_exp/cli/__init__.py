@@ -18,7 +18,7 @@ if not sys.stderr.isatty():
 import click  # noqa: E402
 
 from .run import lm_eval_cli, run  # noqa: E402
-from .study import audit_cmd, compare_cmd, grid, runs  # noqa: E402
+from .study import audit_cmd, compare_cmd, grid, runs, ui_cmd  # noqa: E402
 from .tools import bench, frontier, pathcheck, tiny, trajectory  # noqa: E402
 
 
@@ -27,5 +27,6 @@ def main():
     """Layer reuse in Fast-dLLM v2, evaluated with lm-eval and tracked with MLflow."""
 
 
-for command in (run, lm_eval_cli, grid, compare_cmd, audit_cmd, runs, frontier, bench, trajectory, pathcheck, tiny):
+for command in (run, lm_eval_cli, grid, compare_cmd, audit_cmd, runs, ui_cmd, frontier, bench, trajectory, pathcheck,
+                tiny):
     main.add_command(command)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import click
+from click.core import ParameterSource
 
 from ..errors import RunFailed, SettingError
 from ..knobs import LAUNCHED, MLFLOW_PID
@@ -52,8 +53,10 @@ def run(**values):
         settings = RunSettings(**values)
     except SettingError as e:
         usage_error(str(e))
+    ctx = click.get_current_context()   # what the user gave: a resume takes the rest from the run it resumes
+    given = frozenset(n for n in values if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT)
     try:
-        summary = tracked_run(settings)
+        summary = tracked_run(settings, given)
     except RunFailed as e:
         if not LAUNCHED.read():   # a rank our launcher started: the launcher says it, once
             click.echo(f"reuse-exp: {e.line}", err=True)

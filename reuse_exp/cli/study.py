@@ -1,4 +1,4 @@
-"""The study's commands: `grid status|run`, `compare`, `audit`, `runs end`. Each parses its
+"""The study's commands: `grid status|run`, `compare`, `audit`, `runs end`, `ui`. Each parses its
 options and calls study/, which raises the package's errors; they end as one line here."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import GridStopped
-from ..study import audit as audit_mod, compare as compare_mod, grid as grid_mod, runs as runs_mod
+from ..study import audit as audit_mod, compare as compare_mod, grid as grid_mod, runs as runs_mod, ui as ui_mod
 from ..settings import spec
 from ..study.cells import K_VALUES, SUBSETS, build_request
 from ..study.launch import DEFAULT_FOLDER, SubmititOptions
@@ -151,3 +151,18 @@ def end_cmd(run_id, reason, stale_after, force) -> None:
     with one_line():
         reason = runs_mod.end(run_id, reason, stale_after, force)
     click.echo(f"ended {run_id} KILLED: {reason}")
+
+
+@click.command("ui")
+@click.option("--store", default=None, help="the tracking store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+@click.option("--experiment", default=None, help="experiment to open (default: MLFLOW_EXPERIMENT_NAME, else the "
+              "one of the newest run)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="where `mlflow server` listens")
+@click.option("--port", type=int, default=5000, show_default=True, help="where `mlflow server` listens")
+@click.option("--no-browser", is_flag=True, help="print the address only")
+def ui_cmd(store, experiment, host, port, no_browser) -> None:
+    """The MLflow UI of the store, opened on the study's view: configuration, commit and result of every run."""
+    from ..tracking.store_init import absolute_uri, tracking_uri
+    with one_line():
+        ui_mod.serve(absolute_uri(store) if store else tracking_uri(), experiment, host, port,
+                     browser=not no_browser, echo=click.echo)

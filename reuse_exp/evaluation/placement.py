@@ -38,11 +38,16 @@ class Placement:
         return torch.device(self.device)
 
 
+def launched_rank(env=None) -> int:
+    """This process's rank in a launched world (0 when not launched): known before the settings are."""
+    return int((os.environ if env is None else env).get("RANK", "0"))
+
+
 def resolve(s: RunSettings, env=None) -> Placement:
     """The placement of this process for settings `s`; ConfigError (one line) names the fix."""
     env = os.environ if env is None else env
     world = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", "0"))
+    rank = launched_rank(env)
     local_rank = int(env.get("LOCAL_RANK", str(rank)))
     device = _device(s.device)
     if world > 1:

@@ -7,10 +7,14 @@ keyed by the commit and the settings: REQUEST_CACHE/<commit>/<settings key>/<run
 (`resumed_from`, and `resumed_by` on RUN_ID) that reads RUN_ID's cache, so only the
 unfinished requests are decoded, and the run is whole: its metrics, counts and fractions and
 its generations cover every document and equal an uninterrupted run's; only the figures its
-`throughput_scope` tag names cover just what it decoded. It is refused, in one line, when
-RUN_ID ran at another commit, from a dirty tree, or with other settings, when it finished,
-or when a run resumed it already (that run is the one to resume: a second resume would decode
-again and lose the link). A finished run's cache is deleted.
+`throughput_scope` tag names cover just what it decoded. Every setting not given takes RUN_ID's
+value (its params; its experiment and include_path from its tags), so `reuse-exp run --resume
+RUN_ID` alone resumes it; a given one that differs is refused, every such one named in one line
+(`mlflow run` gives all its parameters, and has logged them on the new run before this code
+runs: there they must be RUN_ID's, and the line says which to pass). It is refused, in one line,
+when RUN_ID ran at another commit or from a dirty tree, when it finished, or when a run resumed
+it already (that run is the one to resume: a second resume would decode again and lose the
+link). A finished run's cache is deleted.
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from ..errors import ConfigError
 from ..knobs import CACHE_ROOT, REQUEST_CACHE, cache_root
 from ..settings import SPECS, RunSettings
 from ..tracking.heartbeat import parse_stamp
-from ..tracking.schema import HEARTBEAT_TAG, same_param
+from ..tracking.schema import HEARTBEAT_TAG, same_param, unquoted
 
 CACHE_ENV, ROOT_ENV = REQUEST_CACHE.name, CACHE_ROOT.name
 NOT_COMPARED = ("resume", "experiment", "allow_dirty", "include_path")   # they do not shape a result
+SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
 # A RUNNING run with a heartbeat younger than this may still have its process (the grid's and
 # the audit's default --stale-after): resuming it would decode its requests twice at once.
 ALIVE_WITHIN_S = 300.0
@@ -38,8 +43,13 @@ def root() -> Path:
     return cache_root() / "requests"
 
 
+def compared(s: RunSettings) -> tuple[str, ...]:
+    """The settings a resumed run must share with the run it resumes (its cache's key too)."""
+    return tuple(n for n in SPECS_BY_NAME if n not in NOT_COMPARED)
+
+
 def settings_key(s: RunSettings) -> str:
-    shaping = {spec.name: spec.text(getattr(s, spec.name)) for spec in SPECS if spec.name not in NOT_COMPARED}
+    shaping = {n: SPECS_BY_NAME[n].text(getattr(s, n)) for n in compared(s)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -53,8 +63,10 @@ def cache_dir(s: RunSettings, commit: str, run_id: str | None, resumed: Path | N
     return root() / commit / settings_key(s) / str(ident)
 
 
-def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
-    """The cache a resume of `s.resume` reads; ConfigError (one line) when it must not resume."""
+def check(client, s: RunSettings, commit: str, dirty: bool, given: frozenset[str] | None = None,
+          under_mlflow: bool = False) -> tuple[RunSettings, Path]:
+    """The settings of the resume of `s.resume` (those not `given` taken from it; None: all given)
+    and the cache it reads; ConfigError (one line) when it must not resume."""
     from mlflow.exceptions import MlflowException
     rid = s.resume
     try:
@@ -77,14 +89,38 @@ def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
         where = tags.get("git_commit", "unknown")[:12] + (" (dirty)" if tags.get("git_dirty") != "false" else "")
         raise ConfigError(f"resume {rid}: it ran at commit {where}, this is {commit[:12]}"
                           f"{' (dirty)' if dirty else ''}; check out its commit, clean, or start a new run")
-    for spec in SPECS:
-        if spec.name in NOT_COMPARED or spec.name not in params:
-            continue
-        mine = spec.text(getattr(s, spec.name))
-        if not same_param(params[spec.name], mine):
-            raise ConfigError(f"resume {rid}: it ran with {spec.name}={params[spec.name]}, this run has "
-                              f"{spec.name}={mine}; resume with its settings, or start a new run")
-    return Path(tags.get("request_cache") or cache_dir(s, commit, rid))
+    given = set(SPECS_BY_NAME) if given is None else given
+    s = adopted(client, old, s, given)
+    differ = differences(params, s, given)
+    if differ:
+        theirs = ", ".join(f"{n}={unquoted(params[n]) or 'none'}" for n in differ)
+        mine = ", ".join(f"{n}={SPECS_BY_NAME[n].text(getattr(s, n))}" for n in differ)
+        values = " ".join(f"-P {n}={unquoted(params[n]) or 'none'}" for n in differ)
+        fix = (f"pass its values ({values}), or resume with `reuse-exp run --resume {rid}`, which takes them "
+               "itself" if under_mlflow else "leave them out to take its settings, or start a new run")
+        raise ConfigError(f"resume {rid}: it ran with {theirs}; this run has {mine}: {fix}")
+    return s, Path(tags.get("request_cache") or cache_dir(s, commit, rid))
+
+
+def differences(params: dict, s: RunSettings, given) -> list[str]:
+    """The compared settings among `given` whose value in `s` is not what the run logged, in the
+    order of the declaration."""
+    return [n for n in compared(s) if n in given and n in params
+            and not same_param(params[n], SPECS_BY_NAME[n].text(getattr(s, n)))]
+
+
+def adopted(client, old, s: RunSettings, given) -> RunSettings:
+    """`s` with every setting not in `given` set as the interrupted run `old` had it."""
+    params, tags = old.data.params, old.data.tags
+    if not any(n in params for n in compared(s)):
+        raise ConfigError(f"resume {old.info.run_id}: it logged no settings (it ended before it began): start a new run")
+    taken = {n: SPECS_BY_NAME[n].parse(unquoted(params[n])) for n in compared(s) if n not in given and n in params}
+    if "include_path" not in given and tags.get("include_path"):
+        taken["include_path"] = SPECS_BY_NAME["include_path"].parse(tags["include_path"])
+    chosen = any(os.environ.get(v) for v in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"))
+    if "experiment" not in given and not chosen:   # chosen by the user or by MLflow; else beside the run it finishes
+        taken["experiment"] = client.get_experiment(old.info.experiment_id).name
+    return s.replace(**taken)
 
 
 def scope(resumed_from: str, computed: int, documents: int) -> tuple[dict, dict]:

@@ -3,8 +3,9 @@ launched ranks), and an ending that is always FINISHED, FAILED or KILLED with wh
 
 The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
 directly (`reuse-exp run`), opens one. A refusal before evaluating (a dirty tree, an
-unknown task, a model that is not there) opens none; one that `mlflow run` opened is
-tagged refused, so the audit tells it from a failed result. While it runs, a heartbeat
+unknown task, a model that is not there) opens none, or deletes the one it opened; one that
+`mlflow run` opened is tagged refused and deleted once MLflow has ended it (tracking/aftercare.py),
+so it leaves the runs table and the audit counts it apart. While it runs, a heartbeat
 says it lives (tracking/heartbeat.py) and the console shows progress; it ends with a summary
 (tracking/console.py). The MLflow run itself: tracking/lifecycle.py; what it logs, by name:
 tracking/schema.py. With `processes` > 1 it launches that many data-parallel ranks instead
@@ -18,18 +19,18 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..errors import RankFailed, RunFailed, Terminated
+from ..errors import RankFailed, RunFailed, StoreUnavailable, Terminated
 from ..knobs import ANY_ENVIRONMENT, LAUNCHED
 from ..settings import RunSettings
-from ..tracking import data, environment
+from ..tracking import aftercare, data, environment
 from ..tracking.artifacts import log_artifacts
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
 from ..tracking.lifeline import Lifeline
-from ..tracking.provenance import Provenance, check_clean, dirty_diff, provenance, redact
-from ..tracking.schema import (ANY_ENVIRONMENT_TAG, REFUSED_TAG, config_key, config_name, library_versions,
-                               lm_eval_metrics, param_str)
-from ..tracking.store_init import absolute_uri, open_client
+from ..tracking.provenance import Provenance, check_clean, checkout_root, dirty_diff, provenance, redact
+from ..tracking.schema import (ANY_ENVIRONMENT_TAG, GPU_METRICS_TAG, NO_GPU_NOTE, REFUSED_TAG, config_key,
+                               library_versions, lm_eval_metrics, param_str, run_name)
+from ..tracking.store_init import absolute_uri, open_client, tracking_uri
 
 
 # -- failure -------------------------------------------------------------------------------------
@@ -55,29 +56,37 @@ def classify(e: BaseException) -> tuple[str, int, str]:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run(settings: RunSettings) -> Summary | None:
+def run(settings: RunSettings, given: frozenset[str] | None = None) -> Summary | None:
     """Evaluate one configuration, tracked. Returns its summary (None from a rank our launcher
-    started, or one other than 0); raises RunFailed."""
+    started, or one other than 0); raises RunFailed. `given`: the settings the user gave (None:
+    all of them); a resume takes the others from the run it resumes."""
     lifeline = Lifeline()
     tracker = prov = None
     try:
         lifeline.arm()
+        if lifeline.parent is not None and os.environ.get("MLFLOW_RUN_ID"):   # MLflow ends the run after us
+            aftercare.watch(lifeline.parent, os.environ["MLFLOW_RUN_ID"])
+        open_client(tracking_uri())   # a store that cannot work: one line, before anything heavy
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
-        from ..evaluation.placement import resolve as resolve_placement
+        from ..evaluation.placement import launched_rank, resolve as resolve_placement
         from . import ranks, resume
+        prov = provenance()
+        resumed = None
+        if launched_rank() == 0:   # rank 0, or the only process: the others are handed its settings
+            check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
+            _note_other_checkout(prov)
+            if settings.resume:   # the interrupted run's settings, where not given
+                settings, resumed = resume.check(open_client(), settings, prov.commit, prov.dirty, given,
+                                                 under_mlflow=lifeline.parent is not None)
         placement = resolve_placement(settings)   # once per process; handed down from here
         rank = placement.rank
         quiet_known_noise({p.stem for p in harness.bundled_tasks_dir().glob("*.yaml")})
-        prov = provenance()
-        if rank == 0:
-            check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
         harness.check_gated(settings.task)
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
         launching = placement.to_launch
         if rank > 0:
             ranks.follow(settings, placement, task_manager, resume.cache_dir(settings, prov.commit, None))
             return None
-        resumed = resume.check(open_client(), settings, prov.commit, prov.dirty) if settings.resume else None
         tracker = Tracker.start(settings, system_metrics=launching == 1)
         cache = resume.cache_dir(settings, prov.commit, tracker.run_id, resumed)
         if launching > 1:
@@ -99,8 +108,11 @@ def run(settings: RunSettings) -> Summary | None:
             from .ranks import record_failure
             record_failure(line, "".join(traceback.format_exception(e)))
         # A bad value or a missing thing found before lm-eval had the model: nothing was evaluated.
-        refused = code == 2 and (tracker is None or not tracker.evaluating)
-        if tracker is None:
+        # (a rank's refusal is the rank's to say: rank 0 tags the run it attached to)
+        refused = code == 2 and not isinstance(e, RankFailed) and (tracker is None or not tracker.evaluating)
+        if isinstance(e, StoreUnavailable):
+            pass   # nothing can be logged where nothing can be reached
+        elif tracker is None:
             if code == 1:  # an unexpected error with no run to keep its traceback: show it
                 traceback.print_exception(e, file=sys.stderr)
                 line += " (traceback above)"
@@ -109,10 +121,21 @@ def run(settings: RunSettings) -> Summary | None:
             if code == 1:
                 line += " (traceback: the run's error.txt)"
             _log_failure(tracker, status, line, e, refused)
+            if lifeline.parent is None and not LAUNCHED.read():   # no MLflow ends it after us: a refusal goes now
+                aftercare.finish(tracker.client, tracker.run_id)
         lifeline.release_parent(status)
         raise RunFailed(line, code) from None
     finally:
         lifeline.disarm()
+
+
+def _note_other_checkout(prov: Provenance) -> None:
+    """`reuse-exp` installed from one clone and typed in another runs the installed clone's code (and
+    records its commit): say so, since the grid and `mlflow run .` there would run the other."""
+    here = checkout_root()
+    if here is not None and prov.root is not None and here != prov.root and (here / "reuse_exp").is_dir():
+        print(f"reuse-exp: note: this runs the package of {prov.root}, not of the checkout here ({here}); "
+              "`mlflow run .` or `python -m reuse_exp.cli run` runs this one", file=sys.stderr)
 
 
 def _launched_end(tracker: Tracker, s: RunSettings, prov: Provenance) -> Summary:
@@ -127,15 +150,13 @@ def _launched_end(tracker: Tracker, s: RunSettings, prov: Provenance) -> Summary
     return _summary_of(tracker, s, prov, tags.get("task_kind", "none"), accuracy, m)
 
 
-def run_name(s: RunSettings) -> str:
-    return f"{config_name(s)}_{s.task}"
-
-
 def _log_start(tracker: Tracker, s: RunSettings, prov: Provenance) -> None:
     tracker.tags({"git_commit": prov.commit, "git_branch": prov.branch, "git_dirty": prov.dirty,
                   "git_dirty_files": "\n".join(prov.dirty_files[:MAX_DIRTY_FILES_TAG]),
                   "source_hash": prov.source_hash, "allow_dirty": s.allow_dirty, "reuse_exp.role": "run",
-                  "mlflow.runName": run_name(s)})
+                  "mlflow.runName": run_name(s, prov.dirty),
+                  **({"mlflow.source.git.commit": prov.commit} if prov.commit != "unknown" else {}),
+                  **({"include_path": ",".join(s.include_path)} if s.include_path else {})})
     given = {n: v for n, v in s.as_dict().items() if n not in ("experiment", "include_path")}
     tracker.params({**given, **library_versions()})
     if prov.dirty and prov.root is not None:
@@ -162,6 +183,8 @@ def _evaluate(tracker: Tracker, s: RunSettings, placement, task_manager, prov: P
     tracker.tags({**env.tags(), **({ANY_ENVIRONMENT_TAG: "true"} if ANY_ENVIRONMENT.read() else {})})
     all_params = {**{n: param_str(v) for n, v in s.as_dict().items()}, **params,
                   "device_type": placement.torch_device.type}
+    if not any(d.startswith("cuda") for d, _ in devices):
+        world_tags[GPU_METRICS_TAG] = NO_GPU_NOTE
     tracker.tags({"config_key": config_key(all_params), "model_path": lm.loaded.path or "", **world_tags,
                   "request_cache": str(cache), **({"resumed_from": s.resume} if s.resume else {})})
     if s.resume:
@@ -220,7 +243,7 @@ def _summary_of(tracker, s, prov, kind, accuracy, metrics) -> Summary:
     return Summary(run_id=tracker.run_id, experiment=tracker.client.get_experiment(exp_id).name,
                    experiment_id=exp_id, store=absolute_uri(mlflow.get_tracking_uri()), commit=prov.commit,
                    dirty_files=len(prov.dirty_files), dirty=prov.dirty, task=s.task, kind=kind,
-                   accuracy=accuracy, metrics=metrics)
+                   accuracy=accuracy, metrics=metrics, resumed_from=s.resume)
 
 
 def _requests(samples: dict) -> int:

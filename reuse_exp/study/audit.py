@@ -6,7 +6,8 @@ heartbeat for `--stale-after`: a job killed without a word), or a grid's newest 
 come from more than one commit (the study's three-commits-in-one-table failure), or at one
 commit from different environments or data (study/environments.py: one line per difference).
 Runs refused before they evaluated (a typo, a dirty tree) are counted apart, never
-findings: they hold no result.
+findings: they hold no result; most are deleted with their record (out of the UI's runs
+table), and counted all the same.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import AuditFailed, ConfigError
+from ..tracking.schema import REFUSED_TAG
 from .environments import any_environment, differences
 from .store import (LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_name, fetch_runs, format_duration,
                     tracking_uri)
@@ -104,10 +106,23 @@ def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float
     return found + mixed_grids(kept) + mixed_environments(kept)
 
 
+def deleted_refusals(cl, exp_id: str) -> int:
+    """Refused runs deleted with their record (out of the runs table; tracking/aftercare.py)."""
+    from mlflow.entities import ViewType
+    found, token = 0, None
+    while True:
+        page = cl.search_runs([exp_id], filter_string=f"tags.`{REFUSED_TAG}` = 'true'",
+                              run_view_type=ViewType.DELETED_ONLY, max_results=1000, page_token=token)
+        found += len(page)
+        token = page.token
+        if not token:
+            return found
+
+
 def audit_store(experiment: str | None = None, all_experiments: bool = False,
                 stale_after_s: float = STALE_AFTER_S, echo: Callable[[str], None] = print) -> None:
     """Echo a line per finding and raise AuditFailed when there is one; else echo that all is well."""
-    cl = client()
+    cl = client(must_exist=True)   # an audit of a store that is not there fails; it never makes one
     if all_experiments:
         exps = cl.search_experiments()
     else:
@@ -121,12 +136,13 @@ def audit_store(experiment: str | None = None, all_experiments: bool = False,
     names = ", ".join(e.name for e in exps)
     refused = sum(r.refused for r in runs)
     unbegun = sum(never_began(r) and r.status not in LIVE and not r.refused for r in runs)
+    judged = len(runs) - refused - unbegun
+    refused += sum(deleted_refusals(cl, e.experiment_id) for e in exps)
     apart = (f"; {refused} refused run(s), ignored" if refused else "") + \
             (f"; {unbegun} run(s) ended before they began, ignored" if unbegun else "")
-    refused += unbegun
     if findings:
         for f in findings:
             echo(str(f))
-        raise AuditFailed(f"audit failed: {len(findings)} finding(s) over {len(runs) - refused} "
-                          f"run(s) in {names}{apart}")
-    echo(f"audit ok: {len(runs) - refused} run(s) in {names} ({tracking_uri()}){apart}")
+        raise AuditFailed(f"audit failed: {len(findings)} finding(s) over {judged} run(s) in {names} "
+                          f"({tracking_uri()}){apart}")
+    echo(f"audit ok: {judged} run(s) in {names} ({tracking_uri()}){apart}")

@@ -11,9 +11,10 @@ then its cells are starred and the parent run says which commits it mixes. Runs 
 that computed in different environments or read different data (study/environments.py) are
 refused the same way, one line per difference, unless --include-other-environments: then the
 odd cells are starred and the table and the parent run's tag say what was mixed.
-The table, compare.json and the PNG are logged to a parent run of the grid, with every
-number as a metric NAME.CONFIG (the MLflow UI's compare view shows them), and the grid's
-runs are nested under it in the MLflow UI.
+The table, compare.json and the PNG are logged to a comparison run beside the grid's runs, with
+every number as a metric NAME.CONFIG (the MLflow UI's compare view shows them) and the compared
+run ids as a tag; the grid's runs stay at the top of the runs table, where the study's view
+shows them (tracking/ui.py), never folded under it.
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ from typing import Callable
 import numpy as np
 
 from ..errors import Refused
+from ..tracking.ui import ensure_view
 from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, task_kind
 from .environments import differences
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
-from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head
+from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_state
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ def describe(picks: list[Pick]) -> str:
 
 def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit: str, text: str,
                png: Path, rows_: list[Row]) -> str:
-    """Log the comparison to the grid's parent run (one per set of compared runs) and nest the runs."""
+    """Log the comparison to the grid's comparison run (one per set of compared runs)."""
     used = [r for p in picks for r in p.runs]
     ids = sorted(r.run_id for r in used)
     digest = hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
@@ -259,11 +261,22 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
         cl.log_artifact(run_id, str(Path(tmp) / "compare.txt"))
         cl.log_artifact(run_id, str(Path(tmp) / "compare.json"))
     cl.log_artifact(run_id, str(png))
-    for r in used:
-        if "mlflow.parentRunId" not in r.tags:   # a run already nested elsewhere stays there
-            cl.set_tag(r.run_id, "mlflow.parentRunId", run_id)
+    unfold(cl, exp_id, used)
+    ensure_view(cl, exp_id)
     cl.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def unfold(cl, exp_id: str, runs: list[RunRecord]) -> None:
+    """Runs an earlier version nested under a comparison run, back at the top of the runs table
+    (a parent's children sit folded under it in the UI: the grid out of sight)."""
+    folded = [r for r in runs if "mlflow.parentRunId" in r.tags]
+    if not folded:
+        return
+    comparisons = {c.info.run_id for c in cl.search_runs([exp_id], filter_string="tags.`reuse_exp.role` = 'compare'")}
+    for r in folded:
+        if r.tags["mlflow.parentRunId"] in comparisons:
+            cl.delete_tag(r.run_id, "mlflow.parentRunId")
 
 
 def compare(request: GridRequest, experiment: str | None, commit: str | None = None, *,
@@ -273,7 +286,8 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
     """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
     interval, outputs changed against k=1; and a plot. From one commit. Echoes the table; returns
     the parent run it logged to (None with `log` off). Raises Refused when it would mix code."""
-    commit = commit or git_head()
+    code = git_state()
+    commit = commit or code.commit
     cl = client()
     exp_id = experiment_id(cl, experiment)
     runs = fetch_runs(cl, exp_id, request.task)
@@ -281,7 +295,8 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
     cells = request.cells(kind)
     picks = pick(cells, runs, commit, include_other_commits, include_dirty, include_other_environments)
     rows_ = rows(cl, picks)
-    header = f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
+    header = (f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
+              + (f" (HEAD of {code.root})" if commit == code.commit else ""))
     if kind == LOGLIKELIHOOD:
         header += "\n" + LOGLIKELIHOOD_WHY.format(task=request.task)
     elif any(c.baseline for c in cells):

@@ -178,4 +178,4 @@ def run(limit: int | None = LIMIT, experiment: str | None = EXPERIMENT, force: b
         return []
     with threads(THREADS):
         return run_local(go, tracking_uri(), experiment_name(experiment), False, prov.commit, echo=echo,
-                         folder=folder, resume=resume)
+                         folder=folder, resume=resume, repo=prov.root)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 from ..errors import DirtyTree, GridFailed
@@ -27,7 +28,7 @@ from .cells import (SPANNING_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRe
 from .environments import here, same_here
 from .launch import SubmititOptions, run_local, submit
 from .store import (LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_id, experiment_name,
-                    fetch_runs, git_head, git_state, tracking_uri)
+                    fetch_runs, git_state, tracking_uri)
 
 # -- status ---------------------------------------------------------------------------------
 DONE, STALE, FAILED, RUNNING, MISSING = "done", "stale", "failed", "running", "missing"
@@ -59,7 +60,9 @@ def classify(cell: Cell, runs: list[RunRecord], head: str, now_ms: int,
     A run at HEAD in another environment makes the cell stale. A dead run (RUNNING, its
     heartbeat older than `stale_after_s`) is a failed one: its configuration is not done and
     `grid run` runs it again."""
-    mine = sorted((r for r in runs if cell.matches(r) and r.role == "run"),
+    # A refused run never evaluated (mlflow run's stays FAILED a few seconds, till its aftercare
+    # deletes it): it must not hide the run it refused to resume, nor count as a failure.
+    mine = sorted((r for r in runs if cell.matches(r) and r.role == "run" and not r.refused),
                   key=lambda r: r.start_ms, reverse=True)
     at_head = [r for r in mine if r.commit == head and not r.dirty and (where is None or same_here(r, where))]
     done = [r for r in at_head if r.status == "FINISHED"]
@@ -92,9 +95,10 @@ def grid_status(request: GridRequest, runs: list[RunRecord], head: str, kind: st
 
 
 def format_status(request: GridRequest, states: list[CellState], head: str, kind: str,
-                  experiment: str) -> str:
+                  experiment: str, root: Path | None = None) -> str:
     extra = " ".join(f"{n}={to_text(v)}" for n, v in request.settings if to_text(v) not in ("", "none"))
-    lines = [f"grid {request.task} [{extra}] in experiment {experiment!r} at HEAD {head[:7]}"]
+    lines = [f"grid {request.task} [{extra}] in experiment {experiment!r} at HEAD {head[:7]}"
+             + (f" of {root}" if root else "")]
     if kind == LOGLIKELIHOOD:
         lines.append(LOGLIKELIHOOD_WHY.format(task=request.task))
     by_cell = {(s.cell.k, s.cell.subset): s for s in states}
@@ -134,6 +138,7 @@ class GridView:
     """A grid request against the store: its runs, the task's kind and each cell's state."""
     request: GridRequest
     head: str
+    root: Path          # the checkout whose HEAD it is: the current directory's
     experiment_id: str
     kind: str
     states: list[CellState]
@@ -141,22 +146,23 @@ class GridView:
 
 def load(request: GridRequest, experiment: str | None, stale_after_s: float = STALE_AFTER_S,
          create: bool = False, any_environment: bool = False) -> GridView:
-    """The grid's state at HEAD, here (`any_environment`: wherever it ran); `create`: make the
-    experiment when it does not exist yet."""
-    head = git_head()
+    """The grid's state at the HEAD of the checkout here (`any_environment`: wherever it ran);
+    `create`: make the experiment when it does not exist yet."""
+    code = git_state()
+    head = code.commit
     cl = client()
     exp_id = experiment_id(cl, experiment, create=create)
     runs = fetch_runs(cl, exp_id, request.task)
     kind = task_kind(request.task, runs)
-    return GridView(request, head, exp_id, kind, grid_status(request, runs, head, kind, None, stale_after_s,
-                                                             None if any_environment else here))
+    return GridView(request, head, code.root, exp_id, kind,
+                    grid_status(request, runs, head, kind, None, stale_after_s, None if any_environment else here))
 
 
 def status(request: GridRequest, experiment: str | None, stale_after_s: float = STALE_AFTER_S,
            any_environment: bool = False) -> str:
     """The grid as text: done at HEAD (here), stale, failed, running, missing."""
     view = load(request, experiment, stale_after_s, any_environment=any_environment)
-    return format_status(request, view.states, view.head, view.kind, experiment_name(experiment))
+    return format_status(request, view.states, view.head, view.kind, experiment_name(experiment), view.root)
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,7 @@ def run(request: GridRequest, experiment: str | None, launch: Launch = Launch(),
     check_tree(allow_dirty, dry_run)
     view = load(request, experiment, stale_after_s, create=not dry_run, any_environment=any_environment)
     states, head = view.states, view.head
+    echo(f"checkout {view.root} at {head[:7]}")
     if view.kind == LOGLIKELIHOOD:
         echo(LOGLIKELIHOOD_WHY.format(task=request.task))
     cells = todo(states, force)
@@ -209,19 +216,20 @@ def run(request: GridRequest, experiment: str | None, launch: Launch = Launch(),
             echo(f"would run {c.name}: {' '.join(run_command(c, allow_dirty, resume.get(c))[3:])}")
         return
     with knob_set(ANY_ENVIRONMENT, any_environment):   # the jobs inherit it and tag their runs
-        _launch(cells, uri, exp, allow_dirty, head, launch, resume, echo)
+        _launch(cells, uri, exp, allow_dirty, head, view.root, launch, resume, echo)
 
 
-def _launch(cells, uri, exp, allow_dirty, head, launch, resume, echo) -> None:
+def _launch(cells, uri, exp, allow_dirty, head, root, launch, resume, echo) -> None:
     hint = None
     opts = launch.options
     if launch.executor == "local":
         failed = run_local(cells, uri, exp, allow_dirty, head, echo=echo, gpus=opts.gpus, resume=resume,
-                           folder=opts.folder)
+                           folder=opts.folder, repo=root)
     else:
         opts = replace(opts, cluster="local" if launch.executor == "submitit-local" else "slurm")
         wait = (launch.executor == "submitit-local") if launch.wait is None else launch.wait
-        failed, hint = submit(cells, uri, exp, allow_dirty, opts, wait=wait, commit=head, echo=echo, resume=resume)
+        failed, hint = submit(cells, uri, exp, allow_dirty, opts, wait=wait, commit=head, echo=echo, resume=resume,
+                              repo=root)
     if hint:
         raise GridFailed(hint)
     if failed:

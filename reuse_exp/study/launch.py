@@ -7,7 +7,8 @@ uses where no Slurm can be started). Each job gets the tracking URI and experime
 explicitly, so it writes where the grid reads. A job that dies leaves its run FAILED,
 KILLED, or RUNNING with a stopped heartbeat (dead after `--stale-after`): never FINISHED, so never done.
 
-Snapshots. Jobs run from a clean clone of the commit the grid was started at (shared
+Snapshots. Jobs run from a clean clone of the commit the grid was started at, in the checkout it
+was started in (the current directory's, not the package's install: tracking/provenance.py) (shared
 objects, so it takes a moment), never from the live checkout: a job waiting in a queue
 while the checkout is edited or moves to another commit still runs, clean, the code that
 was submitted, and its run records that commit. `--allow-dirty` grids run in the live tree,
@@ -40,7 +41,7 @@ from typing import Callable
 
 from ..errors import ConfigError, GridStopped, JobFailed
 from .cells import Cell, run_command
-from .store import REPO_ROOT, store_error
+from .store import store_error
 
 # Job scripts, logs and snapshots (FOLDER/snapshots/COMMIT): outside the checkout, which stays clean.
 DEFAULT_FOLDER = Path.home() / ".cache" / "reuse_exp" / "submitit"
@@ -73,8 +74,8 @@ def job_env(uri: str, experiment: str) -> dict[str, str]:
 
 
 # -- the code a job runs ------------------------------------------------------------------------
-def snapshot(commit: str, folder: Path, repo: Path = REPO_ROOT) -> Path:
-    """A clean checkout of `commit` under `folder` (made once per commit, remade if touched)."""
+def snapshot(commit: str, folder: Path, repo: Path) -> Path:
+    """A clean checkout of `repo`'s `commit` under `folder` (made once per commit, remade if touched)."""
     dest = folder / "snapshots" / commit
     if dest.is_dir() and _git(["status", "--porcelain"], dest) == "" and _git(["rev-parse", "HEAD"], dest) == commit:
         return dest
@@ -98,9 +99,9 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def workdir(commit: str, folder: Path, allow_dirty: bool) -> Path:
-    """Where the jobs run: a snapshot of `commit`, or the live tree for a dirty grid."""
-    return REPO_ROOT if allow_dirty else snapshot(commit, folder)
+def workdir(commit: str, folder: Path, allow_dirty: bool, repo: Path) -> Path:
+    """Where the jobs run: a snapshot of `repo`'s `commit`, or the live tree for a dirty grid."""
+    return repo if allow_dirty else snapshot(commit, folder, repo)
 
 
 # -- GPUs ---------------------------------------------------------------------------------------
@@ -203,11 +204,13 @@ class JobProcesses:
 
 
 def run_local(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, commit: str, echo=print,
-              gpus: int | None = None, folder: Path = DEFAULT_FOLDER, resume: dict | None = None) -> list[str]:
-    """One process per configuration: in turn, or one per GPU slot at once; returns the names
-    of those that failed. `resume`: cell -> the interrupted run it finishes."""
+              gpus: int | None = None, folder: Path = DEFAULT_FOLDER, resume: dict | None = None, *,
+              repo: Path) -> list[str]:
+    """One process per configuration, from `repo` (the checkout whose `commit` the grid judged): in
+    turn, or one per GPU slot at once; returns the names of those that failed. `resume`: cell -> the
+    interrupted run it finishes."""
     resume = resume or {}
-    cwd = workdir(commit, folder, allow_dirty)
+    cwd = workdir(commit, folder, allow_dirty, repo)
     gpus_here = visible_gpus()
     slots = gpu_slots(gpus_here, gpus_per_job(cells, gpus, len(gpus_here)), cells[0].as_dict().get("device", "auto"))
     numbered = list(enumerate(cells, 1))
@@ -244,12 +247,13 @@ def run_job(cmd: list[str], env: dict[str, str], cwd: str) -> int:
 
 
 def submit(cells: list[Cell], uri: str, experiment: str, allow_dirty: bool, opts: SubmititOptions,
-           wait: bool, commit: str, echo=print, resume: dict | None = None) -> tuple[list[str], str | None]:
+           wait: bool, commit: str, echo=print, resume: dict | None = None, *,
+           repo: Path) -> tuple[list[str], str | None]:
     """Submit the configurations; with `wait`, return the names of those whose job failed, and
     the one-line explanation when they failed on the sqlite store's concurrency limits."""
     import submitit
     folder = opts.folder if opts.folder.is_absolute() else Path.cwd() / opts.folder
-    cwd = str(workdir(commit, folder, allow_dirty))
+    cwd = str(workdir(commit, folder, allow_dirty, repo))
     # the snapshot's package first, then whatever the submitting shell had on its path
     path = os.pathsep.join(filter(None, [cwd, os.environ.get("PYTHONPATH")]))
     env = {**job_env(uri, experiment), "PYTHONPATH": path}

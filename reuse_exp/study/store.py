@@ -1,5 +1,5 @@
 """The tracking store as the study reads it: runs as records, the store's address, and the
-commit the checkout is at. Shared by the grid, its launchers, compare and audit."""
+commit of the checkout the user stands in. Shared by the grid, its launchers, compare and audit."""
 from __future__ import annotations
 
 import hashlib
@@ -12,12 +12,11 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..tracking.heartbeat import parse_stamp
-from ..tracking.provenance import Provenance, provenance
+from ..tracking.provenance import Provenance, checkout_root, provenance
 from ..settings import AXIS, SPECS
-from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG
-from ..tracking.store_init import absolute_uri, open_client
+from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG, unquoted
+from ..tracking.store_init import open_client, tracking_uri
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # What varies between the cells of one grid: its axes and the params that carry them.
 GRID_AXES = tuple(dict.fromkeys(p for s in SPECS if s.grid == AXIS for p in (s.name, *s.key_params)))
 ANY_SUBSET = "any"          # the k=1 baseline's subset: it computes every layer, so any run of it will do
@@ -137,8 +136,9 @@ def end_command(run_id: str, stale_after_s: float) -> str:
 
 
 def norm(value) -> str:
-    """One spelling per value, as params are strings in MLflow: None/''/'none' alike, bools lower."""
-    s = "" if value is None else str(value).strip()
+    """One spelling per value, as params are strings in MLflow: None/''/'none' alike (quoted too, as
+    `mlflow run -P limit=` logs it), bools lower."""
+    s = "" if value is None else unquoted(str(value))
     if s.lower() in ("", "none", "null"):
         return ""
     if s.lower() in ("true", "false"):
@@ -163,14 +163,10 @@ def store_error(text: str, uri: str) -> str | None:
             "then export MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (docs/grid.md), or use --executor local")
 
 
-def tracking_uri() -> str:
-    import mlflow
-    return absolute_uri(mlflow.get_tracking_uri())
-
-
-def client():
-    """A client of the store; a new sqlite store is created under the runs' lock (store_init)."""
-    return open_client(tracking_uri())
+def client(must_exist: bool = False):
+    """A client of the store; a new sqlite store is created under the runs' lock (store_init),
+    unless `must_exist`. StoreUnavailable (one line) when the store cannot be used."""
+    return open_client(tracking_uri(), must_exist)
 
 
 def experiment_name(name: str | None) -> str:
@@ -200,11 +196,18 @@ def fetch_runs(cl, exp_id: str | None, task: str | None = None) -> list[RunRecor
 
 
 def git_state() -> Provenance:
-    """The checkout the package runs from, as the tracked run sees it (its store excluded)."""
-    prov = provenance()
+    """The checkout of reuse_exp the current directory is in, as a tracked run started there sees
+    it (its store excluded): what `mlflow run .` runs and records, so what the grid judges, snapshots
+    and runs, and compare reads. Not the checkout the package was installed from: with two clones
+    and one install, that one is the other clone."""
+    here = Path.cwd()
+    root = checkout_root(here)
+    if root is None or not (root / "reuse_exp" / "__init__.py").is_file():
+        raise ConfigError(f"{here} is not in a checkout of reuse_exp: the grid and compare judge the commit of "
+                          "the checkout you stand in (cd into your clone of the repository)")
+    prov = provenance(pkg=root / "reuse_exp")
     if prov.commit == "unknown":
-        raise ConfigError(f"{REPO_ROOT} is not a git checkout with a commit: the grid needs HEAD "
-                          "to know what is done (run from a clone of the repository)")
+        raise ConfigError(f"{root} has no commit yet: the grid needs HEAD to know what is done (commit first)")
     return prov
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from .ui import ui_addresses
+
 LINE_EVERY_S = 30.0
 LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} requests [{elapsed}<{remaining}{postfix}]"
 
@@ -88,6 +90,7 @@ class Summary:
     kind: str                        # generate_until | loglikelihood
     accuracy: tuple | None = None    # (metric, value, stderr or None, n or None)
     metrics: dict | None = None
+    resumed_from: str | None = None  # the interrupted run whose request cache this one read
 
     def lines(self) -> list[str]:
         m = self.metrics or {}
@@ -108,6 +111,9 @@ class Summary:
                        else m.get('generated_tokens', 0))
             out.append(f"speed     {m.get('tokens_per_second', 0):.1f} tokens/s, {decoded:.0f} "
                        f"tokens in {m.get('seconds', 0):.1f} s of decoding (wall {m.get('wall_seconds', 0):.1f} s)")
+        if self.resumed_from:
+            out.append(f"resumed   {m.get('cached_requests', 0):.0f} request(s) came from run {self.resumed_from}'s "
+                       "request cache, with their results and statistics; the speed covers the rest")
         state = f"dirty: {self.dirty_files} uncommitted file(s)" if self.dirty else "clean"
         out.append(f"code      {self.commit[:12]} ({state})")
         out.append(f"run       {self.run_id} in experiment {self.experiment!r}")
@@ -119,20 +125,3 @@ class Summary:
 
     def text(self) -> str:
         return "\n".join(self.lines())
-
-
-# `mlflow ui`'s own address. MLflow 3's UI opens an experiment on its GenAI overview; the
-# workflow switch in the address opens the runs table (model training), sorted by accuracy.
-UI_ADDRESS = "http://127.0.0.1:5000"
-RUNS_VIEW = "workflowType=machine_learning"
-
-
-def ui_addresses(store: str, experiment_id: str, run_id: str) -> tuple[str | None, str, str]:
-    """The command that serves the store's UI (None: a server already does), the run's page,
-    and its experiment's runs table."""
-    serve, base = None, store.rstrip("/")
-    if not store.startswith(("http://", "https://")):
-        serve, base = f"mlflow ui --backend-store-uri {store}", UI_ADDRESS
-    experiment = f"{base}/#/experiments/{experiment_id}"
-    return (serve, f"{experiment}/runs/{run_id}?{RUNS_VIEW}",
-            f"{experiment}/runs?{RUNS_VIEW}&orderByKey=metrics.%60accuracy%60&orderByAsc=false")

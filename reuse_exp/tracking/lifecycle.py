@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..knobs import MLFLOW_PID
 from ..settings import RunSettings
+from .aftercare import watch
 from .console import Progress
 from .heartbeat import Heartbeat, interval_s
 from .provenance import Provenance, provenance, redact, secret_values
 from .schema import HEARTBEAT_TAG, REFUSED_TAG, param_str, same_param
 from .store_init import open_client, store_opening
+from .ui import ensure_view
 
 MAX_DIRTY_FILES_TAG = 50
 
@@ -47,6 +50,7 @@ class Tracker:
             if run_id is None and settings.experiment:
                 mlflow.set_experiment(settings.experiment)
             run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+            ensure_view(mlflow.MlflowClient(), run.info.experiment_id)   # what the UI shows of the study
         tracker = cls(run.info.run_id, secret_values())
         tracker.heartbeat = Heartbeat(tracker.beat, beat_every).start()
         return tracker
@@ -148,8 +152,8 @@ def end_outside_run(status: str, line: str, prov: Provenance | None = None, refu
     tags = {"error": redact(line), "end_status": status, "git_commit": prov.commit, "git_branch": prov.branch,
             "git_dirty": param_str(prov.dirty), "source_hash": prov.source_hash,
             "git_dirty_files": "\n".join(prov.dirty_files[:MAX_DIRTY_FILES_TAG])}
-    if refused:
-        tags[REFUSED_TAG] = "true"
+    if refused:   # named for what it is, not MLflow's random name
+        tags |= {REFUSED_TAG: "true", "reuse_exp.role": "refused", "mlflow.runName": f"refused: {redact(line)}"[:100]}
     client = open_client()
     client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
     client.set_terminated(run_id, status)
@@ -157,5 +161,8 @@ def end_outside_run(status: str, line: str, prov: Provenance | None = None, refu
 
 def refuse_outside_run(line: str) -> None:
     """A value refused before the run began (the command line): the run `mlflow run` opened ends
-    FAILED, tagged refused."""
+    FAILED, tagged refused, and is deleted once MLflow has ended it too (aftercare)."""
     end_outside_run("FAILED", line, refused=True)
+    mlflow_pid, run_id = MLFLOW_PID.read(), os.environ.get("MLFLOW_RUN_ID")
+    if mlflow_pid and run_id:
+        watch(mlflow_pid, run_id)

@@ -22,7 +22,7 @@ class Provenance:
     branch: str
     dirty: bool
     dirty_files: tuple[str, ...]   # tracked changes and untracked-not-ignored files, the store excluded
-    root: Path | None              # the checkout the package was imported from
+    root: Path | None              # the checkout (of the package's files, unless asked of another)
     source_hash: str
 
 
@@ -71,13 +71,19 @@ def _porcelain_paths(out: str) -> list[str]:
     return files
 
 
+def checkout_root(where: Path | None = None) -> Path | None:
+    """The top of the git checkout holding `where` (the current directory by default), or None."""
+    top = _git(["rev-parse", "--show-toplevel"], where or Path.cwd())
+    return Path(top.strip()) if top else None
+
+
 def provenance(exclude: list[Path] | None = None, pkg: Path = PACKAGE_DIR) -> Provenance:
-    """Where the running code came from. Outside git: commit `unknown`, dirty."""
+    """Where the code in `pkg` came from (by default the running package's). Outside git:
+    commit `unknown`, dirty."""
     digest = source_hash(pkg)
-    top = _git(["rev-parse", "--show-toplevel"], pkg)
-    if top is None:
+    root = checkout_root(pkg)
+    if root is None:
         return Provenance("unknown", "unknown", True, (f"{pkg} is not in a git checkout",), None, digest)
-    root = Path(top.strip())
     commit = (_git(["rev-parse", "HEAD"], root) or "unknown").strip()
     branch = (_git(["rev-parse", "--abbrev-ref", "HEAD"], root) or "unknown").strip()
     status = _git(["status", "--porcelain=v1", "-z", "--untracked-files=all"], root)

@@ -30,7 +30,8 @@ tags
     rewritten every 30 s while the process lives: a RUNNING run with an old one is dead),
     reuse_exp.refused ("true": refused before evaluating, e.g. a bad value or a dirty tree;
     the audit counts these apart), reuse_exp.end_reason (why `reuse-exp runs end` ended it),
-    reuse_exp.any_environment ("true": made by `grid run --any-environment`).
+    reuse_exp.any_environment ("true": made by `grid run --any-environment`), gpu_metrics (a CPU
+    run: why it has no gpu_* metrics).
     The environment (tracking/environment.py), env.<name>, in two parts:
       shapes a result (the grid, `compare` and the audit compare these; env_key hashes them):
         env.torch, env.cuda, env.cudnn, env.transformers, env.lm_eval (the libraries that
@@ -101,15 +102,22 @@ HEARTBEAT_TAG = "reuse_exp.heartbeat"
 REFUSED_TAG = "reuse_exp.refused"
 END_REASON_TAG = "reuse_exp.end_reason"
 ANY_ENVIRONMENT_TAG = "reuse_exp.any_environment"
+GPU_METRICS_TAG = "gpu_metrics"   # why a run has no gpu_* metrics
+NO_GPU_NOTE = "none: this run computed on the CPU; the gpu_* metrics are NVML's readings of a GPU"
 # Reuse params that shape a result only under a policy that reads them (`layers`: the subset's).
 POLICY_PARAMS = {"k": "k", "layers": "subset", "mode": "mode", "scope": "scope", "drift": "drift",
                  "max_reuse": "max_reuse"}
 VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "reuse_exp")
 
 
+def unquoted(value: str) -> str:
+    """A param as its value: `mlflow run` logs -P values as typed and shell-quoted (`-P limit=` as '')."""
+    return value.strip().strip("'\"").strip()
+
+
 def same_param(a: str, b: str) -> bool:
-    """One value, two spellings? (`mlflow run` logs -P values as typed and shell-quoted.)"""
-    a, b = a.strip().strip("'\""), b.strip().strip("'\"")
+    """One value, two spellings? (`2.0` and `2`, `'true'` and `true`; empty and `none` alike.)"""
+    a, b = ("" if v.lower() == "none" else v for v in (unquoted(a), unquoted(b)))
     if a.lower() == b.lower():
         return True
     try:
@@ -141,6 +149,15 @@ def config_name(s) -> str:
     """The configuration's short name, from its policy (a run's name is it and the task)."""
     cls = get_policy(s.policy)
     return cls.run_name(**{n: getattr(s, n) for n in cls.reads})
+
+
+DIRTY_MARK = "*dirty"
+
+
+def run_name(s, dirty: bool) -> str:
+    """A run's name: its configuration and task (`k2_middle_tiny_gsm`), marked when it ran from
+    uncommitted changes (`k2_middle_tiny_gsm*dirty`), so the two never share a name."""
+    return f"{config_name(s)}_{s.task}" + (DIRTY_MARK if dirty else "")
 
 
 def library_versions() -> dict[str, str]:

@@ -47,7 +47,8 @@ def test_the_env_knob_imports_plug_in_modules(tmp_path):
         "@register\nclass Mine(DriftPolicy):\n    name = 'mine'\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            POLICY_MODULES.name: " my_policies ,"}
-    code = "from reuse_exp.settings import spec; print(','.join(spec('policy').choices))"
+    code = ("from reuse_exp.settings import RunSettings; from reuse_exp.engine.policies import names; "
+            "RunSettings.parse({'policy': 'mine'}); print(','.join(names()))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "adaptive,depth,fixed,mine", out.stderr
     env[POLICY_MODULES.name] = "no_such_module"

@@ -8,7 +8,9 @@ keyed by the commit and the settings: REQUEST_CACHE/<commit>/<settings key>/<run
 unfinished requests are decoded, and the run is whole: its metrics, counts and fractions and
 its generations cover every document and equal an uninterrupted run's; only the figures its
 `throughput_scope` tag names cover just what it decoded. It is refused, in one line, when
-RUN_ID ran at another commit, from a dirty tree, or with other settings, when it finished,
+RUN_ID ran at another commit, from a dirty tree, or with other settings (of those that shape
+the run: tracking/schema.py's shaping_settings, and `processes`, which lays the cache out by rank; a k=1 run
+resumes in any mode), when it finished,
 or when a run resumed it already (that run is the one to resume: a second resume would decode
 again and lose the link). A finished run's cache is deleted.
 """
@@ -23,12 +25,12 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..knobs import CACHE_ROOT, REQUEST_CACHE, cache_root
-from ..settings import SPECS, RunSettings
+from ..settings import RunSettings, spec
 from ..tracking.heartbeat import parse_stamp
-from ..tracking.schema import HEARTBEAT_TAG, same_param
+from ..tracking.schema import HEARTBEAT_TAG, same_param, shaping_settings
 
 CACHE_ENV, ROOT_ENV = REQUEST_CACHE.name, CACHE_ROOT.name
-NOT_COMPARED = ("resume", "experiment", "allow_dirty", "include_path")   # they do not shape a result
+CACHE_LAYOUT = ("processes",)   # shapes no result, but the cache is one file per rank
 # A RUNNING run with a heartbeat younger than this may still have its process (the grid's and
 # the audit's default --stale-after): resuming it would decode its requests twice at once.
 ALIVE_WITHIN_S = 300.0
@@ -38,8 +40,14 @@ def root() -> Path:
     return cache_root() / "requests"
 
 
+def compared(s: RunSettings) -> tuple[str, ...]:
+    """The settings a resumed run must share with the run it resumes: those that shape it, and
+    how its cache is laid out."""
+    return (*shaping_settings(s.as_dict()), *CACHE_LAYOUT)
+
+
 def settings_key(s: RunSettings) -> str:
-    shaping = {spec.name: spec.text(getattr(s, spec.name)) for spec in SPECS if spec.name not in NOT_COMPARED}
+    shaping = {n: spec(n).text(getattr(s, n)) for n in compared(s)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,13 +85,11 @@ def check(client, s: RunSettings, commit: str, dirty: bool) -> Path:
         where = tags.get("git_commit", "unknown")[:12] + (" (dirty)" if tags.get("git_dirty") != "false" else "")
         raise ConfigError(f"resume {rid}: it ran at commit {where}, this is {commit[:12]}"
                           f"{' (dirty)' if dirty else ''}; check out its commit, clean, or start a new run")
-    for spec in SPECS:
-        if spec.name in NOT_COMPARED or spec.name not in params:
-            continue
-        mine = spec.text(getattr(s, spec.name))
-        if not same_param(params[spec.name], mine):
-            raise ConfigError(f"resume {rid}: it ran with {spec.name}={params[spec.name]}, this run has "
-                              f"{spec.name}={mine}; resume with its settings, or start a new run")
+    for name in compared(s):
+        mine = spec(name).text(getattr(s, name))
+        if name in params and not same_param(params[name], mine):
+            raise ConfigError(f"resume {rid}: it ran with {name}={params[name]}, this run has "
+                              f"{name}={mine}; resume with its settings, or start a new run")
     return Path(tags.get("request_cache") or cache_dir(s, commit, rid))
 
 

@@ -3,7 +3,7 @@ launched ranks), and an ending that is always FINISHED, FAILED or KILLED with wh
 
 The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
 directly (`reuse-exp run`), opens one. A refusal before evaluating (a dirty tree, an
-unknown task, a model that is not there) opens none; one that `mlflow run` opened is
+unknown task, a model that is not there, a value its policy refuses) opens none; one that `mlflow run` opened is
 tagged refused, so the audit tells it from a failed result. While it runs, a heartbeat
 says it lives (tracking/heartbeat.py) and the console shows progress; it ends with a summary
 (tracking/console.py). The MLflow run itself: tracking/lifecycle.py; what it logs, by name:
@@ -63,6 +63,7 @@ def run(settings: RunSettings) -> Summary | None:
     try:
         lifeline.arm()
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
+        from ..evaluation.lm import check_policy
         from ..evaluation.placement import resolve as resolve_placement
         from . import ranks, resume
         placement = resolve_placement(settings)   # once per process; handed down from here
@@ -71,6 +72,7 @@ def run(settings: RunSettings) -> Summary | None:
         prov = provenance()
         if rank == 0:
             check_clean(prov, settings.allow_dirty)   # before anything heavy, and before any model
+        check_policy(settings)   # a value the policy refuses is a typo: refused before any run opens
         harness.check_gated(settings.task)
         task_manager = harness.task_manager_for(settings.task, settings.include_path)
         launching = placement.to_launch

@@ -208,9 +208,12 @@ def row_cells(r: Row) -> list[str]:
 
 
 def format_rows(rows_: list[Row], base: str = "k=1") -> str:
+    heads = [t.format(base=base) for t, _ in COLUMNS]
+    widths = [max(w, len(h) + 1) for h, (_, w) in zip(heads, COLUMNS)]
+
     def line(cells: list[str]) -> str:
-        return "".join(f"{c:<{w}}" for c, (_, w) in zip(cells, COLUMNS)).rstrip()
-    return "\n".join([line([t.format(base=base) for t, _ in COLUMNS])] + [line(row_cells(r)) for r in rows_])
+        return "".join(f"{c:<{w}}" for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(heads)] + [line(row_cells(r)) for r in rows_])
 
 
 def legend(rows_: list[Row], base: str = "k=1") -> str:

@@ -195,3 +195,15 @@ def test_the_env_knob_imports_plug_in_modules(tmp_path):
             "RunSettings.parse({'policy': 'mine'}); print(','.join(names()))")
     out = python(code, tmp_path, **{POLICY_MODULES.name: " my_policies ,"})
     assert out.stdout.strip() == "adaptive,depth,fixed,mine", out.stderr
+
+
+def test_a_value_the_policy_refuses_leaves_no_run(tmp_path):
+    """Built before the run opens: refused as a typo is, with one line, and nothing in the store."""
+    import mlflow
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = python("from reuse_exp.cli import main; main(['run', '--policy', 'adaptive', '--mode', 'output', "
+                 "'--limit', '1', '--allow-dirty', 'true'])", tmp_path, MLFLOW_TRACKING_URI=store)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "the adaptive policy works in mode delta or replay, not 'output'" in out.stderr
+    client = mlflow.MlflowClient(store)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

@@ -197,13 +197,42 @@ def test_the_env_knob_imports_plug_in_modules(tmp_path):
     assert out.stdout.strip() == "adaptive,depth,fixed,mine", out.stderr
 
 
-def test_a_value_the_policy_refuses_leaves_no_run(tmp_path):
-    """Built before the run opens: refused as a typo is, with one line, and nothing in the store."""
+@pytest.mark.parametrize("args, line", [
+    (["--policy", "adaptive", "--mode", "output"], "the adaptive policy works in mode delta or replay, not 'output'"),
+    (["--k", "2", "--subset", "3,99"], "layer index 99 out of range: the model has layers 0..7")])
+def test_a_value_the_policy_refuses_leaves_no_run(tmp_path, args, line):
+    """Built before the run opens (the bundled model's depth read from its config.json): refused as
+    a typo is, with one line, and nothing in the store."""
     import mlflow
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = python("from reuse_exp.cli import main; main(['run', '--policy', 'adaptive', '--mode', 'output', "
-                 "'--limit', '1', '--allow-dirty', 'true'])", tmp_path, MLFLOW_TRACKING_URI=store)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert "the adaptive policy works in mode delta or replay, not 'output'" in out.stderr
+    out = python(f"from reuse_exp.cli import main; main(['run', *{args!r}, '--limit', '1', '--allow-dirty', 'true'])",
+                 tmp_path, MLFLOW_TRACKING_URI=store)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and line in out.stderr, out.stderr
     client = mlflow.MlflowClient(store)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_cell_matches_only_runs_that_the_same_settings_shaped():
+    """A cell passes only what shapes it, so a run that agrees with all it passes may still have
+    been shaped by more: a policy that drops `mode` from `computes` in replay mode leaves an
+    output-mode run agreeing with the replay cell on every value the cell passes."""
+    from reuse_exp.engine.policies.fixed import FixedPolicy
+    from reuse_exp.study.cells import make_cell
+    from reuse_exp.study.store import RunRecord
+    from services.fabricate import PARAMS
+
+    @register
+    @dataclass(frozen=True)
+    class ModeBlind(FixedPolicy):
+        name: ClassVar[str] = "mode_blind"
+
+        @classmethod
+        def computes(cls, k, mode="output", **_):
+            return ("k",) if k == 1 or mode == "replay" else cls.reads
+
+    values = {**DEFAULTS.as_dict(), "policy": "mode_blind", "k": 2, "mode": "replay", "limit": 4}
+    values = {n: v for n, v in values.items() if n not in ("experiment", "include_path")}
+    cell = make_cell(values)
+    assert "mode" not in cell.as_dict()
+    run = lambda mode: RunRecord("r", "FINISHED", 0, {**PARAMS, "policy": "mode_blind", "k": "2", "mode": mode}, {}, {})  # noqa: E731
+    assert cell.matches(run("replay")) and not cell.matches(run("output"))

@@ -35,8 +35,10 @@ class Plugin(FixedPolicy):
 
 def test_the_registry_knows_the_packages_policies_and_refuses_others():
     assert set(BUILTIN) <= set(names()) and {get(n).name for n in BUILTIN} == set(BUILTIN)
-    with pytest.raises(ConfigError, match=f"unknown policy .nope.; use one of {', '.join(sorted(BUILTIN))}$"):
+    with pytest.raises(ConfigError) as e:   # every name a lookup finds (a test module may have registered more)
         get("nope")
+    assert str(e.value) == f"unknown policy 'nope'; use one of {', '.join(names())}"
+    assert ", ".join(sorted(BUILTIN)) in str(e.value)
     from reuse_exp.settings import RunSettings
     assert RunSettings.parse({"policy": "depth"}).policy == "depth"   # the setting takes what the registry has
 

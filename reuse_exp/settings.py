@@ -87,8 +87,9 @@ class RunSettings:
     use_block_cache: bool = setting(True, "small-block forwards over the block cache (the study's)",
                                     kind="bool", role=MODEL, key=True)
     decode_path: str = setting("auto", "`auto`: `fast` on a GPU, `eager` on CPU; `eager`: plain PyTorch; `fast`: "
-                               "static shapes, CUDA graphs on a GPU (eager's tokens); `compiled`: `fast` with each "
-                               "layer compiled (fewer kernels, other bf16 roundings)", kind="choice", role=MODEL,
+                               "static shapes; on a GPU, CUDA graphs of batch-invariant fused kernels (a sample "
+                               "decodes the same tokens alone as in a batch; eager's accuracy, not its every token)",
+                               kind="choice", role=MODEL,
                                choices=DECODE_PATHS, key=("path",))
     scoring: str = setting("continuation", "loglikelihood tasks: `continuation` scores every answer token, left "
                            "to right; `first_token`: the public harness's first token only",

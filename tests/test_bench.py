@@ -74,7 +74,7 @@ def test_a_recorded_trajectory_gives_its_own_rows_with_fewer_forwards_per_token(
 
 def test_decodes_run_at_the_batch_sizes_asked_and_forwards_at_every_one():
     args = bench.BenchArgs(shape="tiny", device="cpu", batch=(1, 2), k=(1, 2), prompt_len=32, new_tokens=32,
-                           iters=1, repeats=1, copy_mb=1, matmul_n=64, decode_batches=(2,), compare_compiled=False)
+                           iters=1, repeats=1, copy_mb=1, matmul_n=64, decode_batches=(2,))
     r = bench.run_bench(args)
     assert [len(row["end_to_end"]) for row in r.rows] == [0, 2]
     assert all(row["forward_ms"]["small_block"]["median"] > 0 for row in r.rows)
@@ -87,17 +87,17 @@ def test_an_unknown_trajectory_is_one_line():
     assert out.exit_code == 1 and "unknown trajectory 'nope'" in out.output and "Traceback" not in out.output
 
 
-@pytest.mark.parametrize("argv", [[], ["--shape", "7b", "--batch", "1,8", "--subset", "first,last", "--no-compile"],
+@pytest.mark.parametrize("argv", [[], ["--shape", "7b", "--batch", "1,8", "--subset", "first,last"],
                                   ["--trajectory", "one-token,tiny_gsm", "--decode-batches", "1"],
-                                  ["--extra", "replay:2,adaptive-delta:0.5", "--compile", "--dtype", "float32",
+                                  ["--extra", "replay:2,adaptive-delta:0.5", "--dtype", "float32",
                                    "--json", "b.json"]])
 def test_the_recorded_command_repeats_the_benchmark(argv):
     """The command a result records parses back to the same benchmark."""
     params = bench_cmd.make_context("bench", list(argv)).params
-    json_out, markdown = params.pop("json_out"), params.pop("markdown")
+    json_out, markdown, quick = params.pop("json_out"), params.pop("markdown"), params.pop("quick")
     command = bench_command(bench.BenchArgs(**params), json_out, markdown)
     again = bench_cmd.make_context("bench", shlex.split(command)[2:]).params
-    assert again == {**params, "json_out": json_out, "markdown": markdown}
+    assert again == {**params, "json_out": json_out, "markdown": markdown, "quick": quick}
 
 
 def test_a_bad_list_is_one_line():
@@ -122,3 +122,26 @@ def test_each_goal_is_judged_from_its_figure_and_an_unmeasured_one_says_so():
     row["full_block"]["of_peak"] = 0.71
     assert {g["goal"]: g["met"] for g in goals(r)}["full-block forward, batch 64"] is True
     assert "| goal | target | this run | met |" in bench_report.markdown(r)
+
+
+def test_a_benchmark_killed_after_its_first_row_keeps_that_row(tmp_path):
+    """The JSON is rewritten after every batch row: a real SIGKILL once the first row is printed
+    leaves a file with that row, marked incomplete; a run to the end marks it complete."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, "-m", "reuse_exp.cli", "bench", "--shape", "tiny", "--device", "cpu", "--batch", "1,2,4,8",
+           "--k", "1", "--prompt-len", "32", "--new-tokens", "32", "--iters", "1", "--repeats", "1", "--copy-mb", "1",
+           "--matmul-n", "64", "--json", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("batch 1:"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    kept = json.loads(out.read_text())
+    assert kept["complete"] is False and [r["batch"] for r in kept["rows"]] == [1]
+    assert kept["command"].startswith("reuse-exp bench")

@@ -53,8 +53,8 @@ def test_runner_reuses_its_caches_and_graphs_across_calls(model):
 @pytest.mark.parametrize("policy", [FixedPolicy.create(8, k=2, subset="last"), DriftPolicy.create(8, drift=2.0, max_reuse=3, mode="delta")],
                          ids=["fixed", "adaptive-delta"])
 def test_skipped_layers_are_absent_from_the_static_forward(model, policy):
-    """Count the layer computations the static forward runs (in segments under the adaptive
-    policy), as the hooks do for eager."""
+    """Count the layer computations the static forward runs (the prefill's among them: it is
+    static too), as the hooks do for eager."""
     from reuse_exp.engine.static_forward import layer_step
     calls = []
 
@@ -66,8 +66,7 @@ def test_skipped_layers_are_absent_from_the_static_forward(model, policy):
     runner.step = counting_step
     res = generate(model, [PROMPTS[0]], DEC, policy, runner=runner)
     assert res.report.samples[0].layer_evals_skipped > 0
-    static_forwards = [r for r in res.report.trace if r["kind"] != "prefill"]
-    assert len(calls) == sum(8 - len(r["skipped"]) for r in static_forwards)
+    assert len(calls) == sum(8 - len(r["skipped"]) for r in res.report.trace)
 
 
 def test_shadow_mode_needs_the_eager_path(model):
@@ -78,10 +77,10 @@ def test_shadow_mode_needs_the_eager_path(model):
 def test_harness_picks_the_fast_path_on_a_gpu_only(model):
     from reuse_exp.evaluation.models import make_runner
     assert make_runner(model, "eager").name == "eager"
-    assert make_runner(model, "fast").name.startswith("cuda-graph" if model.device.type == "cuda" else "static")
-    assert make_runner(model, "auto").name == ("cuda-graph" if model.device.type == "cuda" else "eager")
+    assert make_runner(model, "fast").name == ("cuda-graph+triton" if model.device.type == "cuda" else "static")
+    assert make_runner(model, "auto").name == ("cuda-graph+triton" if model.device.type == "cuda" else "eager")
     from reuse_exp.settings import RunSettings
-    with pytest.raises(ConfigError, match="decode_path=turbo: use one of auto, eager, fast, compiled"):
+    with pytest.raises(ConfigError, match="decode_path=turbo: use one of auto, eager, fast"):
         RunSettings.parse({"decode_path": "turbo"})
 
 
@@ -91,9 +90,11 @@ def test_random_model_is_built_in_its_dtype():
     assert float(m.model.norm.weight.float().mean()) == 1.0
 
 
-def test_in_a_batch_only_the_rows_that_compute_a_layer_go_through_it(model):
-    """Rows a forward is not for, and rows that reuse a layer, skip it: the layer computations
-    the static forward runs (rows x layers) are exactly the samples' own layer evaluations."""
+def test_a_layer_no_row_computes_is_not_computed_and_one_some_rows_compute_runs_for_all(model):
+    """Rows out of step: a layer that every row of a forward reuses is not computed; one that
+    some rows compute goes through the layer for all the forward's rows (those that reuse it
+    take the stand-in). The layer computations the static forward runs are exactly the
+    batch's (LayerCounts), fewer than every layer of every forward."""
     from reuse_exp.engine.static_forward import layer_step
     rows = []
 
@@ -104,65 +105,75 @@ def test_in_a_batch_only_the_rows_that_compute_a_layer_go_through_it(model):
     runner = FastRunner(model, use_graphs=False)
     runner.step = counting_step
     res = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=2, subset="first"), runner=runner)
-    assert min(len(p) for p in PROMPTS) < DEC.block_size  # no prefill: every forward is static
-    evals = sum(s.layer_evals_run for s in res.report.samples)
-    assert res.report.summary()["layer_evals_skipped"] > 0
-    assert sum(rows) == evals
-    assert sum(rows) < 3 * 8 * sum(res.report.batch_forwards.values())  # less than every row, every layer
+    computed = sum(c for c, _ in res.report.layer_counts.totals())
+    assert len(rows) == computed < 8 * sum(res.report.batch_forwards.values())
+    samples = res.report.summary()
+    assert samples["layer_evals_skipped"] > sum(r for _, r in res.report.layer_counts.totals())  # some were mixed
 
 
 def test_row_counts_are_padded_to_a_power_of_two_and_decode_the_same(model):
-    from reuse_exp.engine.static_inputs import padded_rows
-    assert padded_rows([3, 5, 6], 8) == ([3, 5, 6, 6], [0, 1, 2, 2])
-    assert padded_rows([3, 5, 6], 3) == ([3, 5, 6], [0, 1, 2])
-    assert padded_rows([2, 4, 5, 7, 9], 6) == ([2, 4, 5, 7, 9, 9], [0, 1, 2, 3, 4, 4])
+    from reuse_exp.engine.static_inputs import entries
+    assert entries([False, True, False, True, True, False, False, False]) == [1, 3, 4, 0]
+    assert entries([True, False, True]) == [0, 2]
+    assert entries([True] * 5 + [False]) == [0, 1, 2, 3, 4, 5]
     prompts = PROMPTS + [[20, 21, 22] * 9, [30, 31] * 20, [40, 41, 42, 43, 44] * 8]
     policy = FixedPolicy.create(8, k=2, subset="middle")
-    # graphs without compiled layers: on the H200 a compiled fp32 layer rounds differently from
-    # eager and one of these samples then parts at token 40 (padding aside; see test_gpu.py)
-    runner = FastRunner(model, compile_layers=False)
+    runner = FastRunner(model)
     fast = generate(model, prompts, DEC, policy, runner=runner)
-    assert runner.stats["padded"] > 0 and runner.stats["mixed"] > 0  # rows out of step: some reuse, some compute
+    assert runner.stats["padded"] > 0
     assert fast.tokens == generate(model, prompts, DEC, policy).tokens
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_static_attention_in_bf16_matches_float64(device):
-    """The fast path's attention (SDPA over the static buffer, grouped queries stacked) in bf16
-    against plain attention in float64 over the valid keys."""
-    from reuse_exp.engine.static_forward import attend_static
+    """The fast path's attention on this device (PyTorch's SDPA over the static buffer, grouped
+    queries stacked; the Triton kernel on a GPU) in bf16 against plain attention in float64 over
+    the valid keys, and the K/V write of the rows that write."""
+    from reuse_exp.engine.ops import ops_for
+    ops = ops_for(torch.device(device))
     gen = torch.Generator().manual_seed(0)
     B, H, KV, T, D, S, kv_len = 2, 8, 2, 8, 64, 256, 160
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device)
-    q, k, v, k_buf, v_buf = rand(B, H, T, D), rand(B, KV, T, D), rand(B, KV, T, D), rand(B, KV, S, D), rand(B, KV, S, D)
+    qkv, k_buf, v_buf = rand(B, T, (H + 2 * KV) * D), rand(B + 1, KV, S, D), rand(B + 1, KV, S, D)
     positions = torch.arange(100, 100 + T, device=device)
-    mask = torch.where(torch.arange(S, device=device) < kv_len, 0.0, float("-inf"))
-    bf = [t.bfloat16() for t in (q, k, v, k_buf, v_buf)]
-    out = attend_static(*bf, positions, mask.bfloat16(), None)
-    K, V = k_buf.double().clone(), v_buf.double().clone()
-    K[:, :, 100:100 + T], V[:, :, 100:100 + T] = k.double(), v.double()
-    K, V = K[:, :, :kv_len].repeat_interleave(H // KV, 1), V[:, :, :kv_len].repeat_interleave(H // KV, 1)
-    ref = torch.softmax(q.double() @ K.transpose(-1, -2) / D ** 0.5, -1) @ V
+    cos, sin = torch.ones(T, D, device=device), torch.zeros(T, D, device=device)   # no rotation
+    rows = torch.tensor([2, 0], device=device)
+    bf = [t.bfloat16() for t in (qkv, k_buf, v_buf)]
+    before = bf[1].clone()
+    q = ops.rope_kv(bf[0], cos.bfloat16(), sin.bfloat16(), H, KV, bf[1], bf[2], rows, positions,
+                    torch.tensor([True, False], device=device))
+    out = ops.attention(q, bf[1], bf[2], rows, positions, torch.tensor([kv_len], device=device), S)
+    k_new = bf[0][..., H * D:(H + KV) * D].reshape(B, T, KV, D).transpose(1, 2)
+    assert torch.equal(bf[1][2, :, 100:100 + T], k_new[0])            # row 2 wrote its keys
+    assert torch.equal(bf[1][[0, 1]], before[[0, 1]])                  # row 0 did not, nor row 1
+    ref_rows = []
+    for e, r in enumerate((2, 0)):
+        K, V = bf[1][r].double()[:, :kv_len], bf[2][r].double()[:, :kv_len]
+        K, V = K.repeat_interleave(H // KV, 0), V.repeat_interleave(H // KV, 0)
+        qe = q[e].double()
+        ref_rows.append((torch.softmax(qe @ K.transpose(-1, -2) / D ** 0.5, -1) @ V).transpose(0, 1).reshape(T, H * D))
+    ref = torch.stack(ref_rows)
     err = float((out.double() - ref).norm() / ref.norm())
     assert err < 1e-2, err
-    assert torch.equal(bf[3][:, :, 100:100 + T], bf[1])  # this forward's keys were written in place
 
 
-def test_reusing_positions_never_computed_is_an_error(model):
+def test_only_small_block_forwards_reuse(model):
+    """A plan that asks a full-block forward to reuse is not obeyed: every layer computes."""
     from reuse_exp.engine.model import ForwardKind
-    from reuse_exp.engine.reuse import told_plan
+    from reuse_exp.engine.reuse import REUSED, told_plan
     dev = model.device
     runner = FastRunner(model, use_graphs=False)
     policy = FixedPolicy.create(8, k=2, subset="middle")
     cache, rc = runner.new_cache(1, 64, 32), runner.new_reuse_cache(policy, 1, 32)
     tokens = torch.randint(0, 60, (1, 32), device=dev)
-    reuse = told_plan(policy.layers, [True], rc, 8, dev)
-    with pytest.raises(RuntimeError, match="never computed in this block"):
-        runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)
-    runner(tokens, ForwardKind.FULL_BLOCK, cache, 0, told_plan(policy.layers, [False], rc, 0, dev))
-    runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, reuse)  # computed by the full block: fine
+    full = told_plan(policy.layers, [True], rc, 0, dev, ForwardKind.FULL_BLOCK)
+    runner(tokens, ForwardKind.FULL_BLOCK, cache, 0, full)
+    assert not bool(full.log[REUSED].any())
+    small = told_plan(policy.layers, [True], rc, 8, dev)
+    runner(tokens[:, 8:16], ForwardKind.SMALL_BLOCK, cache, 8, small)
+    assert bool(small.log[REUSED].all())
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 2.0])
@@ -179,7 +190,9 @@ def test_adaptive_delta_on_the_fast_path_decodes_the_eager_tokens(model, thresho
     if threshold == 0.0:
         assert fast.tokens == generate(model, FIVE, DEC, None, runner=runner).tokens  # k=1's
     if threshold == 0.5:
-        assert runner.stats["mixed"] > 0 and runner.stats["padded"] > 0, runner.stats
+        assert runner.stats["padded"] > 0, runner.stats
+        trace = generate(model, FIVE, DEC, policy, runner=runner, trace_sample=None).report
+        assert 0 < sum(r for _, r in trace.layer_counts.totals()) < sum(s.layer_evals_skipped for s in trace.samples)
 
 
 def test_adaptive_delta_fast_path_batch_equals_solo(model):

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
 
 from reuse_exp.engine.model import ForwardKind
-from reuse_exp.engine.policies import ReusePolicy, register
+from reuse_exp.engine.policies import Memory, ReusePolicy, register
 from reuse_exp.engine.policies.drift import layer_groups
 from reuse_exp.errors import ConfigError
 
@@ -57,8 +58,8 @@ class Stride(ReusePolicy):
     def reuses(self) -> bool:
         return self.k > 1
 
-    def memory(self, batch: int) -> "StrideMemory":
-        return StrideMemory(self.strides)
+    def memory(self, state) -> "StrideMemory":
+        return StrideMemory(self, state)
 
     def describe(self) -> dict:
         return {"k": self.k, "strides": list(self.strides), "groups": [list(g) for g in self.groups], "mode": self.mode}
@@ -67,21 +68,13 @@ class Stride(ReusePolicy):
         return f"stride ({self.mode} mode): groups {[list(g) for g in self.groups]} recompute every {list(self.strides)}"
 
 
-class StrideMemory:
-    """Remembers nothing: each row's step counter decides."""
+class StrideMemory(Memory):
+    """Remembers nothing: each row's step counter decides (on the device, as the engine asks)."""
 
-    def __init__(self, strides: tuple[int, ...]):
-        self.strides, self.refresh_drifts = strides, []
-
-    def decide(self, kind, group, active, clock, drift) -> list[bool]:
-        stride = self.strides[group]
-        return [a and kind is ForwardKind.SMALL_BLOCK and step % stride != 0 for a, step in zip(active, clock.step)]
-
-    def new_block(self) -> None:
-        pass
-
-    def trim(self, keep) -> None:
-        pass
+    def decide(self, kind, group, active, clock, drift) -> torch.Tensor:
+        if kind is not ForwardKind.SMALL_BLOCK:
+            return torch.zeros_like(active)
+        return active & (clock.step % self.policy.strides[group] != 0)
 
 
 # -- the tests every policy has, in process ------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The decoding path a run takes by default (the one that decodes eager's tokens), the compile
-cache that makes a machine pay compilation once, and the warm-up the benchmark measures in
-fresh processes."""
+"""The decoding path a run takes by default, the compile cache that makes a machine pay the
+fast path's kernel compilation once, and the warm-up the benchmark measures in fresh processes."""
+import dataclasses
 import json
 import os
 import shlex
@@ -39,29 +39,18 @@ def root(monkeypatch, tmp_path):
 
 
 # -- the path a run takes -----------------------------------------------------------------------
-def test_the_default_gpu_path_runs_the_layers_as_written():
-    """On a GPU (faked: the runner reads only the model's device when built) the default runner
-    and decode path `auto` replay graphs of the uncompiled layers; `compiled` is the opt-in."""
-    gpu_model = SimpleNamespace(device=torch.device("cuda"))
-    runner = FastRunner(gpu_model)
-    assert (runner.name, runner.use_graphs, runner.step) == ("cuda-graph", True, layer_step)
-    assert make_runner(gpu_model, "auto").name == "cuda-graph"
-    assert make_runner(gpu_model, "fast").name == "cuda-graph"
-
-
 def test_on_the_cpu_the_paths_are_unchanged(root):
     model = random_model("tiny", seed=0)
     assert (FastRunner(model).name, FastRunner(model).step) == ("static", layer_step)
     assert make_runner(model, "auto").name == "eager" and make_runner(model, "eager").name == "eager"
     assert make_runner(model, "fast").name == "static"
-    assert make_runner(model, "compiled").name == "static+compile"
 
 
-def test_decode_path_compiled_parses_and_a_typo_is_one_line():
-    assert RunSettings.parse({"decode_path": "compiled"}).decode_path == "compiled"
+def test_the_compiled_path_is_gone_and_a_typo_is_one_line():
     assert RunSettings().decode_path == "auto"
-    with pytest.raises(SettingError, match=r"^decode_path=complied: use one of auto, eager, fast, compiled$"):
-        RunSettings.parse({"decode_path": "complied"})
+    for typo in ("complied", "compiled"):
+        with pytest.raises(SettingError, match=rf"^decode_path={typo}: use one of auto, eager, fast$"):
+            RunSettings.parse({"decode_path": typo})
 
 
 # -- the compile cache --------------------------------------------------------------------------
@@ -74,7 +63,7 @@ def test_the_compile_folder_is_keyed_by_torch_and_the_engine_code(root, monkeypa
     for name in compile_cache.COMPILED_CODE:
         shutil.copy(compile_cache.ENGINE / name, code / name)
     assert compile_dir(key_parts(CPU, code)) == compile_dir(here)   # the code's contents, not its place
-    with open(code / "static_forward.py", "a") as f:
+    with open(code / "triton_kernels.py", "a") as f:
         f.write("\n# an edit\n")
     assert compile_dir(key_parts(CPU, code)) != compile_dir(here)
     monkeypatch.setattr(torch, "__version__", "9.9.9")
@@ -100,14 +89,6 @@ def test_torch_s_own_default_is_not_the_user_s(root, monkeypatch):
     assert use_compile_caches(CPU)["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "torchinductor")
 
 
-def test_a_compiled_runner_points_the_caches_before_it_compiles(root):
-    runner = FastRunner(random_model("tiny", seed=0), compile_layers=True)
-    assert runner.name == "static+compile"
-    folder = compile_dir(key_parts(CPU))
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "torchinductor")
-    assert os.environ["TRITON_CACHE_DIR"] == str(folder / "triton")
-
-
 # -- the benchmark's paths and warm-up ----------------------------------------------------------
 SETTINGS = {"shape": "tiny", "device": "cpu", "dtype": "float32", "prompt_len": 32, "new_tokens": 32,
             "batches": [1, 2]}
@@ -116,7 +97,7 @@ SETTINGS = {"shape": "tiny", "device": "cpu", "dtype": "float32", "prompt_len": 
 @pytest.mark.slow
 def test_two_fresh_processes_report_their_first_and_warm_decodes(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")   # not for the measured processes
-    w = fresh_processes(SETTINGS | {"compile": False}, processes=2)
+    w = fresh_processes(SETTINGS, processes=2)
     assert w["path"] == "static" and [p["cache"] for p in w["processes"]] == ["empty", "kept"]
     for p in w["processes"]:
         assert [b["batch"] for b in p["batches"]] == [1, 2]
@@ -130,31 +111,22 @@ def test_two_fresh_processes_report_their_first_and_warm_decodes(monkeypatch):
     assert "| static | 2 (kept) |" in table and "second process ≤ 3 s" in table
 
 
-@pytest.mark.slow
-def test_a_second_process_finds_the_compiled_kernels_of_the_first(monkeypatch, tmp_path):
-    """The compiled path on the CPU (Inductor's C++ kernels): the second process reads what the
-    first compiled, from the measurement's own root (not the caches this user keeps), and its
-    first decode is much shorter."""
-    for var in ENV_VARS:
-        monkeypatch.setenv(var, str(tmp_path / var))
-    w = fresh_processes(SETTINGS | {"compile": True, "batches": [1]}, processes=2)
-    first, second = (p["batches"][0]["first_s"] for p in w["processes"])
-    caches = [p["caches"] for p in w["processes"]]
-    assert caches[0] == caches[1] and all("reuse_exp_warmup_" in c and "/compile/" in c for c in caches[0].values())
-    assert second < first / 2, (first, second)
-
-
-def test_compare_compiled_with_compile_is_refused_in_one_line():
-    out = CliRunner().invoke(main, ["bench", "--compare-compiled", "--compile"])
-    assert out.exit_code == 2 and "drop --compile" in out.output and "Traceback" not in out.output
+def test_quick_is_the_preset_and_given_options_win():
+    from reuse_exp.engine.bench import QUICK
+    ctx = bench_cmd.make_context("bench", ["--quick", "--batch", "1"])
+    params = dict(ctx.params)
+    quick = params.pop("quick")
+    given = {k for k in params if ctx.get_parameter_source(k).name != "DEFAULT"}
+    assert quick and given == {"batch"}
+    assert QUICK["warmup_processes"] == 0 and set(QUICK) <= {f.name for f in dataclasses.fields(BenchArgs)}
 
 
 def test_the_warm_up_options_repeat_in_the_recorded_command():
-    argv = ["--compare-compiled", "--warmup-batches", "1,8", "--warmup-processes", "3"]
+    argv = ["--warmup-batches", "1,8", "--warmup-processes", "3"]
     params = bench_cmd.make_context("bench", argv).params
-    json_out, md = params.pop("json_out"), params.pop("markdown")
+    json_out, md, quick = params.pop("json_out"), params.pop("markdown"), params.pop("quick")
     args = BenchArgs(**params)
-    assert (args.compare_compiled, args.warmup_batches, args.warmup_processes) == (True, (1, 8), 3)
+    assert (args.warmup_batches, args.warmup_processes) == ((1, 8), 3)
     again = bench_cmd.make_context("bench", shlex.split(bench_command(args, json_out, md))[2:]).params
-    assert again == {**params, "json_out": json_out, "markdown": md}
-    assert BenchArgs(device="cpu").resolved().warmup_processes == 0 and not BenchArgs().compile
+    assert again == {**params, "json_out": json_out, "markdown": md, "quick": quick}
+    assert BenchArgs(device="cpu").resolved().warmup_processes == 0

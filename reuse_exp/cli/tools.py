@@ -47,10 +47,9 @@ def comma_list(kind):
 @click.option("--repeats", type=int, default=2, help="timed end-to-end decodes per config")
 @click.option("--copy-mb", type=int, default=None, help="bytes copied to measure bandwidth")
 @click.option("--matmul-n", type=int, default=None, help="size of the matrix product for the peak")
-@click.option("--compile/--no-compile", default=False, help="fast path: each layer compiled with torch.compile "
-              "(the `compiled` decode path: fewer kernels, other bf16 roundings)")
-@click.option("--compare-compiled", is_flag=True, default=False, help="also the compiled path: forwards and k=1 "
-              "tok/s beside the default path's in each row, and its warm-up")
+@click.option("--quick", is_flag=True, default=False, help="the preset that fits one 600 s device call on the 7B "
+              "shape (batch 1 and 32, k=1,2, adaptive-delta at drift 0 and 1.0, both trajectories, 128 new tokens); "
+              "options given beside it win")
 @click.option("--warmup-batches", type=comma_list(int), default="1,8,32", help="batch sizes of the fresh "
               "processes' first decodes")
 @click.option("--warmup-processes", type=int, default=None, help="fresh processes in a row, the first on an empty "
@@ -66,19 +65,27 @@ def comma_list(kind):
               help="write the result as JSON here")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the markdown table here")
-def bench(json_out, markdown, **options):
+@click.pass_context
+def bench(ctx, json_out, markdown, quick, **options):
     """Benchmark random weights of a named shape on fixed trajectories (docs/bench.md)."""
-    from ..engine.bench import BenchArgs, run_bench
+    from ..engine.bench import QUICK, BenchArgs, run_bench
     from ..engine.bench_report import markdown as report
+    if quick:   # the preset's values for the options left at their defaults
+        given = {k for k in options if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        options |= {k: v for k, v in QUICK.items() if k not in given}
     args = BenchArgs(**options)
+
+    def save(result):   # after every batch row: a benchmark cut short keeps what it measured
+        if json_out:
+            json_out.write_text(json.dumps(dataclasses.asdict(result) | {"complete": False}, indent=2))
     with one_line():
-        result = run_bench(args, bench_command(args, json_out, markdown), run_trace)
+        result = run_bench(args, bench_command(args, json_out, markdown), run_trace, on_row=save)
     text = report(result)
     click.echo(text)
     if markdown:
         markdown.write_text(text)
     if json_out:
-        json_out.write_text(json.dumps(dataclasses.asdict(result), indent=2))
+        json_out.write_text(json.dumps(dataclasses.asdict(result) | {"complete": True}, indent=2))
 
 
 def bench_command(args, json_out: Path | None, markdown: Path | None) -> str:

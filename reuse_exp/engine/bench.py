@@ -18,10 +18,14 @@ a large bf16 matrix product for the dense peak):
   against the ideal (the skipped layers' share of the bytes);
 - end to end, tokens/s at each k (median of timed decodes after an untimed one), and
   the time saved against k=1 beside the ideal (each skipped layer evaluation free);
+- where a decode's time goes (bench_decode.py): per forward kind its device time (CUDA events
+  around each graph), the device time between forwards (logits, unmasking, waiting for the
+  host), and the host's time waiting for the device against its own work;
 - warm-up: the first decode of the run (compilation, graph captures) over a warm one; and
   the first decodes of fresh processes in a row, on an empty and then a kept compile cache
-  (bench_paths.py), for the default path and, with --compare-compiled, the compiled one, whose
-  forwards and k=1 tokens/s each row then shows beside the default's.
+  (bench_paths.py).
+The result is handed to `on_row` after every batch row (the CLI rewrites its JSON then: a
+benchmark cut short keeps what it measured).
 """
 from __future__ import annotations
 
@@ -31,7 +35,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import SettingError
 from .config import shape as named_shape
 from .decoding import DecodeConfig, EagerRunner, generate
 from .fast import FastRunner
@@ -41,7 +44,7 @@ from .model import FastDLLM, ForwardKind
 from .bench_ceilings import copy_bandwidth, forward_flops, kv_bytes, matmul_peak, timed_ms, weight_bytes
 from .bench_decode import decode_rows, end_to_end
 from .bench_goals import goals
-from .bench_paths import fresh_processes, path_cost, warmup_settings
+from .bench_paths import fresh_processes, warmup_settings
 from .bench_report import row_line
 from .policies import ReusePolicy
 from .policies.fixed import FixedPolicy
@@ -62,14 +65,14 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
     window = list(range(small))
 
     def full():
-        model.logits(runner(blk, ForwardKind.FULL_BLOCK, cache)[:, window])
+        runner.logits(runner(blk, ForwardKind.FULL_BLOCK, cache)[:, window])
 
     def small_block(plan=None):
-        model.logits(runner(blk[:, 8:8 + small], ForwardKind.SMALL_BLOCK, cache, 8, plan)[:, window])
+        runner.logits(runner(blk[:, 8:8 + small], ForwardKind.SMALL_BLOCK, cache, 8, plan)[:, window])
 
     def finalize():
         cache.prefix_len = prefix  # re-commit the same block each time
-        model.logits(runner(blk, ForwardKind.FINALIZE, cache)[:, -1:])
+        runner.logits(runner(blk, ForwardKind.FINALIZE, cache)[:, -1:])
 
     kinds = {"full_block": timed_ms(full, dev, iters), "small_block": timed_ms(small_block, dev, iters),
              "finalize": timed_ms(finalize, dev, iters)}
@@ -79,8 +82,9 @@ def time_forward_kinds(model: FastDLLM, runner, batch: int, prefix: int, block: 
     for policy in policies:
         rc = runner.new_reuse_cache(policy, batch, block)
         runner(blk, ForwardKind.FULL_BLOCK, cache, 0,
-               told_plan(policy.layers, [False] * batch, rc, 0, dev, ForwardKind.FULL_BLOCK))
-        reused[policy] = timed_ms(lambda: small_block(told_plan(policy.layers, [True] * batch, rc, 8, dev)), dev, iters)
+               told_plan(policy.layers, [False] * batch, rc, 0, dev, ForwardKind.FULL_BLOCK, runner.buffer))
+        every_row = told_plan(policy.layers, [True] * batch, rc, 8, dev, buffer=runner.buffer)
+        reused[policy] = timed_ms(lambda: small_block(every_row), dev, iters)
     return kinds, reused, kernels
 
 
@@ -169,8 +173,6 @@ class BenchArgs:
     repeats: int = 2                          # timed end-to-end decodes per configuration
     copy_mb: int | None = None                # bytes copied to measure the bandwidth
     matmul_n: int | None = None               # size of the matrix product for the peak
-    compile: bool = False                     # fast path: each layer compiled (decode path `compiled`)
-    compare_compiled: bool = False            # also the compiled path: its forwards, k=1 tok/s and warm-up
     warmup_batches: tuple[int, ...] = (1, 8, 32)  # first decodes of fresh processes at these batch sizes
     warmup_processes: int | None = None       # fresh processes in a row (default 2 on a GPU, 0 on the CPU)
     check_tokens: int = 0                     # also compare the eager and fast paths' first N tokens at k=1
@@ -183,34 +185,37 @@ class BenchArgs:
         on_gpu = device.startswith("cuda")
         dtype = self.dtype or ("bfloat16" if on_gpu else "float32")
         parse_dtype(dtype)
-        if self.compare_compiled and (self.compile or self.path != "fast"):
-            raise SettingError("--compare-compiled sets the compiled path beside the default fast one: "
-                               "drop --compile and --path eager")
         processes = (2 if on_gpu else 0) if self.warmup_processes is None else self.warmup_processes
         return replace(self, device=device, dtype=dtype, copy_mb=self.copy_mb or (2048 if on_gpu else 256),
                        matmul_n=self.matmul_n or (8192 if on_gpu else 512), warmup_processes=processes)
 
 
-def run_bench(args: BenchArgs, command: str = "", run_trace=None) -> BenchResult:
-    """`run_trace`: fetches a tracked run's reuse_trace.json for a `run:ID` trajectory."""
+# `--quick`: what fits one 600 s call of a lent GPU on the 7B shape (forwards at batch 1 and 32,
+# decodes at both on both trajectories, k=2 and the adaptive policy at drift 0 and 1.0).
+QUICK = dict(batch=(1, 32), decode_batches=(1, 32), k=(1, 2), new_tokens=128, iters=10, repeats=3,
+             trajectories=(ONE_TOKEN, "tiny_gsm"), extra=("adaptive-delta:0", "adaptive-delta:1.0"),
+             warmup_processes=0)
+
+
+def run_bench(args: BenchArgs, command: str = "", run_trace=None, on_row=None) -> BenchResult:
+    """`run_trace`: fetches a tracked run's reuse_trace.json for a `run:ID` trajectory; `on_row`
+    is called with the result so far after each batch row."""
     args = args.resolved()
     trajectories = [(spec, Trajectory.load(spec, run_trace)) for spec in args.trajectories]
     device = torch.device(args.device)
     # Fresh processes first, while this one holds nothing on the device.
-    paths = (args.compile, True) if args.compare_compiled else (args.compile,)
-    fresh = [fresh_processes(warmup_settings(args, c), args.warmup_processes)
-             for c in paths if args.warmup_processes and args.path == "fast"]
+    fresh = [fresh_processes(warmup_settings(args), args.warmup_processes)] \
+        if args.warmup_processes and args.path == "fast" else []
     torch.manual_seed(0)
     model = random_model(named_shape(args.shape), args.dtype, device=str(device), seed=0)
     assert not any(p.requires_grad for p in model.parameters())
     with torch.inference_mode():
         bw = copy_bandwidth(device, args.copy_mb << 20)
         peak = matmul_peak(device, model.dtype, args.matmul_n)
-        runner = FastRunner(model, compile_layers=args.compile) if args.path == "fast" else EagerRunner(model)
+        runner = FastRunner(model) if args.path == "fast" else EagerRunner(model)
         result = BenchResult(machine=machine_info(device), settings=vars(args).copy(), command=command,
                              bandwidth_gbs=bw / 1e9, peak_tflops=peak / 1e12, weights_gb=weight_bytes(model) / 1e9,
                              path_name=runner.name, fresh_processes=fresh)
-        compiled = FastRunner(model, compile_layers=True) if args.compare_compiled else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # Warm-up first, in a fresh process: the first decode pays compilation and captures.
@@ -224,11 +229,9 @@ def run_bench(args: BenchArgs, command: str = "", run_trace=None) -> BenchResult
                     for k in sorted(set(args.k)) if k > 1 for s in args.subset]
         for batch in args.batch:
             result.rows.append(bench_batch(model, runner, args, batch, policies, bw, peak, trajectories))
-            if compiled is not None:  # forwards and k=1 only: the speed the compiled path buys
-                row = bench_batch(model, compiled, replace(args, k=(1,), extra=()), batch, [], bw, peak,
-                                  trajectories[:1])
-                result.rows[-1]["compiled"] = path_cost(row)
             print(row_line(result.rows[-1]), flush=True)
+            if on_row is not None:
+                on_row(result)
         if device.type == "cuda":
             result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
     if args.check_tokens:

@@ -21,14 +21,18 @@ def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, mask_id, (batch, prompt_len), generator=gen).tolist()
     first = generate(model, prompts, cfg, policy, runner=runner).report  # compiles and captures: not throughput
-    timing = getattr(runner, "timings", False) is None and model.device.type == "cuda"
-    if timing:
-        runner.timings = []  # each graphed forward's device time, for the reuse saving in situ
-    runs = [generate(model, prompts, cfg, policy, runner=runner).report for _ in range(repeats)]
-    times = runner.forward_times() if timing else []
-    if timing:
-        runner.timings = None
+    timing = getattr(runner, "timings", False) is None and model.device.type == "cuda" and runner.use_graphs
+    runs, per_run = [], []
+    for _ in range(repeats):
+        if timing:
+            runner.timings = []  # each graphed forward's device time, for the reuse saving in situ
+        runs.append(generate(model, prompts, cfg, policy, runner=runner).report)
+        if timing:
+            per_run.append(runner.forward_times())
+            runner.timings = None
+    times = [t for run in per_run for t in run]
     seconds = [r.wall_seconds for r in runs]
+    median_run = sorted(range(len(runs)), key=lambda i: seconds[i])[len(runs) // 2]
     s = runs[0].summary()
     return {"tokens_per_second": statistics.median(r.tokens_per_second for r in runs),
             "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
@@ -36,7 +40,21 @@ def end_to_end(model: FastDLLM, runner, batch: int, prompt_len: int, new_tokens:
             "tokens_per_step": runs[0].tokens_per_step,
             "batch_forwards": s["batch_forwards"], "sample_forwards": s["sample_forwards"],
             "layer_evals_run": s["layer_evals_run"], "layer_evals_skipped": s["layer_evals_skipped"],
-            "skipped_fraction": s["skipped_fraction"], "forward_times": times}
+            "skipped_fraction": s["skipped_fraction"], "forward_times": times,
+            "time": where_time_goes(runs[median_run], per_run[median_run]) if per_run else None}
+
+
+def where_time_goes(report, forwards: list[dict]) -> dict:
+    """One decode's wall time, its forwards' device time by kind (`+skip`: some group skipped by
+    every row), the device time between its forwards, and the host's time blocked on the device."""
+    kinds: dict = {}
+    for t in forwards:
+        c = kinds.setdefault(t["kind"] + ("+skip" if t["skip"] else ""), {"count": 0, "ms": 0.0})
+        c["count"] += 1
+        c["ms"] += t["ms"]
+    return {"wall_ms": report.wall_seconds * 1e3, "forwards": kinds,
+            "forward_ms": sum(t["ms"] for t in forwards), "between_ms": sum(t["gap_ms"] for t in forwards[1:]),
+            "host_wait_ms": report.host_wait_seconds * 1e3}
 
 
 def saving_in_situ(times: list[dict], share: float) -> dict | None:

@@ -1,11 +1,7 @@
-"""The benchmark's two fast paths and what each costs: the default one (the layers as written,
-eager's tokens) and the compiled one (decode path `compiled`).
-
-- per batch row, the compiled path's forwards and k=1 tokens/s beside the default's;
-- warm-up as a machine meets it: fresh processes one after another (warmup.py), the first on
-  an empty cache root, the next ones on what the first left there (compiled kernels; CUDA
-  graphs are captured again by every process), each timing its first and a warm decode at
-  several batch sizes.
+"""Warm-up as a machine meets it: fresh processes one after another (warmup.py), the first on
+an empty cache root, the next ones on what the first left there (the fast path's compiled
+Triton kernels; CUDA graphs are captured again by every process), each timing its first and a
+warm decode at several batch sizes.
 """
 from __future__ import annotations
 
@@ -26,24 +22,16 @@ GOAL_FIRST_S, GOAL_SECOND_PROCESS_S = 10.0, 3.0
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
-def path_cost(row: dict) -> dict:
-    """What a batch row of the compiled path shows beside the default's: forward medians and k=1
-    tok/s (None where the row decoded nothing)."""
-    k1 = row["end_to_end"][0] if row["end_to_end"] else {}
-    return {"forward_ms": {k: v["median"] for k, v in row["forward_ms"].items()}, "kernels": row.get("kernels"),
-            "tokens_per_second": k1.get("tokens_per_second"), "first_call_seconds": k1.get("first_call_seconds")}
-
-
-def warmup_settings(args, compile: bool) -> dict:
+def warmup_settings(args) -> dict:
     """What a fresh warm-up process (warmup.py) decodes for the benchmark's resolved `args`."""
     return {"shape": args.shape, "device": args.device, "dtype": args.dtype, "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "batches": list(args.warmup_batches), "compile": compile}
+            "new_tokens": args.new_tokens, "batches": list(args.warmup_batches)}
 
 
 def fresh_processes(settings: dict, processes: int, timeout_s: float = 600.0) -> dict:
     """`processes` fresh processes in a row, each warmup.py with `settings`, on one cache root
     of their own (empty for the first); each process's JSON, and its wall seconds from start to
-    exit. Caches the user pointed elsewhere (Inductor's, Triton's) are left out: the first
+    exit. Caches the user pointed elsewhere (Triton's, Inductor's) are left out: the first
     process must start cold."""
     with tempfile.TemporaryDirectory(prefix="reuse_exp_warmup_") as root:
         env = {k: v for k, v in os.environ.items() if k not in ENV_VARS} | {CACHE_ROOT.name: root}

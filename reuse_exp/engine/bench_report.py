@@ -98,7 +98,7 @@ def markdown(r) -> str:
               "share of those forwards for the rows that reused; as fractions of the decode's forward time. "
               "Decode time vs k=1: wall time of the whole decode against k=1 on the same trajectory, beside the "
               "bytes of the skipped layer evaluations over the bytes of all."]
-    lines += goals_table(r) + paths_table(r) + warmup_table(r)
+    lines += time_table(r) + goals_table(r) + warmup_table(r)
     if r.path_check:
         c = r.path_check
         lines += ["", f"Eager vs fast path, k=1, first {c['tokens_compared']} tokens: "
@@ -106,24 +106,27 @@ def markdown(r) -> str:
     return "\n".join(x for x in lines if x is not None) + "\n"
 
 
-def paths_table(r) -> list[str]:
-    """The compiled path beside the default one, per batch row (bench --compare-compiled)."""
-    if not any("compiled" in row for row in r.rows):
+def time_table(r) -> list[str]:
+    """Where each decode's time went: device time of each forward kind, device time between
+    forwards, and the host's time waiting for the device (the timed decodes' medians, ms)."""
+    rows = [(row["batch"], e) for row in r.rows for e in row["end_to_end"] + row.get("extra", []) if e.get("time")]
+    if not rows:
         return []
-    lines = ["", f"| batch | full ms: {r.path_name} / compiled | small ms: {r.path_name} / compiled | "
-             f"kernels per small-block forward: {r.path_name} / compiled | "
-             f"tok/s k=1: {r.path_name} / compiled | compiled speed-up, k=1 |", "|" + " --- |" * 6]
-    for row in r.rows:
-        c = row.get("compiled")
-        if c is None:
-            continue
-        ms = {k: v["median"] for k, v in row["forward_ms"].items()}
-        k1, ck1 = (row["end_to_end"] or [{}])[0].get("tokens_per_second"), c["tokens_per_second"]
-        decoded = f"{k1:.1f} / {ck1:.1f} | {ck1 / k1:.2f}x" if k1 and ck1 else "- | -"
-        lines.append(f"| {row['batch']} | {ms['full_block']:.2f} / {c['forward_ms']['full_block']:.2f} | "
-                     f"{ms['small_block']:.2f} / {c['forward_ms']['small_block']:.2f} | "
-                     f"{_kernels(row, 'small_block')} / {_kernels(c, 'small_block')} | {decoded} |")
-    return lines
+    kinds = sorted({k for _, e in rows for k in e["time"]["forwards"]})
+    lines = ["", "| batch | trajectory | policy | wall ms | " + " | ".join(f"{k} ms (n)" for k in kinds)
+             + " | between forwards ms | host waiting ms | host working ms |", "|" + " --- |" * (len(kinds) + 7)]
+    for batch, e in rows:
+        t = e["time"]
+        name = e.get("policy") or (f"k={e['k']} {e['subset']}" if e["k"] > 1 else "k=1")
+        cells = [str(batch), e.get("trajectory", ""), name, f"{t['wall_ms']:.1f}"]
+        cells += [f"{t['forwards'][k]['ms']:.1f} ({t['forwards'][k]['count']})" if k in t["forwards"] else "-"
+                  for k in kinds]
+        cells += [f"{t['between_ms']:.1f}", f"{t['host_wait_ms']:.1f}", f"{t['wall_ms'] - t['host_wait_ms']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Per decode (the median timed one): each forward kind's device time and count (CUDA events "
+                    "around each graph replay; `+skip`: forwards in which some group was skipped by every row), the "
+                    "device time between forwards (logits, unmasking, the host's next launch), and the host's time "
+                    "blocked on its one read per step against the rest of the wall time."]
 
 
 def warmup_table(r) -> list[str]:
@@ -132,7 +135,7 @@ def warmup_table(r) -> list[str]:
     if not r.fresh_processes:
         return []
     batches = r.fresh_processes[0]["settings"]["batches"]
-    lines = ["", "| path | process (compile cache) | model ready s | "
+    lines = ["", "| path | process (kernel cache) | model ready s | "
              + " | ".join(f"batch {b}: first decode s (warm s)" for b in batches) + " | process s | goal |",
              "|" + " --- |" * (len(batches) + 5)]
     for w in r.fresh_processes:

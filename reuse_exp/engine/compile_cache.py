@@ -1,6 +1,6 @@
-"""Compiled layers' kernels kept on disk, so that a machine pays compilation once.
+"""The fast path's compiled kernels kept on disk, so that a machine pays compilation once.
 
-torch.compile (Inductor) and Triton keep what they compile in the folders named by
+Triton (and torch.compile's Inductor) keep what they compile in the folders named by
 TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, read when they first compile. Before the first
 compilation the fast path points both (unless the user set them) at
 <cache root>/compile/<key>, the key covering what invalidates a compiled kernel: the torch,
@@ -23,8 +23,8 @@ import torch
 from ..knobs import cache_root
 
 ENV_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-# The engine modules whose code the compiled layer step runs, or that choose how it compiles.
-COMPILED_CODE = ("static_forward.py", "static_inputs.py", "model.py", "config.py", "fast.py")
+# The engine modules whose code is compiled (the fast path's kernels), or that choose how it compiles.
+COMPILED_CODE = ("triton_kernels.py", "triton_ops.py")
 ENGINE = Path(__file__).parent
 
 

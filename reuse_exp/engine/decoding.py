@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .instrument import DecodeRecorder, DecodeReport
+from .instrument import DecodeRecorder, DecodeReport, _Forward
 from .model import FastDLLM, ForwardKind
 from .replay import WindowLogits
 from .policies import ReusePolicy
-from .reuse import ReuseCache, RowMask
+from .reuse import REUSED, ReuseCache
 from .schedule import ReuseSchedule
 from .trajectory import Trajectory, UnmaskingLog
 
@@ -67,8 +67,13 @@ class EagerRunner:
     def __init__(self, model: FastDLLM):
         self.model = model
 
-    def __call__(self, tokens, kind, cache, replace_position=0, plan=None, active=None):
+    def __call__(self, tokens, kind, cache, replace_position=0, plan=None, active=None, rows=None):
+        """`active` (bool [batch], device; None: every row) limits the rows whose caches the forward
+        writes; `rows` is the same on the host (the fast path builds its row sets from it)."""
         return self.model(tokens, kind, cache, replace_position, plan, active)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden)
 
     def new_cache(self, batch: int, max_len: int, block_size: int):
         return self.model.new_cache(batch, max_len, block_size)
@@ -95,6 +100,9 @@ class _Run:
     does alone. (The public `batch_sample` decides for the whole batch, which lets a
     sample's neighbours change its forwards and, with reuse, its step counter.)
     The reuse decision is `ReuseSchedule`'s, the accounting `DecodeRecorder`'s.
+
+    The rows of a step are decided on the device and read by the host once per step (`_flags`),
+    which then picks the forwards to launch; nothing else of a step is read back.
     """
 
     def __init__(self, model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig,
@@ -105,11 +113,12 @@ class _Run:
         self.seq_len = torch.tensor([len(p) for p in prompts], device=dev)
         # The public budget (whole blocks of new tokens past the longest prompt's block),
         # with at least one block so that a budget under 32 still generates.
-        self.num_blocks = max(cfg.max_new_tokens // bs, 1) + int(self.seq_len.max()) // bs
+        self.num_blocks = max(cfg.max_new_tokens // bs, 1) + max(len(p) for p in prompts) // bs
         total = self.num_blocks * bs + 1  # +1: the token a finalize predicts after the last block
-        self.x = torch.full((len(prompts), total), cfg.mask_id, dtype=torch.long, device=dev)
+        self.x = torch.full((len(prompts), total), cfg.mask_id, dtype=torch.long)
         for b, p in enumerate(prompts):
-            self.x[b, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+            self.x[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        self.x = self.x.to(dev)
         self.cache = runner.new_cache(len(prompts), self.num_blocks * bs, bs)
         reuse_cache = None
         if policy is not None and policy.reuses and policy.mode != "replay":
@@ -119,6 +128,7 @@ class _Run:
         self.window_logits = WindowLogits(len(prompts), dev)
         self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
         self.sample_ids = list(range(len(prompts)))   # original index of each batch row
+        self.samples = torch.arange(len(prompts), device=dev)   # the same, on the device
         self.unmasking = UnmaskingLog(len(prompts))
         self.outputs: dict[int, list[int]] = {}
 
@@ -127,25 +137,27 @@ class _Run:
         return self.recorder.report
 
     def forward(self, tokens: torch.Tensor, kind: ForwardKind, replace_position: int = 0,
-                active: list[bool] | None = None) -> tuple[torch.Tensor, list[bool]]:
-        """One forward of `kind` for the `active` rows (None: all), as the schedule plans it.
-        Returns the hidden states and, per row, whether it stood in cached layers."""
-        active = [True] * tokens.shape[0] if active is None else active
-        plan = self.schedule.plan(kind, active, tokens, replace_position)
-        write_rows = None if all(active) else RowMask.of(active, self.model.device).device
-        hidden = self.runner(tokens, kind, self.cache, replace_position, plan, write_rows)
-        skipped = plan.skipped_layers_per_row() if plan is not None else [() for _ in active]
-        self.recorder.record(
-            kind=kind.value, block=self.schedule.block, tokens=tokens.shape[1],
-            replace_position=replace_position if kind is ForwardKind.SMALL_BLOCK else None,
-            sample_ids=self.sample_ids, active=active, steps=self.schedule.step, skipped=skipped,
-            batch_skipped=plan.batch_skipped() if plan is not None else (),
-            cache_shape=plan.cache.shape if plan is not None else None)
-        self.schedule.advance(kind, active)
-        return hidden, [bool(layers) for layers in skipped]
+                active: list[bool] | None = None, rows: torch.Tensor | None = None):
+        """One forward of `kind` for the rows `active` (host) = `rows` (device; None: all), as the
+        schedule plans it. Returns the hidden states and, per row (device), whether it stood in
+        cached layers."""
+        B = tokens.shape[0]
+        active = [True] * B if active is None else active
+        rows = torch.ones(B, dtype=torch.bool, device=tokens.device) if rows is None else rows
+        plan = self.schedule.plan(kind, rows, tokens, replace_position)
+        hidden = self.runner(tokens, kind, self.cache, replace_position, plan, None if all(active) else rows,
+                             active)
+        self.recorder.record(_Forward(
+            kind.value, self.schedule.block, tokens.shape[1],
+            replace_position if kind is ForwardKind.SMALL_BLOCK else None, list(self.sample_ids), list(active),
+            list(self.schedule.step), plan.groups if plan is not None else (),
+            plan.log if plan is not None else None, cache_shape=plan.cache.shape if plan is not None else None))
+        self.schedule.advance(kind, active, rows)
+        reused = (plan.log[REUSED] > 0.5).any(0) if plan is not None else torch.zeros_like(rows)
+        return hidden, reused
 
     def logits_at(self, hidden: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        logits = self.model.logits(hidden[:, positions]).float()
+        logits = self.runner.logits(hidden[:, positions]).float()
         # The mask token is never a prediction: "unmasking" to it would loop forever
         # (possible for untrained weights; the public code does not guard against it).
         logits[..., self.cfg.mask_id] = -float("inf")
@@ -154,7 +166,8 @@ class _Run:
     # -- the algorithm ----------------------------------------------------------------------
     def prefill(self) -> None:
         bs = self.cfg.block_size
-        min_len = int(self.seq_len.min())
+        lengths = self.seq_len.tolist()
+        min_len = min(lengths)
         if min_len < bs:
             return
         n = min_len // bs * bs
@@ -162,28 +175,26 @@ class _Run:
         if min_len % bs == 0:  # samples of exactly that length take one AR step
             nxt = self.logits_at(hidden, [n - 1]).argmax(-1)[:, 0]
             at_end = self.seq_len == min_len
-            self.x[at_end, n] = nxt[at_end]
+            self.x[:, n] = torch.where(at_end, nxt, self.x[:, n])
             if not self.cfg.ignore_stop:
                 self.finished |= at_end & (nxt == self.cfg.stop_id)
 
     @staticmethod
-    def select(rows: list[bool], new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
-        """`new` for `rows`, `old` elsewhere (None: nothing yet)."""
+    def select(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+        """`new` for `rows` (bool, device), `old` elsewhere (None: nothing yet)."""
         if old is None:
             return new
-        return torch.where(torch.tensor(rows, device=new.device)[:, None, None], new, old)
+        return torch.where(rows[:, None, None], new, old)
 
-    def replay(self, rows: list[bool], replace_position: int) -> None:
+    def replay(self, rows: list[bool], on_device: torch.Tensor, replace_position: int) -> None:
         """A step that skips the whole forward for `rows`: they unmask from their last logits."""
-        every = tuple(range(self.model.num_layers))
-        self.recorder.record(
-            kind=REPLAY, block=self.schedule.block, tokens=0, replace_position=replace_position,
-            sample_ids=self.sample_ids, active=rows, steps=self.schedule.step,
-            skipped=[every if r else () for r in rows], batch_skipped=every if all(rows) else (), cache_shape=None)
-        self.schedule.advance(ForwardKind.SMALL_BLOCK, rows)
+        self.recorder.record(_Forward(REPLAY, self.schedule.block, 0, replace_position, list(self.sample_ids),
+                                      list(rows), list(self.schedule.step), replayed=True))
+        self.schedule.advance(ForwardKind.SMALL_BLOCK, rows, on_device)
 
     def unmask(self, blk: torch.Tensor, logits: torch.Tensor, lo: int, hi: int, active: list[bool]) -> None:
-        masked = blk[:, lo:hi] == self.cfg.mask_id
+        window = blk[:, lo:hi]
+        masked = window == self.cfg.mask_id
         probs = torch.softmax(logits, dim=-1)
         conf, token = probs.max(dim=-1)
         conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
@@ -196,17 +207,25 @@ class _Run:
             chosen = rank < n[:, None]
         chosen &= masked
         self.unmasking.step(chosen.sum(1), self.sample_ids, active)
-        window = blk[:, lo:hi]
-        window[chosen] = token[chosen]
+        window.copy_(torch.where(chosen, token, window))
         if not self.cfg.ignore_stop:
             self.finished |= ((token == self.cfg.stop_id) & chosen).any(dim=1)
+
+    def _flags(self, *rows: torch.Tensor) -> list[list[bool]]:
+        """The step's one host read: several row masks at once (the time it waits is accounted)."""
+        t0 = time.perf_counter()
+        flags = torch.stack(rows).tolist()
+        self.report.host_wait_seconds += time.perf_counter() - t0
+        return flags
 
     def denoise_block(self, block: int) -> None:
         cfg, bs, sbs = self.cfg, self.cfg.block_size, self.cfg.small_block_size
         n_rows = self.x.shape[0]
         blk = self.x[:, block * bs:(block + 1) * bs]   # a view: writes land in self.x
         self.schedule.new_block(block, n_rows)
-        has_block_cache = [False] * n_rows
+        has_block_cache = torch.zeros(n_rows, dtype=torch.bool, device=self.x.device)
+        no_rows = torch.zeros_like(has_block_cache)
+        reuses = self.schedule.policy is not None and self.schedule.policy.reuses
         # Shifted logits: block position p is predicted by the logit at p - 1 (p = 0 by its own);
         # a small-block forward shifts inside its window, so its first position uses its own
         # logit (the public code's approximation, kept on purpose).
@@ -216,51 +235,58 @@ class _Run:
             self.unmasking.new_small_block()
             full_shift = [max(p - 1, 0) for p in range(start, end)]
             while True:
-                active = (blk[:, start:end] == cfg.mask_id).any(dim=1).tolist()
+                masked = blk[:, start:end] == cfg.mask_id
+                active_d = masked.any(dim=1)
+                full_d = active_d & ~has_block_cache | active_d & masked[:, 0] if cfg.use_block_cache else active_d
+                small_d = active_d & ~full_d
+                replay_d = self.schedule.replaying(small_d, blk[:, start:end], start)
+                replay_d = no_rows if replay_d is None else replay_d
+                small_d = small_d & ~replay_d
+                active, full, small, replaying = self._flags(active_d, full_d, small_d, replay_d)
                 if not any(active):
                     break
-                first_masked = (blk[:, start] == cfg.mask_id).tolist()
-                full = [a and (not cfg.use_block_cache or not c or f)
-                        for a, c, f in zip(active, has_block_cache, first_masked)]
-                small = [a and not f for a, f in zip(active, full)]
-                replaying = self.schedule.replaying(small, blk[:, start:end], start)
-                small = [s and not r for s, r in zip(small, replaying)]
                 logits = self.window_logits.replay() if any(replaying) else None
+                computed = no_rows
                 if any(full):
-                    hidden, _ = self.forward(blk, ForwardKind.FULL_BLOCK, 0, full)
-                    logits = self.select(full, self.logits_at(hidden, full_shift), logits)
-                    has_block_cache = [c or (f and cfg.use_block_cache) for c, f in zip(has_block_cache, full)]
+                    hidden, _ = self.forward(blk, ForwardKind.FULL_BLOCK, 0, full, full_d)
+                    logits = self.select(full_d, self.logits_at(hidden, full_shift), logits)
+                    computed = full_d
+                    if cfg.use_block_cache:
+                        has_block_cache = has_block_cache | full_d
                 if any(small):
-                    hidden, reused = self.forward(blk[:, start:end], ForwardKind.SMALL_BLOCK, start, small)
+                    hidden, reused = self.forward(blk[:, start:end], ForwardKind.SMALL_BLOCK, start, small, small_d)
                     small_logits = self.logits_at(hidden, small_shift)
-                    self.window_logits.count_unchanged(small_logits, reused, self.sample_ids)
-                    logits = self.select(small, small_logits, logits)
-                    small = [s and not r for s, r in zip(small, reused)]
+                    if reuses:
+                        self.window_logits.count_unchanged(small_logits, small_d & reused, self.samples)
+                    logits = self.select(small_d, small_logits, logits)
+                    computed = computed | (small_d & ~reused)
                 if any(replaying):
-                    self.replay(replaying, start)
-                if self.schedule.policy is not None and self.schedule.policy.reuses:
-                    self.window_logits.store(logits, [f or s for f, s in zip(full, small)])
+                    self.replay(replaying, replay_d, start)
+                if reuses:
+                    self.window_logits.store(logits, computed)
                 self.unmask(blk, logits, start, end, active)
 
     def finalize_block(self, block: int) -> bool:
         """Commit the block; return False when every sample has finished."""
         cfg, bs = self.cfg, self.cfg.block_size
         lo, hi = block * bs, (block + 1) * bs
-        for b in torch.nonzero(self.finished & (self.seq_len < hi)).flatten().tolist():
-            gen = self.x[b, int(self.seq_len[b]):hi]
-            stops = torch.nonzero(gen == cfg.stop_id).flatten()
-            if len(stops):
-                gen[int(stops[0]) + 1:] = cfg.pad_id
-        if bool(self.finished.all()):
-            return False
+        finished = self._flags(self.finished)[0]
+        if any(finished):
+            for b in torch.nonzero(self.finished & (self.seq_len < hi)).flatten().tolist():
+                gen = self.x[b, int(self.seq_len[b]):hi]
+                stops = torch.nonzero(gen == cfg.stop_id).flatten()
+                if len(stops):
+                    gen[int(stops[0]) + 1:] = cfg.pad_id
+            if all(finished):
+                return False
         hidden, _ = self.forward(self.x[:, lo:hi], ForwardKind.FINALIZE)
         nxt = self.logits_at(hidden, [bs - 1]).argmax(-1)[:, 0]
-        nxt[self.finished] = cfg.pad_id
+        nxt = torch.where(self.finished, cfg.pad_id, nxt)
         # Samples whose prompt has ended take the predicted token. A prompt ending exactly at
         # `hi` takes it too: alone, its prefill's AR step would give this same token (the
         # public batch code leaves it masked, so such a sample decoded differently in a batch).
         ended = self.seq_len <= hi
-        self.x[ended, hi] = nxt[ended]
+        self.x[:, hi] = torch.where(ended, nxt, self.x[:, hi])
         if not cfg.ignore_stop:
             # A stop predicted here ends the sample too (the public code decodes on past it).
             self.finished |= ended & (nxt == cfg.stop_id)
@@ -281,13 +307,15 @@ class _Run:
         self.report.samples[sample].generated_tokens = len(out)
 
     def trim_finished(self) -> None:
-        if not bool(self.finished.any()):
+        finished = self._flags(self.finished)[0]
+        if not any(finished):
             return
         keep = ~self.finished
-        for b in torch.nonzero(self.finished).flatten().tolist():
+        for b in [b for b, f in enumerate(finished) if f]:
             self.collect(b)
-        self.sample_ids = [r for r, k in zip(self.sample_ids, keep.tolist()) if k]
+        self.sample_ids = [r for r, f in zip(self.sample_ids, finished) if not f]
         self.x, self.seq_len, self.finished = self.x[keep], self.seq_len[keep], self.finished[keep]
+        self.samples = self.samples[keep]
         self.cache.trim(keep)
         self.schedule.trim(keep)
         self.window_logits.trim(keep)
@@ -332,7 +360,7 @@ def generate(model: FastDLLM, prompts: list[list[int]], cfg: DecodeConfig = Deco
     run.run()
     _sync(model.device)
     run.report.wall_seconds = time.perf_counter() - t0
-    run.report.refresh_drifts = run.schedule.refresh_drifts
+    run.recorder.resolve()   # the one host read of every forward's reuse decisions
     run.report.unmasking = run.unmasking.resolve()   # the one host read of the per-step counts
     for sample, n in enumerate(run.window_logits.unchanged.tolist()):
         run.report.samples[sample].unchanged_reuse_steps = n

@@ -54,6 +54,7 @@ class DecodeReport:
     trace: list[dict] = field(default_factory=list)             # one sample's decisions, forward by forward
     shadow: list[dict] = field(default_factory=list)            # rel_err records (shadow mode only)
     path: str = "eager"                                         # which forward implementation ran
+    host_wait_seconds: float = 0.0                              # the host blocked on its reads of the device
     refresh_drifts: list = field(default_factory=list)          # adaptive: drift that made a group recompute
     # per sample, per small block in the order generated, the tokens each denoising step unmasked
     unmasking: list[list[list[int]]] = field(default_factory=list)
@@ -99,23 +100,74 @@ class DecodeReport:
         }
 
 
+@dataclass
+class _Forward:
+    """One batched forward as the host saw it; its reuse decisions are on the device until `resolve`."""
+    kind: str
+    block: int
+    tokens: int
+    replace_position: int | None
+    sample_ids: list[int]
+    active: list[bool]
+    steps: list[int]
+    groups: tuple[tuple[int, ...], ...] = ()
+    log: object = None                 # [2, groups, batch] float32 on the device (reuse.Plan.log), cloned
+    replayed: bool = False             # a replayed step: its rows skipped every layer
+    cache_shape: tuple[int, ...] | None = None
+
+
 class DecodeRecorder:
     """Accounts for every forward of one decoding call: per sample, per block and layer, and
-    the trace of one sample's decisions."""
+    the trace of one sample's decisions. The decisions stay on the device while decoding runs
+    (a copy of each forward's log, no host read); `resolve` reads them all at once."""
 
     def __init__(self, n_samples: int, num_layers: int, trace_sample: int | None):
         self.num_layers, self.trace_sample = num_layers, trace_sample
         self.report = DecodeReport(samples=[SampleStats() for _ in range(n_samples)], wall_seconds=0.0,
                                    layer_counts=LayerCounts(num_layers))
+        self.forwards: list[_Forward] = []
 
-    def record(self, *, kind: str, block: int, tokens: int, replace_position: int | None, sample_ids: list[int],
-               active: list[bool], steps: list[int], skipped: list[tuple[int, ...]],
-               batch_skipped: tuple[int, ...], cache_shape: tuple[int, ...] | None) -> None:
-        """One batched forward. Row b stood in the layers `skipped[b]`; `batch_skipped` are the
-        layers no row computed (what the batch really saved)."""
+    def record(self, forward: _Forward) -> None:
+        if forward.log is not None:
+            forward.log = forward.log.clone()
+        self.forwards.append(forward)
+
+    def resolve(self) -> None:
+        """Read every forward's decisions from the device (one transfer) and account for them."""
+        import torch
+        logs = [f.log for f in self.forwards if f.log is not None]
+        flat = torch.cat([log.flatten() for log in logs]).cpu() if logs else None
+        at = 0
+        for f in self.forwards:
+            reused = drift = None
+            if f.log is not None:
+                n = f.log.numel()
+                reused, drift = flat[at:at + n].view(f.log.shape)
+                at += n
+            self._account(f, reused, drift)
+        self.forwards = []
+
+    def _account(self, f: _Forward, reused, drift) -> None:
+        every = tuple(range(self.num_layers))
+        rows = range(len(f.active))
+        if f.replayed:
+            skipped = [every if f.active[b] else () for b in rows]
+            batch_skipped = every if all(f.active) else ()
+        elif reused is None:
+            skipped, batch_skipped = [() for _ in rows], ()
+        else:
+            reuse = [[bool(reused[g, b] > 0.5) and f.active[b] for b in rows] for g in range(len(f.groups))]
+            skipped = [tuple(sorted(i for g, grp in enumerate(f.groups) if reuse[g][b] for i in grp)) for b in rows]
+            batch_skipped = tuple(sorted(i for g, grp in enumerate(f.groups)
+                                         if any(reuse[g]) and not any(a and not r for a, r in zip(f.active, reuse[g]))
+                                         for i in grp))
+            for g in range(len(f.groups)):   # the drifts that made a group recompute
+                self.report.refresh_drifts.extend(float(drift[g, b]) for b in rows
+                                                  if f.active[b] and not reuse[g][b] and drift[g, b] == drift[g, b])
+        kind = "replay" if f.replayed else f.kind
         denoising = kind in ("full_block", "small_block", "replay")
-        for b, sample in enumerate(sample_ids):
-            if not active[b]:
+        for b, sample in enumerate(f.sample_ids):
+            if not f.active[b]:
                 continue
             s = self.report.samples[sample]
             s.forwards[kind] += 1
@@ -124,13 +176,13 @@ class DecodeRecorder:
             s.layer_evals_run += self.num_layers - len(skipped[b])
             if sample == self.trace_sample:
                 self.report.trace.append({
-                    "block": block, "step": steps[b] if denoising else None, "kind": kind,
-                    "replace_position": replace_position, "tokens": tokens,
+                    "block": f.block, "step": f.steps[b] if denoising else None, "kind": kind,
+                    "replace_position": f.replace_position, "tokens": f.tokens,
                     "skipped": list(skipped[b]),
-                    "reuse_cache_shape": list(cache_shape) if cache_shape is not None else None})
+                    "reuse_cache_shape": list(f.cache_shape) if f.cache_shape is not None else None})
         self.report.batch_forwards[kind] += 1
-        self.report.layer_counts.add(block, batch_skipped)
-        if replace_position is not None:
-            self.report.replace_positions[replace_position] += 1
-        if cache_shape is not None:
-            self.report.cache_shapes.add(cache_shape)
+        self.report.layer_counts.add(f.block, batch_skipped)
+        if f.replace_position is not None:
+            self.report.replace_positions[f.replace_position] += 1
+        if f.cache_shape is not None:
+            self.report.cache_shapes.add(f.cache_shape)

@@ -6,8 +6,9 @@ small-block forward overwrites its 8 positions, a finalize forward rewrites it a
 commits it to the prefix. Nothing is concatenated per step, and every forward kind
 after the prefill has a static shape.
 
-Layer reuse is not known here: a forward takes an optional `Plan` (reuse.py) that says,
-layer by layer, which rows stand in a cached result and which compute.
+Layer reuse is not known here: a forward takes an optional `Plan` (reuse.py) that decides,
+group by group, which rows stand in a cached result and which compute (this eager loop reads
+the decision back to skip a layer no row computes; the fast path never does).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .ops import TORCH_OPS, apply_rope, rms_norm, split_heads
 
 
 class ForwardKind(str, enum.Enum):
@@ -72,22 +74,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # In float32, cast back, then scale: the reference (Qwen2) order.
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -106,50 +92,47 @@ class LayerWeights(NamedTuple):
     wd: torch.Tensor
 
 
-# `attend(q, k, v) -> out`: writes this forward's K/V wherever the caller keeps them and
-# attends over them. q: [B, heads, T, D] and k, v: [B, kv_heads, T, D] (rotated), out like q.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# `attend(qkv) -> out`: rotates q and k, writes this forward's K/V wherever the caller keeps them
+# and attends over them. qkv: [B, T, (heads + 2 kv_heads) * D]; out: [B, T, heads * D].
+Attend = Callable[[torch.Tensor], torch.Tensor]
 
 
-def decoder_layer(x: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
-                  n_heads: int, n_kv: int, eps: float) -> torch.Tensor:
-    """The decoder layer's math, the only copy of it: pre-norm attention, then SwiGLU MLP.
-    Where its K/V go and which keys it attends to is `attend`'s business."""
-    B, T, _ = x.shape
-    D = w.wo.shape[1] // n_heads
-    h = rms_norm(x, w.ln1, eps)
-    q, k, v = F.linear(h, w.wqkv, w.bqkv).split((n_heads * D, n_kv * D, n_kv * D), dim=-1)
-    q = q.reshape(B, T, n_heads, D).transpose(1, 2)
-    k = k.reshape(B, T, n_kv, D).transpose(1, 2)
-    v = v.reshape(B, T, n_kv, D).transpose(1, 2)
-    out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-    h = x + F.linear(out.transpose(1, 2).reshape(B, T, n_heads * D), w.wo)
-    m = rms_norm(h, w.ln2, eps)
-    gate, up = F.linear(m, w.wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, w.wd)
+def decoder_layer(x: torch.Tensor, w: LayerWeights, attend: Attend, eps: float, ops=TORCH_OPS,
+                  run: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder layer's structure, the only copy of it: pre-norm attention, then SwiGLU MLP,
+    in `ops` (ops.py: PyTorch, or the fast path's GPU kernels). Where its K/V go and which keys
+    it attends to is `attend`'s business; `run` (a device flag) lets predicated ops skip it."""
+    h = ops.rms_norm(x, w.ln1, eps, run=run)
+    h = ops.linear(attend(ops.linear(h, w.wqkv, w.bqkv, run=run)), w.wo, residual=x, run=run)
+    m = ops.rms_norm(h, w.ln2, eps, run=run)
+    return ops.linear(ops.swiglu(m, w.wgu, run=run), w.wd, residual=h, run=run)
 
 
-def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext", layer: int,
+def attend_cached(qkv: torch.Tensor, ctx: "ForwardContext", layer: int, n_heads: int, n_kv: int,
                   write_kv: bool = True, write_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The eager path's attention: K/V written into the cache by slice, keys [0, kv_len)."""
+    B, T, _ = qkv.shape
+    q, k, v = split_heads(qkv, n_heads, n_kv)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     if ctx.cache is None:  # no cache: the keys are this forward's own
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=q.shape[1] != k.shape[1])
-    lo, hi = ctx.write_at, ctx.write_at + k.shape[2]
-    k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
-    if write_kv and write_rows is None:
-        k_buf[:, :, lo:hi] = k
-        v_buf[:, :, lo:hi] = v
-        keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
-    elif write_kv:  # only these rows take this step; the others keep their K/V
-        rows = write_rows[:, None, None, None]
-        k_buf[:, :, lo:hi] = torch.where(rows, k, k_buf[:, :, lo:hi])
-        v_buf[:, :, lo:hi] = torch.where(rows, v, v_buf[:, :, lo:hi])
-        keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
-    else:  # shadow computation: same keys, buffer left untouched
-        keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
-        values = torch.cat((v_buf[:, :, :lo], v, v_buf[:, :, hi:ctx.kv_len]), dim=2)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask,
-                                          enable_gqa=q.shape[1] != keys.shape[1])
+        keys, values = k, v
+    else:
+        lo, hi = ctx.write_at, ctx.write_at + T
+        k_buf, v_buf = ctx.cache.k[layer], ctx.cache.v[layer]
+        if write_kv and write_rows is None:
+            k_buf[:, :, lo:hi] = k
+            v_buf[:, :, lo:hi] = v
+            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+        elif write_kv:  # only these rows take this step; the others keep their K/V
+            rows = write_rows[:, None, None, None]
+            k_buf[:, :, lo:hi] = torch.where(rows, k, k_buf[:, :, lo:hi])
+            v_buf[:, :, lo:hi] = torch.where(rows, v, v_buf[:, :, lo:hi])
+            keys, values = k_buf[:, :, :ctx.kv_len], v_buf[:, :, :ctx.kv_len]
+        else:  # shadow computation: same keys, buffer left untouched
+            keys = torch.cat((k_buf[:, :, :lo], k, k_buf[:, :, hi:ctx.kv_len]), dim=2)
+            values = torch.cat((v_buf[:, :, :lo], v, v_buf[:, :, hi:ctx.kv_len]), dim=2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=q.shape[1] != keys.shape[1])
+    return out.transpose(1, 2).reshape(B, T, n_heads * out.shape[-1])
 
 
 def stack_projections(state: dict, prefix: str, fused: str, parts: tuple[str, ...], suffixes: tuple[str, ...]) -> None:
@@ -232,8 +215,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, write_kv: bool = True,
                 write_rows: torch.Tensor | None = None) -> torch.Tensor:
-        attend = partial(attend_cached, ctx=ctx, layer=self.index, write_kv=write_kv, write_rows=write_rows)
-        return decoder_layer(x, self.weights(), ctx.cos, ctx.sin, attend, self.n_heads, self.n_kv, self.eps)
+        attend = partial(attend_cached, ctx=ctx, layer=self.index, n_heads=self.n_heads, n_kv=self.n_kv,
+                         write_kv=write_kv, write_rows=write_rows)
+        return decoder_layer(x, self.weights(), attend, self.eps)
 
 
 class Backbone(nn.Module):
@@ -321,22 +305,28 @@ class FastDLLM(nn.Module):
 
         x = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            reusing = reuse.rows_reusing(i, x) if reuse is not None else None
-            if reusing is None:  # every row computes this layer
-                y = layer(x, ctx, write_rows=active)
-                if reuse is not None:
-                    reuse.remember(i, x, y, active)
-                x = y
+            group = reuse.group_of.get(i) if reuse is not None else None
+            if group is None:  # not a layer the policy reuses
+                x = layer(x, ctx, write_rows=active)
                 continue
-            stand_in = reuse.stand_in(i, x)
-            computing = reuse.rows_computing(i)
-            if computing is None:  # no row computes: the layer is skipped outright
+            if i in reuse.first:  # the group is decided at its first layer, from its input
+                reusing = reuse.decide(group, reuse.drift(group, x) if reuse.measure else None)
+                computing = reuse.active & ~reusing
+                reuse.renew(group, x, computing)
+                some_reuse, some_compute = bool(reusing.any()), bool(computing.any())
+            if not some_reuse:  # every row computes this layer
+                y = layer(x, ctx, write_rows=active)
+                reuse.cache.store(i, x, y, reuse.offset, None if active is None else computing)
+                x = y
+            elif not some_compute:  # no row computes: the layer is skipped outright
+                stand_in = reuse.cache.stand_in(i, x, reuse.offset)
                 if reuse.shadow is not None:
                     reuse.shadow.compare(i, stand_in, layer(x, ctx, write_kv=False))
                 x = stand_in
             else:  # rows disagree (batch only): compute, keep the stand-in where it applies
+                stand_in = reuse.cache.stand_in(i, x, reuse.offset)
                 fresh = layer(x, ctx, write_rows=computing)
-                reuse.remember(i, x, fresh, computing)
+                reuse.cache.store(i, x, fresh, reuse.offset, computing)
                 x = torch.where(reusing[:, None, None], stand_in, fresh)
         if kind in (ForwardKind.PREFILL, ForwardKind.FINALIZE):
             cache.prefix_len = start + T

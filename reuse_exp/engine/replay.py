@@ -17,24 +17,22 @@ class WindowLogits:
         self.values: torch.Tensor | None = None              # [rows, window, vocab], allocated on first use
         self.unchanged = torch.zeros(n_samples, dtype=torch.long, device=device)  # per sample
 
-    def store(self, logits: torch.Tensor, rows: list[bool]) -> None:
-        """Keep the logits of the rows that computed every layer on this step."""
+    def store(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keep the logits of the rows (bool [rows], device) that computed every layer on this step."""
         if self.values is None or self.values.shape != logits.shape:
             self.values = torch.zeros_like(logits)
-        mask = torch.tensor(rows, device=logits.device)[:, None, None]
-        self.values = torch.where(mask, logits, self.values)
+        self.values = torch.where(rows[:, None, None], logits, self.values)
 
     def replay(self) -> torch.Tensor:
         return self.values
 
-    def count_unchanged(self, logits: torch.Tensor, rows: list[bool], sample_ids: list[int]) -> None:
-        """For each of `rows` (a layer-reuse step), whether its logits equal the stored ones bit for bit."""
-        if self.values is None or not any(rows):
+    def count_unchanged(self, logits: torch.Tensor, rows: torch.Tensor, samples: torch.Tensor) -> None:
+        """For each of `rows` (bool [rows], device: a layer-reuse step), whether its logits equal the
+        stored ones bit for bit; `samples` (long [rows], device) are the rows' sample indices."""
+        if self.values is None:
             return
         same = (logits[:, 1:] == self.values[:, 1:]).flatten(1).all(dim=1)
-        picked = torch.tensor(rows, device=logits.device)
-        samples = torch.tensor(sample_ids, device=logits.device)
-        self.unchanged.index_add_(0, samples[picked], same[picked].long())
+        self.unchanged.index_add_(0, samples, (same & rows).long())
 
     def trim(self, keep: torch.Tensor) -> None:
         if self.values is not None:

@@ -3,7 +3,9 @@ layers (`ReuseCache`, the only place that knows what output and delta mode mean)
 of one forward that the layer loops consult (`Plan`), and the subsets of the study.
 
 Which rows skip which layers is the policy's decision (policies/); the plan asks the
-policy's memory, group by group in layer order, as the layer loop reaches each group.
+policy's memory, group by group in layer order, as the layer loop reaches each group. Every
+decision is a device tensor and is logged on the device (`Plan.log`): the host learns what
+was skipped once, when the decoding call ends.
 """
 from __future__ import annotations
 
@@ -60,6 +62,10 @@ class ReuseCache:
 
     mode output: a skipped layer's cached output stands in (the study's semantics)
          delta:  a skipped layer adds its cached residual contribution (output - input)
+
+    A row reuses only on small-block forwards after its full-block forward of the block
+    (decoding.py), which computed every layer at every position: what stands in was computed
+    in this block.
     """
 
     def __init__(self, layers: tuple[int, ...], mode: str, batch: int, block_size: int, hidden: int,
@@ -67,9 +73,6 @@ class ReuseCache:
         self.mode = mode
         self.slot = {layer: s for s, layer in enumerate(layers)}
         self.values = torch.zeros(len(layers), batch, block_size, hidden, dtype=dtype, device=device)
-        # Host-side record of which (row, position) hold a result computed in this block:
-        # reusing anything else would be a bug, so it is checked, without a device sync.
-        self.filled = torch.zeros(len(layers), batch, block_size, dtype=torch.bool)
 
     # The stand-in arithmetic, for every path: what is kept of a computed layer, and what
     # stands in for the layer when it is skipped.
@@ -79,35 +82,18 @@ class ReuseCache:
     def standing_in(self, x_in: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
         return cached if self.mode == "output" else x_in + cached
 
-    def new_block(self) -> None:
-        self.filled.zero_()
-
     def store(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor, offset: int,
-              rows: "RowMask | None" = None) -> None:
+              rows: torch.Tensor | None = None) -> None:
+        """Keep what `layer` computed for `rows` (bool [batch] on the device; None: every row)."""
         s = self.slot.get(layer)
         if s is None:
             return
-        T = y_out.shape[1]
         new = self.kept(x_in, y_out)
-        window = self.values[s, :, offset:offset + T]
-        if rows is None:
-            window.copy_(new)
-            self.filled[s, :, offset:offset + T] = True
-        else:
-            window.copy_(torch.where(rows.device[:, None, None], new, window))
-            self.filled[s, rows.host, offset:offset + T] = True
+        window = self.values[s, :, offset:offset + y_out.shape[1]]
+        window.copy_(new if rows is None else torch.where(rows[:, None, None], new, window))
 
-    def stand_in(self, layer: int, x_in: torch.Tensor, offset: int, rows: "RowMask") -> torch.Tensor:
-        s, T = self.slot[layer], x_in.shape[1]
-        self.check_filled((layer,), rows.host, offset, T)
-        return self.standing_in(x_in, self.values[s, :, offset:offset + T])
-
-    def check_filled(self, layers, rows: torch.Tensor, offset: int, T: int) -> None:
-        """On the host record alone: the positions `rows` reuse were computed in this block."""
-        slots = [self.slot[i] for i in sorted(layers)]
-        if not bool(self.filled[slots][:, rows, offset:offset + T].all()):
-            raise RuntimeError(f"layers {sorted(layers)} reused positions {offset}..{offset + T - 1} "
-                               "that were never computed in this block")
+    def stand_in(self, layer: int, x_in: torch.Tensor, offset: int) -> torch.Tensor:
+        return self.standing_in(x_in, self.values[self.slot[layer], :, offset:offset + x_in.shape[1]])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -115,34 +101,14 @@ class ReuseCache:
 
     def trim(self, keep: torch.Tensor) -> None:
         self.values = self.values[:, keep]
-        self.filled = self.filled[:, keep.cpu()]
-
-
-@dataclass(frozen=True)
-class RowMask:
-    """A set of batch rows, on the host (for decisions) and on the device (for writes)."""
-    host: torch.Tensor    # bool [B], CPU
-    device: torch.Tensor  # the same on the model's device
-
-    @classmethod
-    def of(cls, flags: list[bool], device) -> "RowMask":
-        host = torch.tensor(flags, dtype=torch.bool)
-        return cls(host, host.to(device))
-
-    @property
-    def any(self) -> bool:
-        return bool(self.host.any())
-
-    @property
-    def all(self) -> bool:
-        return bool(self.host.all())
 
 
 @dataclass(frozen=True)
 class Clock:
-    """Per row: its denoising forwards so far in this block, and since its last full-block forward."""
-    step: list[int]
-    since_refresh: list[int]
+    """Per row, on the device (long [batch]): its denoising forwards so far in this block, and
+    since its last full-block forward."""
+    step: torch.Tensor
+    since_refresh: torch.Tensor
 
 
 def relative_drift(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -162,110 +128,111 @@ class ShadowLog:
         self.records.append({**self.where, "layer": layer, "rel_err": float(err)})
 
 
+class RowState:
+    """A memory's state per batch row, on the model's device: named tensors whose first dimension
+    is the batch row. The engine keeps them where captured CUDA graphs read them and drops the
+    rows that leave the batch; a memory only reads and updates them in place."""
+
+    def __init__(self, batch: int, device, buffer=None):
+        self.batch, self.device = batch, torch.device(device)
+        self._buffer = buffer or (lambda key, shape, dtype: torch.zeros(shape, dtype=dtype, device=self.device))
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def zeros(self, name: str, *shape: int, dtype=torch.long) -> torch.Tensor:
+        """A new state tensor [batch, *shape] of zeros, known as `name`."""
+        t = self._buffer(("memory", name, self.batch, shape, dtype), (self.batch, *shape), dtype).zero_()
+        self._tensors[name] = t
+        return t
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self._tensors.values())
+
+    def trim(self, keep: torch.Tensor) -> None:
+        """Keep the rows where `keep` (bool [batch], on the device) is True."""
+        n = int(keep.sum())
+        for name, t in self._tensors.items():
+            kept = t[keep]
+            self._tensors[name] = self._buffer(("memory", name, n, tuple(t.shape[1:]), t.dtype), kept.shape,
+                                               t.dtype).copy_(kept)
+        self.batch = n
+
+
+REUSED, DRIFT = 0, 1   # the two planes of a plan's log
+
+
 @dataclass
 class Plan:
-    """The reuse of one forward, handed to the layer loop (eager: model.py; static: fast.py).
+    """The reuse of one forward, handed to the layer loop (eager: model.py; static: static_forward.py).
 
-    A group is decided when the loop reaches its first layer (`choose`): the policy's memory
+    A group is decided when the loop reaches its first layer (`decide`): the policy's memory
     says which active rows reuse it; the others compute it and, where the policy measures
-    drift, renew the group's reference `ref` with its input. At batch 1, and whenever the
-    rows agree, one of the two sets is empty and a skipped group is not computed at all.
+    drift, renew the group's reference `ref` with its input. Only small-block forwards reuse.
+    `log` [2, groups, batch] (float32, on the device) keeps every decision: plane REUSED 1.0
+    where a row reused the group, plane DRIFT the drift it was decided on (NaN: not measured).
     """
     groups: tuple[tuple[int, ...], ...]
     memory: object                    # the policy's Memory (policies/__init__.py): it decides
     kind: ForwardKind
     clock: Clock
-    active: list[bool]
+    active: torch.Tensor              # bool [batch] on the device: the rows this forward is for
     cache: ReuseCache
     offset: int
-    device: object
-    ref: torch.Tensor | None = None   # [groups, B, block, hidden]: each group's input when it last computed
+    log: torch.Tensor
+    ref: torch.Tensor | None = None   # [groups, batch, block, hidden]: each group's input when it last computed
     measure: bool = False             # decide from drift (the small-block forwards of a policy that measures)
     shadow: ShadowLog | None = None
-    reusing: dict = field(default_factory=dict)    # group -> RowMask of rows reusing it
-    computing: dict = field(default_factory=dict)  # group -> RowMask of rows computing it
 
     def __post_init__(self):
         self.first = {min(g): n for n, g in enumerate(self.groups)}   # first layer -> group
         self.group_of = {i: n for n, g in enumerate(self.groups) for i in g}
 
+    def decide(self, group: int, drift: torch.Tensor | None) -> torch.Tensor:
+        """The rows (bool [batch], device) that reuse `group`, from its input's drift per row where
+        measured; logged. Tensor code only: the static path captures it in a CUDA graph."""
+        reuse = self.memory.decide(self.kind, group, self.active, self.clock, drift)
+        if self.kind is not ForwardKind.SMALL_BLOCK:
+            reuse = torch.zeros_like(self.active)
+        reuse = reuse & self.active
+        self.log[REUSED, group].copy_(reuse)
+        self.log[DRIFT, group].copy_(drift if drift is not None else torch.full_like(self.log[DRIFT, group], torch.nan))
+        return reuse
+
     def drift(self, group: int, x: torch.Tensor) -> torch.Tensor:
         """Per row, on the device: how far `x`, the group's input, is from its reference."""
         return relative_drift(x, self.ref[group, :, self.offset:self.offset + x.shape[1]])
 
-    def choose(self, group: int, drift: list[float] | None) -> tuple[RowMask, RowMask]:
-        """Decide `group` (from its input's drift per row, where measured): the rows that
-        reuse it and the rows that compute it."""
-        reuse = self.memory.decide(self.kind, group, list(self.active), self.clock, drift)
-        reuse = [bool(r) and a for r, a in zip(reuse, self.active)]
-        self.reusing[group] = RowMask.of(reuse, self.device)
-        self.computing[group] = RowMask.of([a and not r for a, r in zip(self.active, reuse)], self.device)
-        return self.reusing[group], self.computing[group]
-
-    def rows_reusing(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Device mask of rows that reuse `layer` (x: its input), or None when every active row computes it."""
-        group = self.group_of.get(layer)
-        if group is None:
-            return None
-        if layer in self.first:
-            self.choose(group, self.drift(group, x).tolist() if self.measure else None)
-        mask = self.reusing[group]
-        return mask.device if mask.any else None
-
-    def rows_computing(self, layer: int) -> torch.Tensor | None:
-        mask = self.computing[self.group_of[layer]]
-        return mask.device if mask.any else None
-
-    def stand_in(self, layer: int, x_in: torch.Tensor) -> torch.Tensor:
-        return self.cache.stand_in(layer, x_in, self.offset, self.reusing[self.group_of[layer]])
-
-    def remember(self, layer: int, x_in: torch.Tensor, y_out: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """`layer` computed `y_out` from `x_in` for its group's computing rows (`rows` is the
-        model's device mask of them, or None for every row)."""
-        group = self.group_of.get(layer)
-        if group is None:
-            return
-        computing = self.computing[group]
-        whole = computing.all
-        self.cache.store(layer, x_in, y_out, self.offset, None if whole else computing)
-        if self.ref is not None and layer in self.first:
-            window = self.ref[group, :, self.offset:self.offset + x_in.shape[1]]
-            window.copy_(x_in if whole else torch.where(computing.device[:, None, None], x_in, window))
-
-    def skipped_layers_per_row(self) -> list[tuple[int, ...]]:
-        """The layers each row stood in on this forward."""
-        out = [() for _ in self.active]
-        for group, mask in sorted(self.reusing.items()):
-            out = [o + self.groups[group] if r else o for o, r in zip(out, mask.host.tolist())]
-        return [tuple(sorted(o)) for o in out]
-
-    def batch_skipped(self) -> tuple[int, ...]:
-        """Layers no row computed: what the batched forward really saved."""
-        return tuple(sorted(i for g, mask in self.reusing.items() if mask.any and not self.computing[g].any
-                            for i in self.groups[g]))
+    def renew(self, group: int, x: torch.Tensor, computing: torch.Tensor) -> None:
+        """The rows computing `group` keep its input `x` as the group's reference."""
+        if self.ref is not None:
+            window = self.ref[group, :, self.offset:self.offset + x.shape[1]]
+            window.copy_(torch.where(computing[:, None, None], x, window))
 
 
 class Told:
     """A memory that answers the same rows for every group: a plan decided by the caller
     (benchmarks and tests time or check one forward with every row reusing, or none)."""
 
-    def __init__(self, reusing: list[bool]):
-        self.reusing = list(reusing)
-        self.refresh_drifts: list[float] = []
+    def __init__(self, reusing: list[bool], device, buffer=None):
+        self.state = RowState(len(reusing), device, buffer)
+        self.state.zeros("reusing", dtype=torch.bool).copy_(torch.tensor(reusing))
 
-    def decide(self, kind, group, active, clock, drift) -> list[bool]:
-        return list(self.reusing)
+    def decide(self, kind, group, active, clock, drift) -> torch.Tensor:
+        return self.state["reusing"]
 
     def new_block(self) -> None:
         pass
 
-    def trim(self, keep: list[bool]) -> None:
-        pass
-
 
 def told_plan(layers: tuple[int, ...], reusing: list[bool], cache: ReuseCache, offset: int, device,
-              kind: ForwardKind = ForwardKind.SMALL_BLOCK) -> Plan:
-    """The plan of one forward in which the rows `reusing` stand in for `layers` and the others compute them."""
+              kind: ForwardKind = ForwardKind.SMALL_BLOCK, buffer=None) -> Plan:
+    """The plan of one forward in which the rows `reusing` stand in for `layers` and the others compute
+    them; `buffer` (a runner's) keeps its tensors where a captured graph finds them again."""
     n = len(reusing)
-    return Plan((tuple(sorted(layers)),), Told(reusing), kind, Clock([0] * n, [0] * n), [True] * n, cache,
-                offset, device)
+    get = buffer or (lambda key, shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
+    zeros = get(("told-clock", n), (n,), torch.long)
+    return Plan((tuple(sorted(layers)),), Told(reusing, device, buffer), kind, Clock(zeros, zeros),
+                torch.ones(n, dtype=torch.bool, device=device), cache, offset, get(("told-log", n), (2, 1, n),
+                                                                                torch.float32))

@@ -104,6 +104,12 @@ class Trajectory:
         return cls.from_file(spec, spec)
 
 
+def to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list on `device` without a sync: from pinned memory, asynchronously, on a GPU."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 class UnmaskingLog:
     """One decode's unmasking, step by step: each step's counts stay on the device (no host
     read per step) until `resolve` reads them all at once; and the clock a trajectory is
@@ -125,7 +131,7 @@ class UnmaskingLog:
     def replayed_counts(self, trajectory: Trajectory, sample_ids: list[int], active: list[bool],
                         device: torch.device) -> torch.Tensor:
         n = [trajectory.count(s, *self._position(s)) if a else 1 for s, a in zip(sample_ids, active)]
-        return torch.tensor(n, device=device)
+        return to_device(n, torch.long, device)
 
     def step(self, counts: torch.Tensor, sample_ids: list[int], active: list[bool]) -> None:
         rows = []

@@ -1,10 +1,10 @@
 """The first decodes of one fresh process: what a user pays before the fast path runs warm.
 
-    python -m reuse_exp.engine.warmup '{"shape": "tiny", "batches": [1, 8, 32], "compile": false}'
+    python -m reuse_exp.engine.warmup '{"shape": "tiny", "batches": [1, 8, 32]}'
 
 Builds random weights of the shape, then at each batch size in turn decodes the benchmark's
 trajectory twice: the first decode pays what that batch size has not met yet in this process
-(graph captures; with compiled layers their compilation, or the kernels read back from the
+(graph captures; on a GPU the Triton kernels' compilation, or the kernels read back from the
 compile cache), the second runs warm. Prints one JSON line. bench_paths.py starts it in fresh
 processes one after another on one cache root, the way a machine meets it.
 """
@@ -23,15 +23,14 @@ from .fast import FastRunner
 from .loading import random_model
 
 DEFAULTS = {"shape": "tiny", "device": "cpu", "dtype": "float32", "prompt_len": 256, "new_tokens": 256,
-            "batches": [1, 8, 32], "compile": False}
+            "batches": [1, 8, 32]}
 
 
-def first_decodes(shape: str, device: str, dtype: str, prompt_len: int, new_tokens: int, batches: list[int],
-                  compile: bool) -> dict:
+def first_decodes(shape: str, device: str, dtype: str, prompt_len: int, new_tokens: int, batches: list[int]) -> dict:
     """Seconds of the first and of a warm decode at each batch size, in this process."""
     t0 = time.perf_counter()
     model = random_model(shape, dtype, device=device, seed=0)
-    runner = FastRunner(model, compile_layers=compile)
+    runner = FastRunner(model)
     ready = time.perf_counter() - t0
     rows = []
     with torch.inference_mode():
@@ -39,7 +38,7 @@ def first_decodes(shape: str, device: str, dtype: str, prompt_len: int, new_toke
             e = end_to_end(model, runner, batch, prompt_len, new_tokens, None, 1, model.config.vocab_size - 1)
             rows.append({"batch": batch, "first_s": e["first_call_seconds"], "warm_s": e["seconds"]})
     return {"path": runner.name, "model_ready_s": ready, "batches": rows,
-            "caches": {v: os.environ.get(v) for v in ENV_VARS} if compile else None}
+            "caches": {v: os.environ.get(v) for v in ENV_VARS} if runner.ops.name == "triton" else None}
 
 
 def main(argv: list[str]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..engine.config import ModelConfig, shape as named_shape
 from ..engine.decoding import EagerRunner
-from ..engine.fast import AUTO, COMPILED, FAST, FastRunner
+from ..engine.fast import AUTO, FAST, FastRunner
 from ..engine.loading import BUNDLED_MODEL_DIR, checkpoint_hash, load_model, load_tokenizer, parse_dtype, random_model, resolve_checkpoint
 from ..engine.model import FastDLLM
 from ..errors import ConfigError
@@ -87,9 +87,7 @@ def model_depth(source: str, revision: str | None = None) -> int | None:
 
 def make_runner(model: FastDLLM, decode_path: str = AUTO):
     """The runner of `decode_path` (engine/fast.py's DECODE_PATHS): auto is the fast path
-    (CUDA graphs, the layers as written) on a GPU, plain PyTorch on CPU."""
-    if decode_path == COMPILED:
-        return FastRunner(model, compile_layers=True)
+    (CUDA graphs of batch-invariant kernels) on a GPU, plain PyTorch on CPU."""
     if decode_path == FAST or (decode_path == AUTO and model.device.type == "cuda"):
         return FastRunner(model)
     return EagerRunner(model)

@@ -2,9 +2,9 @@
 
 A policy is data: which layers it may skip, in groups decided together, and what stands in
 for a skipped layer (`mode`: output, delta or replay; the arithmetic is reuse.ReuseCache's).
-Per decoding call it keeps a `Memory`; the engine asks that memory, per forward and group
-in layer order, which rows reuse the group. The eager, static and segmented paths ask
-nothing else, so a new policy is one module with a class that `register`s itself: here
+Per decoding call it keeps a `Memory` (device tensors); the engine asks that memory, per
+forward and group in layer order, which rows reuse the group, and the answer stays on the
+device. The eager, static and segmented paths ask nothing else, so a new policy is one module with a class that `register`s itself: here
 (and a line in BUILTIN), or in any installed distribution that names it under the entry
 point group `reuse_exp.policies` (or a module REUSE_EXP_POLICY_MODULES names).
 
@@ -17,34 +17,44 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from typing import ClassVar, Protocol
+from typing import ClassVar
+
+import torch
 
 from ...errors import ConfigError
 from ...knobs import POLICY_MODULES
 from ..model import ForwardKind
-from ..reuse import MODES, Clock
+from ..reuse import MODES, Clock, RowState
 
 # This package's policies: the `policy` value -> its module here.
 BUILTIN = {"fixed": "fixed", "adaptive": "drift", "depth": "depth"}
 ENTRY_POINTS = "reuse_exp.policies"   # plug-ins: NAME = "module:Class" (or "module", which registers it)
 
 
-class Memory(Protocol):
-    """What a policy remembers during one decoding call (host side, per batch row)."""
-    refresh_drifts: list[float]   # drifts that made a group recompute (policies that measure)
+class Memory:
+    """What a policy remembers during one decoding call, as tensors of its `state` (RowState).
 
-    def decide(self, kind: ForwardKind, group: int, active: list[bool], clock: Clock,
-               drift: list[float] | None) -> list[bool]:
-        """Which `active` rows reuse `group` on this forward (the others compute it). Called for
-        every denoising forward and every group, in layer order; `drift` (per row: relative
-        change of the group's input since the row last computed it) on the small-block
-        forwards of a policy that `measures`, else None. Replay mode: group 0 is the whole
-        forward and the input the window's token embeddings."""
+    `decide` answers, per forward and group in layer order, which rows reuse the group, as a
+    bool tensor [batch] on the model's device. It must be tensor code alone: on a GPU it runs
+    inside a captured CUDA graph, so it is traced once and replayed, never re-run in Python. It
+    may not read tensors on the host (no `.item()`, `bool(t)`, `.tolist()`), and all it
+    remembers lives in `state`, updated in place."""
 
-    def new_block(self) -> None: ...
+    def __init__(self, policy: "ReusePolicy", state: RowState):
+        self.policy, self.state = policy, state
 
-    def trim(self, keep: list[bool]) -> None:
-        """Finished rows leave the batch: keep the rows where `keep` is True."""
+    def decide(self, kind: ForwardKind, group: int, active: torch.Tensor, clock: Clock,
+               drift: torch.Tensor | None) -> torch.Tensor:
+        """Which `active` rows (bool [batch]) reuse `group` on this forward (the others compute it).
+        Called for every denoising forward and every group, in layer order; only small-block
+        forwards reuse (what it answers for a full-block forward is not obeyed). `drift` (float32
+        [batch]: relative change of the group's input since the row last computed it) on the
+        small-block forwards of a policy that `measures`, else None. Replay mode: group 0 is the
+        whole forward and the input the window's token embeddings."""
+        raise NotImplementedError
+
+    def new_block(self) -> None:
+        """A new block starts (state that counts within a block is reset in place)."""
 
 
 class ReusePolicy:
@@ -94,7 +104,8 @@ class ReusePolicy:
         """False: it never skips (k=1), so no cache is kept."""
         return True
 
-    def memory(self, batch: int) -> Memory:
+    def memory(self, state: RowState) -> Memory:
+        """A new memory for one decoding call of `state.batch` rows."""
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+
 from ..model import ForwardKind
-from . import register
+from . import RowState, register
 from .drift import DriftMemory, DriftPolicy
 
 
@@ -21,8 +23,8 @@ class DepthPolicy(DriftPolicy):
     name: ClassVar[str] = "depth"
     modes: ClassVar[tuple[str, ...]] = ("delta",)
 
-    def memory(self, batch: int) -> "DepthMemory":
-        return DepthMemory(self, batch)
+    def memory(self, state: RowState) -> "DepthMemory":
+        return DepthMemory(self, state)
 
     def note(self) -> str:
         return (f"depth (delta mode): groups {[list(g) for g in self.groups]} reuse up to the first whose input "
@@ -32,20 +34,18 @@ class DepthPolicy(DriftPolicy):
 class DepthMemory(DriftMemory):
     """The adaptive memory, plus per row whether a group below has recomputed in this forward."""
 
-    def __init__(self, policy: DepthPolicy, batch: int):
-        super().__init__(policy, batch)
-        self.refreshing = [False] * batch
+    def __init__(self, policy: DepthPolicy, state: RowState):
+        super().__init__(policy, state)
+        state.zeros("refreshing", dtype=torch.bool)
 
-    def decide(self, kind: ForwardKind, group: int, active: list[bool], clock, drift) -> list[bool]:
+    def decide(self, kind: ForwardKind, group: int, active, clock, drift) -> torch.Tensor:
+        refreshing = self.state["refreshing"]
         if group == 0:   # groups are decided in layer order: a new forward starts
-            self.refreshing = [False] * len(active)
-        below = self.refreshing
+            refreshing.zero_()
+        below = refreshing.clone()
         # a row refreshing from a lower group computes this one too, and its drift made nothing recompute
-        out = super().decide(kind, group, [a and not r for a, r in zip(active, below)], clock, drift)
-        self.in_a_row[group] = [0 if a and r else n for n, a, r in zip(self.in_a_row[group], active, below)]
-        self.refreshing = [r or (a and not o) for r, a, o in zip(below, active, out)]
+        out = super().decide(kind, group, active & ~below, clock, drift)
+        in_a_row = self.state["in_a_row"][:, group]
+        in_a_row.copy_(torch.where(active & below, 0, in_a_row))
+        refreshing.copy_(below | (active & ~out))
         return out
-
-    def trim(self, keep: list[bool]) -> None:
-        super().trim(keep)
-        self.refreshing = [r for r, k in zip(self.refreshing, keep) if k]

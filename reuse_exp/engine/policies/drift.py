@@ -21,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ...errors import ConfigError
 from ..model import ForwardKind
-from . import ReusePolicy, register
+from . import Memory, ReusePolicy, RowState, register
 
 GROUPS = 4   # contiguous groups over layers 1..L-1 (layer 0 always runs, as in the study's subsets)
 
@@ -76,8 +78,8 @@ class DriftPolicy(ReusePolicy):
     def run_name(cls, drift, mode, **_) -> str:
         return f"{cls.name}_{mode}_drift{drift}"
 
-    def memory(self, batch: int) -> "DriftMemory":
-        return DriftMemory(self, batch)
+    def memory(self, state: RowState) -> "DriftMemory":
+        return DriftMemory(self, state)
 
     def describe(self) -> dict:
         return {"drift": self.drift, "max_reuse": self.max_reuse, "mode": self.mode,
@@ -89,30 +91,21 @@ class DriftPolicy(ReusePolicy):
                 f"since it last computed, at most {self.max_reuse} times in a row")
 
 
-class DriftMemory:
-    """Per row and group: its reuses in a row, and the drifts that made a group recompute."""
+class DriftMemory(Memory):
+    """Per row and group: its reuses in a row."""
 
-    def __init__(self, policy: DriftPolicy, batch: int):
-        self.policy = policy
-        self.in_a_row = [[0] * batch for _ in policy.groups]
-        self.refresh_drifts: list[float] = []
+    def __init__(self, policy: DriftPolicy, state: RowState):
+        super().__init__(policy, state)
+        state.zeros("in_a_row", len(policy.groups))
 
     def new_block(self) -> None:
-        self.in_a_row = [[0] * len(row) for row in self.in_a_row]
+        self.state["in_a_row"].zero_()
 
-    def reuse(self, group: int, row: int, drift: float) -> bool:
-        return drift < self.policy.drift and self.in_a_row[group][row] < self.policy.max_reuse
-
-    def decide(self, kind: ForwardKind, group: int, active: list[bool], clock, drift) -> list[bool]:
-        out = []
-        for b, a in enumerate(active):
-            reuse = a and drift is not None and self.reuse(group, b, drift[b])
-            if a and not reuse and drift is not None:
-                self.refresh_drifts.append(drift[b])
-            out.append(reuse)
-        self.in_a_row[group] = [n + 1 if r else (0 if a else n)
-                                for n, r, a in zip(self.in_a_row[group], out, active)]
-        return out
-
-    def trim(self, keep: list[bool]) -> None:
-        self.in_a_row = [[n for n, k in zip(row, keep) if k] for row in self.in_a_row]
+    def decide(self, kind: ForwardKind, group: int, active, clock, drift) -> torch.Tensor:
+        in_a_row = self.state["in_a_row"][:, group]
+        if drift is None:
+            reuse = torch.zeros_like(active)
+        else:
+            reuse = active & (drift < self.policy.drift) & (in_a_row < self.policy.max_reuse)
+        in_a_row.copy_(torch.where(reuse, in_a_row + 1, torch.where(active, 0, in_a_row)))
+        return reuse

@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ...errors import ConfigError
 from ..model import ForwardKind
 from ..reuse import MODES, SCOPES, Clock, resolve_subset
-from . import ReusePolicy, register
+from . import Memory, ReusePolicy, RowState, register
 
 
 @register
@@ -65,8 +67,8 @@ class FixedPolicy(ReusePolicy):
     def reuses(self) -> bool:
         return self.k > 1
 
-    def memory(self, batch: int) -> "Clocked":
-        return Clocked(self)
+    def memory(self, state: RowState) -> "Clocked":
+        return Clocked(self, state)
 
     def describe(self) -> dict:
         return {"k": self.k, "subset": self.subset, "layers": list(self.layers), "mode": self.mode,
@@ -78,20 +80,11 @@ class FixedPolicy(ReusePolicy):
         return f"reuse k={self.k} on layers {list(self.layers)} of small-block forwards ({self.mode} mode)"
 
 
-class Clocked:
+class Clocked(Memory):
     """The fixed policy remembers nothing: the step counters decide."""
 
-    def __init__(self, policy: FixedPolicy):
-        self.policy = policy
-        self.refresh_drifts: list[float] = []
-
-    def decide(self, kind, group, active, clock: Clock, drift) -> list[bool]:
+    def decide(self, kind, group, active, clock: Clock, drift) -> torch.Tensor:
+        if kind is not ForwardKind.SMALL_BLOCK:
+            return torch.zeros_like(active)
         counters = clock.step if self.policy.scope == "block" else clock.since_refresh
-        k = self.policy.k
-        return [a and kind is ForwardKind.SMALL_BLOCK and c % k != 0 for a, c in zip(active, counters)]
-
-    def new_block(self) -> None:
-        pass
-
-    def trim(self, keep: list[bool]) -> None:
-        pass
+        return active & (counters % self.policy.k != 0)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
 
-from reuse_exp.engine.policies import BUILTIN, ReusePolicy, build, get, names, register
+from reuse_exp.engine.policies import BUILTIN, Memory, ReusePolicy, build, get, names, register
 from reuse_exp.errors import ConfigError
 from reuse_exp.knobs import POLICY_MODULES
 from reuse_exp.settings import DEFAULTS, policy_class
@@ -71,13 +72,42 @@ def own_registry(monkeypatch):
     monkeypatch.setattr(policies, "_registry", dict(policies._registry))
 
 
+class NeverMemory(Memory):
+    def decide(self, kind, group, active, clock, drift):
+        return torch.zeros_like(active)
+
+
+class HostMemory:
+    """A memory written to the host-side interface the engine no longer has: lists per row."""
+    def __init__(self, *_):
+        self.refresh_drifts = []
+
+    def decide(self, kind, group, active, clock, drift):
+        return [False for _ in active]
+
+
+class ListMemory(NeverMemory):
+    def decide(self, kind, group, active, clock, drift):
+        return [False for _ in active]
+
+
+class CountMemory(NeverMemory):
+    def decide(self, kind, group, active, clock, drift):
+        return clock.step % 2
+
+
+class NeedsDriftMemory(NeverMemory):
+    def decide(self, kind, group, active, clock, drift):
+        return active & (drift > 0)   # a policy that does not measure is given no drift
+
+
 def policy_class_of(**body) -> type:
     """A frozen dataclass policy with the class attributes `body` (defaults: a complete one)."""
     namespace = {"__annotations__": {"name": ClassVar[str], "reads": ClassVar[tuple], "axes": ClassVar[dict],
                                      "baseline": ClassVar[dict], "k": int, "groups": tuple, "mode": str},
                  "name": "probe", "reads": ("k",), "axes": {"k": (1, 2)}, "baseline": {"k": 1},
                  "create": classmethod(lambda cls, n, k: cls(k=k, groups=((n - 1,),), mode="delta")),
-                 "run_name": classmethod(lambda cls, k, **_: f"probe{k}"), "memory": lambda self, b: None,
+                 "run_name": classmethod(lambda cls, k, **_: f"probe{k}"), "memory": lambda self, state: NeverMemory(self, state),
                  "describe": lambda self: {}, "note": lambda self: "", "__module__": "probe_module"}
     for name, value in body.items():
         if value is None:
@@ -94,12 +124,28 @@ def policy_class_of(**body) -> type:
     (dict(axes={"drift": (0.0,)}), "its axes name drift, which it does not read"),
     (dict(baseline=None), "it declares no baseline"),
     (dict(axes={"k": ()}), "its axes' values are not non-empty tuples"),
+    (dict(memory=lambda self: None), "its memory does not take (self, state)"),
 ])
 def test_a_policy_is_checked_when_it_registers(body, message):
     with pytest.raises(ConfigError) as e:
         register(policy_class_of(**body))
     assert message in str(e.value) and "\n" not in str(e.value) and "probe_module.Probe" in str(e.value)
     assert "probe" not in names()
+
+
+@pytest.mark.parametrize("memory, message", [
+    (HostMemory, "memory(state) made a HostMemory: make a subclass of reuse_exp.engine.policies.Memory"),
+    (ListMemory, "decided group 0 of 2 rows with a list: answer a bool tensor [2]"),
+    (CountMemory, "decided group 0 of 2 rows with a torch.int64 tensor of shape [2]: answer a bool tensor [2]"),
+    (NeedsDriftMemory, "fails a probe decoding call of 2 rows on the CPU: TypeError: '>' not supported")])
+def test_a_memory_is_probed_when_the_policy_is_built(memory, message):
+    """Before a run opens, on the CPU: a memory of another interface is refused in one line, not
+    in the middle of a decode."""
+    cls = policy_class_of(memory=lambda self, state: memory(self, state))
+    with pytest.raises(ConfigError) as e:
+        build(cls, 8, k=2)
+    assert message in str(e.value) and str(e.value).startswith("the probe policy") and "\n" not in str(e.value)
+    build(policy_class_of(), 8, k=2)   # NeverMemory answers as the engine asks
 
 
 def test_a_policy_that_is_no_frozen_dataclass_or_carries_no_groups_is_refused():

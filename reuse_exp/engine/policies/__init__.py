@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import re
 from typing import ClassVar
 
@@ -137,6 +138,8 @@ def declaration_problems(cls) -> list[str]:
     missing = [m for m in IMPLEMENTS if _defined_by(cls, m) is ReusePolicy]
     if missing:
         out.append(f"it does not implement {', '.join(missing)}")
+    elif not _accepts(cls.memory, None, None):
+        out.append("its memory does not take (self, state): state is the RowState of the decoding call's rows")
     if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
         out.append("it is not a frozen dataclass (@dataclass(frozen=True) under @register)")
     else:
@@ -161,6 +164,16 @@ def _defined_by(cls: type, attribute: str) -> type | None:
     return next((k for k in cls.__mro__ if attribute in vars(k)), None)
 
 
+def _accepts(function, *args) -> bool:
+    try:
+        inspect.signature(function).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:   # no signature to read (a builtin): the call will tell
+        pass
+    return True
+
+
 def check_built(policy: ReusePolicy, num_layers: int) -> ReusePolicy:
     """`policy` as `create` made it for a model of `num_layers`; ConfigError (one line) when its
     groups or mode are not what the engine can run."""
@@ -178,7 +191,36 @@ def check_built(policy: ReusePolicy, num_layers: int) -> ReusePolicy:
         raise ConfigError(f"the {name} policy measures drift over groups {groups}: a measured group is contiguous")
     if policy.mode not in MODES:
         raise ConfigError(f"the {name} policy made mode {policy.mode!r}; a mode is one of {', '.join(MODES)}")
+    if policy.reuses:
+        check_memory(policy)
     return policy
+
+
+def check_memory(policy: ReusePolicy, rows: int = 2) -> None:
+    """A probe decoding call of `rows` rows on the CPU: `memory(state)` must be a Memory whose
+    `decide` answers every group with a bool tensor [rows]; ConfigError (one line) otherwise, so
+    a memory written to another interface is refused before a run opens, not deep in a decode."""
+    name = type(policy).name
+    active, steps = torch.ones(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.long)
+    clock, drift = Clock(steps, steps.clone()), torch.zeros(rows) if policy.measures else None
+    try:
+        memory = policy.memory(RowState(rows, "cpu"))
+        if not isinstance(memory, Memory):
+            raise ConfigError(f"the {name} policy's memory(state) made a {type(memory).__name__}: make a subclass "
+                              "of reuse_exp.engine.policies.Memory (its decide answers with tensors)")
+        for group in range(len(policy.groups)):
+            out = memory.decide(ForwardKind.SMALL_BLOCK, group, active, clock, drift)
+            if not (isinstance(out, torch.Tensor) and out.dtype == torch.bool and tuple(out.shape) == (rows,)):
+                what = (f"a {out.dtype} tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor)
+                        else f"a {type(out).__name__}")
+                raise ConfigError(f"the {name} policy's memory decided group {group} of {rows} rows with {what}: "
+                                  f"answer a bool tensor [{rows}] (True: the row reuses the group)")
+        memory.new_block()
+    except ConfigError:
+        raise
+    except Exception as e:   # someone else's memory: one line naming what failed
+        raise ConfigError(f"the {name} policy's memory fails a probe decoding call of {rows} rows on the CPU: "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def build(cls: type[ReusePolicy], num_layers: int, **settings) -> ReusePolicy:

@@ -5,10 +5,12 @@ rows beside it. Float32 (the interpreter has no bf16 rounding); the bf16 kernels
 are tests/test_gpu.py's. Skipped where Triton is not installed (CI installs it)."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"   # before the kernels are defined
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if torch.cuda.is_available():   # the interpreter would stand in for the GPU kernels of every test here
+    pytest.skip("a GPU runs these kernels for real (tests/test_gpu.py)", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"   # before the kernels are defined
 
 triton = pytest.importorskip("triton")
 

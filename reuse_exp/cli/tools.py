@@ -115,6 +115,9 @@ def run_trace(run_id: str) -> Path:
 
     from ..errors import ConfigError
     from ..study.store import client, tracking_uri
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as progress
+    import os
+    os.environ[progress.name] = "false"   # one line on failure, not MLflow's progress bar beside it
     try:
         return Path(client().download_artifacts(run_id, "reuse_trace.json", tempfile.mkdtemp(prefix="trajectory_")))
     except (MlflowException, OSError) as e:

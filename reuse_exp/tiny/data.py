@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 from ..engine.prompts import rewrite_prompt
@@ -183,6 +184,15 @@ def take(make, seed: int, test: bool, n: int) -> list[dict]:
 
 
 # -- prompts and answers, exactly as lm-eval and the harness see them ------------------------
+STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")   # lm-eval gsm8k's strict-match filter
+
+
+def strict_answer(text: str) -> str | None:
+    """The number after the first `#### `, as the strict-match filter extracts it."""
+    m = STRICT_MATCH.search(text)
+    return m.group(1) if m else None
+
+
 def target_number(doc: dict) -> str:
     return doc["answer"].split("#### ")[-1].strip()
 

@@ -6,6 +6,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from reuse_exp.errors import SettingError
 from reuse_exp.study.cells import LOGLIKELIHOOD, GridRequest, build_request, run_command, task_kind
 from reuse_exp.study.grid import DONE, FAILED, MISSING, RUNNING, STALE, classify, todo
 from reuse_exp.study.store import RunRecord, fetch_runs, store_error
@@ -220,3 +221,18 @@ def test_runs_of_one_computation_share_a_config_key_and_name():
     for k, mode in ((1, "output"), (2, "replay")):   # what it computes: every layer
         policy = FixedPolicy.create(8, k=k, subset="first", mode=mode)
         assert (policy.describe()["subset"], policy.layers) == ("all", tuple(range(8)))
+
+
+def test_a_grid_takes_its_policy_s_axes_and_baseline():
+    """The adaptive policy's grid varies drift (not k or subset) and measures against drift 0,
+    run first wherever it is asked for, and is no baseline where it is not."""
+    def cells(**reuse):
+        request = build_request("tiny_gsm", limit=4, params=("policy=adaptive",), **reuse)
+        return request, [(c.name, c.baseline) for c in request.cells("generate_until")]
+    request, default = cells()
+    assert request.axes == (("drift", (0.0, 0.5, 1.0)),) and request.describe_baseline() == "drift=0.0"
+    assert default == [("drift0", True), ("drift0.5", False), ("drift1", False)]
+    assert cells(drift="0.5,0")[1] == [("drift0", True), ("drift0.5", False)]
+    assert cells(drift="0.5,1")[1] == [("drift0.5", False), ("drift1", False)]
+    with pytest.raises(SettingError, match="the adaptive policy does not read k"):
+        cells(k="1,2")

@@ -179,6 +179,14 @@ def test_the_declaration_adds_a_row_in_one_line():
         fr.cells(4, (*fr.CONFIGS, fr.CONFIGS[3]))
 
 
+def test_a_row_is_at_its_baseline_by_its_own_policy():
+    """The row every other is paired against is where its policy never reuses (the policy's
+    `baseline`): k=1 for the fixed policy, drift 0 for the adaptive one, whatever its k."""
+    assert [c.name for c in fr.CONFIGS if c.baseline] == ["k=1"]
+    assert fr.config("a", policy="adaptive", mode="delta", drift=0.0).baseline
+    assert not fr.config("a", policy="adaptive", mode="delta", drift=0.5, k=1).baseline
+
+
 @pytest.mark.parametrize("skip, dominated", [(0.3, True), (0.1, False)])
 def test_dominance_needs_at_least_the_skip_and_more_accuracy(store, monkeypatch, skip, dominated):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)

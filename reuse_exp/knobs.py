@@ -51,7 +51,8 @@ CACHE_ROOT = Knob("REUSE_EXP_CACHE_ROOT", "the folder of the package's caches: r
 LAUNCHED = Knob("REUSE_EXP_LAUNCHED", "set (1) for the ranks `reuse-exp run --processes N` starts: rank 0 leaves "
                 "the summary to the launching process", False, bool)
 POLICY_MODULES = Knob("REUSE_EXP_POLICY_MODULES", "comma-separated importable modules that register more reuse "
-                      "policies (imported when the policy registry is first read), e.g. mylab.policies")
+                      "policies (imported when a policy is named that neither this package nor an installed "
+                      "entry point provides), e.g. mylab.policies")
 ANY_ENVIRONMENT = Knob("REUSE_EXP_ANY_ENVIRONMENT", "set (1) by `grid run --any-environment` for its runs: the "
                        "environment does not matter for this grid (the runs are tagged so)", False, bool)
 KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUEST_CACHE, CACHE_ROOT, LAUNCHED,

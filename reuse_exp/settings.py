@@ -1,4 +1,5 @@
-"""Every run setting, declared once: name, type, default, allowed values, help.
+"""Every run setting, declared once: name, type, default, allowed values, help, and how it
+shapes a run (tracking/schema.py's `shaping_settings` reads the flags with the policy's `computes`).
 
 `RunSettings`' fields are the declaration. The `reuse-exp run` options, the lm-eval
 model's arguments (`--model_args k=2,subset=middle`), MLproject's parameters and the
@@ -11,10 +12,10 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import SettingError
+from .errors import ConfigError, SettingError
 from .knobs import FALSE, MLFLOW_PID, TRUE
+from .engine import policies
 from .engine.fast import DECODE_PATHS
-from .engine.policies import names as policy_names
 from .engine.reuse import MODES, SCOPES, SUBSETS
 
 # Who reads a setting: the model (an lm-eval model argument), the evaluation (lm-eval's
@@ -24,9 +25,11 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCORINGS = ("continuation", "first_token")
 
 
-# A grid's cells vary an AXIS; it sets OWN ones itself; the others are the same in every cell: PINNED
-# to the run's default when not given (an omitted one matches what a run logs), or FREE (-P, or the run's).
-AXIS, OWN, PINNED, FREE = "axis", "own", "pinned", "free"
+# How a grid treats a setting. REUSE: read by policies only, it shapes a run only where its policy
+# `computes` it; a grid varies those its policy declares as `axes`, passes the others at one value.
+# OWN: the grid sets it. The rest are the same in every cell: PINNED to the run's default when not
+# given (an omitted one matches what a run logs), or FREE (-P, or the run's).
+REUSE, OWN, PINNED, FREE = "reuse", "own", "pinned", "free"
 
 
 def setting(default, help: str, *, kind: str, role: str, choices: tuple = (), minimum: float | None = None,
@@ -34,9 +37,10 @@ def setting(default, help: str, *, kind: str, role: str, choices: tuple = (), mi
             grid: str = PINNED):
     """A field of RunSettings with what the CLI, MLproject, the lm-eval model and the grid need to know.
 
-    `key`: the setting shapes the result, so it is part of the config key: True for its own value,
-    or the names of the resolved params that carry it (`subset` shapes through the `layers` it
-    picks, `dtype` through the dtype it resolved to). `grid`: AXIS, OWN, PINNED or FREE (above).
+    `key`: the setting shapes the result (where it is a REUSE one: where its policy computes it),
+    so it is part of the config key: True for its own value, or the names of the resolved params
+    that carry it (`subset` shapes through the `layers` it picks, `dtype` through the dtype it
+    resolved to). `grid`: REUSE, OWN, PINNED or FREE (above).
     """
     return field(default=default, metadata={"help": help, "kind": kind, "role": role, "choices": choices,
                                             "minimum": minimum, "maximum": maximum, "mlproject": mlproject,
@@ -47,25 +51,25 @@ def setting(default, help: str, *, kind: str, role: str, choices: tuple = (), mi
 class RunSettings:
     """One configuration of a tracked run: what `reuse-exp run` and `mlflow run` take."""
     k: int = setting(1, "recompute the reused layers every k-th step of a block; 1 = no reuse",
-                     kind="int", role=MODEL, minimum=1, key=True, grid=AXIS)
+                     kind="int", role=MODEL, minimum=1, key=True, grid=REUSE)
     subset: str | tuple[int, ...] = setting(
         "first", "`first`, `middle`, `last` (12 of 28 layers, scaled to the depth) or indices `8,9,10`",
-        kind="subset", role=MODEL, key=("layers",), grid=AXIS)
+        kind="subset", role=MODEL, key=("layers",), grid=REUSE)
     mode: str = setting("output", "`output`: the cached output stands in (the study's); "
                         "`delta`: the cached residual is added; `replay`: reuse steps skip the whole "
                         "forward and reuse the last logits (what output mode amounts to)",
-                        kind="choice", role=MODEL, choices=MODES, key=True)
+                        kind="choice", role=MODEL, choices=MODES, key=True, grid=REUSE)
     scope: str = setting("block", "`block`: the block's step counter (the study's); "
                          "`refresh`: restarted at each full-block forward", kind="choice", role=MODEL, choices=SCOPES,
-                         key=True)
+                         key=True, grid=REUSE)
     policy: str = setting("fixed", "`fixed`: reuse on the k clock (the study's); `adaptive`: per sample and group "
                           "of layers, reuse while the input's drift stays under `drift` (mode delta or replay); "
                           "`depth`: recompute from the first group that drifts (mode delta); or a registered "
-                          "plug-in (engine/policies)", kind="choice", role=MODEL, choices=policy_names(), key=True)
+                          "plug-in (engine/policies)", kind="policy", role=MODEL, key=True)
     drift: float = setting(0.1, "adaptive, depth: relative drift of a group's input at which it recomputes "
-                           "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0, key=True)
+                           "(0 = never reuse)", kind="float", role=MODEL, minimum=0.0, key=True, grid=REUSE)
     max_reuse: int = setting(4, "adaptive, depth: most reuses in a row before a group recomputes", kind="int",
-                             role=MODEL, minimum=1, key=True)
+                             role=MODEL, minimum=1, key=True, grid=REUSE)
     task: str = setting("tiny_gsm", "bundled `tiny_gsm` (generative), `tiny_mc` (multiple choice), or an lm-eval "
                         "task: gsm8k, mmlu, minerva_math, ifeval, gpqa_*", kind="str", role=TASK, key=True,
                         grid=OWN)
@@ -103,9 +107,11 @@ class RunSettings:
                          choices=DTYPES, key=("resolved_dtype",))
     device: str = setting("auto", "`auto` (a GPU if there is one), `cpu`, `cuda` or `cuda:N`",
                           kind="str", role=MODEL, key=("device_type",))
-    revision: str | None = setting(None, "hub revision of `model`", kind="optional", role=MODEL, grid=FREE)
+    revision: str | None = setting(None, "hub revision of `model`", kind="optional", role=MODEL,
+                                   key=("model_revision",), grid=FREE)
     tokenizer: str | None = setting(None, "tokenizer directory (default: the checkpoint's; "
-                                    "`random:<shape>`: the bundled one)", kind="optional", role=MODEL, grid=FREE)
+                                    "`random:<shape>`: the bundled one)", kind="optional", role=MODEL, key=True,
+                                    grid=FREE)
     include_path: tuple[str, ...] = setting((), "extra lm-eval task directory (repeatable)",
                                             kind="paths", role=TASK, mlproject=False, grid=FREE)
     experiment: str | None = setting(None, "MLflow experiment when not started by `mlflow run`",
@@ -218,6 +224,11 @@ class Spec:
                 raise SettingError(f"{self.name}={value}: must be <= {_num(self.maximum)}")
         if self.choices and value not in self.choices:
             raise SettingError(f"{self.name}={value}: use one of {', '.join(self.choices)}")
+        if self.kind == "policy":
+            try:
+                policy_class(value)
+            except ConfigError as e:
+                raise SettingError(f"{self.name}={value}: {e}") from None
         return value
 
 
@@ -282,6 +293,7 @@ def _parse_subset(spec: Spec, text: str) -> str | tuple[int, ...]:
 
 PARSERS = {"int": _parse_int, "float": lambda spec, text: _number(text, "give a number"), "bool": _parse_bool,
            "limit": _parse_limit, "subset": _parse_subset, "str": lambda _, text: text, "choice": lambda _, text: text,
+           "policy": lambda _, text: text,
            "optional": lambda spec, text: None if text.lower() in ("", "none") else text,
            "paths": lambda spec, text: _folders(text),
            # a fraction is refused by _check, with the bound in the message
@@ -314,14 +326,34 @@ def spec(name: str) -> Spec:
     return found
 
 
-def key_params() -> tuple[str, ...]:
-    """The params whose values make the config key: what shapes a result (`key` on the declaration)."""
-    return tuple(p for s in SPECS for p in s.key_params)
-
-
 def grid_settings(kind: str) -> tuple[str, ...]:
-    """The settings a grid treats as `kind` (AXIS, OWN, PINNED or FREE)."""
+    """The settings a grid treats as `kind` (REUSE, OWN, PINNED or FREE)."""
     return tuple(s.name for s in SPECS if s.grid == kind)
+
+
+_checked: set[type] = set()
+
+
+def policy_class(name: str) -> type[policies.ReusePolicy]:
+    """The registered policy `name`; the first lookup checks what it reads and its grid against
+    these settings (ConfigError, one line)."""
+    cls = policies.get(name)
+    if cls not in _checked:
+        where = f"policy {cls.name!r} ({cls.__module__})"
+        if unknown := [n for n in cls.reads if n not in {s.name for s in SPECS}]:
+            raise ConfigError(f"{where} reads {', '.join(unknown)}, which no setting is (a new setting is a field "
+                              "of reuse_exp/settings.py)")
+        if off := [n for n in cls.axes if spec(n).grid != REUSE]:
+            raise ConfigError(f"{where} has grid axes {', '.join(off)}: an axis is a reuse setting "
+                              f"({', '.join(grid_settings(REUSE))})")
+        try:
+            for n, values in [*cls.axes.items(), *((n, (v,)) for n, v in cls.baseline.items())]:
+                for v in values:
+                    spec(n).parse(v)
+        except SettingError as e:
+            raise ConfigError(f"{where} declares a value its setting refuses: {e}") from None
+        _checked.add(cls)
+    return cls
 
 
 # -- the files that must agree with the declaration ---------------------------------------------
@@ -360,7 +392,8 @@ def readme_table() -> str:
     """The README's table of settings (between its `settings-table` markers)."""
     rows = ["| setting | type | default | meaning |", "| --- | --- | --- | --- |"]
     for s in SPECS:
-        kind = {"str": "string", "optional": "string", "paths": "directories", "choice": "one of"}.get(s.kind, s.kind)
+        kind = {"str": "string", "optional": "string", "paths": "directories", "choice": "one of",
+                "policy": "one of"}.get(s.kind, s.kind)
         allowed = f" ({', '.join(s.choices)})" if s.choices and "`" not in s.help else ""
         rows.append(f"| `{s.name}` | {kind} | `{s.text() or 'none'}` | {s.help}{allowed} |")
     return "\n".join(rows) + "\n"

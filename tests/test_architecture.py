@@ -1,6 +1,7 @@
 """The layout is the architecture: imports point one way, no module imports the CLI, no circles,
 no module past ~400 lines, click only in the CLI, the package's errors in one module."""
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "reuse_exp"
@@ -165,3 +166,28 @@ def test_errors_are_declared_in_errors_py():
                 if bases & exceptions or any(b.endswith(("Error", "Exception")) for b in bases):
                     found.append(f"{path.relative_to(PKG)}: {node.name}")
     assert found == []
+
+
+DOCS = PKG.parent / "docs"
+
+
+def unnamed_modules(modules: list[str] | None = None) -> list[str]:
+    """Modules the docs do not name: every engine module in docs/engine.md (its path under
+    engine/, backquoted), every other one in docs/architecture.md (its file name, backquoted,
+    with or without folders before it)."""
+    engine, architecture = (DOCS / "engine.md").read_text(), (DOCS / "architecture.md").read_text()
+    modules = modules if modules is not None else sorted(p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py"))
+    missing = []
+    for rel in modules:
+        if rel.startswith("engine/"):
+            if f"`{rel[len('engine/'):]}`" not in engine:
+                missing.append(f"docs/engine.md: {rel}")
+        elif not re.search(rf"`([\w/]+/)?{re.escape(rel.rsplit('/', 1)[-1])}`", architecture):
+            missing.append(f"docs/architecture.md: {rel}")
+    return missing
+
+
+def test_the_docs_name_every_module():
+    assert unnamed_modules() == []
+    assert unnamed_modules(["study/unheard_of.py", "engine/policies/unheard_of.py", "engine/fast.py"]) == [
+        "docs/architecture.md: study/unheard_of.py", "docs/engine.md: engine/policies/unheard_of.py"]

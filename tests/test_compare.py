@@ -28,7 +28,7 @@ BASE = [90.0, 95.0, 100.0, 105.0, 110.0, 98.0, 102.0, 93.0]
 
 
 def cells():
-    return build_request("tiny_gsm", "1,2,3", "first,middle,last", None, 4, None, ()).cells("generate_until")
+    return build_request("tiny_gsm", k="1,2,3", subset="first,middle,last", limit=4).cells("generate_until")
 
 
 def scaled(factor: float, rates=BASE) -> list[float]:
@@ -66,7 +66,7 @@ def test_k1_is_one_cell_for_every_subset(store, head):
     run = fabricate(store.client, store.exp_id, k=1, subset="last", commit=head)
     picks = cmp.pick(cells(), fetch_runs(store.client, store.exp_id), head, False, False)
     assert picks[0].run.run_id == run and all(p.run is None for p in picks[1:])
-    only_k2 = build_request("tiny_gsm", "2", "first", None, 4, None, ()).cells("generate_until")
+    only_k2 = build_request("tiny_gsm", k="2", subset="first", limit=4).cells("generate_until")
     assert [c.name for c in only_k2] == ["k2_first"]
 
 
@@ -258,7 +258,7 @@ def test_figure_has_legends_axes_from_zero_error_bars_and_n(store, head):
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from reuse_exp.study.figure import K_MARKERS, SUBSET_COLOURS, figure
+    from reuse_exp.study.figure import BASELINE_COLOUR, COLOURS, MARKERS, figure
     grid_at(store, head)
     rows = list(rows_of(store, head).values())
     fig, (colours, markers, caption) = figure(rows, "t")
@@ -270,11 +270,13 @@ def test_figure_has_legends_axes_from_zero_error_bars_and_n(store, head):
     assert [t.get_text() for t in markers.get_texts()] == ["k=1", "k=2", "k=3"]
     assert "n = 8 documents per configuration" in caption.get_text() and "8 timed batches" in caption.get_text()
     assert len(ax.containers) == 7 and all(c.has_xerr and c.has_yerr for c in ax.containers)
-    for r, c in zip(rows, ax.containers):   # colour = subset, marker = k
+    colour_of = {"any": BASELINE_COLOUR, "first": COLOURS[0], "middle": COLOURS[1], "last": COLOURS[2]}
+    for r, c in zip(rows, ax.containers):   # colour = subset (the last axis), marker = k (the first)
         point, cell = c.lines[0], r.pick.cell
-        assert point.get_color() == SUBSET_COLOURS[cell.subset] and point.get_marker() == K_MARKERS[cell.k]
+        assert point.get_color() == colour_of[cell.value("subset")]
+        assert point.get_marker() == MARKERS[cell.value("k") - 1]
     assert [h.get_facecolor() for h in colours.legend_handles] == [
-        matplotlib.colors.to_rgba(SUBSET_COLOURS[s]) for s in ("any", "first", "middle", "last")]
+        matplotlib.colors.to_rgba(colour_of[s]) for s in ("any", "first", "middle", "last")]
     plt.close(fig)
 
 

@@ -18,7 +18,7 @@ from conftest import subprocess_env
 
 from reuse_exp.cli.study import audit_cmd, compare_cmd, grid
 from reuse_exp.study.audit import audit
-from reuse_exp.study.cells import GridRequest
+from reuse_exp.study.cells import build_request
 from reuse_exp.study.grid import DONE, STALE, grid_status
 from reuse_exp.study.store import fetch_runs
 from reuse_exp.tracking.schema import ANY_ENVIRONMENT_TAG
@@ -139,8 +139,7 @@ def here_on(tags: dict):
 def test_a_cell_done_on_another_gpu_is_not_done_here_unless_told(store, head):
     grid_of(store, head, H100)
     runs = fetch_runs(store.client, store.exp_id)
-    request = GridRequest("tiny_gsm", ks=(1, 2), subsets=("first", "middle", "last"),
-                          settings=(("limit", 4),))
+    request = build_request("tiny_gsm", k="1,2", subset="first,middle,last", limit=4)
     on_a100 = {s.cell.name: s for s in grid_status(request, runs, head, "generate_until", where=here_on(A100))}
     assert on_a100["k2_middle"].state == STALE and on_a100["k2_middle"].label() == "stale@env"
     assert {n for n, s in on_a100.items() if s.state == DONE} == {"k1_any", "k2_first", "k2_last"}

@@ -83,7 +83,7 @@ def test_the_report_is_the_runs_figures(ran, tmp_path, monkeypatch):
         assert row.accuracy.stderr == pytest.approx(m["accuracy_stderr"])  # and its stderr
         assert (row.skipped, row.replayed, row.tokens_per_second) == (
             m["skipped_fraction"], m.get("replayed_fraction", 0.0), m["tokens_per_second"])
-        if row.name != fr.BASELINE:
+        if not row.config.baseline:
             assert row.paired == pair(base, records)
     paths = report.write(built, tmp_path / "out")
     md, raw = paths["md"].read_text(), json.loads(paths["json"].read_text())
@@ -102,8 +102,8 @@ def store(tmp_path_factory, tmp_path):
 
 def make(store, config, commit: str, correct: list[bool], outputs: list[str] | None = None, **kw) -> str:
     """A run of `config` with the tracked run's params, as the frontier's cell asks for them."""
-    settings = dict(fr.cell_of(config, 4).settings)
-    task, k, subset = settings.pop("task"), int(settings.pop("k")), settings.pop("subset", "first")
+    settings = dict(fr.cell_of(config, 4).settings)   # a run logs every setting: those not passed at their defaults
+    task, k, subset = settings.pop("task"), settings.pop("k", 1), settings.pop("subset", "first")
     return fabricate(store.client, store.exp_id, task=task, k=k, subset=subset, commit=commit,
                      correct=correct, outputs=outputs, **settings, **kw)
 
@@ -172,11 +172,19 @@ def test_the_declaration_adds_a_row_in_one_line():
     """A new policy's row is one `config(...)` in CONFIGS: its cell passes its settings to the run."""
     toy = fr.config("toy delta", "1", policy="depth", mode="delta", drift=1.5, max_reuse=8)
     cell = fr.cells(200, (*fr.CONFIGS, toy))[-2]
-    assert cell.name == "toy delta 1" and {("policy", "depth"), ("drift", "1.5"), ("limit", "200"),
-                                             ("batch_size", "200"), ("device", "cpu")} <= set(cell.settings)
+    assert cell.name == "toy delta 1" and {("policy", "depth"), ("drift", 1.5), ("limit", 200),
+                                             ("batch_size", 200), ("device", "cpu")} <= set(cell.settings)
     assert toy.learned and len(fr.cells()) == len(fr.CONFIGS) + 1
     with pytest.raises(Exception, match="twice"):
         fr.cells(4, (*fr.CONFIGS, fr.CONFIGS[3]))
+
+
+def test_a_row_is_at_its_baseline_by_its_own_policy():
+    """The row every other is paired against is where its policy never reuses (the policy's
+    `baseline`): k=1 for the fixed policy, drift 0 for the adaptive one, whatever its k."""
+    assert [c.name for c in fr.CONFIGS if c.baseline] == ["k=1"]
+    assert fr.config("a", policy="adaptive", mode="delta", drift=0.0).baseline
+    assert not fr.config("a", policy="adaptive", mode="delta", drift=0.5, k=1).baseline
 
 
 @pytest.mark.parametrize("skip, dominated", [(0.3, True), (0.1, False)])

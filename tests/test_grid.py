@@ -6,6 +6,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from reuse_exp.errors import SettingError
 from reuse_exp.study.cells import LOGLIKELIHOOD, GridRequest, build_request, run_command, task_kind
 from reuse_exp.study.grid import DONE, FAILED, MISSING, RUNNING, STALE, classify, todo
 from reuse_exp.study.store import RunRecord, fetch_runs, store_error
@@ -22,8 +23,8 @@ OLD = "0" * 40
 
 
 def request4(**kw) -> GridRequest:
-    return build_request("tiny_gsm", kw.get("ks", "1,2,3"), kw.get("subsets", "first,middle,last"), None, 4,
-                         None, kw.get("params", ()))
+    return build_request("tiny_gsm", k=kw.get("ks", "1,2,3"), subset=kw.get("subsets", "first,middle,last"), limit=4,
+                         params=kw.get("params", ()))
 
 
 def states_of(store, head, req=None, now_ms=None, stale_after=3600.0):
@@ -134,8 +135,12 @@ def test_task_kind_prefers_what_runs_recorded():
 @pytest.mark.parametrize("args,fix", [(["--k", "one"], "k=one: give a whole number"), (["--k", "0"], ">= 1"),
                                       (["--subset", "top"], "use first, middle, last or layer indices"),
                                       (["--limit", "1.5"], "limit=1.5: a limit of 1 or more must be a whole"),
-                                      (["-P", "mode=bar"], "mode=bar: use one of output, delta, replay"),
-                                      (["-P", "threshold"], "NAME=VALUE"), (["-P", "k=2"], "use --k")])
+                                      (["--mode", "bar"], "mode=bar: use one of output, delta, replay"),
+                                      (["-P", "threshold"], "NAME=VALUE"), (["-P", "k=2"], "use --k"),
+                                      (["-P", "policy=nope"], "unknown policy 'nope'; use one of adaptive"),
+                                      (["--drift", "0.5"], "--drift: the fixed policy does not read drift"),
+                                      (["--mode", "output,delta"], "mode is not a grid axis of the fixed policy"),
+                                      (["-P", "policy=adaptive", "--k", "2"], "the adaptive policy does not read k")])
 def test_bad_input_is_one_line_naming_the_fix(store, args, fix):
     out = CliRunner(env=store.env).invoke(cli_study.grid, ["status", "--task", "tiny_gsm", *args])
     assert out.exit_code == 2 and fix in out.output
@@ -196,8 +201,8 @@ def test_replay_grid_shares_the_k1_baseline_and_runs_one_cell_per_k(store, head)
     assert out.exit_code == 0, out.output
     assert "skip k1_any: done" in out.output
     planned = [line.split()[2].rstrip(":") for line in out.output.splitlines() if line.startswith("would run")]
-    assert planned == ["k2_replay", "k3_replay"]
-    k2 = next(line for line in out.output.splitlines() if line.startswith("would run k2_replay"))
+    assert planned == ["k2_any", "k3_any"]
+    k2 = next(line for line in out.output.splitlines() if line.startswith("would run k2_any"))
     assert "--mode replay" in k2 and "--subset" not in k2
     status = CliRunner(env=store.env).invoke(cli_study.grid, ["status", "--task", "tiny_gsm", "--limit", "4",
                                                                "--mode", "replay"])
@@ -219,3 +224,18 @@ def test_runs_of_one_computation_share_a_config_key_and_name():
     for k, mode in ((1, "output"), (2, "replay")):   # what it computes: every layer
         policy = FixedPolicy.create(8, k=k, subset="first", mode=mode)
         assert (policy.describe()["subset"], policy.layers) == ("all", tuple(range(8)))
+
+
+def test_a_grid_takes_its_policy_s_axes_and_baseline():
+    """The adaptive policy's grid varies drift (not k or subset) and measures against drift 0,
+    run first wherever it is asked for, and is no baseline where it is not."""
+    def cells(**reuse):
+        request = build_request("tiny_gsm", limit=4, params=("policy=adaptive",), **reuse)
+        return request, [(c.name, c.baseline) for c in request.cells("generate_until")]
+    request, default = cells()
+    assert request.axes == (("drift", (0.0, 0.5, 1.0)),) and request.describe_baseline() == "drift=0.0"
+    assert default == [("drift0", True), ("drift0.5", False), ("drift1", False)]
+    assert cells(drift="0.5,0")[1] == [("drift0", True), ("drift0.5", False)]
+    assert cells(drift="0.5,1")[1] == [("drift0.5", False), ("drift1", False)]
+    with pytest.raises(SettingError, match="the adaptive policy does not read k"):
+        cells(k="1,2")

@@ -1,9 +1,6 @@
-"""The policy interface: the registry, and the depth-aware drift policy with the tests every policy has
-(a drift that never triggers = k=1 bit for bit, batch = solo, skipped groups not computed,
-fast path = eager, and it skips something on the bundled model)."""
-import os
-import subprocess
-import sys
+"""The depth-aware drift policy, with the tests every policy has (a drift that never triggers = k=1
+bit for bit, batch = solo, skipped groups not computed, fast path = eager, and it skips something
+on the bundled model). The registry: test_policy_registry.py."""
 from dataclasses import replace
 
 import pytest
@@ -12,8 +9,7 @@ from reuse_exp.engine.config import ConfigError
 from reuse_exp.engine.decoding import generate
 from reuse_exp.engine.fast import FastRunner
 from reuse_exp.engine.loading import random_model
-from reuse_exp.engine.policies import get, names
-from reuse_exp.knobs import POLICY_MODULES
+from reuse_exp.engine.policies import get
 from reuse_exp.engine.policies.depth import DepthPolicy
 from reuse_exp.engine.policies.drift import DriftPolicy, layer_groups
 from test_fast_path import FIVE
@@ -29,30 +25,6 @@ def model():
 
 def depth(drift: float, cap: int = 3) -> DepthPolicy:
     return get("depth").create(8, drift=drift, max_reuse=cap, mode="delta")
-
-
-def test_the_registry_knows_the_packages_policies_and_refuses_others():
-    assert {"fixed", "adaptive", "depth"} <= set(names())
-    assert get("depth") is DepthPolicy and get("adaptive") is DriftPolicy
-    with pytest.raises(ConfigError, match="unknown policy 'nope'; use one of adaptive, depth, fixed"):
-        get("nope")
-    from reuse_exp.settings import RunSettings
-    assert RunSettings.parse({"policy": "depth"}).policy == "depth"   # the setting's choices are the registry's
-
-
-def test_the_env_knob_imports_plug_in_modules(tmp_path):
-    (tmp_path / "my_policies.py").write_text(
-        "from reuse_exp.engine.policies import register\n"
-        "from reuse_exp.engine.policies.drift import DriftPolicy\n"
-        "@register\nclass Mine(DriftPolicy):\n    name = 'mine'\n")
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           POLICY_MODULES.name: " my_policies ,"}
-    code = "from reuse_exp.settings import spec; print(','.join(spec('policy').choices))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "adaptive,depth,fixed,mine", out.stderr
-    env[POLICY_MODULES.name] = "no_such_module"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "REUSE_EXP_POLICY_MODULES: cannot import 'no_such_module'" in bad.stderr
 
 
 def test_depth_reads_drift_and_takes_delta_mode_only():

@@ -1,7 +1,7 @@
-"""Refusals through a real `mlflow run`: a typo, a dirty tree or a tree outside git leaves the
-run MLflow opened FAILED and tagged refused, with the commit where there is one, then deleted
-with that record once MLflow has ended it (out of the UI's runs table), and the CI guard counts
-such runs apart instead of failing on them."""
+"""Refusals through a real `mlflow run`: a typo, a value the policy refuses, a dirty tree or a tree
+outside git leaves the run MLflow opened FAILED and tagged refused, with the commit where there is
+one, then deleted with that record once MLflow has ended it (out of the UI's runs table), and the CI
+guard counts such runs apart instead of failing on them."""
 from __future__ import annotations
 
 import shutil
@@ -16,7 +16,7 @@ from reuse_exp.tracking.schema import REFUSED_TAG
 pytestmark = pytest.mark.slow
 
 BAD_VALUES = [("k", "0"), ("k", "abc"), ("subset", "foo"), ("mode", "bar"), ("limit", "-1"), ("threshold", "2"),
-              ("batch_size", "0")]
+              ("batch_size", "0"), ("subset", "3,99")]   # layer 99: the policy refuses it, before the run evaluates
 
 
 def test_refused_runs_are_tagged_and_the_audit_ignores_them(clean_repo, store, tmp_path):
@@ -26,7 +26,8 @@ def test_refused_runs_are_tagged_and_the_audit_ignores_them(clean_repo, store, t
         outs = list(pool.map(lambda nv: mlflow_run(clean_repo, store, {nv[0]: nv[1]}), BAD_VALUES))
     for (name, value), out in zip(BAD_VALUES, outs):
         assert out.returncode != 0
-        assert f"{name}={value}" in out.stderr or f"'--{name.replace('_', '-')}'" in out.stderr, out.stderr[-2000:]
+        assert (f"{name}={value}" in out.stderr or f"'--{name.replace('_', '-')}'" in out.stderr
+                or "layer index 99 out of range" in out.stderr), out.stderr[-2000:]
         assert "Traceback" not in out.stderr
 
     dirty = tmp_path / "dirty"
@@ -57,4 +58,4 @@ def test_refused_runs_are_tagged_and_the_audit_ignores_them(clean_repo, store, t
 
     audit = run_cli(["audit"], subprocess_env(store), clean_repo)
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    assert "audit ok: 0 run(s) in Default" in audit.stdout and "9 refused run(s), ignored" in audit.stdout
+    assert "audit ok: 0 run(s) in Default" in audit.stdout and f"{len(BAD_VALUES) + 2} refused run(s), ignored" in audit.stdout

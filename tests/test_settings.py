@@ -178,24 +178,30 @@ def run_takes(name: str, text: str):
 
 
 def grid_takes(name: str, text: str):
-    """What the grid makes of TEXT for NAME: its axis option, its own option, or -P."""
-    from reuse_exp.settings import AXIS
+    """What the grid makes of TEXT for NAME: its own option (a reuse setting: under a policy that
+    reads it), or -P."""
+    from reuse_exp.settings import REUSE, grid_settings
     from reuse_exp.study.cells import build_request
     from reuse_exp.cli.study import status_cmd
-    s = spec(name)
     own = {p.name for p in status_cmd.params}
-    args = ([f"--{name}", text] if name in own or s.grid == AXIS else ["-P", f"{name}={text}"])
+    args = [spec(name).option, text] if name in own else ["-P", f"{name}={text}"]
+    reader = next(p for p in ("fixed", "adaptive") if name not in grid_settings(REUSE) or name in policy(p).reads)
     try:
-        ctx = status_cmd.make_context("status", ["--task", "t_gen", *args])
+        ctx = status_cmd.make_context("status", ["--task", "t_gen", "-P", f"policy={reader}", *args])
         p = ctx.params
-        request = build_request(p["task"], p["ks"], p["subsets"], p["mode"], p["limit"], p["model"], p["params"])
+        request = build_request(p["task"], limit=p["limit"], model=p["model"], params=p["params"],
+                                **{n: p[n] for n in grid_settings(REUSE)})
     except (click.UsageError, SettingError):
         return REFUSED
-    if name == "k":
-        return request.ks[0] if len(request.ks) == 1 else request.ks
-    if name == "subset":
-        return request.subsets[0] if len(request.subsets) == 1 else request.subsets
+    axes = dict(request.axes)
+    if name in axes:
+        return axes[name][0] if len(axes[name]) == 1 else axes[name]
     return dict(request.settings)[name]
+
+
+def policy(name: str):
+    from reuse_exp.settings import policy_class
+    return policy_class(name)
 
 
 def grid_shared():
@@ -207,8 +213,8 @@ def grid_shared():
 @pytest.mark.parametrize("name", grid_shared())
 def test_every_grid_setting_takes_exactly_what_run_takes(name):
     for text in tries(spec(name)):
-        if "," in text and name == "k":
-            continue   # a comma list is several k values to the grid's axis
+        if "," in text and name in ("k", "drift"):
+            continue   # a comma list is several values to the grid's axis
         ran, gridded = run_takes(name, text), grid_takes(name, text)
         if name == "subset" and text in ("first", "middle") and gridded != REFUSED:
             gridded = gridded if isinstance(gridded, str) else gridded[0]
@@ -232,16 +238,18 @@ def test_grid_help_is_the_declaration():
 
 
 def test_flags_on_the_declaration_make_the_config_key_and_the_grid():
-    from reuse_exp.settings import AXIS, OWN, PINNED, grid_settings, key_params
+    from reuse_exp.settings import OWN, PINNED, REUSE, grid_settings
     from reuse_exp.study.cells import run_defaults
-    from reuse_exp.study.store import GRID_AXES
-    from reuse_exp.tracking.schema import CONFIG_KEY_PARAMS, config_key
-    assert CONFIG_KEY_PARAMS == key_params()
-    assert {"k", "layers", "model_hash", "resolved_dtype", "path", "device_type"} <= set(key_params())
-    assert not {"subset", "experiment", "allow_dirty", "resume", "processes"} & set(key_params())
-    assert grid_settings(AXIS) == ("k", "subset") and GRID_AXES == ("k", "subset", "layers")
-    assert set(run_defaults()) == set(grid_settings(PINNED)) and "resume" in grid_settings(OWN)
-    base = {p: "1" for p in key_params()}
+    from reuse_exp.tracking.schema import config_key, shaping_settings
+    key_params = {p for s in SPECS for p in s.key_params}
+    assert {"k", "layers", "model_hash", "resolved_dtype", "path", "device_type"} <= key_params
+    assert not {"subset", "experiment", "allow_dirty", "resume", "processes"} & key_params
+    assert grid_settings(REUSE) == ("k", "subset", "mode", "scope", "drift", "max_reuse")
+    assert set(run_defaults()) == set(grid_settings(PINNED) + grid_settings(REUSE)) and "resume" in grid_settings(OWN)
+    shaping = set(shaping_settings({"k": 2}))   # every `key` setting, the reuse ones the fixed policy computes
+    assert shaping == {s.name for s in SPECS if s.key} - {"drift", "max_reuse"}
+    assert set(shaping_settings({"k": 1})) == shaping - {"subset", "mode", "scope"}
+    base = {p: "1" for p in key_params} | {"policy": "fixed"}
     assert config_key(base) != config_key({**base, "threshold": "0.8"})
 
 

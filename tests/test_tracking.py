@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 import types
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SECRET, bundled_or, git, mlflow_run, runs_of
 
+from reuse_exp.engine.loading import BUNDLED_MODEL_DIR
 from reuse_exp.errors import ConfigError
 from reuse_exp.settings import RunSettings
 from reuse_exp.tracking.gpu_stats import GpuSampler
@@ -94,7 +96,8 @@ def test_secrets_are_redacted():
 
 
 def test_config_key_follows_result_shaping_settings_only():
-    base = {k: "1" for k in schema.CONFIG_KEY_PARAMS} | {"policy": "fixed", "mode": "output", "scope": "block"}
+    from reuse_exp.settings import SPECS
+    base = {p: "1" for s in SPECS for p in s.key_params} | {"policy": "fixed", "mode": "output", "scope": "block"}
     assert schema.config_key(base) == schema.config_key(dict(base, model_path="/elsewhere", git_commit="abc"))
     assert schema.config_key(base) != schema.config_key(dict(base, k="2"))
     assert schema.config_key(base) == schema.config_key(dict(base, layers="8,9,10"))   # k=1 computes every layer
@@ -284,17 +287,21 @@ def test_dirty_tree_is_refused_before_the_model_loads(clean_repo, store, tmp_pat
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "dirty tree" in runs[0].data.tags["error"]
 
-    # allow_dirty runs anyway: tagged dirty, the diff logged; then the missing model fails it.
-    out = mlflow_run(repo, store, {"model": str(tmp_path / "no_such_model"), "limit": 2, "allow_dirty": "true"})
+    # allow_dirty runs anyway: tagged dirty, the diff logged; then a checkpoint without weights fails it
+    # (a model that is not there at all is refused before the run opens, as a typo is).
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(BUNDLED_MODEL_DIR / "config.json", no_weights / "config.json")
+    out = mlflow_run(repo, store, {"model": str(no_weights), "limit": 2, "allow_dirty": "true"})
     assert out.returncode != 0
-    assert "no_such_model" in out.stderr and "Traceback" not in out.stderr
+    assert "no_weights has neither" in out.stderr and "Traceback" not in out.stderr
     client, runs = runs_of(store)
     latest = max(runs, key=lambda r: r.info.start_time)
     assert latest.info.status == "FAILED" and latest.data.tags["git_dirty"] == "true"
     assert latest.data.tags["mlflow.runName"] == "k1_all_tiny_gsm*dirty"   # never the name of a clean run of it
     assert "notes.txt" in latest.data.tags["git_dirty_files"]
-    assert "not found" in latest.data.tags["error"]
-    assert latest.data.tags[REFUSED_TAG] == "true", "refused before evaluating: the model is not there"
+    assert "has neither" in latest.data.tags["error"]
+    assert latest.data.tags[REFUSED_TAG] == "true", "refused before evaluating: the weights are not there"
     diff = Path(client.download_artifacts(latest.info.run_id, "dirty.diff")).read_text()
     assert "+edited" in diff and "+a new file" in diff
     assert all(r.info.status != "RUNNING" for r in runs)

@@ -9,8 +9,8 @@ import click
 
 from ..errors import GridStopped
 from ..study import audit as audit_mod, compare as compare_mod, grid as grid_mod, runs as runs_mod, ui as ui_mod
-from ..settings import spec
-from ..study.cells import K_VALUES, SUBSETS, build_request
+from ..settings import REUSE, grid_settings, spec
+from ..study.cells import build_request
 from ..study.launch import DEFAULT_FOLDER, SubmititOptions
 from .options import one_line, stale_after_option
 
@@ -22,20 +22,24 @@ def _help(name: str, prefix: str = "") -> str:
     return prefix + s.help.replace("`", "") + allowed + "; default: the run's"
 
 
+def _reuse_help(name: str) -> str:
+    s = spec(name)
+    allowed = f" ({', '.join(s.choices)})" if s.choices else ""
+    return ("a grid axis where the policy declares one (a comma list; default: the policy's values), else one "
+            f"value for every configuration that computes it: {s.help.replace('`', '')}{allowed}")
+
+
 def grid_options(f):
     f = stale_after_option()(f)
+    reuse = [click.option(spec(n).option, n, default=None, help=_reuse_help(n)) for n in grid_settings(REUSE)]
     for opt in reversed([
         click.option("--task", required=True, help="lm-eval task name (or a bundled one: tiny_gsm, tiny_mc)"),
-        click.option("--k", "ks", default=",".join(map(str, K_VALUES)), show_default=True,
-                     help="comma list of k values: " + spec("k").help),
-        click.option("--subset", "subsets", default=",".join(SUBSETS), show_default=True,
-                     help="comma list of layer subsets, or one list of layer indices: "
-                     + spec("subset").help.replace("`", "")),
-        click.option("--mode", default=None, help=_help("mode", "reuse mode: ")),
+        *reuse,
         click.option("--limit", default=None, help=_help("limit")),
         click.option("--model", default=None, help=_help("model", "model for every run: ")),
         click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-                     help="any other setting of the tracked run, for every configuration (values as `run` takes them)"),
+                     help="any other setting of the tracked run, for every configuration (values as `run` takes "
+                          "them); -P policy=NAME picks the policy whose axes the grid varies (default: fixed)"),
         click.option("--experiment", default=None, help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME "
                      "or Default)"),
     ]):
@@ -46,7 +50,8 @@ def grid_options(f):
 # -- grid -----------------------------------------------------------------------------------
 @click.group("grid")
 def grid() -> None:
-    """The k x subset grid of a task: what is done at this commit, and running the rest."""
+    """The grid of a task (its policy's axes: k x subset for the fixed policy): what is done at this
+    commit, and running the rest."""
 
 
 ANY_ENVIRONMENT_HELP = ("the environment does not matter for this grid: a run done at this commit on another "
@@ -56,11 +61,11 @@ ANY_ENVIRONMENT_HELP = ("the environment does not matter for this grid: a run do
 @grid.command("status")
 @grid_options
 @click.option("--any-environment", is_flag=True, help=ANY_ENVIRONMENT_HELP)
-def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, any_environment) -> None:
+def status_cmd(task, limit, model, params, experiment, stale_after, any_environment, **reuse) -> None:
     """Print the grid: done at HEAD here, stale (done only at another commit or in another
     environment), failed, running, missing."""
     with one_line():
-        request = build_request(task, ks, subsets, mode, limit, model, params)
+        request = build_request(task, limit=limit, model=model, params=params, **reuse)
         click.echo(grid_mod.status(request, experiment, stale_after, any_environment))
 
 
@@ -84,14 +89,14 @@ def status_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_
               "~/.cache/reuse_exp/submitit, outside the checkout so the tree stays clean)")
 @click.option("--wait/--no-wait", default=None, help="wait for submitted jobs (default: wait for "
               "submitit-local, not for slurm)")
-def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, dry_run, force,
-            any_environment, allow_dirty, executor, partition, gpus, time_min, account, cpus, jobs_dir, wait) -> None:
+def run_cmd(task, limit, model, params, experiment, stale_after, dry_run, force, any_environment, allow_dirty,
+            executor, partition, gpus, time_min, account, cpus, jobs_dir, wait, **reuse) -> None:
     """Run the configurations with no FINISHED run at this commit with the same settings."""
     options = SubmititOptions(folder=jobs_dir or DEFAULT_FOLDER, partition=partition, gpus=gpus,
                               time_min=time_min, account=account, cpus=cpus)
     try:
         with one_line():
-            request = build_request(task, ks, subsets, mode, limit, model, params)
+            request = build_request(task, limit=limit, model=model, params=params, **reuse)
             grid_mod.run(request, experiment, grid_mod.Launch(executor, options, wait), force=force,
                          allow_dirty=allow_dirty, dry_run=dry_run, stale_after_s=stale_after,
                          any_environment=any_environment, echo=click.echo)
@@ -112,12 +117,12 @@ def run_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_aft
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="also write compare.txt and compare.png here")
 @click.option("--no-log", is_flag=True, help="print only; log nothing to MLflow")
-def compare_cmd(task, ks, subsets, mode, limit, model, params, experiment, stale_after, commit,
-                include_other_commits, include_dirty, include_other_environments, out, no_log) -> None:
-    """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
-    interval, outputs changed against k=1; and a plot. From one commit."""
+def compare_cmd(task, limit, model, params, experiment, stale_after, commit, include_other_commits, include_dirty,
+                include_other_environments, out, no_log, **reuse) -> None:
+    """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against the policy's
+    baseline (k=1) with an interval, outputs changed against it; and a plot. From one commit."""
     with one_line():
-        request = build_request(task, ks, subsets, mode, limit, model, params)
+        request = build_request(task, limit=limit, model=model, params=params, **reuse)
         parent = compare_mod.compare(request, experiment, commit, include_other_commits=include_other_commits,
                                      include_dirty=include_dirty,
                                      include_other_environments=include_other_environments, out=out,

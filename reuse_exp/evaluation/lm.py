@@ -32,12 +32,12 @@ from lm_eval.models.utils import Collator
 from ..errors import ConfigError, SettingError
 from ..engine.decoding import DecodeConfig, generate
 from ..engine.loading import decode_config_for
-from ..engine.policies import ReusePolicy, get as get_policy
+from ..engine.policies import ReusePolicy, build as build_policy
 from ..engine.prompts import rewrite_prompt
 
-from ..settings import DEFAULTS, MODEL, SPECS, RunSettings, to_text
+from ..settings import DEFAULTS, MODEL, SPECS, RunSettings, policy_class, to_text
 from . import distributed
-from .models import load, make_runner
+from .models import ANY_DEPTH, load, make_runner, model_depth
 from .placement import Placement, resolve as resolve_placement
 from .scoring import SCORERS
 from .stats import HarnessStats
@@ -72,9 +72,17 @@ def _sync(device: torch.device) -> None:
 
 
 def make_policy(s: RunSettings, num_layers: int) -> ReusePolicy:
-    """The policy the settings name (engine/policies), built from the settings it reads."""
-    cls = get_policy(s.policy)
-    return cls.create(num_layers, **{name: getattr(s, name) for name in cls.reads})
+    """The policy the settings name (engine/policies), built from the settings it reads and checked."""
+    cls = policy_class(s.policy)
+    return build_policy(cls, num_layers, **{name: getattr(s, name) for name in cls.reads})
+
+
+def check_policy(s: RunSettings) -> None:
+    """Build the policy before a run opens or a model loads, so a value it refuses is refused as a
+    typo is (ConfigError, one line). The model's depth comes from its config.json where that is
+    at hand; else (a hub model not downloaded yet) any depth does, and `subset` indices past the
+    model's are refused once it loads."""
+    make_policy(s, model_depth(s.model, s.revision) or ANY_DEPTH)
 
 
 def model_settings(values: dict, additional_config: dict | None = None) -> RunSettings:

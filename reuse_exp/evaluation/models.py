@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from ..engine.config import shape as named_shape
+from ..engine.config import ModelConfig, shape as named_shape
 from ..engine.decoding import EagerRunner
 from ..engine.fast import AUTO, FAST, FastRunner
 from ..engine.loading import BUNDLED_MODEL_DIR, checkpoint_hash, load_model, load_tokenizer, parse_dtype, random_model, resolve_checkpoint
@@ -62,6 +62,27 @@ def load(source: str, dtype: str = "bfloat16", device: str = "cpu", revision: st
     commit = ckpt.name if ckpt.parent.name == "snapshots" else (revision or "main")
     return LoadedModel(model, tok, source, ckpt, commit[:16] if commit != "main" else checkpoint_hash(ckpt),
                        commit)
+
+
+ANY_DEPTH = 1024   # a depth no model here reaches: where a model's own is not known yet, every index fits
+
+
+def model_depth(source: str, revision: str | None = None) -> int | None:
+    """The number of layers of `source` without loading it: from a named shape, or the config.json
+    of the bundled model, a directory or a hub snapshot already cached; None where that is not at
+    hand (a hub model not downloaded). ConfigError for a local path that is not a checkpoint."""
+    if source.startswith(RANDOM_PREFIX):
+        return named_shape(source[len(RANDOM_PREFIX):]).num_hidden_layers
+    if source == BUNDLED or Path(source).expanduser().exists() or source.startswith((".", "/", "~")) \
+            or source.count("/") != 1:   # a local path (resolve_checkpoint's rule): it must be there
+        config = resolve_checkpoint(_bundled() if source == BUNDLED else source) / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(source, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    return ModelConfig.from_json_file(config).num_hidden_layers
 
 
 def make_runner(model: FastDLLM, decode_path: str = AUTO):

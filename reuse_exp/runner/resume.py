@@ -9,12 +9,14 @@ unfinished requests are decoded, and the run is whole: its metrics, counts and f
 its generations cover every document and equal an uninterrupted run's; only the figures its
 `throughput_scope` tag names cover just what it decoded. Every setting not given takes RUN_ID's
 value (its params; its experiment and include_path from its tags), so `reuse-exp run --resume
-RUN_ID` alone resumes it; a given one that differs is refused, every such one named in one line
-(`mlflow run` gives all its parameters, and has logged them on the new run before this code
-runs: there they must be RUN_ID's, and the line says which to pass). It is refused, in one line,
-when RUN_ID ran at another commit or from a dirty tree, when it finished, or when a run resumed
-it already (that run is the one to resume: a second resume would decode again and lose the
-link). A finished run's cache is deleted.
+RUN_ID` alone resumes it; a given one that differs, of those that shape the run
+(tracking/schema.py's shaping_settings, and `processes`, which lays the cache out by rank; a k=1
+run resumes in any mode), is refused, every such one named in one line (`mlflow run` gives all
+its parameters, and has logged them on the new run before this code runs: there they must be
+RUN_ID's, and the line says which to pass). It is refused, in one line, when RUN_ID ran at
+another commit or from a dirty tree, when it finished, or when a run resumed it already (that
+run is the one to resume: a second resume would decode again and lose the link). A finished
+run's cache is deleted.
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..knobs import CACHE_ROOT, REQUEST_CACHE, cache_root
-from ..settings import SPECS, RunSettings
+from ..settings import SPECS, RunSettings, spec
 from ..tracking.heartbeat import parse_stamp
-from ..tracking.schema import HEARTBEAT_TAG, same_param, unquoted
+from ..tracking.schema import HEARTBEAT_TAG, same_param, shaping_settings, unquoted
 
 CACHE_ENV, ROOT_ENV = REQUEST_CACHE.name, CACHE_ROOT.name
-NOT_COMPARED = ("resume", "experiment", "allow_dirty", "include_path")   # they do not shape a result
-SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
+CACHE_LAYOUT = ("processes",)   # shapes no result, but the cache is one file per rank
+NOT_ADOPTED = ("resume", "experiment", "allow_dirty", "include_path")   # not the interrupted run's to decide
 # A RUNNING run with a heartbeat younger than this may still have its process (the grid's and
 # the audit's default --stale-after): resuming it would decode its requests twice at once.
 ALIVE_WITHIN_S = 300.0
@@ -44,12 +46,13 @@ def root() -> Path:
 
 
 def compared(s: RunSettings) -> tuple[str, ...]:
-    """The settings a resumed run must share with the run it resumes (its cache's key too)."""
-    return tuple(n for n in SPECS_BY_NAME if n not in NOT_COMPARED)
+    """The settings a resumed run must share with the run it resumes: those that shape it, and
+    how its cache is laid out."""
+    return (*shaping_settings(s.as_dict()), *CACHE_LAYOUT)
 
 
 def settings_key(s: RunSettings) -> str:
-    shaping = {n: SPECS_BY_NAME[n].text(getattr(s, n)) for n in compared(s)}
+    shaping = {n: spec(n).text(getattr(s, n)) for n in compared(s)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -89,12 +92,12 @@ def check(client, s: RunSettings, commit: str, dirty: bool, given: frozenset[str
         where = tags.get("git_commit", "unknown")[:12] + (" (dirty)" if tags.get("git_dirty") != "false" else "")
         raise ConfigError(f"resume {rid}: it ran at commit {where}, this is {commit[:12]}"
                           f"{' (dirty)' if dirty else ''}; check out its commit, clean, or start a new run")
-    given = set(SPECS_BY_NAME) if given is None else given
+    given = {x.name for x in SPECS} if given is None else given
     s = adopted(client, old, s, given)
     differ = differences(params, s, given)
     if differ:
         theirs = ", ".join(f"{n}={unquoted(params[n]) or 'none'}" for n in differ)
-        mine = ", ".join(f"{n}={SPECS_BY_NAME[n].text(getattr(s, n))}" for n in differ)
+        mine = ", ".join(f"{n}={spec(n).text(getattr(s, n))}" for n in differ)
         values = " ".join(f"-P {n}={unquoted(params[n]) or 'none'}" for n in differ)
         fix = (f"pass its values ({values}), or resume with `reuse-exp run --resume {rid}`, which takes them "
                "itself" if under_mlflow else "leave them out to take its settings, or start a new run")
@@ -106,7 +109,7 @@ def differences(params: dict, s: RunSettings, given) -> list[str]:
     """The compared settings among `given` whose value in `s` is not what the run logged, in the
     order of the declaration."""
     return [n for n in compared(s) if n in given and n in params
-            and not same_param(params[n], SPECS_BY_NAME[n].text(getattr(s, n)))]
+            and not same_param(params[n], spec(n).text(getattr(s, n)))]
 
 
 def adopted(client, old, s: RunSettings, given) -> RunSettings:
@@ -114,9 +117,10 @@ def adopted(client, old, s: RunSettings, given) -> RunSettings:
     params, tags = old.data.params, old.data.tags
     if not any(n in params for n in compared(s)):
         raise ConfigError(f"resume {old.info.run_id}: it logged no settings (it ended before it began): start a new run")
-    taken = {n: SPECS_BY_NAME[n].parse(unquoted(params[n])) for n in compared(s) if n not in given and n in params}
+    taken = {x.name: x.parse(unquoted(params[x.name])) for x in SPECS
+             if x.name not in given and x.name not in NOT_ADOPTED and x.name in params}
     if "include_path" not in given and tags.get("include_path"):
-        taken["include_path"] = SPECS_BY_NAME["include_path"].parse(tags["include_path"])
+        taken["include_path"] = spec("include_path").parse(tags["include_path"])
     chosen = any(os.environ.get(v) for v in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"))
     if "experiment" not in given and not chosen:   # chosen by the user or by MLflow; else beside the run it finishes
         taken["experiment"] = client.get_experiment(old.info.experiment_id).name

@@ -3,9 +3,9 @@ launched ranks), and an ending that is always FINISHED, FAILED or KILLED with wh
 
 The run attaches to the MLflow run that `mlflow run` opened (MLFLOW_RUN_ID) or, called
 directly (`reuse-exp run`), opens one. A refusal before evaluating (a dirty tree, an
-unknown task, a model that is not there) opens none, or deletes the one it opened; one that
-`mlflow run` opened is tagged refused and deleted once MLflow has ended it (tracking/aftercare.py),
-so it leaves the runs table and the audit counts it apart. While it runs, a heartbeat
+unknown task, a model that is not there, a value its policy refuses) opens none, or deletes the
+one it opened; one that `mlflow run` opened is tagged refused and deleted once MLflow has ended it
+(tracking/aftercare.py), so it leaves the runs table and the audit counts it apart. While it runs, a heartbeat
 says it lives (tracking/heartbeat.py) and the console shows progress; it ends with a summary
 (tracking/console.py). The MLflow run itself: tracking/lifecycle.py; what it logs, by name:
 tracking/schema.py. With `processes` > 1 it launches that many data-parallel ranks instead
@@ -68,6 +68,7 @@ def run(settings: RunSettings, given: frozenset[str] | None = None) -> Summary |
             aftercare.watch(lifeline.parent, os.environ["MLFLOW_RUN_ID"])
         open_client(tracking_uri())   # a store that cannot work: one line, before anything heavy
         from ..evaluation import harness  # lm-eval and torch: imported once the arguments are known good
+        from ..evaluation.lm import check_policy
         from ..evaluation.placement import launched_rank, resolve as resolve_placement
         from . import ranks, resume
         prov = provenance()
@@ -78,6 +79,7 @@ def run(settings: RunSettings, given: frozenset[str] | None = None) -> Summary |
             if settings.resume:   # the interrupted run's settings, where not given
                 settings, resumed = resume.check(open_client(), settings, prov.commit, prov.dirty, given,
                                                  under_mlflow=lifeline.parent is not None)
+        check_policy(settings)   # a value the policy refuses is a typo: refused before any run opens
         placement = resolve_placement(settings)   # once per process; handed down from here
         rank = placement.rank
         quiet_known_noise({p.stem for p in harness.bundled_tasks_dir().glob("*.yaml")})

@@ -12,15 +12,14 @@ table), and counted all the same.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import AuditFailed, ConfigError
 from ..tracking.schema import REFUSED_TAG
 from .environments import any_environment, differences
-from .store import (LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_name, fetch_runs, format_duration,
-                    tracking_uri)
+from .store import (LIVE, STALE_AFTER_S, RunRecord, cell_name, client, end_command, experiment_name, fetch_runs,
+                    format_duration, tracking_uri)
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,20 @@ def dead(r: RunRecord, now_ms: int, stale_after_s: float) -> list[str]:
 
 
 def newest_cells(runs: list[RunRecord]) -> dict[tuple, dict]:
-    """Per grid (task + every setting but k and subset), the newest clean FINISHED run of each cell."""
-    grids: dict[tuple, dict] = defaultdict(dict)
-    for r in sorted(runs, key=lambda r: r.start_ms):
-        if r.role == "run" and r.status == "FINISHED" and r.commit and not r.dirty:
-            grids[(r.params.get("task", "?"), r.grid_key)][r.cell] = r   # newest wins
+    """Per grid, the newest clean FINISHED run of each cell. A grid is what its runs pin off their
+    policy's axes (RunRecord.grid_part: the task, the policy, its other settings, the model...);
+    a run that pins less, because less shapes it (k=1 computes no mode), belongs to every grid
+    whose pins hold its own: one k=1 run is the baseline of the output and the delta grid."""
+    done = [r for r in sorted(runs, key=lambda r: r.start_ms)
+            if r.role == "run" and r.status == "FINISHED" and r.commit and not r.dirty]
+    parts = {r.run_id: frozenset(r.grid_part().items()) for r in done}
+    distinct = set(parts.values())
+    grids: dict[tuple, dict] = {}
+    for g in sorted((p for p in distinct if not any(p < q for q in distinct)), key=sorted):
+        cells = grids.setdefault((dict(g).get("task", "?"), hash(g)), {})
+        for r in done:
+            if parts[r.run_id] <= g:
+                cells[r.cell] = r   # newest wins
     return grids
 
 
@@ -69,7 +77,7 @@ def mixed_environments(runs: list[RunRecord]) -> list[Finding]:
     for (task, _), cells in newest_cells(runs).items():
         if len({r.commit for r in cells.values()}) > 1:
             continue   # mixed commits: said by mixed_grids
-        labelled = [(f"k{c[0]}_{c[1]}", r) for c, r in sorted(cells.items())]
+        labelled = [(cell_name(c), r) for c, r in sorted(cells.items())]
         for d in differences(labelled, any_environment([r for _, r in labelled])):
             out.append(Finding(",".join(d.run_ids), f"grid {task} mixes environments or data at "
                                                     f"{labelled[0][1].commit[:7]}: {d.line}"))
@@ -85,8 +93,8 @@ def mixed_grids(runs: list[RunRecord]) -> list[Finding]:
         if len(commits) > 1:
             where = ", ".join(f"{c[:7]}: {sum(r.commit == c for r in cells.values())} config(s)" for c in commits)
             for r in sorted(cells.values(), key=lambda r: r.cell):
-                out.append(Finding(r.run_id, f"grid {task} mixes commits ({where}); this is k{r.cell[0]}_"
-                                             f"{r.cell[1]} at {r.commit[:7]}: re-run `reuse-exp grid run`"))
+                out.append(Finding(r.run_id, f"grid {task} mixes commits ({where}); this is {cell_name(r.cell)} "
+                                             f"at {r.commit[:7]}: re-run `reuse-exp grid run`"))
     return out
 
 

@@ -1,9 +1,9 @@
-"""`reuse-exp compare --task T`: the grid's configurations against the k=1 baseline, and a
-plot, from one commit's runs.
+"""`reuse-exp compare --task T`: the grid's configurations against its policy's baseline (k=1
+for the fixed policy), and a plot, from one commit's runs.
 
 Each configuration's row: n, accuracy ± stderr, tokens/s (median of the timed batches, with
-quartiles), the speed ratio to k=1 with an interval that prints noise as noise, and the
-paired view against k=1 (outputs changed, correct->wrong, wrong->correct); measures.py says
+quartiles), the speed ratio to the baseline with an interval that prints noise as noise, and
+the paired view against it (outputs changed, correct->wrong, wrong->correct); measures.py says
 how. Per configuration the newest clean FINISHED run at the chosen commit (HEAD unless
 --commit). A configuration that has runs only at other commits, or only dirty ones,
 is refused by name unless --include-other-commits / --include-dirty say to use them;
@@ -29,8 +29,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import Refused
+from ..settings import SPECS, spec
 from ..tracking.ui import ensure_view
-from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, task_kind
+from .cells import LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, spanning_why, task_kind
 from .environments import differences
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
@@ -99,15 +100,22 @@ def star_environments(picks: list[Pick], allowed: bool) -> list[Pick]:
 
 
 def differing_settings(runs: list[RunRecord]) -> dict[str, dict[str, str]]:
-    """Result-shaping settings (other than k and subset) on which the runs disagree, e.g. a
-    CPU and a GPU run of one configuration: their tokens/s do not belong in one table."""
+    """The params on which the runs disagree, of the settings that shaped every one of them off
+    their policy's axes (schema.shaping_settings; the cells pinned them as given, so what is
+    left is what they resolved to), e.g. a CPU and a GPU run of one configuration: their tokens/s
+    do not belong in one table. A reuse setting the baseline does not compute (k=1's mode) is
+    not among them."""
+    if not runs:
+        return {}
+    common = set.intersection(*(set(r.shaping_names) for r in runs)) - {a for r in runs for a in r.axes}
+    names = [s.name for s in SPECS if s.name in common]
     out = {}
-    for name in runs[0].shaping() if runs else ():
+    for param in dict.fromkeys(p for n in names for p in spec(n).key_params):
         values: dict[str, list[str]] = {}
         for r in runs:
-            values.setdefault(r.shaping()[name], []).append(r.run_id[:8])
+            values.setdefault(r.resolved(names)[param], []).append(r.run_id[:8])
         if len(values) > 1:
-            out[name] = {v: ",".join(ids[:3]) for v, ids in values.items()}
+            out[param] = {v: ",".join(ids[:3]) for v, ids in values.items()}
     return out
 
 
@@ -153,7 +161,7 @@ class Row:
 
 
 def rows(cl, picks: list[Pick]) -> list[Row]:
-    """Rows in the grid's order, each measured against the baseline (the k=1 cell) when there is one."""
+    """Rows in the grid's order, each measured against the baseline (its policy's) when there is one."""
     plain = []
     for p in picks:
         ms = tuple(measured(cl, r) for r in p.runs)
@@ -171,7 +179,7 @@ def rows(cl, picks: list[Pick]) -> list[Row]:
 
 
 COLUMNS = (("config", 12), ("n", 6), ("accuracy", 16), ("tokens/s median [p25, p75] (batches)", 38),
-           ("vs k=1", 12), ("95% interval", 16), ("skipped", 8), ("changed", 9), ("c->w", 5), ("w->c", 5))
+           ("vs {base}", 12), ("95% interval", 16), ("skipped", 8), ("changed", 9), ("c->w", 5), ("w->c", 5))
 
 
 def row_cells(r: Row) -> list[str]:
@@ -201,22 +209,26 @@ def row_cells(r: Row) -> list[str]:
             "n/a" if skipped is None else f"{skipped:.3f}", *paired]
 
 
-def format_rows(rows_: list[Row]) -> str:
+def format_rows(rows_: list[Row], base: str = "k=1") -> str:
+    heads = [t.format(base=base) for t, _ in COLUMNS]
+    widths = [max(w, len(h) + 1) for h, (_, w) in zip(heads, COLUMNS)]
+
     def line(cells: list[str]) -> str:
-        return "".join(f"{c:<{w}}" for c, (_, w) in zip(cells, COLUMNS)).rstrip()
-    return "\n".join([line([t for t, _ in COLUMNS])] + [line(row_cells(r)) for r in rows_])
+        return "".join(f"{c:<{w}}" for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(heads)] + [line(row_cells(r)) for r in rows_])
 
 
-def legend(rows_: list[Row]) -> str:
-    """What the columns mean, with n stated once when every configuration shares it."""
+def legend(rows_: list[Row], base: str = "k=1") -> str:
+    """What the columns mean (`base`: the baseline, `k=1`), with n stated once when every
+    configuration shares it."""
     ns = {r.figures().get("n_samples") for r in rows_ if r.measured}
     n = f"n = {int(ns.pop())} documents per configuration" if len(ns) == 1 and None not in ns else "n per row"
     return (f"{n}; accuracy ± lm-eval's standard error (points); tokens/s: median of the timed batches' "
             f"rates [quartiles] (batches)\n"
-            f"vs k=1: ratio of median tokens/s with a 95% bootstrap interval over batches; '~1 (noise)' when the "
+            f"vs {base}: ratio of median tokens/s with a 95% bootstrap interval over batches; '~1 (noise)' when the "
             f"interval holds 1, 'x?' when a run has fewer than {MIN_TIMINGS} timed batches (no interval)\n"
-            "changed: documents whose output differs from k=1's (of those both scored); "
-            "c->w / w->c: correct at k=1 and wrong here / the reverse")
+            f"changed: documents whose output differs from {base}'s (of those both scored); "
+            f"c->w / w->c: correct at {base} and wrong here / the reverse")
 
 
 def describe(picks: list[Pick]) -> str:
@@ -283,8 +295,8 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
             include_other_commits: bool = False, include_dirty: bool = False,
             include_other_environments: bool = False, out: Path | None = None,
             log: bool = True, echo: Callable[[str], None] = print) -> str | None:
-    """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against k=1 with an
-    interval, outputs changed against k=1; and a plot. From one commit. Echoes the table; returns
+    """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against the baseline
+    with an interval, outputs changed against it; and a plot. From one commit. Echoes the table; returns
     the parent run it logged to (None with `log` off). Raises Refused when it would mix code."""
     code = git_state()
     commit = commit or code.commit
@@ -297,16 +309,19 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
     rows_ = rows(cl, picks)
     header = (f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
               + (f" (HEAD of {code.root})" if commit == code.commit else ""))
+    base = request.describe_baseline()
     if kind == LOGLIKELIHOOD:
-        header += "\n" + LOGLIKELIHOOD_WHY.format(task=request.task)
-    elif any(c.baseline for c in cells):
-        header += f"\nk1_any is the baseline of every subset ({BASELINE_WHY})"
-    text = "\n".join([header, legend(rows_), "", format_rows(rows_)]) + "\n" + describe(picks)
+        header += "\n" + LOGLIKELIHOOD_WHY.format(task=request.task, baseline=base)
+    elif (baseline := next((c for c in cells if c.baseline), None)) is not None:
+        every = f" of every {' and '.join(baseline.spans)}" if baseline.spans else ""
+        header += f"\n{baseline.name} is the baseline{every} ({spanning_why(baseline, request) if every else base})"
+    text = "\n".join([header, legend(rows_, base), "", format_rows(rows_, base)]) + "\n" + describe(picks)
     echo(text)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out) if out else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        png = plot(rows_, folder / "compare.png", f"{request.task}: accuracy vs tokens/s at {commit[:7]}")
+        png = plot(rows_, folder / "compare.png", f"{request.task}: accuracy vs tokens/s at {commit[:7]}",
+                   tuple(n for n, _ in request.axes), base)
         if out:
             (folder / "compare.txt").write_text(text + "\n")
         if log:

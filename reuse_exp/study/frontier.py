@@ -20,17 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .cells import Cell, resumable, run_defaults
+from .cells import Cell, make_cell, resumable, run_defaults
 from .grid import FAILED, CellState, classify, todo
 from .launch import DEFAULT_FOLDER, run_local
-from .store import ANY_SUBSET, RunRecord, client, experiment_id, experiment_name, fetch_runs, git_state, norm, \
-    tracking_uri
-from ..settings import to_text
+from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_state, tracking_uri
+from ..settings import DEFAULTS, policy_class
 
 EXPERIMENT = "frontier"
 LIMIT = 200            # tiny_gsm items (the whole test split)
 THREADS = 1            # on cores other jobs share, torch's threads wait on each other (tiny/model/README.md)
-BASELINE = "k=1"
 # Every configuration's settings but its own: one batch of every item (a batch decodes as its
 # items alone would, so accuracy is the batch-1 accuracy, and it is fast), CPU, float32.
 SHARED = {"task": "tiny_gsm", "model": "bundled", "batch_size": 200, "device": "cpu", "dtype": "float32"}
@@ -51,9 +49,18 @@ class Config:
         return dict(self.settings).get(name, default)
 
     @property
+    def policy(self):
+        return policy_class(self.get("policy", DEFAULTS.policy))
+
+    @property
     def learned(self) -> bool:
-        """A policy that decides per sample (not the fixed k clock): the rows the goal is about."""
-        return self.get("policy", "fixed") != "fixed"
+        """A policy that decides from what it measures (not on a clock): the rows the goal is about."""
+        return self.policy.measures
+
+    @property
+    def baseline(self) -> bool:
+        """At its policy's baseline (k=1): it never reuses, and every row is paired against it."""
+        return all(self.get(n, getattr(DEFAULTS, n)) == v for n, v in self.policy.baseline.items())
 
 
 def config(family: str, label: str = "", **settings) -> Config:
@@ -108,13 +115,13 @@ class FrontierCell(Cell):
 
 def cell_of(c: Config, limit: int | None = LIMIT) -> FrontierCell:
     """The configuration's tracked run: every pinned setting at the run's default unless SHARED,
-    the limit or the configuration says otherwise. No subset given = any (k=1, replay, adaptive)."""
-    values = {**run_defaults(), **{n: norm(to_text(v)) for n, v in
-                                   {**SHARED, "limit": limit, **dict(c.settings)}.items()}}
-    k = int(values.setdefault("k", "1"))
-    subset = values.get("subset", ANY_SUBSET)
+    the limit or the configuration says otherwise; like a grid's cell, it passes only the reuse
+    settings that shape it (cells.make_cell), so any run of the same computation counts."""
+    values = {**run_defaults(), **SHARED, "limit": limit, **dict(c.settings)}
     task = values.pop("task")
-    return FrontierCell(k=k, subset=subset, settings=(("task", task), *sorted(values.items())), label=c.name)
+    cell = make_cell({"task": task, **dict(sorted(values.items()))}, baseline=c.baseline)
+    return FrontierCell(axes=cell.axes, settings=cell.settings, shaping=cell.shaping, baseline=cell.baseline,
+                        label=c.name)
 
 
 def cells(limit: int | None = LIMIT, configs: tuple[Config, ...] = CONFIGS, mc: Config | None = MC) -> list[FrontierCell]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..errors import Refused
-from .frontier import BASELINE, CONFIGS, EXPERIMENT, LIMIT, MC, Config, FrontierCell, cells, frontier_runs
+from .frontier import CONFIGS, EXPERIMENT, LIMIT, MC, Config, FrontierCell, cells, frontier_runs
 from .frontier_tables import Report, Row, frontier_table, plot, tiny_table
 from .measures import accuracy, measured, pair
 from .store import RunRecord
@@ -64,9 +64,9 @@ def build(limit: int | None = LIMIT, experiment: str = EXPERIMENT, allow_mixed: 
     wanted = cells(limit, configs, mc)
     picked = pick(wanted, runs, allow_mixed)
     rows = [read_row(cl, c, r) for c, r in zip(configs, picked)]
-    base = next((r for r in rows if r.name == BASELINE), None)
+    base = next((r for r in rows if r.config.baseline), None)
     if base is None:
-        raise ConfigError(f"the frontier declares no {BASELINE!r} configuration to pair against")
+        raise ConfigError("the frontier declares no configuration at its policy's baseline (k=1) to pair against")
     rows = [r if r is base else Row(r.config, r.run, r.accuracy, r.records, pair(base.records, r.records))
             for r in rows]
     mc_row = read_row(cl, mc, picked[-1]) if mc else None

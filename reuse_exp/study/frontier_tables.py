@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.reuse import SUBSETS
-from .frontier import ADAPTIVE, BASELINE, THREADS, Config
+from .frontier import ADAPTIVE, THREADS, Config
 from .measures import Accuracy, Paired
 from .store import RunRecord
 
@@ -77,6 +77,11 @@ class Report:
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
 
+    @property
+    def base(self) -> Row:
+        """The row at its policy's baseline (k=1): what every other row is paired against."""
+        return next(r for r in self.rows if r.config.baseline)
+
 
 def paired_text(r: Row) -> str:
     p = r.paired
@@ -102,7 +107,7 @@ def commits_line(report: Report) -> str:
 
 
 def frontier_table(report: Report) -> str:
-    rows, base = report.rows, report.row(BASELINE)
+    rows, base = report.rows, report.base
     n = base.accuracy.n
     lines = [f"tiny_gsm, {n} items: accuracy ± stderr against the fraction of layer evaluations skipped, "
              f"sorted by skip. Paired against k=1: text changed / correct → wrong / wrong → correct. "
@@ -115,7 +120,7 @@ def frontier_table(report: Report) -> str:
                      f"{paired_text(r)} | {r.tokens_per_second:.0f} |")
     goal = [r.name for r in rows if r.config.learned and r.skipped >= GOAL_SKIP
             and r.accuracy.mean >= base.accuracy.mean - GOAL_POINTS]
-    fixed = [r.name for r in rows if not r.config.learned and r.name != BASELINE]
+    fixed = [r.name for r in rows if not r.config.learned and not r.config.baseline]
     undominated = [f for f in fixed if not dominated_by(rows, f)]
     lines += ["", f"Goal (a learned policy skips >= {GOAL_SKIP:.0%} within {GOAL_POINTS * 100:g} point of k=1): "
               + (f"met by {', '.join(goal)}." if goal else "not met by any threshold measured."),
@@ -130,7 +135,7 @@ def frontier_table(report: Report) -> str:
 
 
 def machine(report: Report) -> str:
-    r = report.row(BASELINE).run
+    r = report.base.run
     return (f"{r.tags.get('device_name', r.params.get('resolved_device', '?'))}, {THREADS} torch thread(s) "
             f"(OMP_NUM_THREADS), torch {r.params.get('version_torch', '?')}, {r.params.get('resolved_dtype', '?')}")
 
@@ -153,7 +158,7 @@ def subset_layers(report: Report, subset: str) -> str:
 
 
 def tiny_table(report: Report) -> str:
-    base = report.row(BASELINE)
+    base = report.base
     batch = base.config.get("batch_size") or base.run.params.get("batch_size")
     lines = [f"tiny_gsm test split, {base.accuracy.n} items, batches of {batch}, strict-match exact match; cell = "
              f"accuracy / generated tokens/s / skipped-layer fraction. Measured on {machine(report)}. "
@@ -221,7 +226,7 @@ def plot(report: Report, path: Path) -> Path:
             xs, ys, es = zip(*pts)
             learned = any(r.config.learned for r in rows if r.config.family == family)
             ax.errorbar([100 * x for x in xs], [100 * y for y in ys], yerr=[100 * e for e in es],
-                        fmt=markers[i % len(markers)], color="black" if family == BASELINE else f"C{i}",
+                        fmt=markers[i % len(markers)], color="black" if family == report.base.config.family else f"C{i}",
                         label=family, capsize=3, linestyle="-" if learned else "")
         ax.set_xlim(0, x_max)
         ax.set_ylim(y_from, 100.5)
@@ -232,7 +237,7 @@ def plot(report: Report, path: Path) -> Path:
     axes[1].set_title(f"zoom: accuracy axis broken at {zoom_from:g}%")
     axes[0].legend(title="policy", loc="lower left")
     commits = ", ".join(report.commits)
-    fig.suptitle(f"Reuse frontier on the bundled tiny model (n = {report.row(BASELINE).accuracy.n} items; "
+    fig.suptitle(f"Reuse frontier on the bundled tiny model (n = {report.base.accuracy.n} items; "
                  f"bars: ±1 stderr; commit {commits}{' MIXED' if report.mixed else ''})")
     fig.tight_layout()
     fig.savefig(path)

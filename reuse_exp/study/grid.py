@@ -1,4 +1,5 @@
-"""The study's grid (k x subset, per task), read from and run against MLflow.
+"""The study's grid (per task, the axes its policy declares: k x subset for the fixed policy),
+read from and run against MLflow.
 
 A configuration is *done* only when a FINISHED, clean run of it exists at the
 current commit with the same settings. A summary file, or a run at another commit,
@@ -8,23 +9,23 @@ does not count: that is how the old shell runner put three commits in one table.
     reuse-exp grid run    --task tiny_gsm --limit 4 [--k 1,2,3] [--subset first,last] [--dry-run]
     reuse-exp grid run    --task gsm8k --executor slurm --partition gpu --gpus 1 --time 240
 
-The k=1 baseline is one run per grid, whatever the subsets: it computes every layer.
-For a loglikelihood task the grid is that run alone: reuse acts between the denoising
-steps of generation, and scoring runs every layer, so every k and subset give the
-same result (the run tags say so too).
+The policy's baseline (k=1) is one run per grid, whatever the subsets: it computes every
+layer. For a loglikelihood task the grid is that run alone: reuse acts between the denoising
+steps of generation, and scoring runs every layer, so no reuse setting changes the result
+(the run tags say so too).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from itertools import product
 from pathlib import Path
 from typing import Callable
 
 from ..errors import DirtyTree, GridFailed
 from ..knobs import ANY_ENVIRONMENT, knob_set
 from ..settings import to_text
-from .cells import (SPANNING_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable,
-                    run_command, task_kind)
+from .cells import LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, resumable, run_command, spanning_why, task_kind
 from .environments import here, same_here
 from .launch import SubmititOptions, run_local, submit
 from .store import (LIVE, STALE_AFTER_S, RunRecord, client, end_command, experiment_id, experiment_name,
@@ -100,20 +101,8 @@ def format_status(request: GridRequest, states: list[CellState], head: str, kind
     lines = [f"grid {request.task} [{extra}] in experiment {experiment!r} at HEAD {head[:7]}"
              + (f" of {root}" if root else "")]
     if kind == LOGLIKELIHOOD:
-        lines.append(LOGLIKELIHOOD_WHY.format(task=request.task))
-    by_cell = {(s.cell.k, s.cell.subset): s for s in states}
-    subsets = [s for s in request.subsets if any(c[1] == s for c in by_cell)]
-    ks = sorted({c[0] for c in by_cell})
-    width = max(14, *(len(s.label()) + 2 for s in states))
-    if subsets:
-        lines.append(" " * 6 + "".join(f"{to_text(s):<{width}}" for s in subsets))
-    for k in ks:
-        span = next((c for c in by_cell if c[0] == k and c[1] in SPANNING_WHY), None)
-        if span:   # the baseline, a replay cell: one cell across the subsets
-            row = f"{by_cell[span].label():<{width}}({SPANNING_WHY[span[1]]})"
-        else:
-            row = "".join(f"{by_cell[(k, s)].label() if (k, s) in by_cell else '':<{width}}" for s in subsets)
-        lines.append(f"k={k:<4}{row}".rstrip())
+        lines.append(LOGLIKELIHOOD_WHY.format(task=request.task, baseline=request.describe_baseline()))
+    lines += table(request, states)
     counts = {st: sum(s.state == st for s in states) for st in (DONE, STALE, FAILED, RUNNING, MISSING)}
     lines.append(f"done at HEAD {counts[DONE]}/{len(states)}, stale {counts[STALE]}, failed {counts[FAILED]}, "
                  f"running {counts[RUNNING]}, missing {counts[MISSING]}")
@@ -123,6 +112,32 @@ def format_status(request: GridRequest, states: list[CellState], head: str, kind
                              for r in s.runs[:3])
             lines.append(f"  {s.cell.name:<10} {s.state:<8} {runs}{'  (' + s.note + ')' if s.note else ''}")
     return "\n".join(lines)
+
+
+def table(request: GridRequest, states: list[CellState]) -> list[str]:
+    """The states laid out on the policy's axes: a row per value of the first, a column per value
+    of the others (one column for a single axis); a cell that spans the columns (k=1: every
+    subset) fills its row, saying why."""
+    names = [n for n, _ in request.axes]
+    row_axis, columns = names[0], names[1:]
+    def column_of(cell: Cell) -> str:
+        return "_".join(to_text(cell.value(a)) for a in columns)
+    wanted = ["_".join(map(to_text, point)) for point in product(*(vs for n, vs in request.axes if n in columns))]
+    used = [c for c in wanted if any(column_of(s.cell) == c for s in states)] if columns else [""]
+    width = max(14, *(len(s.label()) + 2 for s in states)) if states else 14
+    rows = list(dict.fromkeys(to_text(s.cell.value(row_axis)) for s in states))
+    head = max(6, *(len(f"{row_axis}={r}") + 1 for r in rows)) if rows else 6
+    lines = [" " * head + "".join(f"{c:<{width}}" for c in used)] if columns and used else []
+    for r in rows:
+        mine = [s for s in states if to_text(s.cell.value(row_axis)) == r]
+        span = next((s for s in mine if columns and set(columns) <= set(s.cell.spans)), None)
+        if span:
+            row = f"{span.label():<{width}}({spanning_why(span.cell, request)})"
+        else:
+            by_column = {column_of(s.cell) if columns else "": s for s in mine}
+            row = "".join(f"{by_column[c].label() if c in by_column else '':<{width}}" for c in used)
+        lines.append(f"{row_axis + '=' + r:<{head}}{row}".rstrip())
+    return lines
 
 
 def todo(states: list[CellState], force: bool) -> list[Cell]:
@@ -195,7 +210,7 @@ def run(request: GridRequest, experiment: str | None, launch: Launch = Launch(),
     states, head = view.states, view.head
     echo(f"checkout {view.root} at {head[:7]}")
     if view.kind == LOGLIKELIHOOD:
-        echo(LOGLIKELIHOOD_WHY.format(task=request.task))
+        echo(LOGLIKELIHOOD_WHY.format(task=request.task, baseline=request.describe_baseline()))
     cells = todo(states, force)
     # A cell whose run was killed or died resumes it, at this commit with these settings.
     resume = {} if force else {s.cell: rid for s in states if s.state == FAILED and (rid := resumable(s.runs))}

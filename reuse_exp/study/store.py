@@ -8,18 +8,18 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..tracking.heartbeat import parse_stamp
 from ..tracking.provenance import Provenance, checkout_root, provenance
-from ..settings import AXIS, SPECS
-from ..tracking.schema import CONFIG_KEY_PARAMS, END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG, unquoted
+from ..settings import DEFAULTS, SPECS, policy_class, spec, to_text
+from ..tracking.schema import END_REASON_TAG, HEARTBEAT_TAG, REFUSED_TAG, logged_values, shaping_settings, unquoted
 from ..tracking.store_init import open_client, tracking_uri
 
-# What varies between the cells of one grid: its axes and the params that carry them.
-GRID_AXES = tuple(dict.fromkeys(p for s in SPECS if s.grid == AXIS for p in (s.name, *s.key_params)))
-ANY_SUBSET = "any"          # the k=1 baseline's subset: it computes every layer, so any run of it will do
+# A cell's value on an axis it does not compute (k=1's subset): any run of it will do.
+ANY = "any"
 # A RUNNING run whose heartbeat (every 30 s) is older than this has no process behind it.
 STALE_AFTER_S = 300.0
 LIVE = ("RUNNING", "SCHEDULED")
@@ -100,21 +100,47 @@ class RunRecord:
     def role(self) -> str:
         return self.tags.get("reuse_exp.role", "run")
 
-    @property
-    def cell(self) -> tuple[str, str]:
-        k = self.params.get("k", "?")
-        return (k, ANY_SUBSET if norm(k) == "1" else self.params.get("subset", "?"))
+    @cached_property
+    def values(self) -> dict:
+        """Its settings, typed (schema.logged_values)."""
+        return logged_values(self.params)
 
-    def shaping(self) -> dict[str, str]:
-        """The result-shaping settings other than the grid's axes (tracking's config_key, less k/layers)."""
+    @cached_property
+    def shaping_names(self) -> tuple[str, ...]:
+        """The settings that shaped it (schema.shaping_settings); every one that can where its
+        policy is not known here (a plug-in not installed): then it matches only itself."""
+        try:
+            return shaping_settings(self.values)
+        except ConfigError:
+            return tuple(s.name for s in SPECS if s.key)
+
+    @cached_property
+    def axes(self) -> tuple[str, ...]:
+        """The grid axes its policy declares (none where the policy is not known here)."""
+        try:
+            return tuple(policy_class(self.values.get("policy") or DEFAULTS.policy).axes)
+        except ConfigError:
+            return ()
+
+    def resolved(self, names) -> dict[str, str]:
+        """The params that carry the settings `names` (their declared key params), one spelling each."""
         device = self.params.get("resolved_device") or self.params.get("device", "")
         values = {**self.params, "device_type": device.split(":")[0]}
-        return {n: norm(values.get(n)) for n in CONFIG_KEY_PARAMS if n not in GRID_AXES}
+        return {p: norm(values.get(p)) for n in names for p in spec(n).key_params}
+
+    @property
+    def cell(self) -> tuple[tuple[str, str], ...]:
+        """Its place on its policy's axes: the value it ran with, ANY on an axis it did not compute."""
+        return tuple((a, norm(to_text(self.values.get(a))) if a in self.shaping_names else ANY) for a in self.axes)
+
+    def grid_part(self) -> dict[str, str]:
+        """What a grid of it pins: the params of the settings that shaped it, off its policy's axes
+        (the task, the policy and its other settings, the model, ...)."""
+        return self.resolved(n for n in self.shaping_names if n not in self.axes)
 
     @property
     def grid_key(self) -> str:
-        """One grid, one key: runs that differ only in k and subset share it."""
-        return hashlib.sha256(repr(sorted(self.shaping().items())).encode()).hexdigest()[:12]
+        return hashlib.sha256(repr(sorted(self.grid_part().items())).encode()).hexdigest()[:12]
 
     def short(self) -> str:
         return f"{self.run_id[:8]}@{(self.commit or 'no-commit')[:7]}{'+dirty' if self.dirty else ''}"
@@ -133,6 +159,21 @@ def end_command(run_id: str, stale_after_s: float) -> str:
     threshold, or it refuses what was just called dead."""
     extra = "" if stale_after_s == STALE_AFTER_S else f" --stale-after {stale_after_s:g}s"
     return f"reuse-exp runs end {run_id}{extra}"
+
+
+def cell_name(axes) -> str:
+    """A cell's name from its place on the axes: `k2_first`, `k1_any`, `drift0.5` (a number
+    carries its axis's name)."""
+    return "_".join(_label(n, v) for n, v in axes) or "all"
+
+
+def _label(axis: str, value) -> str:
+    if value == ANY or spec(axis).kind not in ("int", "float"):
+        return to_text(value)
+    try:
+        return f"{axis}{float(value):g}"
+    except ValueError:
+        return f"{axis}{value}"
 
 
 def norm(value) -> str:

@@ -209,10 +209,6 @@ def gsm_prompt(tokenizer, doc: dict) -> str:
     return chat_prompt(tokenizer, f"Question: {doc['question']}\nAnswer:", "tiny_gsm")
 
 
-def mc_prompt(tokenizer, doc: dict) -> str:
-    return chat_prompt(tokenizer, mc_text(doc), "tiny_mc")
-
-
 def read_task_docs(name: str, data: Path = TASKS_DATA) -> list[dict]:
     with open(data / name) as f:
         return [json.loads(line) for line in f]

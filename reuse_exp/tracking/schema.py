@@ -16,10 +16,9 @@ params
 tags
     git_commit (sha, or "unknown" outside git), git_branch, git_dirty ("true"/"false"),
     git_dirty_files (newline-separated, capped), source_hash (the package's files),
-    config_key (hash of the result-shaping params: CONFIG_KEY_PARAMS, less the reuse
-    params that change nothing at its values (its policy's `computes`: at k=1 only k counts,
-    in replay mode not the layers); the grid groups by
-    config_key + git_commit), task_kind (generate_until |
+    config_key (hash of the params that carry the settings shaping the run: those
+    shaping_settings (below) names, e.g. at k=1 no layers; runs of one computation share
+    it), task_kind (generate_until |
     loglikelihood), reuse_note, accuracy_metric (which lm-eval metric `accuracy` is), allow_dirty, model_path,
     device_name (the GPU or CPU model), rank_devices (`0: cuda:0 (NVIDIA H200); ...`),
     cuda_visible_devices (GPU runs only),
@@ -92,21 +91,15 @@ import importlib.metadata as md
 import json
 import platform
 
-from ..errors import ConfigError, SettingError
-from ..engine.policies import get as get_policy
-from ..settings import key_params, spec, to_text as param_str
+from ..errors import SettingError
+from ..settings import DEFAULTS, REUSE, SPECS, policy_class, spec, to_text as param_str
 
-# What shapes a result, from the `key` flags of the declaration (settings.py).
-CONFIG_KEY_PARAMS = key_params()
 HEARTBEAT_TAG = "reuse_exp.heartbeat"
 REFUSED_TAG = "reuse_exp.refused"
 END_REASON_TAG = "reuse_exp.end_reason"
 ANY_ENVIRONMENT_TAG = "reuse_exp.any_environment"
 GPU_METRICS_TAG = "gpu_metrics"   # why a run has no gpu_* metrics
 NO_GPU_NOTE = "none: this run computed on the CPU; the gpu_* metrics are NVML's readings of a GPU"
-# Reuse params that shape a result only under a policy that reads them (`layers`: the subset's).
-POLICY_PARAMS = {"k": "k", "layers": "subset", "mode": "mode", "scope": "scope", "drift": "drift",
-                 "max_reuse": "max_reuse"}
 VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "reuse_exp")
 
 
@@ -126,28 +119,42 @@ def same_param(a: str, b: str) -> bool:
         return False
 
 
+# -- which settings shape a run: the one place; the run's key, the grid's cells, compare, resume and
+# the audit ask here ---------------------------------------------------------------------------------
+def shaping_settings(values) -> tuple[str, ...]:
+    """The settings that shape a run of `values` (typed, by name; a missing one at its default):
+    every setting declared `key`, less the REUSE settings its policy does not compute at these
+    values (k=1 computes no subset; the fixed policy reads no drift). Runs that agree on these
+    computed the same thing. ConfigError where the policy cannot be found here."""
+    cls = policy_class(values.get("policy") or DEFAULTS.policy)
+    computed = set(cls.computes(**{n: values[n] if n in values else getattr(DEFAULTS, n) for n in cls.reads}))
+    return tuple(s.name for s in SPECS if s.key and (s.grid != REUSE or s.name in computed))
+
+
+def logged_values(params) -> dict[str, object]:
+    """The typed values of the settings among a run's params (MLflow keeps text); a value that no
+    longer parses is kept as its text."""
+    out = {}
+    for s in SPECS:
+        if s.name in params:
+            try:
+                out[s.name] = s.parse(params[s.name])
+            except SettingError:
+                out[s.name] = params[s.name]
+    return out
+
+
 def config_key(params: dict) -> str:
-    """Hash of the settings that shape a result; commit, seed-free noise and paths excluded.
-    The one place a config key is computed: what enters it is decided here."""
-    shaping = {k: param_str(params.get(k)) for k in CONFIG_KEY_PARAMS}
-    for param, setting in POLICY_PARAMS.items():
-        if setting not in computed_settings(params):
-            shaping[param] = "-"
+    """Hash of what shapes a result: the params carrying each setting shaping_settings names
+    (resolved ones where declared: layers, model_hash, resolved_dtype, ...); commit and paths excluded."""
+    shaping = {p: param_str(params.get(p)) for n in shaping_settings(logged_values(params))
+               for p in spec(n).key_params}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def computed_settings(params: dict) -> tuple[str, ...]:
-    """The reuse settings that shape the run's computation (its policy's `computes`), from its params."""
-    try:
-        cls = get_policy(params.get("policy") or "fixed")
-        return cls.computes(**{n: spec(n).parse(params[n]) for n in cls.reads if n in params})
-    except (ConfigError, SettingError, TypeError):   # a plug-in not imported here, a value unreadable: all count
-        return tuple(POLICY_PARAMS.values())
 
 
 def config_name(s) -> str:
     """The configuration's short name, from its policy (a run's name is it and the task)."""
-    cls = get_policy(s.policy)
+    cls = policy_class(s.policy)
     return cls.run_name(**{n: getattr(s, n) for n in cls.reads})
 
 

@@ -48,6 +48,8 @@ def layer_groups(num_layers: int, n_groups: int = GROUPS) -> tuple[tuple[int, ..
 class DriftPolicy(ReusePolicy):
     name: ClassVar[str] = "adaptive"
     reads: ClassVar[tuple[str, ...]] = ("drift", "max_reuse", "mode")
+    axes: ClassVar[dict[str, tuple]] = {"drift": (0.0, 0.5, 1.0)}
+    baseline: ClassVar[dict[str, object]] = {"drift": 0.0}       # never reuses: k=1's tokens, its own cost
     measures: ClassVar[bool] = True
     modes: ClassVar[tuple[str, ...]] = ("delta", "replay")
     drift: float            # relative drift of a group's input at which it recomputes
@@ -66,6 +68,11 @@ class DriftPolicy(ReusePolicy):
             raise ConfigError(f"the {cls.name} policy works in mode {' or '.join(cls.modes)}, not {mode!r}{hint}")
         groups = (tuple(range(num_layers)),) if mode == "replay" else layer_groups(num_layers)
         return cls(drift=drift, max_reuse=max_reuse, mode=mode, groups=groups)
+
+    @classmethod
+    def computes(cls, drift=None, **_) -> tuple[str, ...]:
+        """At drift 0 nothing is reused, so the cap on reuses in a row changes nothing."""
+        return ("drift", "mode") if drift == 0 else cls.reads
 
     @classmethod
     def run_name(cls, drift, mode, **_) -> str:

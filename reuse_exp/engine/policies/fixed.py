@@ -26,6 +26,8 @@ from . import Memory, ReusePolicy, RowState, register
 class FixedPolicy(ReusePolicy):
     name: ClassVar[str] = "fixed"
     reads: ClassVar[tuple[str, ...]] = ("k", "subset", "mode", "scope")
+    axes: ClassVar[dict[str, tuple]] = {"k": (1, 2, 3), "subset": ("first", "middle", "last")}   # the study's grid
+    baseline: ClassVar[dict[str, object]] = {"k": 1}
     k: int
     groups: tuple[tuple[int, ...], ...]   # one group: the subset's layers
     mode: str = "output"

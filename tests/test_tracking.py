@@ -169,8 +169,22 @@ class FakeNVML(types.ModuleType):
         self.energy_mj += 500
         return self._call("nvmlDeviceGetTotalEnergyConsumption", self.energy_mj)
 
+    def nvmlDeviceGetClockInfo(self, h, clock):
+        return self._call("nvmlDeviceGetClockInfo", 1500)
 
-ALL_GPU_METRICS = {"gpu_peak_memory_mb", "gpu_util_mean", "gpu_util_max", "gpu_power_mean_w", "gpu_energy_j"}
+    def nvmlDeviceGetMaxClockInfo(self, h, clock):
+        return self._call("nvmlDeviceGetMaxClockInfo", 1980)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self._call("nvmlDeviceGetCurrentClocksEventReasons", self.reasons)
+
+    reasons = 0x1   # idle: not a slowing reason
+
+
+CLOCK_METRICS = {"gpu_sm_clock_mean_mhz", "gpu_sm_clock_min_mhz"}
+THROTTLE_METRICS = {"gpu_throttle_reasons", "gpu_throttled_fraction"}
+ALL_GPU_METRICS = {"gpu_peak_memory_mb", "gpu_util_mean", "gpu_util_max", "gpu_power_mean_w", "gpu_energy_j",
+                   "gpu_sm_clock_limit_mhz", *CLOCK_METRICS, *THROTTLE_METRICS}
 LOST_WITH = {  # what each failing call costs: nothing else
     None: set(), "nvmlDeviceGetName": set(), "nvmlShutdown": set(),
     "nvmlInit": ALL_GPU_METRICS, "nvmlDeviceGetHandleByIndex": ALL_GPU_METRICS,
@@ -178,6 +192,9 @@ LOST_WITH = {  # what each failing call costs: nothing else
     "nvmlDeviceGetUtilizationRates": {"gpu_util_mean", "gpu_util_max"},
     "nvmlDeviceGetPowerUsage": {"gpu_power_mean_w"},     # energy still comes from the counter
     "nvmlDeviceGetTotalEnergyConsumption": set(),         # energy integrated from power instead
+    "nvmlDeviceGetClockInfo": CLOCK_METRICS,
+    "nvmlDeviceGetMaxClockInfo": {"gpu_sm_clock_limit_mhz"},
+    "nvmlDeviceGetCurrentClocksEventReasons": THROTTLE_METRICS,
 }
 
 
@@ -193,7 +210,8 @@ def test_gpu_sampler_drops_only_the_field_nvml_cannot_read(monkeypatch, caplog, 
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == (failing is not None), [r.getMessage() for r in warnings]
     if failing in ("nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetPowerUsage",
-                   "nvmlDeviceGetTotalEnergyConsumption"):
+                   "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetClockInfo",
+                   "nvmlDeviceGetCurrentClocksEventReasons"):
         assert fake.calls[failing] == 1, "a field that failed is not asked again"
     if metrics:  # the other fields kept coming, sample after sample
         assert fake.calls["nvmlDeviceGetMemoryInfo" if failing != "nvmlDeviceGetMemoryInfo"

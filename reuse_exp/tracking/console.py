@@ -88,6 +88,7 @@ class Summary:
     kind: str                        # generate_until | loglikelihood
     accuracy: tuple | None = None    # (metric, value, stderr or None, n or None)
     metrics: dict | None = None
+    timing: str | None = None        # the timing_quality tag: clean, or contended and why
 
     def lines(self) -> list[str]:
         m = self.metrics or {}
@@ -108,6 +109,9 @@ class Summary:
                        else m.get('generated_tokens', 0))
             out.append(f"speed     {m.get('tokens_per_second', 0):.1f} tokens/s, {decoded:.0f} "
                        f"tokens in {m.get('seconds', 0):.1f} s of decoding (wall {m.get('wall_seconds', 0):.1f} s)")
+        if self.timing:
+            noise = m.get("tokens_per_second_noise")
+            out.append(f"timing    {self.timing}" + (f" (noise ±{noise:.0%})" if noise is not None else ""))
         state = f"dirty: {self.dirty_files} uncommitted file(s)" if self.dirty else "clean"
         out.append(f"code      {self.commit[:12]} ({state})")
         out.append(f"run       {self.run_id} in experiment {self.experiment!r}")

@@ -1,0 +1,166 @@
+"""Tokens/s as far as it can be trusted: a run's timing quality and noise as it logged them
+(tracking/timing.py), and the speed regressions between commits that `audit --speed` names.
+
+A regression, the way asv and conbench report one: the same configuration (its config_key),
+task, environment and data (study/environments.py) and torch threads, at two commits, whose
+tokens/s differ by more than the two runs' noise added up, in one line:
+
+    k2_middle_tiny_gsm: 18 % slower at 1a2b3c4 than at 9f8e7d6 (noise 3 %)
+
+Each commit is compared with the one measured before it (commits ordered by their first run).
+Only runs whose timing was clean count; a commit whose runs were all contended, or that
+predate the timing record, is said in a note and compared with nothing. Several clean runs at
+one commit: their median, its noise at least their spread. Two runs whose fixed probe (the
+machine's speed, whatever the code) differs by more than DRIFT_LIMIT ran on machines too
+different to compare (another node, another clock): a note, never a regression.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..tracking.timing import CLEAN, CONTENDED, DRIFT_LIMIT, QUALITY_TAG
+from .environments import fingerprint
+from .store import RunRecord
+
+NOISE_METRIC = "tokens_per_second_noise"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How a run's tokens/s can be read: its timing_quality tag and its relative noise."""
+    quality: str | None      # `clean`, `contended: why`, or None: the run recorded none
+    noise: float | None
+
+    @property
+    def contended(self) -> bool:
+        return (self.quality or "").startswith(CONTENDED)
+
+    @property
+    def clean(self) -> bool:
+        return self.quality == CLEAN
+
+    @property
+    def reason(self) -> str:
+        if self.quality is None:
+            return "no timing quality recorded (a run older than the timing record)"
+        return self.quality
+
+
+def timing_of(r: RunRecord) -> Timing:
+    return Timing(r.tags.get(QUALITY_TAG), r.metrics.get(NOISE_METRIC))
+
+
+def percent(x: float) -> str:
+    return f"{round(100 * x)} %"
+
+
+def noise_text(noise: float | None) -> str:
+    """`±3%`, or `±?` for a run that estimated none."""
+    return "±?" if noise is None else f"±{100 * noise:.0f}%"
+
+
+def pair_noise(a: float | None, b: float | None) -> float | None:
+    """The noise of a ratio of two runs' tokens/s: their noises added (each bounds its own error)."""
+    return None if a is None or b is None else a + b
+
+
+def contended_runs(runs: list[RunRecord]) -> list[tuple[RunRecord, str]]:
+    """The runs whose timing was contended, each with why."""
+    return [(r, t.quality) for r in runs if (t := timing_of(r)).contended]
+
+
+# -- regressions between commits ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Regression:
+    run_id: str       # the slower commit's newest run
+    line: str
+
+
+@dataclass(frozen=True)
+class AtCommit:
+    """One configuration's clean runs at one commit."""
+    commit: str
+    runs: tuple[RunRecord, ...]
+
+    @property
+    def first_ms(self) -> int:
+        return min(r.start_ms for r in self.runs)
+
+    @property
+    def newest(self) -> RunRecord:
+        return max(self.runs, key=lambda r: r.start_ms)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return float(np.median([r.metrics["tokens_per_second"] for r in self.runs]))
+
+    @property
+    def noise(self) -> float:
+        rates = [r.metrics["tokens_per_second"] for r in self.runs]
+        spread = (max(rates) - min(rates)) / 2 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
+        return max([spread] + [timing_of(r).noise or 0.0 for r in self.runs])
+
+    @property
+    def probe_seconds(self) -> float | None:
+        probes = [p for r in self.runs for p in (r.metrics.get("probe_seconds_before"),
+                                                 r.metrics.get("probe_seconds_after")) if p]
+        return float(np.median(probes)) if probes else None
+
+
+def speed_key(r: RunRecord) -> tuple:
+    """Runs of one key measure the same work on the same kind of machine the same way."""
+    return (r.params.get("task", "?"), r.tags.get("config_key", "?"), tuple(sorted(fingerprint(r).items())),
+            r.tags.get("env.torch_threads", "?"))
+
+
+def name_of(r: RunRecord) -> str:
+    return r.tags.get("mlflow.runName") or f"k{r.params.get('k', '?')}_{r.params.get('subset', '?')}"
+
+
+def speed_changes(runs: list[RunRecord]) -> tuple[list[Regression], list[str]]:
+    """The regressions between consecutive commits of each configuration, and notes: speed-ups,
+    commits that could not be compared and why."""
+    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r.role == "run" and r.status == "FINISHED" and r.commit and not r.dirty \
+                and r.metrics.get("tokens_per_second"):
+            groups[speed_key(r)][r.commit].append(r)
+    regressions, notes = [], []
+    for by_commit in groups.values():
+        measured = []
+        for commit, mine in by_commit.items():
+            clean = tuple(r for r in mine if timing_of(r).clean)
+            if clean:
+                measured.append(AtCommit(commit, clean))
+            else:
+                newest = max(mine, key=lambda r: r.start_ms)
+                notes.append(f"{name_of(newest)} at {commit[:7]}: not compared, {timing_of(newest).reason}")
+        measured.sort(key=lambda a: a.first_ms)
+        for before, after in zip(measured, measured[1:]):
+            found = compare_commits(before, after)
+            if isinstance(found, Regression):
+                regressions.append(found)
+            elif found:
+                notes.append(found)
+    return regressions, notes
+
+
+def compare_commits(before: AtCommit, after: AtCommit) -> Regression | str | None:
+    """`after` against `before`: a Regression, a note (faster; machines too different), or None."""
+    name = name_of(after.newest)
+    change = after.tokens_per_second / before.tokens_per_second - 1
+    noise = before.noise + after.noise
+    where = f"at {after.commit[:7]} than at {before.commit[:7]} (noise {percent(noise)})"
+    if abs(change) <= noise:
+        return None
+    pa, pb = after.probe_seconds, before.probe_seconds
+    if pa and pb and abs(pa / pb - 1) > DRIFT_LIMIT:
+        return (f"{name}: {percent(abs(change))} {'slower' if change < 0 else 'faster'} {where}, not compared: "
+                f"the fixed probe ran {percent(abs(pa / pb - 1))} {'slower' if pa > pb else 'faster'} there, "
+                "another machine or clock")
+    if change < 0:
+        return Regression(after.newest.run_id, f"{name}: {percent(-change)} slower {where}")
+    return f"{name}: {percent(change)} faster {where}"

@@ -84,10 +84,7 @@ class AtCommit:
     """One configuration's clean runs at one commit."""
     commit: str
     runs: tuple[RunRecord, ...]
-
-    @property
-    def first_ms(self) -> int:
-        return min(r.start_ms for r in self.runs)
+    first_ms: int             # its first run's start, contended ones too: the commit's place in time
 
     @property
     def newest(self) -> RunRecord:
@@ -134,7 +131,7 @@ def speed_changes(runs: list[RunRecord]) -> tuple[list[Regression], list[str]]:
         for commit, mine in by_commit.items():
             clean = tuple(r for r in mine if timing_of(r).clean)
             if clean:
-                measured.append(AtCommit(commit, clean))
+                measured.append(AtCommit(commit, clean, min(r.start_ms for r in mine)))
             else:
                 newest = max(mine, key=lambda r: r.start_ms)
                 notes.append(f"{name_of(newest)} at {commit[:7]}: not compared, {timing_of(newest).reason}")

@@ -41,7 +41,7 @@ from .gpu_stats import SLOWING, throttle_names
 PROBE_REPS = 15          # before, and again after
 SAMPLE_S = 1.0           # load, frequency and threads; the other processes every OTHERS_EVERY samples
 OTHERS_EVERY = 5
-WAIT_LIMIT = 0.03        # of the time this rank's threads were runnable, they waited for a CPU
+WAIT_LIMIT = 0.05        # of the time this rank's threads were runnable, they waited for a CPU
 STEAL_LIMIT = 0.03       # of the CPUs' time, the hypervisor ran something else
 THROTTLED_LIMIT = 0.05   # of the GPU's samples, clocks slowed by heat or a hardware brake
 DRIFT_LIMIT = 0.10       # the probe after against the probe before

@@ -35,7 +35,7 @@ from .cells import BASELINE_WHY, LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridReq
 from .environments import differences
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
-from .speed import noise_text, pair_noise, timing_of
+from .speed import noise_text, pair_noise, probe_seconds, timing_of
 from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_head
 
 
@@ -199,7 +199,8 @@ def rows(cl, picks: list[Pick]) -> list[Row]:
             continue
         ratio = speed_ratio(base.rates, r.rates) if base.rates and r.rates else None
         if ratio is not None:
-            ratio = replace(ratio, noise=pair_noise(base.noise, r.noise))
+            ratio = replace(ratio, noise=pair_noise(base.noise, r.noise, probe_seconds(base.pick.runs),
+                                                    probe_seconds(r.pick.runs)))
         a, b = base.measured.records, r.measured.records
         out.append(Row(r.pick, r.measured, r.repeats, ratio, pair(a, b) if a is not None and b is not None else None))
     return out

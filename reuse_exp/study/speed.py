@@ -10,12 +10,16 @@ tokens/s differ by more than the two runs' noise added up, in one line:
 Each commit is compared with the one measured before it (commits ordered by their first run).
 Only runs whose timing was clean count; a commit whose runs were all contended, or that
 predate the timing record, is said in a note and compared with nothing. Several clean runs at
-one commit: their median, its noise at least their spread. Two runs whose fixed probe (the
-machine's speed, whatever the code) differs by more than DRIFT_LIMIT ran on machines too
-different to compare (another node, another clock): a note, never a regression.
+one commit: their median, its noise at least their spread. The fixed probe (tracking/probe.py:
+the machine's speed, whatever the code) widens the noise of two runs by PROBE_SENSITIVITY times
+the change in its seconds between them: the machine that was slower for one run than for the
+other (the decode moved about that much more than the probe, probe.py); two runs whose probes
+differ by more than DRIFT_LIMIT ran on machines too different to compare (another node,
+another clock): a note, never a regression.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -26,6 +30,7 @@ from .environments import fingerprint
 from .store import RunRecord
 
 NOISE_METRIC = "tokens_per_second_noise"
+PROBE_SENSITIVITY = 2.5
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,23 @@ def noise_text(noise: float | None) -> str:
     return "±?" if noise is None else f"±{100 * noise:.0f}%"
 
 
-def pair_noise(a: float | None, b: float | None) -> float | None:
-    """The noise of a ratio of two runs' tokens/s: their noises added (each bounds its own error)."""
-    return None if a is None or b is None else a + b
+def probe_seconds(runs) -> float | None:
+    """The median of the runs' probes, before and after (None where none was timed)."""
+    probes = [p for r in runs for p in (r.metrics.get("probe_seconds_before"), r.metrics.get("probe_seconds_after"))
+              if p]
+    return float(np.median(probes)) if probes else None
+
+
+def machine_change(a: float | None, b: float | None) -> float:
+    """How much faster or slower the machine was for one than for the other, by their probes (log)."""
+    return abs(math.log(b / a)) if a and b else 0.0
+
+
+def pair_noise(a: float | None, b: float | None, probe_a: float | None = None,
+               probe_b: float | None = None) -> float | None:
+    """The noise of a ratio of two runs' tokens/s: their noises added (each bounds its own error),
+    widened by the machine's change between them as their probes saw it."""
+    return None if a is None or b is None else a + b + PROBE_SENSITIVITY * machine_change(probe_a, probe_b)
 
 
 def contended_runs(runs: list[RunRecord]) -> list[tuple[RunRecord, str]]:
@@ -102,9 +121,7 @@ class AtCommit:
 
     @property
     def probe_seconds(self) -> float | None:
-        probes = [p for r in self.runs for p in (r.metrics.get("probe_seconds_before"),
-                                                 r.metrics.get("probe_seconds_after")) if p]
-        return float(np.median(probes)) if probes else None
+        return probe_seconds(self.runs)
 
 
 def speed_key(r: RunRecord) -> tuple:
@@ -149,15 +166,15 @@ def compare_commits(before: AtCommit, after: AtCommit) -> Regression | str | Non
     """`after` against `before`: a Regression, a note (faster; machines too different), or None."""
     name = name_of(after.newest)
     change = after.tokens_per_second / before.tokens_per_second - 1
-    noise = before.noise + after.noise
+    pa, pb = after.probe_seconds, before.probe_seconds
+    if pa and pb and abs(pa / pb - 1) > DRIFT_LIMIT and abs(change) > before.noise + after.noise:
+        return (f"{name}: {percent(abs(change))} {'slower' if change < 0 else 'faster'} at {after.commit[:7]} "
+                f"than at {before.commit[:7]}, not compared: the fixed probe ran {percent(abs(pa / pb - 1))} "
+                f"{'slower' if pa > pb else 'faster'} there, another machine or clock")
+    noise = pair_noise(before.noise, after.noise, pb, pa)
     where = f"at {after.commit[:7]} than at {before.commit[:7]} (noise {percent(noise)})"
     if abs(change) <= noise:
         return None
-    pa, pb = after.probe_seconds, before.probe_seconds
-    if pa and pb and abs(pa / pb - 1) > DRIFT_LIMIT:
-        return (f"{name}: {percent(abs(change))} {'slower' if change < 0 else 'faster'} {where}, not compared: "
-                f"the fixed probe ran {percent(abs(pa / pb - 1))} {'slower' if pa > pb else 'faster'} there, "
-                "another machine or clock")
     if change < 0:
         return Regression(after.newest.run_id, f"{name}: {percent(-change)} slower {where}")
     return f"{name}: {percent(change)} faster {where}"

@@ -13,8 +13,9 @@ own work) and records what it shared the machine with:
   average, the hypervisor's steal; its OS and torch threads; the CPU frequency;
 - on a GPU, its clocks and throttle reasons over the run (tracking/gpu_stats.py).
 
-A fixed probe (a few ms of matmuls on the run's device, PROBE_REPS times before and after
-the evaluation) gives the machine's speed at both ends, comparable between runs on one machine.
+A fixed probe (tracking/probe.py: a few ms of decoder-shaped work on the run's device, PROBE_REPS
+times before and after the evaluation) gives the machine's speed at both ends, comparable
+between runs on one kind of machine.
 
 The verdict, tag and metric `timing_quality`: `clean` (1), or `contended: <reasons>` (0) when
 any rank's threads waited for a CPU more than WAIT_LIMIT of the time they wanted one (without
@@ -37,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .gpu_stats import SLOWING, throttle_names
+from .probe import REPS, probe
 
-PROBE_REPS = 15          # before, and again after
+PROBE_REPS = REPS       # before, and again after
 SAMPLE_S = 1.0           # load, frequency and threads; the other processes every OTHERS_EVERY samples
 OTHERS_EVERY = 5
 WAIT_LIMIT = 0.05        # of the time this rank's threads were runnable, they waited for a CPU
@@ -47,30 +49,6 @@ THROTTLED_LIMIT = 0.05   # of the GPU's samples, clocks slowed by heat or a hard
 DRIFT_LIMIT = 0.10       # the probe after against the probe before
 NOISE_FLOOR = 0.02       # what a probe of milliseconds cannot see (measured: docs/bench_runs/speed_noise)
 BUSY_OTHER = 0.1         # cores: a process busier than this is named
-# Fixed work per device type (never calibrated: the probe's seconds compare across runs).
-PROBE_WORK = {"cpu": (256, 16, "float32"), "cuda": (4096, 16, "bfloat16")}
-
-
-def probe(device: str = "cpu", reps: int = PROBE_REPS) -> list[float]:
-    """Seconds of the same few matmuls, `reps` times, after one untimed."""
-    import torch
-    dev = torch.device(device)
-    n, count, dtype = PROBE_WORK["cuda" if dev.type == "cuda" else "cpu"]
-    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dev, getattr(torch, dtype))
-    out = torch.empty_like(a)
-
-    def once() -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        for _ in range(count):
-            torch.mm(a, a, out=out)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - t0
-
-    once()
-    return [once() for _ in range(reps)]
 
 
 def schedstat(pid: int | None = None) -> tuple[float, float] | None:

@@ -57,7 +57,7 @@ def test_each_kind_of_contention_is_named(kw, why):
 
 def test_the_noise_is_the_largest_of_probe_spread_drift_and_wait():
     assert report(probe_after=[0.0042] * 15).noise() == pytest.approx(0.05)              # drift
-    assert report(waited_seconds=0.3).noise() == pytest.approx(0.3 / 10.2)                # CPU wait
+    assert report(waited_seconds=0.5).noise() == pytest.approx(0.5 / 10.4)                # CPU wait
     spread = report(probe_before=[0.004, 0.0041, 0.0043, 0.0046] * 4, probe_after=[0.004, 0.0041, 0.0043, 0.0046] * 4)
     assert spread.probe_drift == 0 and spread.probe_spread > timing.NOISE_FLOOR
     assert spread.noise() == spread.probe_spread
@@ -179,9 +179,24 @@ def test_other_machines_other_threads_or_configurations_are_not_compared():
     assert regressions == [] and "not compared: the fixed probe ran 25 % slower there" in notes[0]
 
 
-def test_repeats_at_a_commit_widen_its_noise():
-    at = speed.AtCommit(A, (run(A, 100.0, 1), run(A, 80.0, 2), run(A, 90.0, 3)), 1)
-    assert at.tokens_per_second == 90.0 and at.noise == pytest.approx(10 / 90)
+def test_repeats_at_a_commit_give_their_median_with_the_noise_of_a_median():
+    spread = speed.AtCommit(A, (run(A, 100.0, 1), run(A, 80.0, 2), run(A, 90.0, 3)), 1)
+    assert spread.tokens_per_second == 90.0 and spread.noise == pytest.approx(2 * 10 / 90 / 3 ** 0.5)
+    steady = speed.AtCommit(A, tuple(run(A, 100.0, i, noise=0.08) for i in range(4)), 0)
+    assert steady.noise == pytest.approx(0.08 / 2)
+    # four runs a commit: a 10 % slowdown through runs whose own noise (8 %) hides it one by one
+    single = [run(A, 100.0, 1, noise=0.08), run(B, 90.0, 2, noise=0.08)]
+    assert speed.speed_changes(single) == ([], [])
+    repeated = [run(A, 100.0 + i, i, noise=0.08) for i in range(4)] + [run(B, 90.0 + i, 10 + i, noise=0.08)
+                                                                       for i in range(4)]
+    assert [r.line for r in speed.speed_changes(repeated)[0]] == [
+        "k2_middle_tiny_gsm: 10 % slower at bbbbbbb than at aaaaaaa (noise 8 %)"]
+
+
+def test_a_machine_slower_for_one_run_widens_the_noise():
+    line = speed.speed_changes([run(A, 100.0, 1), run(B, 80.0, 2, probe=0.0042)])[0][0].line
+    assert line.endswith("(noise 16 %)")          # 2 % + 2 % + 2.5 x ln(1.05)
+    assert speed.speed_changes([run(A, 100.0, 1), run(B, 85.0, 2, probe=0.0042)]) == ([], [])
 
 
 def test_the_audit_fails_on_a_regression_and_notes_the_rest(tmp_path_factory, tmp_path):

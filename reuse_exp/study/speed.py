@@ -10,7 +10,9 @@ tokens/s differ by more than the two runs' noise added up, in one line:
 Each commit is compared with the one measured before it (commits ordered by their first run).
 Only runs whose timing was clean count; a commit whose runs were all contended, or that
 predate the timing record, is said in a note and compared with nothing. Several clean runs at
-one commit: their median, its noise at least their spread. The fixed probe (tracking/probe.py:
+one commit: their median, whose noise is the larger of their own noises and twice their
+standard deviation, over the square root of their number (repeats are how a 10 % change shows
+through a shared machine's noise: docs/bench_runs/speed_regression.md). The fixed probe (tracking/probe.py:
 the machine's speed, whatever the code) widens the noise of two runs by PROBE_SENSITIVITY times
 the change in its seconds between them: the machine that was slower for one run than for the
 other (the decode moved about that much more than the probe, probe.py); two runs whose probes
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tracking.timing import CLEAN, CONTENDED, DRIFT_LIMIT, QUALITY_TAG
+from ..tracking.timing import CLEAN, CONTENDED, DRIFT_LIMIT, NOISE_FLOOR, QUALITY_TAG
 from .environments import fingerprint
 from .store import RunRecord
 
@@ -115,9 +117,14 @@ class AtCommit:
 
     @property
     def noise(self) -> float:
-        rates = [r.metrics["tokens_per_second"] for r in self.runs]
-        spread = (max(rates) - min(rates)) / 2 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
-        return max([spread] + [timing_of(r).noise or 0.0 for r in self.runs])
+        """One run: its own. Several: the noise of their median, from their own noises and from their
+        spread (twice the standard deviation), each over the square root of their number."""
+        own = [timing_of(r).noise or NOISE_FLOOR for r in self.runs]
+        if len(self.runs) == 1:
+            return own[0]
+        rates = np.array([r.metrics["tokens_per_second"] for r in self.runs])
+        spread = 2 * rates.std(ddof=1) / rates.mean()
+        return max(NOISE_FLOOR, float(np.median(own)), spread) / math.sqrt(len(rates))
 
     @property
     def probe_seconds(self) -> float | None:

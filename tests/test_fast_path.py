@@ -8,6 +8,7 @@ from reuse_exp.engine.policies.drift import DriftPolicy
 from reuse_exp.engine.config import ConfigError, ModelConfig
 from reuse_exp.engine.decoding import DecodeConfig, generate
 from reuse_exp.engine.fast import FastRunner
+from reuse_exp.engine.ops import TORCH_OPS
 from reuse_exp.engine.loading import random_model
 from reuse_exp.engine.policies.fixed import FixedPolicy
 
@@ -62,7 +63,7 @@ def test_skipped_layers_are_absent_from_the_static_forward(model, policy):
         calls.append(1)
         return layer_step(*args, **kwargs)
 
-    runner = FastRunner(model, use_graphs=False)
+    runner = FastRunner(model, use_graphs=False, ops=TORCH_OPS)   # a GPU's kernels skip on the device: see test_gpu
     runner.step = counting_step
     res = generate(model, [PROMPTS[0]], DEC, policy, runner=runner)
     assert res.report.samples[0].layer_evals_skipped > 0
@@ -102,7 +103,7 @@ def test_a_layer_no_row_computes_is_not_computed_and_one_some_rows_compute_runs_
         rows.append(x.shape[0])
         return layer_step(x, *args, **kwargs)
 
-    runner = FastRunner(model, use_graphs=False)
+    runner = FastRunner(model, use_graphs=False, ops=TORCH_OPS)   # a GPU's kernels skip on the device: see test_gpu
     runner.step = counting_step
     res = generate(model, PROMPTS, DEC, FixedPolicy.create(8, k=2, subset="first"), runner=runner)
     computed = sum(c for c, _ in res.report.layer_counts.totals())

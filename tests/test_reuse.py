@@ -178,3 +178,20 @@ def test_reuse_cache_shapes_and_replace_positions_are_recorded(model):
     assert res.report.cache_shapes == {(3, 2, 32, CFG.hidden_size)}
     assert set(res.report.replace_positions) <= {0, 8, 16, 24}
     assert sum(res.report.replace_positions.values()) == res.report.batch_forwards["small_block"]
+
+
+def test_a_memory_s_row_state_keeps_the_rows_that_stay():
+    """Rows that finish leave a memory's state (the engine trims it): the others keep theirs, in order,
+    in a buffer of the runner's for the new batch size."""
+    import torch
+    from reuse_exp.engine.reuse import RowState
+    made = {}
+
+    def buffer(key, shape, dtype):
+        made[key] = torch.zeros(shape, dtype=dtype)
+        return made[key]
+    state = RowState(3, "cpu", buffer)
+    state.zeros("counts", 2).copy_(torch.tensor([[1, 2], [3, 4], [5, 6]]))
+    state.trim(torch.tensor([True, False, True]))
+    assert state["counts"].tolist() == [[1, 2], [5, 6]] and state.batch == 2
+    assert state["counts"] is made[("memory", "counts", 2, (2,), torch.long)]

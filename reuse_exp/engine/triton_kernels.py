@@ -176,7 +176,7 @@ def rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_buf, v_buf, cache_rows_pt
 def attention_kernel(q_ptr, k_buf, v_buf, cache_rows_ptr, pos_ptr, kv_len_ptr, out_ptr, run_ptr,
                      T, NH, NKV, S, s_buf_b, s_buf_h, s_buf_s, block_size, scale,
                      D: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     PREDICATED: tl.constexpr):
+                     PRECISION: tl.constexpr, PREDICATED: tl.constexpr):
     """Attention of the query heads that share one K/V head, BM query rows (head, token) a
     program; a token at position p sees keys j < min(kv_len, (p // block_size + 1) * block_size)
     (block-causal prefill, and every denoising forward). Keys go in BN blocks from position 0,
@@ -208,7 +208,7 @@ def attention_kernel(q_ptr, k_buf, v_buf, cache_rows_ptr, pos_ptr, kv_len_ptr, o
         j = start + tl.arange(0, BN)
         j_ok = j < S
         kt = tl.load(k_buf + base + j[None, :] * s_buf_s + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         s = tl.where(j[None, :] < limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -216,7 +216,7 @@ def attention_kernel(q_ptr, k_buf, v_buf, cache_rows_ptr, pos_ptr, kv_len_ptr, o
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_buf + base + j[:, None] * s_buf_s + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + token[:, None] * NH * D + head[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -265,19 +265,22 @@ def renew_kernel(x_ptr, ref_ptr, rows_ptr, offset_ptr, computes_ptr, T, H, s_ref
 
 
 @triton.jit
-def drift_kernel(x_ptr, ref_ptr, rows_ptr, offset_ptr, out_ptr, T, H, s_ref_b, s_ref_t, BLOCK: tl.constexpr):
-    """Per row: ||x - ref|| / ||ref|| over its tokens and features, in float32, in BLOCK-wide steps
-    in order; ref is the row's window of the group's reference [batch, block, H]."""
+def drift_kernel(x_ptr, ref_ptr, rows_ptr, offset_ptr, out_ptr, T, H, s_ref_b, s_ref_t, BT: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """Per row: ||x - ref|| / ||ref|| over its T tokens and H features, in float32, all tokens of a
+    BLOCK-wide feature step at once, the steps in order; ref is the row's window of the group's
+    reference [batch, block, H]."""
     e = tl.program_id(0)
     base = tl.load(rows_ptr + e).to(tl.int64) * s_ref_b + tl.load(offset_ptr) * s_ref_t
-    num = tl.zeros((BLOCK,), dtype=tl.float32)
-    den = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t in range(0, T):
-        for start in range(0, H, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < H
-            x = tl.load(x_ptr + (e * T + t).to(tl.int64) * H + cols, mask=ok, other=0.0).to(tl.float32)
-            ref = tl.load(ref_ptr + base + t * s_ref_t + cols, mask=ok, other=0.0).to(tl.float32)
-            num += (x - ref) * (x - ref)
-            den += ref * ref
-    tl.store(out_ptr + e, tl.sqrt(tl.sum(num, axis=0)) / tl.maximum(tl.sqrt(tl.sum(den, axis=0)), 1e-30))
+    t = tl.arange(0, BT)
+    num = tl.zeros((BT, BLOCK), dtype=tl.float32)
+    den = tl.zeros((BT, BLOCK), dtype=tl.float32)
+    for start in range(0, H, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = (t[:, None] < T) & (cols[None, :] < H)
+        x = tl.load(x_ptr + (e * T + t[:, None]).to(tl.int64) * H + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + base + t[:, None] * s_ref_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        num += (x - ref) * (x - ref)
+        den += ref * ref
+    tl.store(out_ptr + e, tl.sqrt(tl.sum(tl.sum(num, axis=1), axis=0)) /
+             tl.maximum(tl.sqrt(tl.sum(tl.sum(den, axis=1), axis=0)), 1e-30))

@@ -16,6 +16,7 @@ import torch
 from . import triton_kernels as K
 
 SERIAL_ROWS = 128   # above this many rows the tiles alone fill the device: no workspace for parts
+SMALL_ROWS = 64     # up to this many rows a matrix product is a matter of bandwidth
 LOCKS = 1 << 16     # tile counters of split matmuls (each left at zero by the tile's last program)
 
 
@@ -39,26 +40,32 @@ def _locks(device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MatmulPlan:
-    """Tiles and the split of K for an [N, K] weight on one device: the same for every row count."""
-    BM: int
-    BN: int
+    """The split of K for an [N, K] weight on one device, the same for every row count: what
+    fixes every output's order of sums. The tile is chosen by the row count for speed: on an
+    H100 every tile shape tried gave the same bits for the same split (docs/bench_runs/gpu_truth/
+    h100_call2_probe2.json), and the GPU tests check solo == batch end to end."""
     BK: int
     splits: int
     k_split: int
-    warps: int = 4
-    stages: int = 3
+    fp32: bool
 
     @classmethod
     @lru_cache(maxsize=None)
     def of(cls, N: int, K: int, multiprocessors: int, fp32: bool, split: bool = True) -> "MatmulPlan":
-        BM, BN = (32, 32) if fp32 else (64, 64)
         BK = min(64 if fp32 else 128, max(16, _pow2(K)))
         k_steps = cdiv(K, BK)
-        # enough programs to keep every multiprocessor streaming weights at one row tile, in
-        # parts of whole steps
-        target = max(1, min(8, k_steps // 2, round(3 * multiprocessors / cdiv(N, BN)))) if split else 1
+        # enough programs to keep every multiprocessor streaming weights at few rows, in parts of
+        # whole steps
+        target = max(1, min(8, k_steps // 2, round(3 * multiprocessors / cdiv(N, 64)))) if split else 1
         splits = max(d for d in range(1, target + 1) if k_steps % d == 0)
-        return cls(BM, BN, BK, splits, k_steps // splits * BK)
+        return cls(BK, splits, k_steps // splits * BK, fp32)
+
+    def tile(self, M: int) -> tuple[int, int, int, int]:
+        """(BM, BN, warps, stages) for M rows: narrow tiles and deep pipelines while the weights'
+        bandwidth is what counts, wide ones once the products are."""
+        if self.fp32:
+            return 32, 32, 4, 3
+        return (64, 32, 4, 4) if M <= SMALL_ROWS else (128, 64, 4, 3)
 
 
 def _plan(w: torch.Tensor, a: torch.Tensor, split: bool = True) -> MatmulPlan:
@@ -83,16 +90,17 @@ def matmul(a: torch.Tensor, w: torch.Tensor, bias=None, residual=None, run=None)
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     res = residual.reshape(M, N).contiguous() if residual is not None else out
     plan = _plan(w, a)
+    BM, BN, warps, stages = plan.tile(M)
     serial = plan.splits == 1 or M > SERIAL_ROWS
     part = out if serial else torch.empty(plan.splits, M, N, dtype=torch.float32, device=a.device)
-    grid = (cdiv(N, plan.BN), cdiv(M, plan.BM), 1 if serial else plan.splits)
+    grid = (cdiv(N, BN), cdiv(M, BM), 1 if serial else plan.splits)
     if not serial and grid[0] * grid[1] > LOCKS:
         raise ValueError(f"a split matmul of {grid[0] * grid[1]} tiles needs more than {LOCKS} tile counters")
     run, predicated = _run_args(run, out)
     K.matmul_kernel[grid](a, w, out, part, _locks(a.device), bias if bias is not None else out, res, run, M, N, Kdim,
-                          plan.k_split, BM=plan.BM, BN=plan.BN, BK=plan.BK, SPLITS=plan.splits, SERIAL=serial,
+                          plan.k_split, BM=BM, BN=BN, BK=plan.BK, SPLITS=plan.splits, SERIAL=serial,
                           HAS_BIAS=bias is not None, HAS_RES=residual is not None, PRECISION=_precision(a),
-                          PREDICATED=predicated, num_warps=plan.warps, num_stages=plan.stages)
+                          PREDICATED=predicated, num_warps=warps, num_stages=stages)
     return out.reshape(*lead, N)
 
 
@@ -120,11 +128,11 @@ class TritonOps:
         M = a.shape[0]
         out = torch.empty(M, N, dtype=a.dtype, device=a.device)
         plan = _plan(gate_up, a, split=False)
+        BM, BN, warps, stages = plan.tile(M)
         run, predicated = _run_args(run, out)
-        K.gate_up_kernel[(cdiv(N, plan.BN), cdiv(M, plan.BM))](a, gate_up, out, run, M, N, Kdim, BM=plan.BM,
-                                                                BN=plan.BN, BK=plan.BK, PRECISION=_precision(a),
-                                                                PREDICATED=predicated, num_warps=plan.warps,
-                                                                num_stages=plan.stages)
+        K.gate_up_kernel[(cdiv(N, BN), cdiv(M, BM))](a, gate_up, out, run, M, N, Kdim, BM=BM, BN=BN, BK=plan.BK,
+                                                      PRECISION=_precision(a), PREDICATED=predicated,
+                                                      num_warps=warps, num_stages=stages)
         return out.reshape(*lead, N)
 
     def rope_kv(self, qkv, cos, sin, n_heads, n_kv, k_buf, v_buf, cache_rows, positions, writes, run=None):
@@ -149,7 +157,7 @@ class TritonOps:
         K.attention_kernel[(B * n_kv, cdiv(n_heads // n_kv * T, BM))](
             q, k_buf, v_buf, cache_rows, positions, kv_len, out, run, T, n_heads, n_kv, S, k_buf.stride(0),
             k_buf.stride(1), k_buf.stride(2), block_size, 1.0 / math.sqrt(D), D=D, DB=max(16, _pow2(D)), BM=BM,
-            BN=64 if q.dtype != torch.float32 else 32, PREDICATED=predicated, num_warps=4)
+            BN=64 if q.dtype != torch.float32 else 32, PRECISION=_precision(q), PREDICATED=predicated, num_warps=4)
         return out
 
     def reuse(self, x, fresh, values, rows, offset, computes, reuses, delta: bool):
@@ -170,5 +178,5 @@ class TritonOps:
         B, T, H = x.shape
         out = torch.empty(B, dtype=torch.float32, device=x.device)
         K.drift_kernel[(B,)](x.contiguous(), ref, rows, offset, out, T, H, ref.stride(0), ref.stride(1),
-                             BLOCK=min(1024, _pow2(H)), num_warps=4)
+                             BT=_pow2(T), BLOCK=min(max(16, 4096 // _pow2(T)), _pow2(H)), num_warps=4)
         return out

@@ -61,6 +61,8 @@ def test_the_summary_says_result_speed_code_run_and_how_to_open_it():
         "&orderByKey=metrics.%60accuracy%60&orderByAsc=false"]
     s.dirty, s.dirty_files = True, 3
     assert "code      0123456789ab (dirty: 3 uncommitted file(s))" in s.lines()
+    s.timing, s.metrics["tokens_per_second_noise"] = "contended: its threads waited for a CPU 9%", 0.09
+    assert s.lines()[2] == "timing    contended: its threads waited for a CPU 9% (noise ±9%)"
     serve, run_page, table = ui_addresses("http://tracking:5000/", "7", "abc")
     assert serve is None and run_page.startswith("http://tracking:5000/#/experiments/7/runs/abc?")
     assert table.startswith("http://tracking:5000/#/experiments/7/runs?")

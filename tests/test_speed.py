@@ -4,7 +4,7 @@ competing process, GPU throttling through a fake NVML (one that raises too), the
 contended rows. Runs are RunRecords built here (no store) except for the CLI's wiring."""
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
 import sys
 import time
 
@@ -71,33 +71,37 @@ def test_ranks_are_named_and_the_noisiest_is_the_runs():
     assert m["tokens_per_second_noise"] == pytest.approx(2.0 / 11.9)
 
 
-def spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+def rivals(n: int) -> list[subprocess.Popen]:
+    """`n` real processes that keep a core busy each: no imports, started in milliseconds."""
+    return [subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"]) for _ in range(n)]
 
 
 def test_a_real_competing_process_makes_the_watch_say_contended():
-    """As many busy processes as cores, and this process busy too: its thread waits for a CPU."""
-    ctx = multiprocessing.get_context("spawn")
-    rivals = [ctx.Process(target=spin, args=(30.0,), daemon=True) for _ in range(timing.usable_cores() * 2)]
-    for p in rivals:
-        p.start()
+    """One busy process per core, and this process busy too: its thread waits for a CPU."""
+    timing.probe("cpu", 1)   # torch imported before the rivals start, not under them
+    busy = rivals(timing.usable_cores())
     try:
-        time.sleep(0.5)
+        time.sleep(0.2)
         watch = timing.Watch("cpu", interval=0.2, probe_reps=3).start()
-        spin(1.5)
+        spin(1.0)
         got = watch.stop()
     finally:
-        for p in rivals:
+        for p in busy:
             p.kill()
+            p.wait()
     v = timing.verdict([got])
-    assert got.wait_fraction > timing.WAIT_LIMIT and got.other_busy_cores > 1.0, got
+    assert got.wait_fraction > timing.WAIT_LIMIT and got.other_busy_cores > 0.5 * timing.usable_cores(), got
     assert not v.clean and "its threads waited for a CPU" in v.tag
     assert got.busiest_others and all(cores > timing.BUSY_OTHER for _, _, cores in got.busiest_others)
     assert len(got.probe_before) == len(got.probe_after) == 3 and got.load_1m and got.torch_threads >= 1
     record = timing.record([got])[0]
     assert record["wait_fraction"] == got.wait_fraction and record["probe_after"] == got.probe_after
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 # -- GPU clocks and throttle reasons through NVML ----------------------------------------------
@@ -228,6 +232,32 @@ def test_compare_refuses_a_contended_cell_keeps_clean_repeats_and_stars_on_reque
     assert kept.runs == (fair,) and not kept.contended
     starred = refuse_contended([Pick(cell, busy)], allowed=True)[0]
     assert starred.contended and not starred.starred
+
+
+def test_compare_shows_the_noise_calls_a_ratio_inside_it_noise_and_refuses_a_contended_cell(tmp_path_factory,
+                                                                                              tmp_path):
+    from reuse_exp.cli.study import compare_cmd
+    from reuse_exp.study.store import git_head
+    from services.fabricate import fabricate
+    from services.store import new_store
+    store, head = new_store(tmp_path_factory.getbasetemp(), tmp_path), git_head()
+    quiet = {"tokens_per_second_noise": 0.03, "probe_seconds_before": 0.004, "probe_seconds_after": 0.004}
+    for k, subset, rate, quality in ((1, "middle", 100.0, "clean"), (2, "first", 104.0, "clean"),
+                                     (2, "middle", 150.0, "contended: its threads waited for a CPU 30%")):
+        fabricate(store.client, store.exp_id, k=k, subset=subset, commit=head, rates=[rate],
+                  tags={"timing_quality": quality}, extra_metrics=quiet)
+    args = ["--task", "tiny_gsm", "--limit", "4", "--k", "1,2", "--subset", "first,middle", "--no-log"]
+    cli = CliRunner(env=store.env)
+    refused = cli.invoke(compare_cmd, args)
+    assert refused.exit_code == 1 and "refusing runs whose timing was contended" in refused.output, refused.output
+    assert "k2_middle run" in refused.output and "--allow-contended" in refused.output and "k2_first" not in refused.output
+    out = cli.invoke(compare_cmd, args + ["--allow-contended"])
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[0]: line for line in out.output.splitlines() if line.startswith("k")}
+    assert "100.0 (1) ±3%" in rows["k1_any"]
+    assert "~1 (noise)" in rows["k2_first"] and "±6% (runs)" in rows["k2_first"]   # 4 % inside 3 % + 3 %
+    assert "1.50x" in rows["k2_middle*"]
+    assert "* contended: its threads waited for a CPU 30%" in out.output
 
 
 def test_a_ratio_inside_the_runs_noise_is_noise():

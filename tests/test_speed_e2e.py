@@ -8,12 +8,10 @@ contended is run once more, and if it is contended again the test says so and sk
 it cannot avoid is what the feature reports, not a failure of it."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,12 +39,6 @@ def slow_down(root: Path) -> Path:
                          "the planted slowdown needs the line where the engine stops its clock")
 
 
-def spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
 def favoured() -> None:
     """Ahead of the other processes where this user may say so (root, as in CI): the runs that
     must be clean wait less for a CPU. Linux shares CPU time between sessions first (autogroups),
@@ -63,12 +55,10 @@ def favoured() -> None:
 
 
 def tracked(repo, env, contend: bool = False) -> str:
-    """One real run at the checkout's HEAD; its summary's timing line. Under `contend`, twice as
-    many busy processes as cores compete for the whole run, at its own priority."""
-    ctx = multiprocessing.get_context("spawn")
-    rivals = [ctx.Process(target=spin, args=(600.0,), daemon=True) for _ in range(2 * usable_cores() if contend else 0)]
-    for p in rivals:
-        p.start()
+    """One real run at the checkout's HEAD; its summary's timing line. Under `contend`, a busy
+    process per core competes for the whole run, at its own priority."""
+    rivals = [subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
+              for _ in range(usable_cores() if contend else 0)]
     try:
         out = subprocess.run([sys.executable, "-m", "reuse_exp.cli", *RUN], cwd=repo.root, env=env, text=True,
                              capture_output=True, timeout=600, stdin=subprocess.DEVNULL,
@@ -76,6 +66,7 @@ def tracked(repo, env, contend: bool = False) -> str:
     finally:
         for p in rivals:
             p.kill()
+            p.wait()
     assert out.returncode == 0, out.stderr[-3000:]
     return next(line for line in out.stdout.splitlines() if line.startswith("timing"))
 

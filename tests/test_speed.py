@@ -124,6 +124,14 @@ def test_a_gpu_slowed_by_heat_makes_the_run_contended(monkeypatch):
     assert timing.verdict([report()], [sampled(monkeypatch, fake)]).clean
 
 
+def test_several_gpus_slowed_one_is_the_runs_throttling():
+    from reuse_exp.tracking.gpu_stats import combine
+    both = combine([{"gpu_throttled_fraction": 0.0, "gpu_throttle_reasons": 1.0, "gpu_sm_clock_min_mhz": 1900.0},
+                    {"gpu_throttled_fraction": 0.5, "gpu_throttle_reasons": 0x40, "gpu_sm_clock_min_mhz": 900.0}])
+    assert both["gpu_throttled_fraction"] == 0.5 and both["gpu_throttle_reasons"] == 0x41
+    assert both["gpu_sm_clock_min_mhz"] == 900.0
+
+
 @pytest.mark.parametrize("failing, lost", [("nvmlDeviceGetCurrentClocksEventReasons", "gpu_throttled_fraction"),
                                            ("nvmlDeviceGetClockInfo", "gpu_sm_clock_mean_mhz"),
                                            ("nvmlInit", "gpu_throttled_fraction")])
@@ -171,8 +179,9 @@ def test_a_contended_or_unrecorded_commit_is_never_a_regression():
 
 
 def test_commits_are_compared_in_order_with_the_one_before_only():
-    runs = [run(C, 80.0, 3), run(A, 100.0, 1), run(B, 100.0, 2), run(A, 100.0, 9)]   # A re-run later
-    assert [r.line.split(":")[1] for r in speed.speed_changes(runs)[0]] == [" 20 % slower at ccccccc than at bbbbbbb (noise 4 %)"]
+    """In the order they were first measured (B, C, A here), not by name; a re-run stays in place."""
+    runs = [run(A, 80.0, 3), run(B, 100.0, 1), run(C, 100.0, 2), run(B, 100.0, 9)]   # B re-run later
+    assert [r.line.split(":")[1] for r in speed.speed_changes(runs)[0]] == [" 20 % slower at aaaaaaa than at ccccccc (noise 4 %)"]
 
 
 def test_other_machines_other_threads_or_configurations_are_not_compared():

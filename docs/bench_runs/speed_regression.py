@@ -5,7 +5,9 @@ time more inside the timed part (tokens/s x 1/(1+slower): 0.11 is 10 % slower). 
 tracked run at A and one at B, one at a time (`reuse-exp run` on the bundled model, one thread),
 optionally beside `--rivals` busy processes. Every pair is then judged as the audit judges two
 commits (study/speed.py): A_i against B_i (should be named), A_i against A_i+1 and B_i against
-B_i+1 (should not). Raw JSON: every run's timing figures and every verdict.
+B_i+1 (should not); then, as the audit reads repeats, every A run against every B run (should be
+named) and A's first rounds against its last (should not). Raw JSON: every run's timing figures
+and every verdict.
 
     python docs/bench_runs/speed_regression.py --rounds 6 --slower 0.11 --out docs/bench_runs/speed_regression.json
 """
@@ -87,15 +89,20 @@ def run(root: Path, commit: str, env: dict, args, rivals: int) -> dict:
             "metrics": dict(r.data.metrics), "params": dict(r.data.params), "status": r.info.status}
 
 
-def judge(before: dict, after: dict) -> str:
+def judge(before: dict | list[dict], after: dict | list[dict]) -> str:
+    """As the audit judges two commits: one run each, or a list of runs each (repeats)."""
     from reuse_exp.study.speed import AtCommit, Regression, compare_commits, timing_of
     from reuse_exp.study.store import RunRecord
-    recs = [RunRecord(x["run_id"], x["status"], x["start_ms"], x["params"], x["tags"], x["metrics"])
-            for x in (before, after)]
-    if not all(timing_of(r).clean for r in recs):
-        return "not compared (contended)"
-    found = compare_commits(*(AtCommit(r.commit, (r,), r.start_ms) for r in recs))
-    return "named" if isinstance(found, Regression) else (found or "within noise")
+    sides = []
+    for runs in (before, after):
+        recs = [RunRecord(x["run_id"], x["status"], x["start_ms"], x["params"], x["tags"], x["metrics"])
+                for x in (runs if isinstance(runs, list) else [runs])]
+        clean = tuple(r for r in recs if timing_of(r).clean)
+        if not clean:
+            return "not compared (contended)"
+        sides.append(AtCommit(clean[0].commit, clean, min(r.start_ms for r in recs)))
+    found = compare_commits(*sides)
+    return ("named: " + found.line) if isinstance(found, Regression) else (found or "within noise")
 
 
 def main() -> None:
@@ -121,7 +128,10 @@ def main() -> None:
                       x["tags"].get("timing_quality", "")[:60], flush=True)
         verdicts = {"slowed (A_i vs B_i)": [judge(ra, rb) for ra, rb in rounds],
                     "same code (A_i vs A_i+1)": [judge(x[0], y[0]) for x, y in zip(rounds, rounds[1:])],
-                    "same code (B_i vs B_i+1)": [judge(x[1], y[1]) for x, y in zip(rounds, rounds[1:])]}
+                    "same code (B_i vs B_i+1)": [judge(x[1], y[1]) for x, y in zip(rounds, rounds[1:])],
+                    "slowed, every round's runs as repeats": [judge([x[0] for x in rounds], [x[1] for x in rounds])],
+                    "same code, first half against second half (A)": [
+                        judge([x[0] for x in rounds[:len(rounds) // 2]], [x[0] for x in rounds[len(rounds) // 2:]])]}
     for what, v in verdicts.items():
         print(what, v)
     args.out.write_text(json.dumps({

@@ -4,9 +4,10 @@ A run times it before and after its evaluation (tracking/timing.py): its spread 
 how steady the machine was, and its seconds compare across runs on one kind of machine. The
 work is the shape of a decode, not of a benchmark kernel: decoder blocks (RMSNorm, attention,
 a gated MLP) over a few rows, in plain torch, so it waits on what the decode waits on.
-Measured on two shared cores (docs/bench_runs/speed_noise.md): over 4 minutes, windows of the
-bundled model's decode and of this probe moved together (correlation 0.76 to 0.94), the decode
-by about 2.5 times as much; a 256x256 matmul loop, which stays in the cache, by 0.57 to 0.65.
+Measured on two cores other test suites shared (docs/bench_runs/speed_noise.py and .json, the
+windows of a decode of the bundled model beside 0 to 2 busy processes): the decode's log seconds
+followed this probe's with a correlation of 0.60 and a slope of 0.69, a 256x256 matmul loop's
+with 0.48 and 0.43. study/speed.py widens two runs' noise by more than that slope.
 It never uses the package's engine: a change to the engine must not move the probe.
 """
 from __future__ import annotations

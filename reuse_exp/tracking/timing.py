@@ -47,7 +47,7 @@ WAIT_LIMIT = 0.05        # of the time this rank's threads were runnable, they w
 STEAL_LIMIT = 0.03       # of the CPUs' time, the hypervisor ran something else
 THROTTLED_LIMIT = 0.05   # of the GPU's samples, clocks slowed by heat or a hardware brake
 DRIFT_LIMIT = 0.10       # the probe after against the probe before
-NOISE_FLOOR = 0.03       # what one run cannot see: another process's layout and luck (speed_regression.md)
+NOISE_FLOOR = 0.03       # what one run cannot see: another process's layout and luck (docs/speed.md)
 BUSY_OTHER = 0.1         # cores: a process busier than this is named
 
 

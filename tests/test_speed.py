@@ -55,9 +55,11 @@ def test_each_kind_of_contention_is_named(kw, why):
     assert v.tag.startswith("contended: ") and __import__("re").search(why, v.tag), v.tag
 
 
-def test_the_noise_is_the_largest_of_probe_spread_drift_and_wait():
+def test_the_noise_is_the_largest_of_probe_spread_drift_wait_and_other_processes():
     assert report(probe_after=[0.0042] * 15).noise() == pytest.approx(0.05)              # drift
     assert report(waited_seconds=0.5).noise() == pytest.approx(0.5 / 10.4)                # CPU wait
+    beside = report(other_busy_cores=1.2)                                                  # never waited
+    assert beside.noise() == pytest.approx(timing.OTHERS_NOISE * 0.6) and timing.verdict([beside]).clean
     spread = report(probe_before=[0.004, 0.0041, 0.0043, 0.0046] * 4, probe_after=[0.004, 0.0041, 0.0043, 0.0046] * 4)
     assert spread.probe_drift == 0 and spread.probe_spread > timing.NOISE_FLOOR
     assert spread.noise() == spread.probe_spread

@@ -1,5 +1,6 @@
 """`audit --speed` against real runs: a clean checkout at three real commits, the second made
-25 % slower for real (its decoder spins a third longer inside the timed part), the third as fast
+two thirds slower for real (its decoder spins twice its time more inside the timed part: beyond
+the noise of runs beside the suite's other worker, up to a quarter each), the third as fast
 as the second but run under real competing processes. The audit names the slowed commit in one
 line and never the contended one.
 
@@ -19,7 +20,7 @@ import pytest
 from reuse_exp.tracking.timing import usable_cores
 from services.checkout import _git, clean_checkout
 
-SLOWER = 1 / 3    # the slowed decoder spins a third of its time more: tokens/s x 0.75
+SLOWER = 2.0      # the slowed decoder spins twice its time more: tokens/s x 1/3
 RUN = ["run", "--k", "2", "--subset", "middle", "--limit", "4", "--batch-size", "1", "--max-new-tokens", "64",
        "--experiment", "speed"]
 TIMED_END = re.compile(r"^(?P<indent>\s*)(?P<target>\S+\.wall_seconds) = time\.perf_counter\(\) - t0$", re.M)
@@ -86,7 +87,7 @@ def test_a_slowed_commit_is_named_and_a_contended_one_never(tmp_path):
     fast = repo.head
     clean_run(repo, env)
     _git(["add", str(slow_down(repo.root))], repo.root)
-    slow = repo.commit("SLOWER.md", "the decoder spins a third longer\n")
+    slow = repo.commit("SLOWER.md", "the decoder spins twice its time longer\n")
     clean_run(repo, env)
     busy = repo.commit("BUSY.md", "as fast as the commit before, run under competing processes\n")
     line = tracked(repo, env, contend=True)
@@ -96,6 +97,6 @@ def test_a_slowed_commit_is_named_and_a_contended_one_never(tmp_path):
     assert audit.returncode == 1, audit.stdout + audit.stderr
     named = re.findall(r"k2_middle_tiny_gsm: (\d+) % slower at (\w+) than at (\w+) \(noise (\d+) %\)", audit.stdout)
     assert len(named) == 1 and named[0][1:3] == (slow[:7], fast[:7]), audit.stdout
-    assert 15 <= int(named[0][0]) <= 35, audit.stdout     # 25 %, as planted, within the runs' noise
+    assert 50 <= int(named[0][0]) <= 80, audit.stdout     # 67 %, as planted, within the runs' noise
     assert f"k2_middle_tiny_gsm at {busy[:7]}: not compared, contended" in audit.stdout
     assert f"slower at {busy[:7]}" not in audit.stdout

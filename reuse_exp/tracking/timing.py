@@ -23,7 +23,8 @@ schedstat: when the host's busy cores reached its cores), the hypervisor stole m
 STEAL_LIMIT, a GPU was slowed by heat or a hardware brake in more than THROTTLED_LIMIT of the
 samples, or the probe's speed moved by more than DRIFT_LIMIT between before and after. The
 noise, `tokens_per_second_noise` (relative): the largest of NOISE_FLOOR, the probe's spread and
-drift, and the CPU wait. The CPU frequency and other processes on the GPU are recorded, never
+drift, the CPU wait, and OTHERS_NOISE times the share of the cores other processes used: a run
+whose threads never waited still shares caches and memory with them (docs/speed.md). The CPU frequency and other processes on the GPU are recorded, never
 judged: a frequency that moves with turbo, and NVML's process list inside a container, would
 call every run contended.
 """
@@ -49,6 +50,9 @@ THROTTLED_LIMIT = 0.05   # of the GPU's samples, clocks slowed by heat or a hard
 DRIFT_LIMIT = 0.10       # the probe after against the probe before
 NOISE_FLOOR = 0.03       # what one run cannot see: another process's layout and luck (docs/speed.md)
 BUSY_OTHER = 0.1         # cores: a process busier than this is named
+# Of the share of the cores other processes used, this much is noise: beside processes using 1.2
+# of 2 cores, clean runs of one commit differed by up to 29 % (docs/bench_runs/speed_regression_f699d5f.json)
+OTHERS_NOISE = 0.25
 
 
 def schedstat(pid: int | None = None) -> tuple[float, float] | None:
@@ -122,7 +126,8 @@ class TimingReport:
         return float((p75 - p25) / p50)
 
     def noise(self) -> float:
-        parts = [NOISE_FLOOR, self.probe_spread, abs(self.probe_drift or 0.0), self.wait_fraction]
+        shared = OTHERS_NOISE * min(1.0, self.other_busy_cores / self.cores) if self.cores else 0.0
+        parts = [NOISE_FLOOR, self.probe_spread, abs(self.probe_drift or 0.0), self.wait_fraction, shared]
         return max(p for p in parts if p is not None)
 
     def others_text(self) -> str:

@@ -64,6 +64,10 @@ def test_the_summary_says_result_speed_code_run_and_how_to_open_it():
     s.resumed_from, s.metrics["cached_requests"] = "f00d", 5.0
     assert s.lines()[2] == ("resumed   5 request(s) came from run f00d's request cache, with their results and "
                             "statistics; the speed covers the rest")
+    s.timing, s.metrics["tokens_per_second_noise"] = "contended: its threads waited for a CPU 9%", 0.09
+    assert s.lines()[3] == "timing    contended: its threads waited for a CPU 9% (noise ±9%)"
+    s.resumed_from = None
+    assert s.lines()[2] == "timing    contended: its threads waited for a CPU 9% (noise ±9%)"
     serve, run_page, table = ui_addresses("http://tracking:5000/", "7", "abc")
     assert serve is None and run_page.startswith("http://tracking:5000/#/experiments/7/runs/abc?")
     assert table.startswith("http://tracking:5000/#/experiments/7/runs?")

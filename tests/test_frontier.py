@@ -68,7 +68,8 @@ def per_sample(cl, run_id: str, tmp_path) -> list[dict]:
 def test_the_report_is_the_runs_figures(ran, tmp_path, monkeypatch):
     import mlflow
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ran["uri"])
-    built = report.build(LIMIT, "frontier", configs=SOME, mc=None)
+    # figures, whatever the machine did meanwhile: a run of the suite's beside another may be contended
+    built = report.build(LIMIT, "frontier", configs=SOME, mc=None, allow_contended=True)
     assert [r.name for r in built.rows] == [c.name for c in SOME]
     cl = mlflow.MlflowClient(ran["uri"])
     base = per_sample(cl, built.rows[0].run.run_id, tmp_path / "base")
@@ -83,11 +84,14 @@ def test_the_report_is_the_runs_figures(ran, tmp_path, monkeypatch):
         assert row.accuracy.stderr == pytest.approx(m["accuracy_stderr"])  # and its stderr
         assert (row.skipped, row.replayed, row.tokens_per_second) == (
             m["skipped_fraction"], m.get("replayed_fraction", 0.0), m["tokens_per_second"])
+        assert row.figures()["tokens_per_second_noise"] == m["tokens_per_second_noise"]
+        assert row.contended == (run.data.tags["timing_quality"] != "clean")
         if not row.config.baseline:
             assert row.paired == pair(base, records)
     paths = report.write(built, tmp_path / "out")
     md, raw = paths["md"].read_text(), json.loads(paths["json"].read_text())
     assert all(f"{r.run.run_id[:8]}@{ran['head'][:7]}" in md for r in built.rows)
+    assert all(f"| {r.speed_text()} |" in md and "±" in r.speed_text() for r in built.rows)
     assert raw["commits"] == {ran["head"][:7]: len(SOME)} and raw["mixed_commits"] is False
     assert {n: v["run_id"] for n, v in raw["results"].items()} == {r.name: r.run.run_id for r in built.rows}
     assert raw["commands"][0] == f"reuse-exp frontier run --limit {LIMIT} --experiment frontier"
@@ -151,6 +155,23 @@ def test_runs_of_two_commits_are_refused_or_flagged(store, monkeypatch, tmp_path
     assert built.mixed and built.commits == {"aaaaaaa": 2, "bbbbbbb": 1}
     md = report.write(built, tmp_path / "out")["md"].read_text()
     assert "**Mixed commits: aaaaaaa (2 runs), bbbbbbb (1 run).**" in md and "@bbbbbbb |" in md
+
+
+def test_frontier_run_reruns_a_configuration_whose_runs_were_all_contended(store, monkeypatch):
+    from reuse_exp.study.store import git_head
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    head = git_head()
+    busy = {"timing_quality": "contended: its threads waited for a CPU 40%"}
+    make(store, SOME[0], head, TRUTH)
+    make(store, SOME[1], head, TRUTH, tags=busy)
+    make(store, SOME[2], head, TRUTH, tags=busy)
+    make(store, SOME[2], head, TRUTH, start_ms=1000)            # a clean run of it too: done
+    plan = []
+    fr.run(4, "frontier", dry_run=True, echo=plan.append, configs=SOME, mc=None)
+    assert plan[-1].startswith("nothing to run: all 3 configuration(s) done"), plan
+    plan.clear()
+    fr.run(4, "frontier", dry_run=True, echo=plan.append, configs=SOME, mc=None, rerun_contended=True)
+    assert [line for line in plan if line.startswith("would run")] == [f"would run {SOME[1].name}"], plan
 
 
 def test_tiny_mc_row_states_its_n_and_the_readme_sections(store, monkeypatch, tmp_path):

@@ -21,6 +21,7 @@ from reuse_exp.tracking import lifecycle as tracked
 from reuse_exp.tracking import schema
 from reuse_exp.tracking.heartbeat import Heartbeat, interval_s, parse_stamp
 from reuse_exp.tracking.schema import HEARTBEAT_TAG, REFUSED_TAG
+from reuse_exp.tracking.timing import NOISE_FLOOR, PROBE_REPS
 
 
 # -- provenance and the guard ------------------------------------------------------------------
@@ -176,8 +177,22 @@ class FakeNVML(types.ModuleType):
         self.energy_mj += 500
         return self._call("nvmlDeviceGetTotalEnergyConsumption", self.energy_mj)
 
+    def nvmlDeviceGetClockInfo(self, h, clock):
+        return self._call("nvmlDeviceGetClockInfo", 1500)
 
-ALL_GPU_METRICS = {"gpu_peak_memory_mb", "gpu_util_mean", "gpu_util_max", "gpu_power_mean_w", "gpu_energy_j"}
+    def nvmlDeviceGetMaxClockInfo(self, h, clock):
+        return self._call("nvmlDeviceGetMaxClockInfo", 1980)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self._call("nvmlDeviceGetCurrentClocksEventReasons", self.reasons)
+
+    reasons = 0x1   # idle: not a slowing reason
+
+
+CLOCK_METRICS = {"gpu_sm_clock_mean_mhz", "gpu_sm_clock_min_mhz"}
+THROTTLE_METRICS = {"gpu_throttle_reasons", "gpu_throttled_fraction"}
+ALL_GPU_METRICS = {"gpu_peak_memory_mb", "gpu_util_mean", "gpu_util_max", "gpu_power_mean_w", "gpu_energy_j",
+                   "gpu_sm_clock_limit_mhz", *CLOCK_METRICS, *THROTTLE_METRICS}
 LOST_WITH = {  # what each failing call costs: nothing else
     None: set(), "nvmlDeviceGetName": set(), "nvmlShutdown": set(),
     "nvmlInit": ALL_GPU_METRICS, "nvmlDeviceGetHandleByIndex": ALL_GPU_METRICS,
@@ -185,6 +200,9 @@ LOST_WITH = {  # what each failing call costs: nothing else
     "nvmlDeviceGetUtilizationRates": {"gpu_util_mean", "gpu_util_max"},
     "nvmlDeviceGetPowerUsage": {"gpu_power_mean_w"},     # energy still comes from the counter
     "nvmlDeviceGetTotalEnergyConsumption": set(),         # energy integrated from power instead
+    "nvmlDeviceGetClockInfo": CLOCK_METRICS,
+    "nvmlDeviceGetMaxClockInfo": {"gpu_sm_clock_limit_mhz"},
+    "nvmlDeviceGetCurrentClocksEventReasons": THROTTLE_METRICS,
 }
 
 
@@ -200,7 +218,8 @@ def test_gpu_sampler_drops_only_the_field_nvml_cannot_read(monkeypatch, caplog, 
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == (failing is not None), [r.getMessage() for r in warnings]
     if failing in ("nvmlDeviceGetMemoryInfo", "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetPowerUsage",
-                   "nvmlDeviceGetTotalEnergyConsumption"):
+                   "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetClockInfo",
+                   "nvmlDeviceGetCurrentClocksEventReasons"):
         assert fake.calls[failing] == 1, "a field that failed is not asked again"
     if metrics:  # the other fields kept coming, sample after sample
         assert fake.calls["nvmlDeviceGetMemoryInfo" if failing != "nvmlDeviceGetMemoryInfo"
@@ -214,13 +233,15 @@ SCHEMA_PARAMS = ("k", "subset", "layers", "mode", "scope", "task", "limit", "mod
                  "dtype", "resolved_dtype", "resolved_device", "threshold", "block_size", "small_block_size", "max_new_tokens", "num_fewshot",
                  "apply_chat_template", "fewshot_as_multiturn", "seed", "batch_size", "device", "path",
                  "version_torch", "version_lm_eval", "version_mlflow", "version_transformers")
-SCHEMA_TAGS = ("git_commit", "git_branch", "git_dirty", "source_hash", "config_key", "task_kind", "reuse_note")
+SCHEMA_TAGS = ("git_commit", "git_branch", "git_dirty", "source_hash", "config_key", "task_kind", "reuse_note",
+               "timing_quality")
 SCHEMA_METRICS = ("accuracy", "accuracy_stderr", "n_samples", "tokens_per_second", "tokens_per_second_median",
                   "tokens_per_second_p25", "tokens_per_second_p75", "timed_batches", "generated_tokens", "seconds",
                   "skipped_fraction", "tokens_per_forward", "forwards_full_block", "forwards_small_block",
-                  "forwards_finalize")
+                  "forwards_finalize", "timing_quality", "tokens_per_second_noise", "timing_cpu_fraction",
+                  "timing_other_busy_cores", "timing_torch_threads", "probe_seconds_before", "probe_seconds_after")
 ARTIFACTS = ("summary.json", "lm_eval_results.json", "generations.jsonl", "per_sample.jsonl", "timings.json",
-             "reuse_trace.json", "pip_freeze.txt")
+             "reuse_trace.json", "pip_freeze.txt", "timing_quality.json")
 
 
 @pytest.mark.slow
@@ -261,6 +282,16 @@ def test_mlflow_run_end_to_end(clean_repo, store, tiny_ckpt, tasks_dir):
     timings = json.loads(Path(client.download_artifacts(run.info.run_id, "timings.json")).read_text())
     assert len(timings["batches"]) == m["timed_batches"] == 2   # 4 documents, batch size 2
     assert sum(t for t, _ in timings["batches"]) == m["generated_tokens"]
+    # how fair its timing was: the verdict as tag and metric, the noise, every rank's record
+    assert t["timing_quality"] == "clean" or t["timing_quality"].startswith("contended: ")
+    assert m["timing_quality"] == float(t["timing_quality"] == "clean")
+    assert m["tokens_per_second_noise"] >= NOISE_FLOOR and m["probe_seconds_before"] > 0
+    assert m["timing_torch_threads"] >= 1 and not any(k.startswith("gpu_") for k in m)   # no GPU, no GPU verdict
+    fairness = json.loads(Path(client.download_artifacts(run.info.run_id, "timing_quality.json")).read_text())
+    assert len(fairness) == 1 and len(fairness[0]["probe_before"]) == len(fairness[0]["probe_after"]) == PROBE_REPS
+    assert fairness[0]["noise"] == pytest.approx(m["tokens_per_second_noise"])
+    said = re.search(r"^timing    (clean|contended: .+) \(noise ±(\d+)%\)$", out.stdout, re.M)
+    assert said and said[1] == t["timing_quality"], out.stdout
     # every decoded sample's unmasking schedule: the run replays as a benchmark trajectory
     from reuse_exp.engine.trajectory import Trajectory
     replayable = Trajectory.load(str(client.download_artifacts(run.info.run_id, "reuse_trace.json")))
@@ -406,8 +437,9 @@ def test_every_documented_value_works_through_mlflow_run(clean_repo, store, tiny
     assert p["layers"] == ("1,3" if which == 0 else "5,6,7")
     head = git(["rev-parse", "HEAD"], clean_repo).strip()
     said = out.stdout.splitlines()[:-2]   # the UI's addresses: tests/test_services_ui.py opens them
-    assert said[-6].startswith("accuracy  ") and " ± " in said[-6] and "(n=" in said[-6], out.stdout
-    assert said[-5].startswith("speed     ") and "tokens/s" in said[-5] and "s of decoding" in said[-5]
+    assert said[-7].startswith("accuracy  ") and " ± " in said[-7] and "(n=" in said[-7], out.stdout
+    assert said[-6].startswith("speed     ") and "tokens/s" in said[-6] and "s of decoding" in said[-6]
+    assert re.fullmatch(r"timing    (clean|contended: .+) \(noise ±\d+%\)", said[-5]), said[-5]
     assert said[-4] == f"code      {head[:12]} (clean)"
     assert said[-3] == f"run       {run.info.run_id} in experiment 'Default'"
     assert said[-2] == f"store     {store}"

@@ -114,18 +114,21 @@ def run_cmd(task, limit, model, params, experiment, stale_after, dry_run, force,
 @click.option("--include-dirty", is_flag=True, help="allow runs from uncommitted changes (starred)")
 @click.option("--include-other-environments", is_flag=True, help="allow runs that computed in another "
               "environment (GPU model, CUDA or library versions) or read other data (starred, the difference shown)")
+@click.option("--allow-contended", is_flag=True, help="allow runs whose timing was contended (other processes "
+              "took their CPUs, a GPU throttled): starred, the reason shown")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="also write compare.txt and compare.png here")
 @click.option("--no-log", is_flag=True, help="print only; log nothing to MLflow")
 def compare_cmd(task, limit, model, params, experiment, stale_after, commit, include_other_commits, include_dirty,
-                include_other_environments, out, no_log, **reuse) -> None:
-    """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against the policy's
-    baseline (k=1) with an interval, outputs changed against it; and a plot. From one commit."""
+                include_other_environments, allow_contended, out, no_log, **reuse) -> None:
+    """Per configuration: n, accuracy ± stderr, tokens/s with spread and noise, speed against the
+    policy's baseline (k=1) with an interval, outputs changed against it; and a plot. From one commit."""
     with one_line():
         request = build_request(task, limit=limit, model=model, params=params, **reuse)
         parent = compare_mod.compare(request, experiment, commit, include_other_commits=include_other_commits,
                                      include_dirty=include_dirty,
-                                     include_other_environments=include_other_environments, out=out,
+                                     include_other_environments=include_other_environments,
+                                     allow_contended=allow_contended, out=out,
                                      log=not no_log, echo=click.echo)
     if parent:
         click.echo(f"\nlogged to parent run {parent}")
@@ -135,10 +138,12 @@ def compare_cmd(task, limit, model, params, experiment, stale_after, commit, inc
 @click.option("--experiment", default=None, help="experiment to check (default: MLFLOW_EXPERIMENT_NAME or Default)")
 @click.option("--all-experiments", is_flag=True, help="check every experiment of the store")
 @stale_after_option()
-def audit_cmd(experiment, all_experiments, stale_after) -> None:
+@click.option("--speed", is_flag=True, help="also fail on speed regressions: one configuration's tokens/s at a "
+              "commit below the commit before's by more than the runs' noise (runs with clean timing only)")
+def audit_cmd(experiment, all_experiments, stale_after, speed) -> None:
     """Fail, listing run ids and reasons, if any run is untrustworthy (CI guard)."""
     with one_line():
-        audit_mod.audit_store(experiment, all_experiments, stale_after, echo=click.echo)
+        audit_mod.audit_store(experiment, all_experiments, stale_after, echo=click.echo, speed=speed)
 
 
 @click.group("runs")

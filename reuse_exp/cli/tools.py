@@ -219,16 +219,18 @@ def frontier():
 @frontier.command("run")
 @frontier_options
 @click.option("--force", is_flag=True, help="run every configuration, done at HEAD or not")
+@click.option("--rerun-contended", is_flag=True, help="also run again the configurations done at HEAD whose "
+              "runs' timing was all contended (their tokens/s measured other work too)")
 @click.option("--dry-run", is_flag=True, help="print what would run, run nothing")
 @click.option("--jobs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the snapshot of HEAD the runs use (default ~/.cache/reuse_exp/submitit)")
-def frontier_run(limit, experiment, force, dry_run, jobs_dir):
+def frontier_run(limit, experiment, force, rerun_contended, dry_run, jobs_dir):
     """One tracked run per configuration not yet FINISHED at HEAD (CPU, one thread, in turn)."""
     from ..errors import GridStopped
     from ..study import frontier as fr
     try:
         with one_line():
-            failed = fr.run(limit, experiment, force, dry_run, click.echo,
+            failed = fr.run(limit, experiment, force, dry_run, click.echo, rerun_contended=rerun_contended,
                             **({"folder": jobs_dir} if jobs_dir else {}))
     except GridStopped as e:
         click.echo(f"reuse-exp: {e}", err=True)
@@ -245,11 +247,13 @@ def frontier_run(limit, experiment, force, dry_run, jobs_dir):
               help="also write the README's frontier and tiny_table sections")
 @click.option("--allow-mixed-commits", is_flag=True, help="write the report from runs of several commits, "
               "flagged (by default refused)")
-def frontier_report(limit, experiment, out, readme, allow_mixed_commits):
+@click.option("--allow-contended", is_flag=True, help="write rows whose run's timing was contended, their "
+              "tokens/s starred with the reason (by default refused)")
+def frontier_report(limit, experiment, out, readme, allow_mixed_commits, allow_contended):
     """The frontier from its FINISHED runs: every row names its run and commit."""
     from ..study import frontier_report as report
     with one_line():
-        built = report.build(limit, experiment, allow_mixed_commits)
+        built = report.build(limit, experiment, allow_mixed_commits, allow_contended=allow_contended)
         paths = report.write(built, out, readme)
     click.echo(paths["md"].read_text())
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}" + (f" and {readme}" if readme else ""))

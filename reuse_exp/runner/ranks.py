@@ -118,6 +118,7 @@ class RankReport:
     rank: int
     stats: object        # its HarnessStats
     gpu: dict            # its GPU's statistics (empty on CPU)
+    timing: object = None   # its TimingReport: how fair the machine was over its evaluation
 
 
 def start_sampler(device: str) -> GpuSampler | None:
@@ -168,21 +169,28 @@ def world_params(devices: list[tuple[str, str]]) -> tuple[dict, dict]:
     return params, tags
 
 
-def evaluate(lm, s: RunSettings, task_manager, cache: Path) -> tuple[dict | None, float]:
+def evaluate(lm, s: RunSettings, task_manager, cache: Path):
     """lm-eval over this rank's shard, through the run's request cache; the results (rank 0
-    only) and the wall time."""
+    only), the wall time and how fair the machine was meanwhile (a TimingReport)."""
     from ..evaluation import harness
+    from ..tracking.timing import Watch
+    watch = Watch(str(lm.device), siblings=lm.world_size > 1).start()
     t0 = time.perf_counter()
-    results = harness.evaluate(lm, s.task, task_manager, limit=s.limit, num_fewshot=s.num_fewshot,
-                               apply_chat_template=s.apply_chat_template,
-                               fewshot_as_multiturn=s.fewshot_as_multiturn, seed=s.seed, cache=cache)
-    return results, time.perf_counter() - t0
+    try:
+        results = harness.evaluate(lm, s.task, task_manager, limit=s.limit, num_fewshot=s.num_fewshot,
+                                   apply_chat_template=s.apply_chat_template,
+                                   fewshot_as_multiturn=s.fewshot_as_multiturn, seed=s.seed, cache=cache)
+    except BaseException:
+        watch.cancel()
+        raise
+    wall = time.perf_counter() - t0
+    return results, wall, watch.stop()
 
 
-def gather_reports(lm, sampler: GpuSampler | None) -> list[RankReport] | None:
+def gather_reports(lm, sampler: GpuSampler | None, timing=None) -> list[RankReport] | None:
     """Every rank's report on rank 0 (None elsewhere); the group is left after it."""
     from ..evaluation import distributed
-    mine = RankReport(lm.rank, lm.stats, gpu_report(sampler, str(lm.device)))
+    mine = RankReport(lm.rank, lm.stats, gpu_report(sampler, str(lm.device)), timing)
     if lm.world_size == 1:
         return [mine]
     reports = distributed.gather_object(mine)
@@ -195,5 +203,5 @@ def follow(s: RunSettings, placement, task_manager, cache: Path) -> None:
     sampler = start_sampler(placement.device)
     lm = load_model(s, placement)
     rank_devices(lm)
-    evaluate(lm, s, task_manager, cache)
-    gather_reports(lm, sampler)
+    _, _, timing = evaluate(lm, s, task_manager, cache)
+    gather_reports(lm, sampler, timing)

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import RankFailed, RunFailed, StoreUnavailable, Terminated
 from ..knobs import ANY_ENVIRONMENT, LAUNCHED
 from ..settings import RunSettings
-from ..tracking import aftercare, data, environment
+from ..tracking import aftercare, data, environment, timing
 from ..tracking.artifacts import log_artifacts
 from ..tracking.console import Summary, quiet_known_noise
 from ..tracking.lifecycle import MAX_DIRTY_FILES_TAG, Tracker, end_outside_run
@@ -193,8 +193,8 @@ def _evaluate(tracker: Tracker, s: RunSettings, placement, task_manager, prov: P
         tracker.client.set_tag(s.resume, "resumed_by", tracker.run_id)
 
     tracker.evaluating = True
-    results, wall = ranks.evaluate(lm, s, task_manager, cache)
-    reports = ranks.gather_reports(lm, tracker.sampler)
+    results, wall, timed = ranks.evaluate(lm, s, task_manager, cache)
+    reports = ranks.gather_reports(lm, tracker.sampler, timed)
     tracker.sampler = None   # stopped: its statistics are in the reports
     shards = [r.stats for r in reports]
     stats = HarnessStats.merged(shards) if len(shards) > 1 else lm.stats
@@ -210,6 +210,10 @@ def _evaluate(tracker: Tracker, s: RunSettings, placement, task_manager, prov: P
             metrics["accuracy_stderr"] = stderr
     metrics["n_samples"] = len(sample_records(samples, primary[0] if primary else None))
     metrics |= combine([r.gpu for r in reports])
+    fairness = timing.verdict([r.timing for r in reports], [r.gpu for r in reports])
+    metrics |= fairness.metrics()
+    tracker.tags(fairness.tags())
+    tracker.artifact_json("timing_quality.json", timing.record([r.timing for r in reports]))
     if s.resume:
         scope_tags, scope_metrics = resume.scope(s.resume, stats.requests, _requests(samples))
         tracker.tags(scope_tags)
@@ -241,11 +245,13 @@ def _summary(tracker, s, prov, results, task_results, primary, kind, metrics) ->
 
 def _summary_of(tracker, s, prov, kind, accuracy, metrics) -> Summary:
     import mlflow
-    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    run = tracker.client.get_run(tracker.run_id)
+    exp_id = run.info.experiment_id
     return Summary(run_id=tracker.run_id, experiment=tracker.client.get_experiment(exp_id).name,
                    experiment_id=exp_id, store=absolute_uri(mlflow.get_tracking_uri()), commit=prov.commit,
                    dirty_files=len(prov.dirty_files), dirty=prov.dirty, task=s.task, kind=kind,
-                   accuracy=accuracy, metrics=metrics, resumed_from=s.resume)
+                   accuracy=accuracy, metrics=metrics, resumed_from=s.resume,
+                   timing=run.data.tags.get(timing.QUALITY_TAG))
 
 
 def _requests(samples: dict) -> int:

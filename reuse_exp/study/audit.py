@@ -7,7 +7,8 @@ come from more than one commit (the study's three-commits-in-one-table failure),
 commit from different environments or data (study/environments.py: one line per difference).
 Runs refused before they evaluated (a typo, a dirty tree) are counted apart, never
 findings: they hold no result; most are deleted with their record (out of the UI's runs
-table), and counted all the same.
+table), and counted all the same. With `--speed`, a configuration whose tokens/s at a commit
+fell below the commit before's by more than the runs' noise is one too (study/speed.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable
 from ..errors import AuditFailed, ConfigError
 from ..tracking.schema import REFUSED_TAG
 from .environments import any_environment, differences
+from .speed import speed_changes
 from .store import (LIVE, STALE_AFTER_S, RunRecord, cell_name, client, end_command, experiment_name, fetch_runs,
                     format_duration, tracking_uri)
 
@@ -105,13 +107,18 @@ def never_began(r: RunRecord) -> bool:
     return r.status != "FINISHED" and "git_commit" not in r.tags
 
 
-def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S) -> list[Finding]:
-    """The findings over `runs`; refused runs are none of them."""
+def speed_regressions(runs: list[RunRecord]) -> list[Finding]:
+    return [Finding(r.run_id, r.line) for r in speed_changes(runs)[0]]
+
+
+def audit(runs: list[RunRecord], now_ms: int | None = None, stale_after_s: float = STALE_AFTER_S,
+          speed: bool = False) -> list[Finding]:
+    """The findings over `runs`; refused runs are none of them. `speed`: speed regressions too."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     kept = [r for r in runs if not r.refused]
     found = [Finding(r.run_id, why) for r in kept
              for why in ([] if never_began(r) else provenance(r)) + dead(r, now_ms, stale_after_s)]
-    return found + mixed_grids(kept) + mixed_environments(kept)
+    return found + mixed_grids(kept) + mixed_environments(kept) + (speed_regressions(kept) if speed else [])
 
 
 def deleted_refusals(cl, exp_id: str) -> int:
@@ -128,7 +135,8 @@ def deleted_refusals(cl, exp_id: str) -> int:
 
 
 def audit_store(experiment: str | None = None, all_experiments: bool = False,
-                stale_after_s: float = STALE_AFTER_S, echo: Callable[[str], None] = print) -> None:
+                stale_after_s: float = STALE_AFTER_S, echo: Callable[[str], None] = print,
+                speed: bool = False) -> None:
     """Echo a line per finding and raise AuditFailed when there is one; else echo that all is well."""
     cl = client(must_exist=True)   # an audit of a store that is not there fails; it never makes one
     if all_experiments:
@@ -140,7 +148,10 @@ def audit_store(experiment: str | None = None, all_experiments: bool = False,
                               "pass --experiment NAME or set MLFLOW_TRACKING_URI to the store to check")
         exps = [exp]
     runs = [r for e in exps for r in fetch_runs(cl, e.experiment_id)]
-    findings = audit(runs, stale_after_s=stale_after_s)
+    findings = audit(runs, stale_after_s=stale_after_s, speed=speed)
+    if speed:   # what was not a finding: speed-ups, commits that could not be compared
+        for note in speed_changes([r for r in runs if not r.refused])[1]:
+            echo(f"speed: {note}")
     names = ", ".join(e.name for e in exps)
     refused = sum(r.refused for r in runs)
     unbegun = sum(never_began(r) and r.status not in LIVE and not r.refused for r in runs)

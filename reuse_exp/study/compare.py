@@ -10,7 +10,10 @@ is refused by name unless --include-other-commits / --include-dirty say to use t
 then its cells are starred and the parent run says which commits it mixes. Runs of one table
 that computed in different environments or read different data (study/environments.py) are
 refused the same way, one line per difference, unless --include-other-environments: then the
-odd cells are starred and the table and the parent run's tag say what was mixed.
+odd cells are starred and the table and the parent run's tag say what was mixed. Runs whose
+timing was contended (study/speed.py) are refused by name unless --allow-contended stars them;
+a cell with clean repeats keeps those. Tokens/s shows its noise, and a ratio inside the two
+runs' noise prints as noise.
 The table, compare.json and the PNG are logged to a comparison run beside the grid's runs, with
 every number as a metric NAME.CONFIG (the MLflow UI's compare view shows them) and the compared
 run ids as a tag; the grid's runs stay at the top of the runs table, where the study's view
@@ -35,6 +38,7 @@ from .cells import LOGLIKELIHOOD, LOGLIKELIHOOD_WHY, Cell, GridRequest, spanning
 from .environments import differences
 from .figure import plot
 from .measures import MIN_TIMINGS, Measured, Paired, Ratio, measured, median, pair, speed_ratio
+from .speed import noise_text, pair_noise, probe_seconds, timing_of
 from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_state
 
 
@@ -44,6 +48,7 @@ class Pick:
     run: RunRecord | None
     starred: bool = False       # from another commit, or dirty: included on request only
     repeats: tuple[RunRecord, ...] = ()   # every clean FINISHED run of the cell at the commit, newest first
+    contended: bool = False     # its runs' timing was contended: included on request only
 
     @property
     def runs(self) -> tuple[RunRecord, ...]:
@@ -79,6 +84,28 @@ def pick(cells: list[Cell], runs: list[RunRecord], commit: str, other_commits: b
                            for n, vals in differ.items())
         raise Refused(f"the runs differ in settings the grid did not pin: {listed} -- pin them with -P NAME=VALUE")
     return star_environments(picks, other_environments)
+
+
+def refuse_contended(picks: list[Pick], allowed: bool) -> list[Pick]:
+    """Cells whose runs' timing was contended: refused by name unless allowed, then starred. A cell
+    with clean and contended repeats keeps its clean ones."""
+    out, refused = [], []
+    for p in picks:
+        fair = tuple(r for r in p.runs if not timing_of(r).contended)
+        if not p.runs or len(fair) == len(p.runs):
+            out.append(p)
+        elif fair:
+            out.append(replace(p, run=fair[0], repeats=fair if p.repeats else ()))
+        elif allowed:
+            out.append(replace(p, contended=True))
+        else:
+            refused.append(f"{p.cell.name} run {p.run.short()}: {timing_of(p.run).quality}")
+    if refused:
+        raise Refused("refusing runs whose timing was contended (their tokens/s measured the machine's other "
+                      "work too): " + "; ".join(refused) + " -- re-run them on a quiet machine "
+                      "(`reuse-exp grid run --force` with their --k and --subset), or pass --allow-contended "
+                      "to show them starred")
+    return out
 
 
 def labelled(picks: list[Pick]) -> list[tuple[str, RunRecord]]:
@@ -135,7 +162,13 @@ class Row:
 
     @property
     def name(self) -> str:
-        return self.pick.cell.name + ("*" if self.pick.starred else "")
+        return self.pick.cell.name + ("*" if self.pick.starred or self.pick.contended else "")
+
+    @property
+    def noise(self) -> float | None:
+        """The relative noise of its tokens/s: the largest of its runs' (None if one has none)."""
+        noises = [timing_of(m.run).noise for m in self.repeats or (self.measured,) if m]
+        return None if not noises or None in noises else max(noises)
 
     def figures(self) -> dict[str, float]:
         """Every number of the row, by metric name (the parent run's metrics, compare.json)."""
@@ -147,12 +180,14 @@ class Row:
         if rates:
             out |= {"runs": len(self.rates), "timed_batches": len(rates), "tokens_per_second_median": median(rates),
                     "tokens_per_second_p25": float(np.quantile(rates, 0.25)),
-                    "tokens_per_second_p75": float(np.quantile(rates, 0.75))}
+                    "tokens_per_second_p75": float(np.quantile(rates, 0.75)),
+                    "tokens_per_second_noise": self.noise, "timing_contended": float(self.pick.contended)}
         if self.ratio is not None:
             out["speedup"] = self.ratio.point
-            if self.ratio.has_interval:   # without one, whether it is noise is unknown: no metric says either
-                out |= {"speedup_low": self.ratio.low, "speedup_high": self.ratio.high,
-                        "speedup_within_noise": float(self.ratio.within_noise)}
+            if self.ratio.has_interval:
+                out |= {"speedup_low": self.ratio.low, "speedup_high": self.ratio.high}
+            if self.ratio.known:   # without an interval or noise, whether it is noise is unknown: no metric says
+                out["speedup_within_noise"] = float(self.ratio.within_noise)
         if self.paired is not None:
             p = self.paired
             out |= {"paired_documents": p.pairs, "outputs_changed": p.changed,
@@ -173,12 +208,15 @@ def rows(cl, picks: list[Pick]) -> list[Row]:
             out.append(r)
             continue
         ratio = speed_ratio(base.rates, r.rates) if base.rates and r.rates else None
+        if ratio is not None:
+            ratio = replace(ratio, noise=pair_noise(base.noise, r.noise, probe_seconds(base.pick.runs),
+                                                    probe_seconds(r.pick.runs)))
         a, b = base.measured.records, r.measured.records
         out.append(Row(r.pick, r.measured, r.repeats, ratio, pair(a, b) if a is not None and b is not None else None))
     return out
 
 
-COLUMNS = (("config", 12), ("n", 6), ("accuracy", 16), ("tokens/s median [p25, p75] (batches)", 38),
+COLUMNS = (("config", 12), ("n", 6), ("accuracy", 16), ("tokens/s median [p25, p75] (batches) noise", 44),
            ("vs {base}", 12), ("95% interval", 16), ("skipped", 8), ("changed", 9), ("c->w", 5), ("w->c", 5))
 
 
@@ -195,6 +233,7 @@ def row_cells(r: Row) -> list[str]:
             speed += f" [{f['tokens_per_second_p25']:.1f}, {f['tokens_per_second_p75']:.1f}]"
         runs = int(f["runs"])
         speed += f" ({int(f['timed_batches'])}" + (f" in {runs} runs)" if runs > 1 else ")")
+        speed += " " + noise_text(r.noise)
     if r.pick.cell.baseline:
         versus, interval = "baseline", "-"
     elif r.ratio is None:
@@ -224,9 +263,10 @@ def legend(rows_: list[Row], base: str = "k=1") -> str:
     ns = {r.figures().get("n_samples") for r in rows_ if r.measured}
     n = f"n = {int(ns.pop())} documents per configuration" if len(ns) == 1 and None not in ns else "n per row"
     return (f"{n}; accuracy ± lm-eval's standard error (points); tokens/s: median of the timed batches' "
-            f"rates [quartiles] (batches)\n"
+            f"rates [quartiles] (batches) ± the runs' timing noise (their probe and CPU wait; ±? not recorded)\n"
             f"vs {base}: ratio of median tokens/s with a 95% bootstrap interval over batches; '~1 (noise)' when the "
-            f"interval holds 1, 'x?' when a run has fewer than {MIN_TIMINGS} timed batches (no interval)\n"
+            f"interval holds 1 or the ratio is within the two runs' noise, 'x?' when a run has fewer than "
+            f"{MIN_TIMINGS} timed batches and no noise recorded\n"
             f"changed: documents whose output differs from {base}'s (of those both scored); "
             f"c->w / w->c: correct at {base} and wrong here / the reverse")
 
@@ -237,7 +277,8 @@ def describe(picks: list[Pick]) -> str:
     lines += ["", "runs:"]
     for p in picks:
         lines.append(f"  {p.cell.name:<10} " + (", ".join(r.short() for r in p.runs) +
-                                               ("  * other commit, dirty or environment" if p.starred else "")
+                                               ("  * other commit, dirty or environment" if p.starred else "") +
+                                               (f"  * {timing_of(p.run).quality}" if p.contended else "")
                                                if p.run else "missing"))
     return "\n".join(lines)
 
@@ -269,6 +310,7 @@ def log_parent(cl, exp_id: str, request: GridRequest, picks: list[Pick], commit:
         (Path(tmp) / "compare.txt").write_text(text + "\n")
         (Path(tmp) / "compare.json").write_text(json.dumps(
             {r.pick.cell.name: {"run_ids": [x.run_id for x in r.pick.runs], "starred": r.pick.starred,
+                                "contended": r.pick.contended,
                                 **r.figures()} for r in rows_}, indent=2) + "\n")
         cl.log_artifact(run_id, str(Path(tmp) / "compare.txt"))
         cl.log_artifact(run_id, str(Path(tmp) / "compare.json"))
@@ -293,7 +335,7 @@ def unfold(cl, exp_id: str, runs: list[RunRecord]) -> None:
 
 def compare(request: GridRequest, experiment: str | None, commit: str | None = None, *,
             include_other_commits: bool = False, include_dirty: bool = False,
-            include_other_environments: bool = False, out: Path | None = None,
+            include_other_environments: bool = False, allow_contended: bool = False, out: Path | None = None,
             log: bool = True, echo: Callable[[str], None] = print) -> str | None:
     """Per configuration: n, accuracy ± stderr, tokens/s with spread, speed against the baseline
     with an interval, outputs changed against it; and a plot. From one commit. Echoes the table; returns
@@ -306,6 +348,7 @@ def compare(request: GridRequest, experiment: str | None, commit: str | None = N
     kind = task_kind(request.task, runs)
     cells = request.cells(kind)
     picks = pick(cells, runs, commit, include_other_commits, include_dirty, include_other_environments)
+    picks = refuse_contended(picks, allow_contended)
     rows_ = rows(cl, picks)
     header = (f"compare {request.task} in experiment {experiment_name(experiment)!r} at {commit[:7]}"
               + (f" (HEAD of {code.root})" if commit == code.commit else ""))

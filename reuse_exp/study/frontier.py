@@ -6,6 +6,7 @@ is done and not run again; the jobs run from a snapshot of HEAD, one at a time, 
 one thread. The report (frontier_report.py) reads the figures back from the store.
 
     reuse-exp frontier run [--limit 200]                      # ~1 hour of CPU at 200 items
+    reuse-exp frontier run --rerun-contended                  # again those whose timing was contended
     reuse-exp frontier report --out docs/frontier --readme README.md
 
 A new row is one line in CONFIGS: a family (the plot's legend), a label, and the settings
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .cells import Cell, make_cell, resumable, run_defaults
-from .grid import FAILED, CellState, classify, todo
+from .grid import DONE, FAILED, CellState, classify, todo
+from .speed import timing_of
 from .launch import DEFAULT_FOLDER, run_local
 from .store import RunRecord, client, experiment_id, experiment_name, fetch_runs, git_state, tracking_uri
 from ..settings import DEFAULTS, policy_class
@@ -144,6 +146,11 @@ def status(cells_: list[FrontierCell], runs: list[RunRecord], head: str) -> list
     return [classify(c, runs, head, now) for c in cells_]
 
 
+def contended(states: list[CellState]) -> list[FrontierCell]:
+    """Done at HEAD, but every run of it there measured its tokens/s under contention."""
+    return [s.cell for s in states if s.state == DONE and all(timing_of(r).contended for r in s.runs)]
+
+
 @contextmanager
 def threads(n: int):
     """The jobs' torch threads (OMP_NUM_THREADS, which the tracked run's torch reads at start)."""
@@ -160,9 +167,10 @@ def threads(n: int):
 
 def run(limit: int | None = LIMIT, experiment: str | None = EXPERIMENT, force: bool = False,
         dry_run: bool = False, echo: Callable[[str], None] = print, folder: Path = DEFAULT_FOLDER,
-        configs: tuple[Config, ...] = CONFIGS, mc: Config | None = MC) -> list[str]:
-    """Run every configuration not done at HEAD (all with `force`), one tracked run each, in
-    turn; returns the names of those that failed. Raises ConfigError on a dirty tree."""
+        configs: tuple[Config, ...] = CONFIGS, mc: Config | None = MC, rerun_contended: bool = False) -> list[str]:
+    """Run every configuration not done at HEAD (all with `force`; with `rerun_contended` those
+    whose runs' timing was contended too), one tracked run each, in turn; returns the names of
+    those that failed. Raises ConfigError on a dirty tree."""
     prov = git_state()
     if prov.dirty and not dry_run:
         raise ConfigError(f"uncommitted changes ({', '.join(prov.dirty_files[:5])}): commit them; the "
@@ -172,6 +180,7 @@ def run(limit: int | None = LIMIT, experiment: str | None = EXPERIMENT, force: b
     exp_id = experiment_id(cl, experiment, create=not dry_run)
     states = status(wanted, fetch_runs(cl, exp_id), prov.commit)
     go = todo(states, force)
+    go += [c for c in contended(states) if rerun_contended and c not in go]
     resume = {} if force else {s.cell: rid for s in states if s.state == FAILED and (rid := resumable(s.runs))}
     for s in states:
         if s.cell not in go:

@@ -4,7 +4,9 @@ run whose commit is shown.
 Accuracy, its standard error and the paired counts against k=1 come from the per-document
 records each run logged from lm-eval's samples (measures.py); the skipped and replayed
 fractions and tokens/s are the run's logged metrics. Runs of several commits are refused by
-name, or with `allow_mixed` written with the commits flagged. Writes frontier.md,
+name, or with `allow_mixed` written with the commits flagged; so are runs whose timing was
+contended (study/speed.py), or with `allow_contended` written with their tokens/s starred.
+Every tokens/s carries its run's noise. Writes frontier.md,
 frontier.json (every figure with its run id and commit, and the commands that made them) and
 frontier.png, and optionally the README's `frontier` and `tiny_table` sections.
 """
@@ -19,6 +21,7 @@ from ..errors import Refused
 from .frontier import CONFIGS, EXPERIMENT, LIMIT, MC, Config, FrontierCell, cells, frontier_runs
 from .frontier_tables import Report, Row, frontier_table, plot, tiny_table
 from .measures import accuracy, measured, pair
+from .speed import timing_of
 from .store import RunRecord
 
 RUN_COMMAND = "reuse-exp frontier run --limit {limit} --experiment {experiment}"
@@ -26,12 +29,25 @@ REPORT_COMMAND = "reuse-exp frontier report --limit {limit} --experiment {experi
 
 
 def newest_finished(cell: FrontierCell, runs: list[RunRecord]) -> RunRecord | None:
-    """The configuration's newest FINISHED run of a clean tree: only such a run is a figure."""
+    """The configuration's newest FINISHED run of a clean tree: only such a run is a figure. Of
+    the runs at that run's commit, the newest whose timing was not contended, if there is one."""
     mine = [r for r in runs if r.role == "run" and r.status == "FINISHED" and not r.dirty and cell.matches(r)]
-    return max(mine, key=lambda r: r.start_ms, default=None)
+    newest = max(mine, key=lambda r: r.start_ms, default=None)
+    fair = [r for r in mine if newest is not None and r.commit == newest.commit and not timing_of(r).contended]
+    return max(fair, key=lambda r: r.start_ms, default=newest)
 
 
-def pick(wanted: list[FrontierCell], runs: list[RunRecord], allow_mixed: bool) -> list[RunRecord]:
+def refuse_contended(wanted: list[FrontierCell], picked: list[RunRecord]) -> None:
+    contended = [f"{c.name} ({r.short()})" for c, r in zip(wanted, picked) if timing_of(r).contended]
+    if contended:
+        raise Refused(f"the timing of {len(contended)} run(s) was contended, their tokens/s measured other work "
+                      f"too: {', '.join(contended[:5])}{' ...' if len(contended) > 5 else ''} -- run them again "
+                      "on a quiet machine (`reuse-exp frontier run --rerun-contended`), or pass --allow-contended "
+                      "to write them starred")
+
+
+def pick(wanted: list[FrontierCell], runs: list[RunRecord], allow_mixed: bool,
+         allow_contended: bool = False) -> list[RunRecord]:
     picked = [newest_finished(c, runs) for c in wanted]
     missing = [c.name for c, r in zip(wanted, picked) if r is None]
     if missing:
@@ -45,6 +61,8 @@ def pick(wanted: list[FrontierCell], runs: list[RunRecord], allow_mixed: bool) -
         raise Refused(f"the frontier's runs come from {len(commits)} commits ({listed}): re-run "
                       "`reuse-exp frontier run` at one commit, or pass --allow-mixed-commits to write "
                       "the report with the commits flagged")
+    if not allow_contended:
+        refuse_contended(wanted, picked)
     return picked
 
 
@@ -56,13 +74,13 @@ def read_row(cl, config: Config, run: RunRecord) -> Row:
 
 
 def build(limit: int | None = LIMIT, experiment: str = EXPERIMENT, allow_mixed: bool = False,
-          configs: tuple[Config, ...] = CONFIGS, mc: Config | None = MC) -> Report:
+          configs: tuple[Config, ...] = CONFIGS, mc: Config | None = MC, allow_contended: bool = False) -> Report:
     """The report of the frontier's runs in `experiment`; Refused names what is missing or mixed."""
     cl, exp_id, runs = frontier_runs(experiment)
     if exp_id is None:
         raise Refused(f"no experiment {experiment!r}: run `reuse-exp frontier run` first")
     wanted = cells(limit, configs, mc)
-    picked = pick(wanted, runs, allow_mixed)
+    picked = pick(wanted, runs, allow_mixed, allow_contended)
     rows = [read_row(cl, c, r) for c, r in zip(configs, picked)]
     base = next((r for r in rows if r.config.baseline), None)
     if base is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..engine.reuse import SUBSETS
 from .frontier import ADAPTIVE, THREADS, Config
 from .measures import Accuracy, Paired
+from .speed import noise_text, timing_of
 from .store import RunRecord
 
 GOAL_SKIP, GOAL_POINTS = 0.30, 0.01   # a learned policy skipping 30% within a point of k=1
@@ -46,12 +47,21 @@ class Row:
     def tokens_per_second(self) -> float:
         return self.metric("tokens_per_second")
 
+    @property
+    def contended(self) -> bool:
+        return timing_of(self.run).contended
+
+    def speed_text(self) -> str:
+        """`319 ±2%`: tokens/s with its run's noise, starred where its timing was contended."""
+        return f"{self.tokens_per_second:.0f} {noise_text(timing_of(self.run).noise)}" + ("*" if self.contended else "")
+
     def figures(self) -> dict:
         p = self.paired
         return {"run_id": self.run.run_id, "commit": self.run.commit, "settings": dict(self.config.settings),
                 "n": self.accuracy.n, "accuracy": self.accuracy.mean, "stderr": self.accuracy.stderr,
                 "skipped_fraction": self.skipped, "replayed_fraction": self.replayed,
                 "tokens_per_second": self.tokens_per_second,
+                "tokens_per_second_noise": timing_of(self.run).noise, "timing_quality": timing_of(self.run).quality,
                 "paired_vs_k1": None if p is None else [p.changed, p.correct_to_wrong, p.wrong_to_correct],
                 "correct": {str(r["doc_id"]): r["correct"] for r in self.records}}
 
@@ -106,18 +116,27 @@ def commits_line(report: Report) -> str:
             "`reuse-exp frontier run` at one commit before reading them together.")
 
 
+def timing_lines(report: Report) -> list[str]:
+    """Under a table: what its tokens/s columns hold, and why each starred one is starred."""
+    out = ["tokens/s ± the run's timing noise (its fixed probe before and after, its CPU wait: "
+           "reuse_exp/tracking/timing.py); differences inside the two rows' noises added are noise."]
+    out += [f"\\* {r.name} ({r.run.run_id[:8]}): timing {timing_of(r.run).quality}"
+            for r in report.rows + ([report.mc] if report.mc else []) if r.contended]
+    return out
+
+
 def frontier_table(report: Report) -> str:
     rows, base = report.rows, report.base
     n = base.accuracy.n
     lines = [f"tiny_gsm, {n} items: accuracy ± stderr against the fraction of layer evaluations skipped, "
              f"sorted by skip. Paired against k=1: text changed / correct → wrong / wrong → correct. "
              f"Adaptive: max {ADAPTIVE['max_reuse']} reuses in a row. {commits_line(report)}", "",
-             "| configuration | run | skipped | replayed steps | accuracy | Δ vs k=1 | paired vs k=1 | tokens/s |",
+             "| configuration | run | skipped | replayed steps | accuracy | Δ vs k=1 | paired vs k=1 | tokens/s ± noise |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r.skipped, r.name)):
         lines.append(f"| {r.name} | {r.run.run_id[:8]}@{r.commit} | {r.skipped:.3f} | {r.replayed:.3f} | "
                      f"{accuracy_text(r)} | {100 * (r.accuracy.mean - base.accuracy.mean):+.1f} pt | "
-                     f"{paired_text(r)} | {r.tokens_per_second:.0f} |")
+                     f"{paired_text(r)} | {r.speed_text()} |")
     goal = [r.name for r in rows if r.config.learned and r.skipped >= GOAL_SKIP
             and r.accuracy.mean >= base.accuracy.mean - GOAL_POINTS]
     fixed = [r.name for r in rows if not r.config.learned and not r.config.baseline]
@@ -131,6 +150,7 @@ def frontier_table(report: Report) -> str:
         lines.append(f"tiny_mc ({m.accuracy.n} items, run {m.run.run_id[:8]}@{m.commit}; loglikelihood, one "
                      f"forward per request: reuse cannot act, so every configuration scores the same and skips "
                      f"0): {accuracy_text(m)}.")
+    lines += timing_lines(report)
     return "\n".join(lines)
 
 
@@ -149,7 +169,7 @@ def fixed_row(report: Report, mode: str, k: int, subset: str | None) -> Row | No
 
 
 def cell(r: Row | None) -> str:
-    return "—" if r is None else f"{r.accuracy.mean:.1%} / {r.tokens_per_second:.0f} / {r.skipped:.3f}"
+    return "—" if r is None else f"{r.accuracy.mean:.1%} / {r.speed_text()} / {r.skipped:.3f}"
 
 
 def subset_layers(report: Report, subset: str) -> str:
@@ -161,7 +181,7 @@ def tiny_table(report: Report) -> str:
     base = report.base
     batch = base.config.get("batch_size") or base.run.params.get("batch_size")
     lines = [f"tiny_gsm test split, {base.accuracy.n} items, batches of {batch}, strict-match exact match; cell = "
-             f"accuracy / generated tokens/s / skipped-layer fraction. Measured on {machine(report)}. "
+             f"accuracy / generated tokens/s ± its noise / skipped-layer fraction. Measured on {machine(report)}. "
              f"{commits_line(report)}", "",
              "Subsets (the layers the runs logged): " + ", ".join(f"{s} = [{subset_layers(report, s)}]" for s in SUBSETS)
              + f". k=1 computes every layer (one run: {cell(base)}, ± {base.accuracy.stderr:.1%} stderr).", ""]
@@ -185,6 +205,7 @@ def tiny_table(report: Report) -> str:
             lines.append(f"| replay k={k} | {paired_text(r)} (no subset) | | |")
     lines.append("")
     lines += same_text_lines(report)
+    lines += [""] + timing_lines(report)
     return "\n".join(lines).rstrip()
 
 

@@ -48,24 +48,35 @@ class Ratio:
     low: float | None
     high: float | None
     timings: int                  # the fewer of the two sides' timed batches
+    noise: float | None = None    # the two runs' timing noise added (their probes and CPU waits), relative
 
     @property
     def has_interval(self) -> bool:
         return self.low is not None
 
     @property
+    def known(self) -> bool:
+        """Can it be told from noise: a bootstrap interval, or the runs' own noise?"""
+        return self.has_interval or self.noise is not None
+
+    @property
     def within_noise(self) -> bool:
-        return self.has_interval and self.low <= 1.0 <= self.high
+        """The interval holds 1, or the ratio is within the runs' noise (what the batches cannot see:
+        a machine that is slower for one run than for the other)."""
+        inside = self.noise is not None and abs(self.point - 1) <= self.noise
+        return inside or (self.has_interval and self.low <= 1.0 <= self.high)
 
     def text(self) -> str:
-        if not self.has_interval:
+        if not self.known:
             return f"{self.point:.2f}x?"
         return "~1 (noise)" if self.within_noise else f"{self.point:.2f}x"
 
     def interval_text(self) -> str:
-        if not self.has_interval:
-            return f"none: {self.timings} timing{'s' if self.timings != 1 else ''}"
-        return f"[{self.low:.2f}, {self.high:.2f}]"
+        if self.has_interval:
+            return f"[{self.low:.2f}, {self.high:.2f}]"
+        if self.noise is not None:
+            return f"±{100 * self.noise:.0f}% (runs)"
+        return f"none: {self.timings} timing{'s' if self.timings != 1 else ''}"
 
 
 def median(xs: list[float]) -> float:

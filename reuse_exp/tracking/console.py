@@ -91,6 +91,7 @@ class Summary:
     accuracy: tuple | None = None    # (metric, value, stderr or None, n or None)
     metrics: dict | None = None
     resumed_from: str | None = None  # the interrupted run whose request cache this one read
+    timing: str | None = None        # the timing_quality tag: clean, or contended and why
 
     def lines(self) -> list[str]:
         m = self.metrics or {}
@@ -114,6 +115,9 @@ class Summary:
         if self.resumed_from:
             out.append(f"resumed   {m.get('cached_requests', 0):.0f} request(s) came from run {self.resumed_from}'s "
                        "request cache, with their results and statistics; the speed covers the rest")
+        if self.timing:
+            noise = m.get("tokens_per_second_noise")
+            out.append(f"timing    {self.timing}" + (f" (noise ±{noise:.0%})" if noise is not None else ""))
         state = f"dirty: {self.dirty_files} uncommitted file(s)" if self.dirty else "clean"
         out.append(f"code      {self.commit[:12]} ({state})")
         out.append(f"run       {self.run_id} in experiment {self.experiment!r}")

@@ -1,4 +1,6 @@
-"""GPU statistics of one run, sampled from NVML in a background thread.
+"""GPU statistics of one run, sampled from NVML in a background thread: memory, utilisation,
+power and energy, and the SM clock and throttle reasons (how fair the run's timing was:
+tracking/timing.py judges them).
 
 Statistics never change a run's outcome. Each NVML field is read on its own: one that
 fails (NotSupported, as utilisation on a MIG slice, or any other error) is dropped with
@@ -9,6 +11,7 @@ or the module, the sampler records nothing and `stop()` returns an empty dict.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,7 +24,26 @@ SERIES = {
     "memory_mb": lambda nv, h: nv.nvmlDeviceGetMemoryInfo(h).used / 2**20,
     "util": lambda nv, h: float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
     "power_w": lambda nv, h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+    "sm_clock_mhz": lambda nv, h: float(nv.nvmlDeviceGetClockInfo(h, CLOCK_SM)),
+    "throttle": lambda nv, h: int(_throttle_reasons(nv)(h)),
 }
+CLOCK_SM = 1   # NVML_CLOCK_SM
+# NVML's clocks-event (throttle) reason bits, as nvml.h numbers them.
+THROTTLE_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
+                    0x8: "hw_slowdown", 0x10: "sync_boost", 0x20: "sw_thermal_slowdown",
+                    0x40: "hw_thermal_slowdown", 0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+# The reasons that say the machine, not the work, set the clocks: heat and hardware brakes. The
+# power cap is left out: a heavy decode reaches it by itself, run after run.
+SLOWING = 0x8 | 0x20 | 0x40 | 0x80
+
+
+def _throttle_reasons(nv):
+    """nvidia-ml-py renamed throttle reasons to clocks-event reasons (12.535); either will do."""
+    return getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+
+
+def throttle_names(mask: int) -> list[str]:
+    return [name for bit, name in THROTTLE_REASONS.items() if mask & bit]
 
 
 def nvml_index(cuda_index: int = 0) -> int:
@@ -45,6 +67,7 @@ class GpuSampler:
         self._energy0_mj: float | None = None
         self._t0 = 0.0
         self.name: str | None = None
+        self.clock_limit: float | None = None
         try:
             import pynvml
             pynvml.nvmlInit()
@@ -55,6 +78,7 @@ class GpuSampler:
             self._handle = None
             return
         self.name = self._read("name", lambda nv, h: nv.nvmlDeviceGetName(h))
+        self.clock_limit = self._read("sm_clock_limit", lambda nv, h: float(nv.nvmlDeviceGetMaxClockInfo(h, CLOCK_SM)))
 
     @property
     def available(self) -> bool:
@@ -114,6 +138,7 @@ class GpuSampler:
             out |= {"gpu_util_mean": sum(util) / len(util), "gpu_util_max": max(util)}
         if power:
             out["gpu_power_mean_w"] = sum(power) / len(power)
+        out |= clock_metrics(self.samples["sm_clock_mhz"], self.samples["throttle"], self.clock_limit)
         if energy_mj is not None and self._energy0_mj is not None:
             out["gpu_energy_j"] = (energy_mj - self._energy0_mj) / 1000.0
         elif power:
@@ -121,10 +146,30 @@ class GpuSampler:
         return out
 
 
+def clock_metrics(clocks: list[float], reasons: list[int], limit: float | None) -> dict[str, float]:
+    """The SM clock over the run against the GPU's limit, the throttle reasons seen (a bit mask)
+    and the fraction of samples slowed by a SLOWING reason."""
+    out = {}
+    if clocks:
+        out |= {"gpu_sm_clock_mean_mhz": sum(clocks) / len(clocks), "gpu_sm_clock_min_mhz": min(clocks)}
+    if limit is not None:
+        out["gpu_sm_clock_limit_mhz"] = limit
+    if reasons:
+        mask = 0
+        for r in reasons:
+            mask |= r
+        out |= {"gpu_throttle_reasons": float(mask),
+                "gpu_throttled_fraction": sum(bool(r & SLOWING) for r in reasons) / len(reasons)}
+    return out
+
+
 # How one run's statistics follow from each GPU's: a peak is the highest GPU's, energy and
 # power add up over the GPUs, utilisation is their average.
 COMBINE = {"gpu_peak_memory_mb": max, "gpu_util_max": max, "torch_peak_memory_mb": max,
-           "gpu_energy_j": sum, "gpu_power_mean_w": sum, "gpu_util_mean": lambda v: sum(v) / len(v)}
+           "gpu_energy_j": sum, "gpu_power_mean_w": sum, "gpu_util_mean": lambda v: sum(v) / len(v),
+           "gpu_sm_clock_mean_mhz": lambda v: sum(v) / len(v), "gpu_sm_clock_min_mhz": min,
+           "gpu_sm_clock_limit_mhz": min, "gpu_throttled_fraction": max,
+           "gpu_throttle_reasons": lambda v: float(functools.reduce(lambda a, b: a | b, map(int, v)))}
 
 
 def combine(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -30,7 +30,9 @@ tags
     reuse_exp.refused ("true": refused before evaluating, e.g. a bad value or a dirty tree;
     the audit counts these apart), reuse_exp.end_reason (why `reuse-exp runs end` ended it),
     reuse_exp.any_environment ("true": made by `grid run --any-environment`), gpu_metrics (a CPU
-    run: why it has no gpu_* metrics).
+    run: why it has no gpu_* metrics), timing_quality (`clean`, or `contended: <reasons>`: how
+    fair the machine was to the timed part, tracking/timing.py; compare, the frontier and
+    `audit --speed` read it).
     The environment (tracking/environment.py), env.<name>, in two parts:
       shapes a result (the grid, `compare` and the audit compare these; env_key hashes them):
         env.torch, env.cuda, env.cudnn, env.transformers, env.lm_eval (the libraries that
@@ -63,7 +65,17 @@ metrics
     scored_tokens, loglikelihood_ties (documents whose best choices tie; loglikelihood);
     on a GPU gpu_peak_memory_mb, gpu_util_mean, gpu_util_max, gpu_power_mean_w,
     gpu_energy_j (NVML, sampled from before the model loads to the end of the evaluation: the whole run's cost, not only the timed part),
-    torch_peak_memory_mb (the allocator's peak); MLflow's system/* metrics.
+    torch_peak_memory_mb (the allocator's peak), gpu_sm_clock_mean_mhz / _min_mhz / _limit_mhz,
+    gpu_throttle_reasons (NVML's reason bits seen, or-ed) and gpu_throttled_fraction (samples
+    slowed by heat or a hardware brake); MLflow's system/* metrics.
+    How far tokens/s can be trusted (tracking/timing.py, over the evaluation): timing_quality
+    (1 clean, 0 contended), tokens_per_second_noise (relative), probe_seconds_before / _after,
+    probe_spread, probe_drift (the fixed probe, tracking/probe.py), timing_cpu_wait_fraction
+    (its threads' wait for a CPU), timing_cpu_fraction, timing_host_busy_cores,
+    timing_other_busy_cores, timing_steal_fraction, timing_host_load_1m_max, timing_cores,
+    timing_torch_threads, timing_process_threads_max, timing_involuntary_switches,
+    timing_cpu_freq_mhz_mean / _min / timing_cpu_freq_max_mhz, timing_wall_seconds; several
+    ranks: each rank's as rankR/<name>, the run's the largest of them.
     Several ranks: seconds is the slowest rank's, tokens_per_second all ranks' tokens over
     it, the median and quartiles all ranks' (a batch's rate times the ranks decoding at once;
     compare reads timings.json so too), beside each rank's rankR/generated_tokens,
@@ -80,7 +92,8 @@ artifacts
     seconds), generations.jsonl (each prompt as fed, the raw and the returned text),
     reuse_trace.json, pip_freeze.txt, environment.json (the env.* values in their two parts,
     peak RSS, each task's data fingerprint), dirty.diff (allow_dirty runs of a dirty tree),
-    error.txt (failed runs).
+    error.txt (failed runs), timing_quality.json (every rank's timing record: its samples, the
+    busiest other processes, the probe's repetitions).
 Values of secret-looking environment variables (HF_TOKEN, *_TOKEN, *_KEY, ...) are
 replaced in everything logged.
 """

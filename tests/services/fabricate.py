@@ -37,11 +37,11 @@ def fabricate(cl, exp_id: str, *, task: str = "tiny_gsm", k: int = 1, subset: st
               skipped: float | None = None, start_ms: int | None = None, kind: str = "generate_until",
               tags: dict | None = None, n: int = 8, rates: list[float] | None = None,
               correct: list[bool] | None = None, outputs: list[str] | None = None, env: dict | None = None,
-              **params) -> str:
+              extra_metrics: dict | None = None, **params) -> str:
     """A run with the tracked run's params, tags and metrics. `rates` (per-batch tokens/s) adds
     timings.json and the median metrics; `correct` (per document, with `outputs`, default all
     "same") adds per_sample.jsonl and sets accuracy and n from it. `env`: its environment and
-    data tags (default: this machine's, environment_tags())."""
+    data tags (default: this machine's, environment_tags()). `extra_metrics`: more metrics, or other values."""
     run = cl.create_run(exp_id, start_time=start_ms or int(time.time() * 1000), tags={
         "git_commit": commit, "git_branch": "main", "git_dirty": "true" if dirty else "false",
         "source_hash": "s" * 8, "config_key": f"{task}-{k}-{subset}", "task_kind": kind,
@@ -58,7 +58,7 @@ def fabricate(cl, exp_id: str, *, task: str = "tiny_gsm", k: int = 1, subset: st
         metrics = {"accuracy": accuracy, "accuracy_stderr": (accuracy * (1 - accuracy) / (n - 1)) ** 0.5,
                    "n_samples": n, "skipped_fraction": (k - 1) / k * 0.4 if skipped is None else skipped,
                    "tokens_per_second": (sum(t for t, _ in batches) / sum(s for _, s in batches)) if rates else tps,
-                   "generated_tokens": 400.0, "seconds": 400.0 / tps, **rate_metrics(batches)}
+                   "generated_tokens": 400.0, "seconds": 400.0 / tps, **rate_metrics(batches), **(extra_metrics or {})}
     now = int(time.time() * 1000)
     cl.log_batch(rid, params=[Param(n, v) for n, v in params.items()],
                  metrics=[Metric(n, v, now, 0) for n, v in metrics.items()])

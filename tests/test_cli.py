@@ -52,14 +52,23 @@ def test_a_refused_value_ends_the_run_mlflow_opened_refused(store, monkeypatch, 
 
 
 def test_a_run_refused_under_reuse_exp_run_leaves_the_runs_table_at_once(store, monkeypatch, tmp_path):
-    """No MLflow ends a `reuse-exp run` after it: a run refused once opened (its model is not
-    there) is deleted by the run itself, its record kept for the audit to count."""
+    """No MLflow ends a `reuse-exp run` after it: a run refused once opened (its model has a
+    config, so its policy could be checked, but no weights) is deleted by the run itself, its
+    record kept for the audit to count; one refused before (no model at all) opens none."""
+    import shutil
     from conftest import runs_of
+    from reuse_exp.tiny import MODEL_DIR
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     result = CliRunner().invoke(main, ["run", "--model", str(tmp_path / "no_such_model"), "--limit", "1",
                                        "--allow-dirty"])
     assert result.exit_code == 2 and "not found" in result.output, result.output
+    assert runs_of(store)[1] == []
+    (tmp_path / "no_weights").mkdir()
+    shutil.copy(MODEL_DIR / "config.json", tmp_path / "no_weights")
+    result = CliRunner().invoke(main, ["run", "--model", str(tmp_path / "no_weights"), "--limit", "1",
+                                       "--allow-dirty"])
+    assert result.exit_code == 2 and "neither model.safetensors" in result.output, result.output
     _, runs = runs_of(store)
     assert [(r.info.lifecycle_stage, r.info.status, r.data.tags.get(REFUSED_TAG)) for r in runs] == \
            [("deleted", "FAILED", "true")]

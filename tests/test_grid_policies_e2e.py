@@ -63,8 +63,9 @@ def study(tmp_path_factory):
     out = {}
     for policy, mode, axes in grids():
         ran = repo.cli(["grid", "run", *options(policy, mode, axes), "--jobs-dir", str(tmp / "jobs")], env)
+        # the runs share two cores with the suite: their speed is not what this checks
         table = CliRunner(env=store).invoke(compare_cmd, [*options(policy, mode, axes), "--commit", repo.head,
-                                                          "--no-log"])
+                                                          "--no-log", "--allow-contended"])
         out[policy, mode] = (ran, table)
     return {"repo": repo, "uri": store["MLFLOW_TRACKING_URI"], "head": repo.head, "grids": out}
 
@@ -82,8 +83,8 @@ def test_grid_run_then_compare_with_the_same_options_makes_the_table(study):
         names = cell_names(policy, mode, axes)
         rows = {}
         for line in table.output.split("\nruns:")[0].splitlines():   # the table, not the list of runs under it
-            if line.split()[:1] in ([n] for n in names):
-                rows[line.split()[0]] = line
+            if line.split() and (name := line.split()[0].rstrip("*")) in names:   # *: its timing was contended
+                rows[name] = line
         assert list(rows) == names and len(names) == 2, (policy, mode, table.output)
         assert "baseline" in rows[names[0]] and re.search(r" (\d+\.\d\dx\??|~1 \(noise\)) ", rows[names[1]]), \
             table.output   # a speed ratio against the baseline
@@ -141,11 +142,11 @@ def test_resume_compares_what_shapes_the_run(study):
         cl.set_terminated(r.run_id, "KILLED")   # as an interrupted run ends
     try:
         resume.check(cl, RunSettings(**base, k=1, mode="replay", resume=k1.run_id), study["head"], False)
-        with pytest.raises(ConfigError, match="it ran with k=1, this run has k=2"):
+        with pytest.raises(ConfigError, match="it ran with k=1; this run has k=2"):
             resume.check(cl, RunSettings(**base, k=2, resume=k1.run_id), study["head"], False)
         adaptive = dict(base, policy="adaptive", mode="delta", drift=0.0, resume=drift0.run_id)
         resume.check(cl, RunSettings(**adaptive, max_reuse=8), study["head"], False)
-        with pytest.raises(ConfigError, match="it ran with drift=0.0, this run has drift=0.5"):
+        with pytest.raises(ConfigError, match="it ran with drift=0.0; this run has drift=0.5"):
             resume.check(cl, RunSettings(**{**adaptive, "drift": 0.5}), study["head"], False)
     finally:
         for r in (k1, drift0):

@@ -44,7 +44,7 @@ def test_what_cannot_be_placed_is_refused(gpus, per_job, device, says):
 
 
 def test_a_data_parallel_run_takes_one_gpu_per_rank():
-    cell = lambda processes: Cell(1, "first", (("processes", spec("processes").parse(processes)),))  # noqa: E731
+    cell = lambda processes: Cell(axes=(("k", 1), ("subset", "any")), settings=(("processes", spec("processes").parse(processes)),))  # noqa: E731
     assert gpus_per_job([cell("2")], None, 4) == 2 and gpus_per_job([cell("2.0")], None, 4) == 2
     assert gpus_per_job([cell("1")], None, 4) == 1
     assert gpus_per_job([cell("auto")], None, 4) == 4 and gpus_per_job([cell("auto")], None, 0) == 1

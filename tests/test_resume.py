@@ -14,7 +14,7 @@ import pytest
 from conftest import subprocess_env
 
 from reuse_exp.errors import ConfigError
-from reuse_exp.settings import RunSettings
+from reuse_exp.settings import SPECS, RunSettings
 from reuse_exp.runner import resume
 
 COMMIT = "a" * 40
@@ -77,7 +77,7 @@ def test_a_resume_takes_the_interrupted_runs_settings_and_names_every_conflict(c
                             "to take its settings, or start a new run")
     # `mlflow run` gives every parameter (and has logged them): each that differs, with what to pass
     with pytest.raises(ConfigError) as e:
-        resume.check(client, RunSettings(resume=rid), COMMIT, False, given=frozenset(resume.SPECS_BY_NAME),
+        resume.check(client, RunSettings(resume=rid), COMMIT, False, given=frozenset(x.name for x in SPECS),
                      under_mlflow=True)
     assert str(e.value) == (f"resume {rid}: it ran with k=2, subset=middle, mode=delta, limit=6, max_new_tokens=128; "
                             "this run has k=1, subset=first, mode=output, limit=none, max_new_tokens=256: pass its "

@@ -74,7 +74,7 @@ def study(tmp_path_factory):
                         tags={REFUSED_TAG: "true", "mlflow.runName": "refused_typo"})
     store.client.delete_run(refused)   # as a refusal leaves it: deleted, with its record
     with mock.patch.dict("os.environ", store.env):
-        compare.compare(build_request("tiny_gsm", "1,2,3", "first,middle,last", limit="4"), store.experiment,
+        compare.compare(build_request("tiny_gsm", k="1,2,3", subset="first,middle,last", limit="4"), store.experiment,
                         COMMIT, echo=lambda *_: None)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "reuse_exp.cli", "ui", "--store", store.uri, "--port", str(port),

@@ -8,7 +8,8 @@ import yaml
 
 from reuse_exp.cli import run as run_cmd
 from reuse_exp.evaluation.lm import MODEL_ARGS
-from reuse_exp.settings import DEFAULTS, MODEL, SPECS, RunSettings, SettingError, readme_table, spec
+from reuse_exp.cli.declared_files import readme_table
+from reuse_exp.settings import DEFAULTS, MODEL, SPECS, RunSettings, SettingError, spec
 
 REPO = Path(__file__).resolve().parents[1]
 README_TABLE = re.compile(r"<!-- settings-table -->\n(.*?)<!-- /settings-table -->", re.S)
@@ -39,7 +40,7 @@ def readme_problems(text: str) -> list[str]:
     if m is None:
         return ["README has no settings table between <!-- settings-table --> markers"]
     return [] if m.group(1) == readme_table() else ["README's settings table differs: "
-                                                    "paste `python -m reuse_exp.settings readme`"]
+                                                    "paste `python -m reuse_exp.cli.declared_files readme`"]
 
 
 def test_mlproject_agrees_with_the_settings():

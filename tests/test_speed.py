@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from reuse_exp.errors import Refused
+from reuse_exp.settings import to_text
 from reuse_exp.study import frontier as fr
 from reuse_exp.study import frontier_report, speed
 from reuse_exp.study.cells import Cell
@@ -235,7 +236,7 @@ def test_the_audit_fails_on_a_regression_and_notes_the_rest(tmp_path_factory, tm
 
 # -- compare and the frontier: contended rows refused or starred, noise shown --------------------
 def test_compare_refuses_a_contended_cell_keeps_clean_repeats_and_stars_on_request():
-    cell = Cell(2, "first", (("k", 2),))
+    cell = Cell(axes=(("k", 2), ("subset", "first")), settings=(("k", 2), ("subset", "first")))
     fair, busy = run(A, 100.0, 1), run(A, 60.0, 2, quality="contended: its threads waited for a CPU 40%")
     with pytest.raises(Refused, match=r"k2_first run b?\w{8}@aaaaaaa: contended: its threads waited.*--allow-contended"):
         refuse_contended([Pick(cell, busy)], allowed=False)
@@ -287,7 +288,7 @@ def frontier_row(config, r: RunRecord) -> Row:
 def test_the_frontier_refuses_contended_rows_or_stars_them_with_the_reason():
     base, other = fr.CONFIGS[0], fr.CONFIGS[1]
     cells = [fr.cell_of(base, 4), fr.cell_of(other, 4)]
-    params = [dict(c.settings) | {"k": str(c.k), "subset": c.subset} for c in cells]
+    params = [{"subset": "first"} | {n: to_text(v) for n, v in c.settings} for c in cells]   # a run logs every setting
     fair = [RunRecord(f"r{i}" + "0" * 30, "FINISHED", 10 + i, p, run(A, 100.0, 1).tags, run(A, 319.4, 1).metrics)
             for i, p in enumerate(params)]
     busy = RunRecord("busy" + "0" * 28, "FINISHED", 99, params[1], run(A, 1.0, 1, quality="contended: steal").tags,

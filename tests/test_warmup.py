@@ -5,13 +5,10 @@ import json
 import os
 import shlex
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from reuse_exp.cli import main
 from reuse_exp.cli.tools import bench as bench_cmd
 from reuse_exp.cli.tools import bench_command
 from reuse_exp.engine import compile_cache

@@ -44,7 +44,8 @@ class ScoringStats:
 # request cache too. Patterns as fnmatch reads them.
 COMPUTED_ONLY = ("seconds", "tokens_per_second*", "timed_batches", "batch_forwards_*", "*_seconds",
                  "positions_per_second", "rank*/seconds", "rank*/tokens_per_second*", "gpu_*", "rank*/gpu_*",
-                 "torch_peak_memory_mb", "peak_rss_mb", "system/*")
+                 "torch_peak_memory_mb", "peak_rss_mb", "system/*", "timing_*", "probe_*", "rank*/timing_*",
+                 "rank*/probe_*")
 
 
 def computed_only(name: str) -> bool:

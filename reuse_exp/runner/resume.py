@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..knobs import CACHE_ROOT, REQUEST_CACHE, cache_root
 from ..settings import SPECS, RunSettings, spec
 from ..tracking.heartbeat import parse_stamp
-from ..tracking.schema import HEARTBEAT_TAG, same_param, shaping_settings, unquoted
+from ..tracking.schema import HEARTBEAT_TAG, logged_values, same_param, shaping_settings, unquoted
 
 CACHE_ENV, ROOT_ENV = REQUEST_CACHE.name, CACHE_ROOT.name
 CACHE_LAYOUT = ("processes",)   # shapes no result, but the cache is one file per rank
@@ -106,10 +106,12 @@ def check(client, s: RunSettings, commit: str, dirty: bool, given: frozenset[str
 
 
 def differences(params: dict, s: RunSettings, given) -> list[str]:
-    """The compared settings among `given` whose value in `s` is not what the run logged, in the
-    order of the declaration."""
-    return [n for n in compared(s) if n in given and n in params
-            and not same_param(params[n], spec(n).text(getattr(s, n)))]
+    """The settings among `given` that shape either run (or lay out the cache) whose value in `s`
+    is not what the run logged, in the order of the declaration."""
+    theirs = (*shaping_settings(logged_values(params)), *CACHE_LAYOUT)
+    either = set(compared(s)) | set(theirs)
+    return [x.name for x in SPECS if x.name in either and x.name in given and x.name in params
+            and not same_param(params[x.name], x.text(getattr(s, x.name)))]
 
 
 def adopted(client, old, s: RunSettings, given) -> RunSettings:

@@ -85,6 +85,16 @@ def test_a_resume_takes_the_interrupted_runs_settings_and_names_every_conflict(c
                             f"resume with `reuse-exp run --resume {rid}`, which takes them itself")
 
 
+def test_a_setting_that_shaped_only_the_interrupted_run_is_named_too(client):
+    """Its drift shaped the adaptive run, not the fixed one asked for: both conflicts in one line."""
+    rid = interrupted(client, policy="adaptive", mode="delta", drift="0.5")
+    with pytest.raises(ConfigError) as e:
+        resume.check(client, RunSettings(policy="fixed", drift=0.3, resume=rid), COMMIT, False,
+                     given=frozenset({"resume", "policy", "drift"}))
+    assert str(e.value) == (f"resume {rid}: it ran with policy=adaptive, drift=0.5; this run has policy=fixed, "
+                            "drift=0.3: leave them out to take its settings, or start a new run")
+
+
 def test_a_run_that_may_still_live_is_not_resumed(client):
     from reuse_exp.tracking.heartbeat import stamp
     rid = interrupted(client, status="RUNNING")

@@ -3,7 +3,7 @@ shapes a run (tracking/schema.py's `shaping_settings` reads the flags with the p
 
 `RunSettings`' fields are the declaration. The `reuse-exp run` options, the lm-eval
 model's arguments (`--model_args k=2,subset=middle`), MLproject's parameters and the
-README's table derive from it; `python -m reuse_exp.settings` prints the last two, and
+README's table derive from it; `python -m reuse_exp.cli.declared_files mlproject|readme` prints the last two, and
 tests/test_settings.py fails when the checked-in files disagree with it.
 """
 from __future__ import annotations

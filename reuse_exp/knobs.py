@@ -55,8 +55,10 @@ POLICY_MODULES = Knob("REUSE_EXP_POLICY_MODULES", "comma-separated importable mo
                       "entry point provides), e.g. mylab.policies")
 ANY_ENVIRONMENT = Knob("REUSE_EXP_ANY_ENVIRONMENT", "set (1) by `grid run --any-environment` for its runs: the "
                        "environment does not matter for this grid (the runs are tagged so)", False, bool)
+PROBE_SPAN_S = Knob("REUSE_EXP_PROBE_SPAN_S", "the seconds the fixed speed probe spreads its bursts over, before "
+                    "and again after the evaluation, e.g. 1.2 (tests shorten it)", 1.2, float)
 KNOBS: tuple[Knob, ...] = (MLFLOW_PID, HEARTBEAT_S, COLLECTIVE_TIMEOUT_S, REQUEST_CACHE, CACHE_ROOT, LAUNCHED,
-                           POLICY_MODULES, ANY_ENVIRONMENT)
+                           POLICY_MODULES, ANY_ENVIRONMENT, PROBE_SPAN_S)
 
 
 def cache_root() -> Path:

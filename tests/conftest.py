@@ -21,6 +21,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # MLflow skips it under pytest only where PYTEST_CURRENT_TEST was set at import, which neither
 # collection nor the tests' subprocesses have; DO_NOT_TRACK reaches both.
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# The speed probe spreads its bursts over a second before and after each run's evaluation
+# (tracking/probe.py); the suite's runs are not timed for their speed, and tests/test_speed.py
+# gives the probe its real span.
+os.environ.setdefault("REUSE_EXP_PROBE_SPAN_S", "0.02")
 # Every run keeps its requests' results for a resume (runner/resume.py): not in the home folder.
 os.environ.setdefault("REUSE_EXP_CACHE_ROOT", tempfile.mkdtemp(prefix="reuse_exp_requests_"))
 
@@ -32,13 +36,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The test files that take longest on two cores (seconds summed from a full run's --durations),
+# slowest first. xdist's loadfile gives each worker whole files in collection order (with
+# --no-loadscope-reorder; its own order is by test count): the long files start first and the
+# short ones fill in at the end, so the two workers finish together. A file missing here only
+# runs later; a wrong order costs minutes, never a result.
+SLOWEST_FIRST = ("test_lifecycle.py", "test_distributed.py", "test_resume.py", "test_services_store.py",
+                 "test_launch.py", "test_grid_policies_e2e.py", "test_services_ui.py", "test_environment.py",
+                 "test_tracking.py", "test_grid_e2e.py", "test_services_slurm.py", "test_checkouts.py",
+                 "test_fresh_clone.py", "test_refusals.py", "test_cli.py", "test_stride_policy.py",
+                 "test_tiny_model.py", "test_frontier.py", "test_policy_registry.py", "test_fast_path.py",
+                 "test_harness.py", "test_one_line.py", "test_audit.py", "test_replay.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`hub` tests need the network: they run only with RUN_HUB_TESTS=1."""
+    """The slowest files first (SLOWEST_FIRST; a stable sort keeps each file's own order).
+    `hub` tests need the network: they run only with RUN_HUB_TESTS=1."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if os.environ.get("RUN_HUB_TESTS") != "1":
         skip = pytest.mark.skip(reason="needs the Hugging Face hub: set RUN_HUB_TESTS=1")
         for item in items:
             if "hub" in item.keywords:
                 item.add_marker(skip)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -191,3 +191,11 @@ def test_the_docs_name_every_module():
     assert unnamed_modules() == []
     assert unnamed_modules(["study/unheard_of.py", "engine/policies/unheard_of.py", "engine/fast.py"]) == [
         "docs/architecture.md: study/unheard_of.py", "docs/engine.md: engine/policies/unheard_of.py"]
+
+
+def test_the_slowest_first_order_names_test_files_that_exist():
+    """conftest.py's SLOWEST_FIRST schedules whole files: a renamed file would silently drop to the end."""
+    from conftest import SLOWEST_FIRST
+    tests = Path(__file__).parent
+    assert [n for n in SLOWEST_FIRST if not (tests / n).is_file()] == []
+    assert len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)

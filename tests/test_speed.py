@@ -4,6 +4,8 @@ competing process, GPU throttling through a fake NVML (one that raises too), the
 contended rows. Runs are RunRecords built here (no store) except for the CLI's wiring."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,12 +50,17 @@ def test_a_quiet_rank_is_clean_with_the_noise_floor():
      r"python \(pid 42\) 0.9\)"),
     ({"on_cpu_seconds": None, "waited_seconds": None, "other_busy_cores": 1.2}, "the host's 2 cores were all busy"),
     ({"steal_fraction": 0.2}, r"the hypervisor took 20% of the CPUs' time \(steal\)"),
-    ({"probe_after": [0.0048] * 15}, "the probe ran 20% slower after the evaluation than before"),
 ])
 def test_each_kind_of_contention_is_named(kw, why):
     v = timing.verdict([report(**kw)])
     assert not v.clean and v.metrics()["timing_quality"] == 0.0
     assert v.tag.startswith("contended: ") and __import__("re").search(why, v.tag), v.tag
+
+
+def test_a_probe_that_drifted_widens_the_noise_and_is_not_contention():
+    """The machine's speed at two moments: the decode between them averages it (tracking/timing.py)."""
+    v = timing.verdict([report(probe_after=[0.0048] * 15)])
+    assert v.clean and v.noise == pytest.approx(0.20)
 
 
 def test_the_noise_is_the_largest_of_probe_spread_drift_wait_and_other_processes():
@@ -74,24 +81,26 @@ def test_ranks_are_named_and_the_noisiest_is_the_runs():
     assert m["tokens_per_second_noise"] == pytest.approx(2.0 / 11.9)
 
 
-def rivals(n: int) -> list[subprocess.Popen]:
-    """`n` real processes that keep a core busy each: no imports, started in milliseconds."""
-    return [subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"]) for _ in range(n)]
+def rivals(n: int) -> list[int]:
+    """The pids of `n` real processes that keep a core busy each: no imports, started in
+    milliseconds, and not this process's children (the watch counts those as the run's own)."""
+    shell = subprocess.run(["sh", "-c", " ".join([f"{sys.executable} -S -c 'while True: pass' >/dev/null 2>&1 & "
+                                                  "echo $!;"] * n)], capture_output=True, text=True, check=True)
+    return [int(pid) for pid in shell.stdout.split()]
 
 
 def test_a_real_competing_process_makes_the_watch_say_contended():
     """One busy process per core, and this process busy too: its thread waits for a CPU."""
-    timing.probe("cpu", 1)   # torch imported before the rivals start, not under them
+    timing.probe("cpu", 1, 1)   # torch imported before the rivals start, not under them
     busy = rivals(timing.usable_cores())
     try:
         time.sleep(0.2)
-        watch = timing.Watch("cpu", interval=0.2, probe_reps=3).start()
+        watch = timing.Watch("cpu", interval=0.2, probe_bursts=3).start()
         spin(1.0)
         got = watch.stop()
     finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+        for pid in busy:
+            os.kill(pid, signal.SIGKILL)
     v = timing.verdict([got])
     assert got.wait_fraction > timing.WAIT_LIMIT and got.other_busy_cores > 0.5 * timing.usable_cores(), got
     assert not v.clean and "its threads waited for a CPU" in v.tag
@@ -99,6 +108,41 @@ def test_a_real_competing_process_makes_the_watch_say_contended():
     assert len(got.probe_before) == len(got.probe_after) == 3 and got.load_1m and got.torch_threads >= 1
     record = timing.record([got])[0]
     assert record["wait_fraction"] == got.wait_fraction and record["probe_after"] == got.probe_after
+
+
+def rival_on(cpu: int, seconds: float) -> subprocess.Popen:
+    """A real process busy on `cpu` for `seconds`, started (it said so) when this returns."""
+    code = f"import time\nprint(flush=True)\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    p = subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    p.stdout.readline()
+    return p
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_the_probe_sees_a_competitor_that_stays_and_not_a_spell_that_passes():
+    """A real process on this process's CPU: for a quarter second at the probe's start, its
+    first bursts run slow and its figure (their median) does not move; for the whole probe, it
+    does. One burst at one instant (the probe before it spread its bursts) reads the spell as
+    the machine's speed."""
+    from statistics import median
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        quiet = median(timing.probe("cpu", span_s=0.6))
+        spell = rival_on(cpu, 0.25)
+        passing = timing.probe("cpu", span_s=1.2)
+        spell.wait()
+        stays = rival_on(cpu, 5.0)
+        staying = timing.probe("cpu", span_s=1.2)
+        stays.kill()
+        stays.wait()
+    finally:
+        os.sched_setaffinity(0, before)
+    assert max(passing) > 1.4 * quiet, (quiet, passing)          # the spell was there
+    assert median(passing) < 1.25 * quiet, (quiet, passing)     # and is not the figure
+    assert median(staying) > 1.4 * quiet, (quiet, staying)
 
 
 def spin(seconds: float) -> None:

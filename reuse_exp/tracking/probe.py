@@ -9,18 +9,29 @@ windows of a decode of the bundled model beside 0 to 2 busy processes): the deco
 followed this probe's with a correlation of 0.60 and a slope of 0.69, a 256x256 matmul loop's
 with 0.48 and 0.43. study/speed.py widens two runs' noise by more than that slope.
 It never uses the package's engine: a change to the engine must not move the probe.
+
+It runs as BURSTS short bursts spread over PROBE_SPAN_S seconds, and each burst gives one
+figure, the median of its REPS repetitions: one burst samples one instant, and inside a
+tracked run on two quiet cores the probe's speed moved by up to 40 % between bursts a few
+tenths of a second apart, while the process ran nothing else. The figures' median passes
+over a spell shorter than the span; a longer one moves it, and the run's noise with it
+(tracking/timing.py says why that is noise, not contention).
 """
 from __future__ import annotations
 
 import time
 
-REPS = 10
+from ..knobs import PROBE_SPAN_S
+
+BURSTS = 7
+REPS = 4
 # rows, hidden size, MLP size, heads, layers, dtype; per device type, never calibrated.
 WORK = {"cpu": (40, 192, 512, 4, 8, "float32"), "cuda": (256, 2048, 5632, 16, 8, "bfloat16")}
 
 
-def probe(device: str = "cpu", reps: int = REPS) -> list[float]:
-    """Seconds of the fixed work, `reps` times, after one untimed."""
+def probe(device: str = "cpu", bursts: int = BURSTS, reps: int = REPS, span_s: float | None = None) -> list[float]:
+    """Per burst, the median seconds of the fixed work over `reps` repetitions (after one
+    untimed); `bursts` bursts evenly over `span_s` seconds (PROBE_SPAN_S by default)."""
     import torch
     import torch.nn.functional as F
     dev = torch.device(device)
@@ -50,4 +61,10 @@ def probe(device: str = "cpu", reps: int = REPS) -> list[float]:
         return time.perf_counter() - t0
 
     once()
-    return [once() for _ in range(reps)]
+    span = PROBE_SPAN_S.read() if span_s is None else span_s
+    figures = []
+    for i in range(bursts):
+        if i:
+            time.sleep(span / max(1, bursts - 1))
+        figures.append(sorted(once() for _ in range(reps))[reps // 2])
+    return figures

@@ -21,7 +21,8 @@ from reuse_exp.tracking import lifecycle as tracked
 from reuse_exp.tracking import schema
 from reuse_exp.tracking.heartbeat import Heartbeat, interval_s, parse_stamp
 from reuse_exp.tracking.schema import HEARTBEAT_TAG, REFUSED_TAG
-from reuse_exp.tracking.timing import NOISE_FLOOR, PROBE_BURSTS
+from reuse_exp.tracking.probe import BURSTS
+from reuse_exp.tracking.timing import NOISE_FLOOR
 
 
 # -- provenance and the guard ------------------------------------------------------------------
@@ -288,7 +289,7 @@ def test_mlflow_run_end_to_end(clean_repo, store, tiny_ckpt, tasks_dir):
     assert m["tokens_per_second_noise"] >= NOISE_FLOOR and m["probe_seconds_before"] > 0
     assert m["timing_torch_threads"] >= 1 and not any(k.startswith("gpu_") for k in m)   # no GPU, no GPU verdict
     fairness = json.loads(Path(client.download_artifacts(run.info.run_id, "timing_quality.json")).read_text())
-    assert len(fairness) == 1 and len(fairness[0]["probe_before"]) == len(fairness[0]["probe_after"]) == PROBE_BURSTS
+    assert len(fairness) == 1 and len(fairness[0]["probe_before"]) == len(fairness[0]["probe_after"]) == BURSTS
     assert fairness[0]["noise"] == pytest.approx(m["tokens_per_second_noise"])
     said = re.search(r"^timing    (clean|contended: .+) \(noise ±(\d+)%\)$", out.stdout, re.M)
     assert said and said[1] == t["timing_quality"], out.stdout

@@ -14,7 +14,7 @@ own work) and records what it shared the machine with:
 - on a GPU, its clocks and throttle reasons over the run (tracking/gpu_stats.py).
 
 A fixed probe (tracking/probe.py: a few ms of decoder-shaped work on the run's device, in
-PROBE_BURSTS bursts spread over about a second, before and after the evaluation) gives the
+probe.BURSTS bursts spread over about a second, before and after the evaluation) gives the
 machine's speed at both ends, comparable between runs on one kind of machine.
 
 The verdict, tag and metric `timing_quality`: `clean` (1), or `contended: <reasons>` (0) when
@@ -45,7 +45,6 @@ import numpy as np
 from .gpu_stats import SLOWING, throttle_names
 from .probe import BURSTS, probe
 
-PROBE_BURSTS = BURSTS   # before, and again after: one figure each
 SAMPLE_S = 1.0           # load, frequency and threads; the other processes every OTHERS_EVERY samples
 OTHERS_EVERY = 5
 WAIT_LIMIT = 0.05        # of the time this rank's threads were runnable, they waited for a CPU
@@ -174,7 +173,7 @@ class Watch:
     """Watch this process over a timed part: `start()`, the work, `stop()` -> TimingReport."""
 
     def __init__(self, device: str = "cpu", siblings: bool = False, interval: float = SAMPLE_S,
-                 probe_bursts: int = PROBE_BURSTS):
+                 probe_bursts: int = BURSTS):
         """`siblings`: the parent's other children are this run too (the ranks of one launch)."""
         import psutil
         self.device, self.siblings, self.interval, self.probe_bursts = device, siblings, interval, probe_bursts
